@@ -1,0 +1,47 @@
+"""The shared initial noise z_T.
+
+ObCLIP starts every candidate from the same z_T, and the device must be able
+to reproduce it from the seed alone. So both sides draw z_T with exactly
+``initial_noise`` and nothing else:
+
+- the device calls ``initial_noise(seed, (1, C, H, W))``; with k = 0
+  (device-only) it runs all T steps from this without contacting the server;
+- the cloud makes the same (1, C, H, W) draw and repeats it for all N
+  candidates (``np.repeat(z, N, axis=0)``), so the latent the device extracts
+  descends from the z_T the device itself would have drawn.
+
+The generator is numpy's PCG64 seeded with ``seed``, drawing float32 standard
+normals (numpy's ziggurat). numpy promises this stream only for the same
+numpy build; its algorithms rarely change, but a numpy feature release may
+change them (NEP 19). tests/test_plan.py pins the first values for a known
+seed, so an upgrade that changes the stream fails there instead of silently
+giving cloud and device different z_T. Never draw z_T with torch's generator
+on one side only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_SEED = 2**63 - 1
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """z_T ~ N(0, I) as float32: ``Generator(PCG64(seed)).standard_normal(shape, dtype=float32)``.
+
+    seed: int in [0, 2**63 - 1]. shape: non-empty tuple of positive ints,
+    e.g. (1, 4, 64, 64) for a 512 px SD latent.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed}")
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if (
+        not dims
+        or any(isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) for d in dims)
+        or any(d < 1 for d in dims)
+    ):
+        raise ValueError(f"shape must be a non-empty tuple of positive ints, e.g. (1, 4, 64, 64); got {shape!r}")
+    rng = np.random.Generator(np.random.PCG64(int(seed)))
+    return rng.standard_normal(tuple(int(d) for d in dims), dtype=np.float32)
