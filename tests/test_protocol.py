@@ -1,0 +1,131 @@
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from runtime.protocol import (HANDOFF_FORMAT, ProtocolError, StepsRequest, canonical_json, decode_handoff,
+                              encode_handoff)
+
+SHAPE = (4, 8, 8)
+
+
+def make_request(**kw):
+    base = dict(candidates=("a photo of a man", "a photo of a woman"), seed=7, num_inference_steps=25,
+                switch_step=10, guidance_scale=7.5, height=64, width=64)
+    base.update(kw)
+    return StepsRequest(**base)
+
+
+def make_handoff(request, **kw):
+    rng = np.random.default_rng(0)
+    lat = rng.standard_normal((request.n, *SHAPE)).astype(np.float32)
+    x0 = rng.standard_normal((request.n, *SHAPE)).astype(np.float32)
+    args = dict(lower_order_nums=2, step_index=request.switch_step, timesteps=list(range(999, 0, -40))[:25],
+                cloud_model="test")
+    args.update(kw)
+    return lat, x0, encode_handoff(request, lat, x0, **args)
+
+
+def test_request_bytes_are_canonical_and_round_trip():
+    r = make_request()
+    data = r.to_bytes()
+    assert data == canonical_json(json.loads(data))
+    assert b" " not in data.replace(b"a photo of a ", b"")  # fixed separators
+    assert StepsRequest.from_bytes(data) == r
+    assert StepsRequest.from_bytes(data).to_bytes() == data
+    assert make_request(guidance_scale=7.5).to_bytes() == make_request(guidance_scale=7.50).to_bytes()
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(candidates=()), "no candidates"),
+    (dict(candidates=("a", "a")), "distinct"),
+    (dict(candidates=("a", " ")), "non-empty"),
+    (dict(switch_step=0), "k = 0"),
+    (dict(switch_step=26), "must be in 1..T=25"),
+    (dict(seed=-1), "seed"),
+    (dict(guidance_scale=float("nan")), "finite"),
+    (dict(wire_dtype="int8"), "wire_dtype"),
+    (dict(height=0), "image size"),
+])
+def test_request_validation(kw, msg):
+    with pytest.raises(ProtocolError, match=msg):
+        make_request(**kw)
+
+
+@pytest.mark.parametrize("data, msg", [
+    (b"\xff\xfe", "not UTF-8 JSON"),
+    (b"[1,2]", "JSON object"),
+    (b'{"candidates": ["a"]}', "missing fields"),
+    (b'{"evil": 1}', "unknown fields"),
+])
+def test_request_from_bad_bytes(data, msg):
+    with pytest.raises(ProtocolError, match=msg):
+        StepsRequest.from_bytes(data)
+
+
+def test_handoff_round_trip_fp32_exact():
+    r = make_request()
+    lat, x0, data = make_handoff(r)
+    h = decode_handoff(data, r, SHAPE)
+    np.testing.assert_array_equal(h.latents, lat)
+    np.testing.assert_array_equal(h.prev_x0, x0)
+    assert (h.lower_order_nums, h.step_index, h.cloud_model) == (2, 10, "test")
+    assert h.metadata["format"] == HANDOFF_FORMAT
+
+
+def test_handoff_fp16_halves_the_bytes():
+    r32, r16 = make_request(), make_request(wire_dtype="float16")
+    _, _, d32 = make_handoff(r32)
+    lat, _, d16 = make_handoff(r16)
+    tensor_bytes = 2 * r32.n * int(np.prod(SHAPE))
+    assert len(d32) - len(d16) == tensor_bytes * 2  # 4 -> 2 bytes per value
+    h = decode_handoff(d16, r16, SHAPE)
+    assert h.latents.dtype == np.float32
+    assert np.abs(h.latents - lat).max() < 1e-2
+
+
+def test_handoff_rejects_corruption():
+    r = make_request()
+    lat, x0, data = make_handoff(r)
+    with pytest.raises(ProtocolError, match="truncated"):
+        decode_handoff(data[:-10], r, SHAPE)
+    with pytest.raises(ProtocolError, match="too short"):
+        decode_handoff(data[:5], r, SHAPE)
+    with pytest.raises(ProtocolError, match="truncated"):
+        decode_handoff(data[:40], r, SHAPE)
+    with pytest.raises(ProtocolError, match="different request"):
+        decode_handoff(data, make_request(seed=8), SHAPE)
+    with pytest.raises(ProtocolError, match="shape"):
+        decode_handoff(data, r, (4, 16, 16))
+    with pytest.raises(ProtocolError, match="schedule"):
+        decode_handoff(data, r, SHAPE, expected_timesteps=list(range(25)))
+    bad = lat.copy()
+    bad[1, 0, 0, 0] = np.nan
+    with pytest.raises(ProtocolError, match="non-finite"):
+        decode_handoff(encode_handoff(r, bad, x0, lower_order_nums=2, step_index=10,
+                                      timesteps=list(range(25)), cloud_model="x"), r, SHAPE)
+
+
+def test_handoff_rejects_wrong_version_and_counts():
+    r = make_request()
+    _, _, data = make_handoff(r)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+
+    def with_meta(**kv):
+        h = json.loads(json.dumps(header))
+        h["__metadata__"].update(kv)
+        raw = json.dumps(h).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+    assert decode_handoff(with_meta(), r, SHAPE).step_index == 10  # the rebuild itself is sound
+    with pytest.raises(ProtocolError, match="format"):
+        decode_handoff(with_meta(format="obclip.handoff.v0"), r, SHAPE)
+    with pytest.raises(ProtocolError, match="n=3"):
+        decode_handoff(with_meta(n="3"), r, SHAPE)
+    with pytest.raises(ProtocolError, match="lower_order_nums"):
+        decode_handoff(with_meta(lower_order_nums="99"), r, SHAPE)
+    with pytest.raises(ProtocolError, match="not an integer"):
+        decode_handoff(with_meta(switch_step="ten"), r, SHAPE)
