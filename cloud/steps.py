@@ -1,0 +1,125 @@
+"""The cloud's step loop: the first k DPM-Solver++ steps on all N candidates.
+
+One request, written out:
+  encode the N candidates and the empty prompt;
+  z_T from the shared numpy generator, repeated N times (one shared noise);
+  for each cloud step of the plan: one guided UNet pass over 2N rows, one
+  solver update (diffusers' DPMSolverMultistepScheduler);
+  return the N latents and the solver state the device needs to resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from runtime.noise import initial_noise
+from runtime.plan import PlannedStep, make_plan
+from runtime.protocol import StepsRequest, encode_handoff
+from runtime.solver import SolverConfig, make_schedule
+
+from .models import TextToLatentModel
+
+
+@dataclass(frozen=True)
+class CloudLimits:
+    """What one request may ask for; checked before any model work."""
+
+    max_candidates: int = 32
+    max_steps: int = 1000
+    max_image_size: int = 1024
+
+    def check(self, request: StepsRequest) -> None:
+        if request.n > self.max_candidates:
+            raise ValueError(f"request has N={request.n} candidates, over the server's cap of {self.max_candidates}; "
+                             "narrow the attribute schema on the device")
+        if request.num_inference_steps > self.max_steps:
+            raise ValueError(f"num_inference_steps={request.num_inference_steps} is over the limit {self.max_steps}")
+        if max(request.height, request.width) > self.max_image_size:
+            raise ValueError(f"image size {request.height}x{request.width} is over the limit {self.max_image_size}")
+
+
+def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSolverMultistepScheduler:
+    """diffusers' DPM-Solver++ for the model's scheduler config, checked against
+    the runtime's numpy schedule so the two sides cannot drift apart."""
+    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    ours = make_schedule(SolverConfig.from_scheduler_config(model.scheduler_config), num_inference_steps)
+    if not np.array_equal(scheduler.timesteps.numpy().astype(np.int64), ours.timesteps):
+        raise RuntimeError("diffusers and runtime.solver disagree on the timestep schedule for "
+                           f"{model.scheduler_config}; fix runtime/solver.py")
+    return scheduler
+
+
+@torch.no_grad()
+def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+               guidance_scale: float, step: PlannedStep | None = None) -> torch.Tensor:
+    """One classifier-free-guided UNet evaluation for a batch of latents.
+
+    Rows are [unconditional x N, conditional x N]. ``step`` carries the plan's
+    mode for this step; accelerations dispatch on it (only FULL exists today).
+    """
+    latent_in = torch.cat([x, x])
+    eps = unet(latent_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+@dataclass
+class CloudResult:
+    latents: np.ndarray       # [N, C, h, w] float32
+    prev_x0: np.ndarray       # [N, C, h, w] float32
+    lower_order_nums: int
+    step_index: int
+    timesteps: tuple[int, ...]
+
+
+class CloudStepRunner:
+    """Runs a StepsRequest on one loaded model. Stateless between requests."""
+
+    def __init__(self, model: TextToLatentModel, limits: CloudLimits = CloudLimits()):
+        self.model = model
+        self.limits = limits
+
+    @torch.no_grad()
+    def run(self, request: StepsRequest) -> CloudResult:
+        self.limits.check(request)
+        model = self.model
+        device, dtype = model.unet.device, model.unet.dtype
+        plan = make_plan(request.num_inference_steps, request.switch_step)
+        scheduler = make_scheduler(model, request.num_inference_steps)
+
+        text = model.encode_prompts(list(request.candidates) + [""])
+        cond, uncond = text[:-1], text[-1:].expand(request.n, -1, -1)
+
+        # One shared noise for every candidate: the server's view must not
+        # depend on which one is real, and the device can draw the same z_T.
+        shape = (1, *model.latent_shape(request.height, request.width))
+        z_T = torch.from_numpy(initial_noise(request.seed, shape))
+        x = z_T.to(device=device, dtype=dtype).repeat(request.n, 1, 1, 1)
+
+        for step in plan.cloud_steps:
+            t = scheduler.timesteps[step.index]
+            eps = guided_eps(model.unet, x, t, cond, uncond, request.guidance_scale, step)
+            x = scheduler.step(eps, t, x).prev_sample
+
+        # DPM-Solver++(2M) state after step k-1: its last data prediction.
+        return CloudResult(
+            latents=x.float().cpu().numpy(),
+            prev_x0=scheduler.model_outputs[-1].float().cpu().numpy(),
+            lower_order_nums=int(scheduler.lower_order_nums),
+            step_index=int(scheduler.step_index),
+            timesteps=tuple(int(t) for t in scheduler.timesteps),
+        )
+
+    def handle(self, request_bytes: bytes) -> bytes:
+        """Request bytes in, handoff bytes out: the whole server contract."""
+        request = StepsRequest.from_bytes(request_bytes)
+        result = self.run(request)
+        return encode_handoff(
+            request, result.latents, result.prev_x0, lower_order_nums=result.lower_order_nums,
+            step_index=result.step_index, timesteps=result.timesteps, cloud_model=self.model.model_id,
+        )

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small random cloud/device model pair, exported once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """(cloud_dir, device_dir): SD-structured 'mini' and its BK-SDM-style 'mini-small', random weights."""
+    from cloud.models import write_random_model
+
+    root = tmp_path_factory.mktemp("models")
+    return write_random_model("mini", root / "cloud", seed=0), write_random_model("mini-small", root / "device", seed=1)
+
+
+@pytest.fixture(scope="session")
+def engines_dir(model_dirs, tmp_path_factory):
+    from export.build_engines import build_device_engines
+
+    out = tmp_path_factory.mktemp("engines")
+    build_device_engines(str(model_dirs[1]), out)
+    return out / "device"
+
+
+@pytest.fixture(scope="session")
+def cloud_model(model_dirs):
+    from cloud.models import load_text_to_latent
+
+    return load_text_to_latent(str(model_dirs[0]))
+
+
+@pytest.fixture(scope="session")
+def device_torch_model(model_dirs):
+    from cloud.models import load_text_to_latent
+
+    return load_text_to_latent(str(model_dirs[1]))
+
+
+@pytest.fixture(scope="session")
+def cloud_runner(cloud_model):
+    from cloud.steps import CloudStepRunner
+
+    return CloudStepRunner(cloud_model)
+
+
+@pytest.fixture(scope="session")
+def device_pipeline(engines_dir):
+    from device.engines import DeviceEngines, EngineConfig
+    from device.pipeline import DevicePipeline
+
+    return DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))

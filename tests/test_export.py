@@ -1,0 +1,76 @@
+"""The device export: manifest, checks against torch, atomic output; the demo CLI."""
+
+import json
+
+import pytest
+
+from runtime.manifest import Manifest, ManifestError
+
+
+def test_manifest_describes_the_export(engines_dir):
+    m = Manifest.load(engines_dir)
+    assert m.side == "device"
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder"}
+    assert m.components["unet"].inputs == ("sample", "timestep", "encoder_hidden_states")
+    assert m.components["unet"].outputs == ("out_sample",)
+    assert m.components["vae_decoder"].inputs == ("latent_sample",)
+    for c in m.components.values():
+        assert c.check_max_abs_diff < 1e-3
+        assert len(c.sha256) == 64
+    assert (m.latent_channels, m.vae_scale_factor, m.default_image_size) == (4, 4, 64)
+
+
+def test_onnx_runs_any_batch(device_pipeline):
+    import numpy as np
+
+    e = device_pipeline.engines
+    for b in (1, 3):
+        out = e.unet(np.zeros((b, 4, 16, 16), np.float32), 500.0, np.zeros((b, 77, 64), np.float32))
+        assert out.shape == (b, 4, 16, 16)
+
+
+def test_missing_or_stale_manifest_is_clear(tmp_path, engines_dir):
+    with pytest.raises(ManifestError, match="build the engines first"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "obclip.manifest.v0"}))
+    with pytest.raises(ManifestError, match="rerun export"):
+        Manifest.load(tmp_path)
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, model_dirs, monkeypatch):
+    import export.build_engines as be
+
+    monkeypatch.setattr(be, "OPSET", 1)  # no exporter supports opset 1: the export fails midway
+    with pytest.raises(Exception):
+        be.build_device_engines(str(model_dirs[1]), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_cli_reports_missing_model(tmp_path, capsys):
+    from export.build_engines import main
+
+    assert main(["--device-model", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_writes_a_png(tmp_path, model_dirs, engines_dir, capsys):
+    from PIL import Image
+
+    from cloud.demo import main
+
+    out = tmp_path / "x.png"
+    rc = main(["a portrait photo of an old woman wearing glasses", "--cloud-model", str(model_dirs[0]),
+               "--engines", str(engines_dir), "--steps", "6", "-k", "3", "--seed", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert Image.open(out).size == (64, 64)
+    assert "the server received 6 candidate(s)" in printed
+    assert "a portrait photo of a young woman wearing glasses" in printed
+
+
+def test_demo_refuses_bad_input_cleanly(tmp_path, engines_dir, capsys):
+    from cloud.demo import main
+
+    assert main(["", "--engines", str(engines_dir), "--out", str(tmp_path / "x.png")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,79 @@
+"""Split equivalence: cloud k steps (torch) -> wire bytes -> device T-k steps
+(numpy + onnxruntime) == one in-process torch run that swaps the UNet at k."""
+
+import numpy as np
+import pytest
+
+import device.pipeline
+
+from cloud.reference import hybrid_reference_latent
+from device.pipeline import GenerationConfig, Method
+from runtime.protocol import decode_handoff
+from runtime.solver import SolverState
+
+PROMPT = "a photo of an elderly woman wearing glasses"   # typed wording; the cloud sees "old"
+T = 25
+
+
+def split_latent(device_pipeline, cloud_runner, config, prompt=PROMPT):
+    prepared = device_pipeline.prepare(prompt, config)
+    handoff = None if prepared.request is None else cloud_runner.handle(prepared.request_bytes)
+    return prepared, handoff, device_pipeline.finish(prepared, handoff, config)
+
+
+def reference(cloud_model, device_torch_model, prepared, k):
+    cloud_prompt = prepared.candidate_set.candidates[prepared.real_index]
+    return hybrid_reference_latent(
+        cloud_model, device_torch_model, cloud_prompt=cloud_prompt, device_prompt=prepared.prompt,
+        seed=prepared.seed, num_inference_steps=T, switch_step=k, guidance_scale=7.5,
+        height=prepared.height, width=prepared.width).numpy()
+
+
+@pytest.mark.parametrize("k", [0, 5, 10, 25])
+def test_split_equals_single_process(k, device_pipeline, cloud_runner, cloud_model, device_torch_model):
+    config = GenerationConfig(method=Method.OBCLIP, num_inference_steps=T, switch_step=k, seed=1234)
+    prepared, _, latent = split_latent(device_pipeline, cloud_runner, config)
+    if k > 0:
+        assert prepared.request.n == 2 * 3  # gender x age
+        assert "elderly" not in " ".join(prepared.request.candidates)
+        handoff = decode_handoff(cloud_runner.handle(prepared.request_bytes), prepared.request,
+                                 device_pipeline.engines.latent_shape(prepared.height, prepared.width))
+        assert handoff.step_index == k and handoff.lower_order_nums == min(k, 2)
+    want = reference(cloud_model, device_torch_model, prepared, k)
+    diff = float(np.abs(latent - want).max())
+    assert diff <= 1e-3, f"k={k}: split run differs from the single-process run by {diff:.2e}"
+
+
+@pytest.mark.parametrize("k", [5, 10])
+def test_dropping_the_solver_state_is_visible(k, device_pipeline, cloud_runner, cloud_model, device_torch_model,
+                                             monkeypatch):
+    """Resuming without the carried data prediction must move the result a lot,
+    so the state can never be dropped silently."""
+    config = GenerationConfig(method=Method.OBCLIP, num_inference_steps=T, switch_step=k, seed=1234)
+    prepared, handoff, latent = split_latent(device_pipeline, cloud_runner, config)
+    want = reference(cloud_model, device_torch_model, prepared, k)
+
+    # Same handoff, but the device forgets the solver's memory (a first-order restart).
+    monkeypatch.setattr(device.pipeline, "SolverState",
+                        lambda step_index, lower_order_nums, prev_x0: SolverState(step_index, 0, None))
+    stateless = device_pipeline.finish(prepared, handoff, config)
+    assert float(np.abs(latent - want).max()) <= 1e-3
+    assert float(np.abs(stateless - want).max()) > 1e-2
+
+
+def test_fp16_wire_effect_is_small_and_measured(device_pipeline, cloud_runner):
+    c32 = GenerationConfig(num_inference_steps=T, switch_step=10, seed=99)
+    c16 = GenerationConfig(num_inference_steps=T, switch_step=10, seed=99, wire_dtype="float16")
+    p32, h32, l32 = split_latent(device_pipeline, cloud_runner, c32)
+    p16, h16, l16 = split_latent(device_pipeline, cloud_runner, c16)
+    n = p32.request.n
+    assert len(h32) - len(h16) == 2 * n * l32.size * 2  # latents + state, 2 bytes saved per value
+    img32 = device_pipeline.engines.decode(l32).astype(np.float64)
+    img16 = device_pipeline.engines.decode(l16).astype(np.float64)
+    latent_diff = float(np.abs(l32 - l16).max())
+    mse = float(((img32 - img16) ** 2).mean())
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    print(f"fp16 wire: final latent max abs diff {latent_diff:.2e}, image PSNR {psnr:.1f} dB vs fp32")
+    assert 0 < latent_diff < 5e-2
+    assert psnr > 35
+
