@@ -89,6 +89,9 @@ def main(argv=None) -> int:
         print(f"the server received {req.n} candidate(s):")
         for c in req.candidates:
             print(f"  - {c}")
+        cset = result.prepared.candidate_set
+        if cset is not None and not cset.protected:
+            print(f"  note: {cset.message}")
         if not config.method.private:
             print(f"  (method {config.method.value} is NOT private: the server saw the prompt as typed)")
     t = result.timings

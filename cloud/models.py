@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+# Loading bars for a handful of files are noise in a service's log.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLIP_BPE_DIR = REPO_ROOT / "runtime" / "data" / "clip_bpe"

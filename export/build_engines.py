@@ -88,6 +88,7 @@ def export_component(name: str, module: torch.nn.Module, inputs: dict[str, torch
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python branch on a shape; the check below is what counts.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")  # indices here are >= 0
         torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
                           output_names=outputs, dynamic_axes=dynamic_axes, opset_version=OPSET,
                           dynamo=False, do_constant_folding=True)
