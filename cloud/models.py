@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
 # Loading bars for a handful of files are noise in a service's log.
@@ -160,14 +160,14 @@ def build_vae(name: str) -> AutoencoderKL:
     return AutoencoderKL(**_named(VAE_CONFIGS, "VAE", name))
 
 
-def load_clip_tokenizer() -> CLIPTokenizer:
+def load_clip_tokenizer() -> CLIPTokenizerFast:
     """The real CLIP BPE tokenizer from the shipped vocabulary.
 
     The files go positionally: with transformers 5, CLIPTokenizer(vocab_file=..,
     merges_file=..) silently builds an empty tokenizer. Padding with
     <|endoftext|> is what SD-v1.4's tokenizer does.
     """
-    tok = CLIPTokenizer(
+    tok = CLIPTokenizerFast(
         str(CLIP_BPE_DIR / "vocab.json"), str(CLIP_BPE_DIR / "merges.txt"),
         pad_token="<|endoftext|>", model_max_length=77,
     )
@@ -262,7 +262,7 @@ class TextToLatentModel:
     encoder, UNet, scheduler config and the latent geometry."""
 
     model_id: str
-    tokenizer: CLIPTokenizer
+    tokenizer: CLIPTokenizerFast  # tokenizers-backed: export saves its tokenizer.json
     text_encoder: CLIPTextModel
     unet: UNet2DConditionModel
     scheduler_config: dict
@@ -298,7 +298,7 @@ def load_text_to_latent(model: str, device: str = "cpu", dtype: torch.dtype = to
     """Load tokenizer + text encoder + UNet + scheduler/VAE configs from a model directory or hub id."""
     from diffusers import DPMSolverMultistepScheduler
 
-    tokenizer = _from_pretrained(CLIPTokenizer, model, "tokenizer")
+    tokenizer = _from_pretrained(CLIPTokenizerFast, model, "tokenizer")
     text_encoder = _from_pretrained(CLIPTextModel, model, "text_encoder", torch_dtype=dtype).to(device).eval()
     unet = _from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=dtype).to(device).eval()
     scheduler_config = dict(DPMSolverMultistepScheduler.load_config(str(Path(model) / "scheduler"))

@@ -113,9 +113,11 @@ def test_handoff_rejects_wrong_version_and_counts():
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
 
-    def with_meta(**kv):
+    def with_meta(tensor_dtype=None, **kv):
         h = json.loads(json.dumps(header))
         h["__metadata__"].update(kv)
+        if tensor_dtype:
+            h["prev_x0"]["dtype"] = tensor_dtype
         raw = json.dumps(h).encode()
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
@@ -127,5 +129,9 @@ def test_handoff_rejects_wrong_version_and_counts():
         decode_handoff(with_meta(n="3"), r, SHAPE)
     with pytest.raises(ProtocolError, match="lower_order_nums"):
         decode_handoff(with_meta(lower_order_nums="99"), r, SHAPE)
+    with pytest.raises(ProtocolError, match="prev_x0 dtype F16 != requested float32"):
+        decode_handoff(with_meta(tensor_dtype="F16"), r, SHAPE)
+    with pytest.raises(ProtocolError, match="dtype 'float16', requested 'float32'"):
+        decode_handoff(with_meta(dtype="float16"), r, SHAPE)
     with pytest.raises(ProtocolError, match="not an integer"):
         decode_handoff(with_meta(switch_step="ten"), r, SHAPE)
