@@ -44,18 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None)
     args = p.parse_args(argv)
 
-    from cloud.models import REPO_ROOT, load_text_to_latent, resolve_model_dir
+    from cloud.models import load_text_to_latent, resolve_model_dir
     from cloud.steps import CloudStepRunner
     from device.engines import DeviceEngines, EngineConfig
     from device.pipeline import DevicePipeline, GenerationConfig
+    from export.build_engines import ensure_default_engines
 
-    engines = args.engines
-    if engines is None:
-        engines = REPO_ROOT / "engines" / "device"
-        if not (engines / "manifest.json").is_file():
-            from export.build_engines import build_device_engines
-
-            build_device_engines(resolve_model_dir(None, "device"), engines.parent)
+    engines = args.engines or ensure_default_engines()
     pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines))))
     runner = CloudStepRunner(load_text_to_latent(resolve_model_dir(args.cloud_model, "cloud")))
 

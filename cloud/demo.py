@@ -40,25 +40,24 @@ def main(argv=None) -> int:
     p.add_argument("--max-candidates", type=int, default=32)
     args = p.parse_args(argv)
 
-    from .models import REPO_ROOT, resolve_model_dir  # torch loads here, after argument errors
+    from .models import resolve_model_dir  # torch loads here, after argument errors
 
     try:
-        engines_dir = args.engines
-        if engines_dir is None:
-            engines_dir = REPO_ROOT / "engines" / "device"
-            if not (engines_dir / "manifest.json").is_file():
-                if args.cloud_model is not None:
-                    raise ManifestError("no engines/device/manifest.json: export your device model first with "
-                                        "python export/build_engines.py --device-model PATH, then pass --engines")
-                from export.build_engines import build_device_engines
+        if args.engines is not None:
+            engines_dir = args.engines
+        elif args.cloud_model is not None:
+            raise ManifestError("with --cloud-model, export the matching device model first "
+                                "(python export/build_engines.py --device-model PATH) and pass --engines")
+        else:
+            from export.build_engines import ensure_default_engines
 
-                build_device_engines(resolve_model_dir(None, "device"), engines_dir.parent)
+            engines_dir = ensure_default_engines()
         config = GenerationConfig(
             method=Method(args.method), num_inference_steps=args.steps, switch_step=args.switch_step,
             guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
             wire_dtype=args.wire_dtype, transform=TransformConfig(max_candidates=args.max_candidates),
         )
-        pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=engines_dir)))
+        pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
         prepared = pipeline.prepare(args.prompt, config)  # refuse bad input before loading the cloud
 
         cloud = None

@@ -301,11 +301,9 @@ def load_text_to_latent(model: str, device: str = "cpu", dtype: torch.dtype = to
     tokenizer = _from_pretrained(CLIPTokenizerFast, model, "tokenizer")
     text_encoder = _from_pretrained(CLIPTextModel, model, "text_encoder", torch_dtype=dtype).to(device).eval()
     unet = _from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=dtype).to(device).eval()
-    scheduler_config = dict(DPMSolverMultistepScheduler.load_config(str(Path(model) / "scheduler"))
-                            if Path(model).is_dir() else
-                            DPMSolverMultistepScheduler.load_config(model, subfolder="scheduler"))
-    vae_config = AutoencoderKL.load_config(str(Path(model) / "vae")) if Path(model).is_dir() else \
-        AutoencoderKL.load_config(model, subfolder="vae")
+    local = Path(model).is_dir()
+    scheduler_config = dict(DPMSolverMultistepScheduler.load_config(model, subfolder="scheduler", local_files_only=local))
+    vae_config = AutoencoderKL.load_config(model, subfolder="vae", local_files_only=local)
     return TextToLatentModel(
         model_id=model,
         tokenizer=tokenizer,

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from cloud.models import load_text_to_latent, resolve_model_dir, _from_pretrained
-from runtime.manifest import Component, Manifest
+from cloud.models import REPO_ROOT, _from_pretrained, load_text_to_latent, resolve_model_dir
+from runtime.manifest import Component, Manifest, ManifestError
 from runtime.sessions import open_session
 
 OPSET = 17
+DEFAULT_OUT = REPO_ROOT / "engines"
 
 
 class _UNetForExport(torch.nn.Module):
@@ -165,11 +166,24 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
     return Manifest.load(target)
 
 
+def ensure_default_engines() -> Path:
+    """<repo>/engines/device for the embedded default model, exported on first use."""
+    target = DEFAULT_OUT / "device"
+    model = resolve_model_dir(None, "device")
+    try:
+        current = Manifest.load(target).model_id == model
+    except ManifestError:
+        current = False
+    if not current:  # missing, stale or exported from another model
+        build_device_engines(model, DEFAULT_OUT)
+    return target
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device-model", default=None,
                    help="device model: a diffusers-layout directory or hub id (default: the embedded mini model)")
-    p.add_argument("--out", default="engines", type=Path, help="output folder (default: engines/)")
+    p.add_argument("--out", default=DEFAULT_OUT, type=Path, help="output folder (default: <repo>/engines)")
     p.add_argument("--tolerance", default=1e-3, type=float,
                    help="max abs ONNX-vs-torch difference allowed, relative to max(1, |output|)")
     args = p.parse_args(argv)
