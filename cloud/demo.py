@@ -32,7 +32,11 @@ def main(argv=None) -> int:
                         "exported from the embedded model on first use)")
     p.add_argument("--method", default="obclip", choices=[m.value for m in Method])
     p.add_argument("--steps", type=int, default=25, help="T, total DPM-Solver++ steps")
-    p.add_argument("--switch-step", "-k", type=int, default=10, help="k, steps run in the cloud")
+    p.add_argument("--switch-step", "-k", type=int, default=None,
+                   help="k, steps run in the cloud (default: the acceleration preset's k, else 10)")
+    p.add_argument("--acceleration", default=None,
+                   help="server-side acceleration preset: paper-k5 (k=5,r=3,s=3), paper-k10 (k=10,r=4,s=6) "
+                        "or none-k<k>; default: every cloud step a full pass")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
@@ -56,6 +60,7 @@ def main(argv=None) -> int:
             method=Method(args.method), num_inference_steps=args.steps, switch_step=args.switch_step,
             guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
             wire_dtype=args.wire_dtype, transform=TransformConfig(max_candidates=args.max_candidates),
+            acceleration=args.acceleration,
         )
         pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
         prepared = pipeline.prepare(args.prompt, config)  # refuse bad input before loading the cloud
@@ -80,7 +85,10 @@ def main(argv=None) -> int:
         return 2
 
     req = result.prepared.request
-    print(f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  "
+    acc = config.acceleration
+    acc_text = "none" if acc is None else f"r={acc.cache_step} s={acc.skip_step} reuse={acc.batch_reuse} " \
+        f"cache={acc.attention_cache} skip={acc.block_skip}"
+    print(f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  acceleration: {acc_text}  "
           f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}")
     if req is None:
         print("the server received nothing (device-only run)")

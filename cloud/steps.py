@@ -3,8 +3,9 @@
 One request, written out:
   encode the N candidates and the empty prompt;
   z_T from the shared numpy generator, repeated N times (one shared noise);
-  for each cloud step of the plan: one guided UNet pass over 2N rows, one
-  solver update (diffusers' DPMSolverMultistepScheduler);
+  for each cloud step of the plan: one guided UNet pass over 2N rows in the
+  step's mode (full / batch reuse / attention cache / block skip, see
+  cloud/acceleration.py), one solver update (diffusers' DPMSolverMultistepScheduler);
   return the N latents and the solver state the device needs to resume.
 """
 
@@ -17,10 +18,11 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from runtime.noise import initial_noise
-from runtime.plan import PlannedStep, make_plan
+from runtime.plan import AccelerationConfig, PlannedStep, make_plan
 from runtime.protocol import StepsRequest, encode_handoff
 from runtime.solver import SolverConfig, make_schedule
 
+from .acceleration import AcceleratedUNet, token_alignment
 from .models import TextToLatentModel
 
 
@@ -57,10 +59,10 @@ def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSol
 @torch.no_grad()
 def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                guidance_scale: float, step: PlannedStep | None = None) -> torch.Tensor:
-    """One classifier-free-guided UNet evaluation for a batch of latents.
+    """One plain classifier-free-guided UNet evaluation for a batch of latents.
 
-    Rows are [unconditional x N, conditional x N]. ``step`` carries the plan's
-    mode for this step; accelerations dispatch on it (only FULL exists today).
+    Rows are [unconditional x N, conditional x N]. The reference hybrid run
+    uses it; the cloud's accelerated steps go through AcceleratedUNet.
     """
     latent_in = torch.cat([x, x])
     eps = unet(latent_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
@@ -89,11 +91,14 @@ class CloudStepRunner:
         self.limits.check(request)
         model = self.model
         device, dtype = model.unet.device, model.unet.dtype
-        plan = make_plan(request.num_inference_steps, request.switch_step)
+        acceleration = request.acceleration or AccelerationConfig.none(request.switch_step)
+        plan = make_plan(request.num_inference_steps, request.switch_step, acceleration)
         scheduler = make_scheduler(model, request.num_inference_steps)
 
         text = model.encode_prompts(list(request.candidates) + [""])
-        cond, uncond = text[:-1], text[-1:].expand(request.n, -1, -1)
+        cond, uncond = text[:-1], text[-1:]
+        # Batch reuse reads the pivot's cross-attention map at each candidate's token positions.
+        alignment = token_alignment(model.tokenizer, request.candidates) if acceleration.batch_reuse else None
 
         # One shared noise for every candidate: the server's view must not
         # depend on which one is real, and the device can draw the same z_T.
@@ -101,10 +106,13 @@ class CloudStepRunner:
         z_T = torch.from_numpy(initial_noise(request.seed, shape))
         x = z_T.to(device=device, dtype=dtype).repeat(request.n, 1, 1, 1)
 
-        for step in plan.cloud_steps:
-            t = scheduler.timesteps[step.index]
-            eps = guided_eps(model.unet, x, t, cond, uncond, request.guidance_scale, step)
-            x = scheduler.step(eps, t, x).prev_sample
+        # Caches live in `accel` and die with it: nothing carries over to the next request.
+        with AcceleratedUNet(model.unet, acceleration, cond=cond, uncond=uncond,
+                             guidance_scale=request.guidance_scale, alignment=alignment) as accel:
+            for step in plan.cloud_steps:
+                t = scheduler.timesteps[step.index]
+                eps = accel.guided_eps(x, t, step)
+                x = scheduler.step(eps, t, x).prev_sample
 
         # DPM-Solver++(2M) state after step k-1: its last data prediction.
         return CloudResult(

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.noise import initial_noise
-from runtime.plan import make_plan
+from runtime.plan import AccelerationConfig, make_plan, preset
 from runtime.protocol import StepsRequest, decode_handoff
 from runtime.solver import SolverConfig, SolverState, initial_state, make_schedule, solver_step
 
@@ -51,18 +51,34 @@ class Method(str, Enum):
 class GenerationConfig:
     method: Method = Method.OBCLIP
     num_inference_steps: int = 25            # T
-    switch_step: int = 10                    # k, for obclip and hybrid-sd
+    switch_step: int | None = None           # k, for obclip and hybrid-sd (None: the acceleration's k, else 10)
     guidance_scale: float = 7.5
     height: int | None = None                # None: the model's default size
     width: int | None = None
     seed: int | None = None                  # None: a fresh random seed per request
     wire_dtype: str = "float32"              # "float16" halves the handoff
     transform: TransformConfig = field(default_factory=TransformConfig)
+    # Server-side accelerations the cloud should use: a preset name ("paper-k5",
+    # "paper-k10"), a runtime.plan.AccelerationConfig, or None for full steps.
+    acceleration: AccelerationConfig | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
+        if isinstance(self.acceleration, str):
+            object.__setattr__(self, "acceleration", preset(self.acceleration))
+        acc = self.acceleration
+        if acc is not None and not isinstance(acc, AccelerationConfig):
+            raise ValueError(f"acceleration must be a preset name or an AccelerationConfig, got {acc!r}")
+        if self.switch_step is None:
+            object.__setattr__(self, "switch_step", acc.switch_step if acc is not None else 10)
+        if acc is not None:
+            if self.method is Method.DEVICE_ONLY:
+                raise ValueError("a device-only run sends nothing to the cloud; drop the acceleration")
+            if acc.switch_step != self.k:
+                raise ValueError(f"the acceleration is for k={acc.switch_step} cloud steps but method "
+                                 f"{self.method.value} runs k={self.k}; choose one for k={self.k}")
         if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.switch_step <= self.num_inference_steps:
             raise ValueError(f"switch_step k={self.switch_step} must be in 0..T={self.num_inference_steps}")
 
@@ -143,7 +159,8 @@ class DevicePipeline:
         if k > 0:
             request = StepsRequest(candidates=candidates, seed=seed, num_inference_steps=config.num_inference_steps,
                                    switch_step=k, guidance_scale=float(config.guidance_scale),
-                                   height=height, width=width, wire_dtype=config.wire_dtype)
+                                   height=height, width=width, wire_dtype=config.wire_dtype,
+                                   acceleration=config.acceleration)
         return PreparedRequest(prompt=prompt, real_index=real_index, candidate_set=candidate_set,
                                request=request, seed=seed, height=height, width=width)
 

@@ -24,6 +24,8 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from .plan import AccelerationConfig
+
 REQUEST_FORMAT = "obclip.steps-request.v1"
 HANDOFF_FORMAT = "obclip.handoff.v1"
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -55,10 +57,17 @@ class StepsRequest:
     height: int
     width: int
     wire_dtype: str = "float32"
+    # Server-side accelerations for the cloud steps; None: every step a full pass.
+    acceleration: AccelerationConfig | None = None
     format: str = field(default=REQUEST_FORMAT)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(self.candidates))
+        if isinstance(self.acceleration, dict):
+            try:
+                object.__setattr__(self, "acceleration", AccelerationConfig.from_dict(self.acceleration))
+            except (TypeError, ValueError) as e:
+                raise ProtocolError(f"bad acceleration: {e}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -83,6 +92,12 @@ class StepsRequest:
         need(isinstance(self.guidance_scale, (int, float)) and not isinstance(self.guidance_scale, bool)
              and math.isfinite(self.guidance_scale), f"guidance_scale {self.guidance_scale!r} must be a finite number")
         need(self.wire_dtype in WIRE_DTYPES, f"wire_dtype {self.wire_dtype!r} must be one of {sorted(WIRE_DTYPES)}")
+        need(self.acceleration is None or isinstance(self.acceleration, AccelerationConfig),
+             f"acceleration must be an AccelerationConfig or null, got {type(self.acceleration).__name__}")
+        if self.acceleration is not None:
+            need(self.acceleration.switch_step == self.switch_step,
+                 f"acceleration is for k={self.acceleration.switch_step} but the request has "
+                 f"switch_step k={self.switch_step}; they must agree")
 
     @property
     def n(self) -> int:
@@ -92,6 +107,7 @@ class StepsRequest:
         d = asdict(self)
         d["candidates"] = list(self.candidates)
         d["guidance_scale"] = float(self.guidance_scale)
+        d["acceleration"] = None if self.acceleration is None else self.acceleration.to_dict()
         return canonical_json(d)
 
     @classmethod
@@ -106,7 +122,7 @@ class StepsRequest:
         unknown = set(obj) - known
         if unknown:
             raise ProtocolError(f"request has unknown fields {sorted(unknown)}; known: {sorted(known)}")
-        missing = known - set(obj) - {"wire_dtype", "format"}
+        missing = known - set(obj) - {"wire_dtype", "acceleration", "format"}
         if missing:
             raise ProtocolError(f"request is missing fields {sorted(missing)}")
         if not isinstance(obj["candidates"], list):

@@ -1,0 +1,449 @@
+"""Server-side acceleration of the cloud steps (METHOD.md, "Server-side acceleration").
+
+One ``AcceleratedUNet`` serves one request. It installs attention processors
+on the UNet for the duration of a ``with`` block (and puts the originals back
+on exit), holds every per-request cache, and evaluates one guided UNet pass
+per cloud step in the mode the step plan gives:
+
+    FULL        plain pass; with an attention cache on, every attention output is stored
+    REUSE       Algorithm 2: per guidance group, query, key and softmax map only for the
+                pivot row (the group's first); values for every row; out = map x V
+    CACHE       attention modules return the output stored at the last step they ran
+    SKIP        the encoder (conv_in, down blocks, mid block) is not run: its outputs
+                come from the last step that ran it; only the up blocks and head run
+    CACHE_SKIP  both
+
+Batch layout: rows are [unconditional x N, conditional x N], the two guidance
+groups; candidate 0 (canonical order) is the conditional pivot. With
+``merge_step0_uncond`` step 0 runs [unconditional x 1, conditional x N]
+(all N latents are the shared z_T then, so those rows are equal); caches are
+always stored in the full 2N layout.
+
+Work skipped is really not run (no compute-and-discard), so a FLOPs counter
+sees the saving.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from runtime.plan import AccelerationConfig, PlannedStep, SkipVariant, StepMode
+
+# --- cross-attention token alignment -----------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenAlignment:
+    """Where each candidate's text tokens sit in the pivot's (candidate 0's).
+
+    ``columns[i][j]`` is the pivot key column that candidate i's token j reads
+    its attention weight from; ``weights[i][j]`` divides a pivot column's weight
+    among the candidate tokens that share it. Candidates whose tokens line up
+    one to one with the pivot's (same length attribute words) are identity and
+    use the pivot's map as it is.
+    """
+
+    columns: tuple[tuple[int, ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+    identity: tuple[bool, ...]
+
+
+def token_alignment(tokenizer, candidates) -> TokenAlignment:
+    """Align every candidate's token positions to candidate 0's.
+
+    Same words map to the same column; a differing span (an attribute value,
+    "old" vs "middle-aged") maps proportionally onto the pivot's span; tokens
+    the pivot lacks entirely read the column before them. A pivot column that
+    no candidate token reads is dropped, and the gathered map is renormalised
+    so each row still sums to 1.
+    """
+    length = tokenizer.model_max_length
+    ids = tokenizer(list(candidates), padding="max_length", max_length=length, truncation=True).input_ids
+    pivot = list(ids[0])
+    columns, weights, identity = [], [], []
+    for cand in ids:
+        cand = list(cand)
+        col = [0] * len(cand)
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, pivot, cand, autojunk=False).get_opcodes():
+            for j in range(j1, j2):
+                if tag == "equal":
+                    col[j] = i1 + (j - j1)
+                elif tag == "replace":
+                    col[j] = i1 + (j - j1) * (i2 - i1) // (j2 - j1)
+                elif tag == "insert":
+                    col[j] = max(i1 - 1, 0)
+        share = {c: col.count(c) for c in set(col)}
+        columns.append(tuple(col))
+        weights.append(tuple(1.0 / share[c] for c in col))
+        identity.append(col == list(range(len(cand))))
+    return TokenAlignment(tuple(columns), tuple(weights), tuple(identity))
+
+
+# --- per-request state ------------------------------------------------------
+
+
+@dataclass
+class _RequestState:
+    """Everything one request keeps between its steps. Dropped on exit."""
+
+    config: AccelerationConfig
+    n: int                                    # candidates
+    text: torch.Tensor                        # [N+1, 77, D]: the empty prompt, then the candidates
+    alignment: TokenAlignment | None
+    mode: StepMode = StepMode.FULL
+    merged: bool = False                      # rows are [uncond x 1, cond x N] this step
+    attention_out: dict[str, torch.Tensor] = field(default_factory=dict)   # full 2N layout
+    cross_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # on `text`
+    encoder_features: dict[str, object] = field(default_factory=dict)      # block-skip cache
+    _align_tensors: tuple | None = None
+
+    @property
+    def rows(self) -> int:
+        return 1 + self.n if self.merged else 2 * self.n
+
+    def groups(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(start, stop) of the unconditional and the conditional rows; start is the pivot."""
+        u = 1 if self.merged else self.n
+        return (0, u), (u, u + self.n)
+
+    def text_index(self, device) -> torch.Tensor:
+        """Row -> index into ``text`` (0 = empty prompt, 1 + i = candidate i)."""
+        u = 1 if self.merged else self.n
+        return torch.cat([torch.zeros(u, dtype=torch.long), torch.arange(1, self.n + 1)]).to(device)
+
+    def to_full(self, t: torch.Tensor) -> torch.Tensor:
+        """A merged step's rows in the full layout, so caches have one shape."""
+        if not self.merged:
+            return t
+        return torch.cat([t[:1].expand(self.n, *t.shape[1:]), t[1:]])
+
+    def alignment_tensors(self, device):
+        if self._align_tensors is None and self.alignment is not None:
+            cols = torch.tensor(self.alignment.columns, dtype=torch.long, device=device)
+            w = torch.tensor(self.alignment.weights, dtype=torch.float32, device=device)
+            self._align_tensors = (cols, w)
+        return self._align_tensors
+
+
+# --- attention --------------------------------------------------------------
+
+
+def _check_supported(name: str, attn) -> None:
+    """The processor implements SD-style attention only; refuse anything else by name."""
+    unsupported = {
+        "group_norm": attn.group_norm is not None,
+        "spatial_norm": attn.spatial_norm is not None,
+        "norm_cross": attn.norm_cross is not None,
+        "residual_connection": bool(attn.residual_connection),
+        "rescale_output_factor != 1": attn.rescale_output_factor != 1.0,
+        "norm_q/norm_k": getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"attention module {name} uses {bad}, which the ObCLIP processors do not implement; "
+                         "run this model without acceleration")
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H*d] -> [B, H, L, d]"""
+    b, length, inner = x.shape
+    return x.view(b, length, heads, inner // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, d] -> [B, L, H*d]"""
+    b, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, h * d)
+
+
+class ObClipAttnProcessor:
+    """A diffusers attention processor that follows the request's step mode."""
+
+    def __init__(self, name: str, state: _RequestState):
+        self.name = name
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        state = self.state
+        if attention_mask is not None:
+            raise ValueError("ObCLIP attention processors do not support attention masks")
+        is_cross = encoder_hidden_states is not None
+        if state.mode.attention_cached:
+            try:
+                return state.attention_out[self.name]
+            except KeyError:
+                raise RuntimeError(f"step mode {state.mode.value} reads the cached output of {self.name}, but no "
+                                   "earlier step of this request computed it; check the plan") from None
+        if state.mode.batch_reuse:
+            out = self._reuse(attn, hidden_states, encoder_hidden_states, is_cross)
+        else:
+            out = self._full(attn, hidden_states, encoder_hidden_states, is_cross)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if state.config.attention_cache:
+            # Filled at every step the module runs, so it holds the last one.
+            state.attention_out[self.name] = state.to_full(out)
+        return out
+
+    def _cross_kv(self, attn, encoder_hidden_states, rows: torch.Tensor | None):
+        """Cross-attention K and V for the given rows of this step (None: all rows).
+
+        With ``cross_kv_once`` they come from the request's unique texts,
+        projected once per request; otherwise from the rows as passed.
+        """
+        state = self.state
+        if state.config.cross_kv_once:
+            if self.name not in state.cross_kv:
+                state.cross_kv[self.name] = (attn.to_k(state.text), attn.to_v(state.text))
+            k, v = state.cross_kv[self.name]
+            index = state.text_index(k.device)
+            index = index if rows is None else index[rows]
+            return k[index], v[index]
+        ctx = encoder_hidden_states if rows is None else encoder_hidden_states[rows]
+        return attn.to_k(ctx), attn.to_v(ctx)
+
+    def _full(self, attn, hidden_states, encoder_hidden_states, is_cross):
+        q = attn.to_q(hidden_states)
+        if is_cross:
+            k, v = self._cross_kv(attn, encoder_hidden_states, None)
+        else:
+            k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        h = attn.heads
+        out = F.scaled_dot_product_attention(_heads(q, h), _heads(k, h), _heads(v, h),
+                                             dropout_p=0.0, is_causal=False)
+        return _merge_heads(out).to(q.dtype)
+
+    def _reuse(self, attn, hidden_states, encoder_hidden_states, is_cross):
+        """Algorithm 2: one softmax map per guidance group, from its pivot row."""
+        state = self.state
+        h = attn.heads
+        (u0, u1), (c0, c1) = state.groups()
+        pivots = torch.tensor([u0, c0], device=hidden_states.device)
+        q = _heads(attn.to_q(hidden_states[pivots]), h)                  # [2, H, Lq, d]
+        if is_cross:
+            k, _ = self._cross_kv_pivots(attn, encoder_hidden_states, pivots)
+        else:
+            k = attn.to_k(hidden_states[pivots])
+        k = _heads(k, h)
+        maps = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1)  # [2, H, Lq, Lk]
+        outs = []
+        for g, (start, stop) in enumerate(((u0, u1), (c0, c1))):
+            if is_cross:
+                outs.append(self._cross_values(attn, encoder_hidden_states, maps[g], start, stop,
+                                               conditional=g == 1))
+            else:
+                outs.append(_apply_map(maps[g], _heads(attn.to_v(hidden_states[start:stop]), h)))
+        return _merge_heads(torch.cat(outs)).to(hidden_states.dtype)
+
+    def _cross_kv_pivots(self, attn, encoder_hidden_states, pivots):
+        state = self.state
+        if state.config.cross_kv_once:
+            return self._cross_kv(attn, encoder_hidden_states, pivots)
+        # Only the pivots' keys are needed; values are projected per group below.
+        return attn.to_k(encoder_hidden_states[pivots]), None
+
+    def _cross_values(self, attn, encoder_hidden_states, pivot_map, start, stop, conditional: bool):
+        """broadcast(pivot map, aligned to each candidate's tokens) x that candidate's values."""
+        state = self.state
+        h = attn.heads
+        rows = torch.arange(start, stop, device=pivot_map.device)
+        if not conditional and state.config.cross_kv_once:
+            # Every unconditional row has the empty prompt's values and, under
+            # reuse, the pivot's map: the rows are equal, so compute one.
+            _, v = self._cross_kv(attn, encoder_hidden_states, rows[:1])
+            one = _apply_map(pivot_map, _heads(v, h))
+            return one.expand(stop - start, *one.shape[1:])
+        if state.config.cross_kv_once:
+            _, v = self._cross_kv(attn, encoder_hidden_states, rows)
+        else:
+            v = attn.to_v(encoder_hidden_states[start:stop])
+        v = _heads(v, h)                                                 # [n, H, Lk, d]
+        if not conditional or state.alignment is None or all(state.alignment.identity):
+            return _apply_map(pivot_map, v)
+        # Candidates whose tokens line up with the pivot's share its map as it
+        # is; the others read it through their column alignment.
+        cols, weights = state.alignment_tensors(pivot_map.device)
+        same = [i for i, ident in enumerate(state.alignment.identity) if ident]
+        out = torch.empty(v.shape[0], h, pivot_map.shape[1], v.shape[-1], dtype=v.dtype, device=v.device)
+        if same:
+            out[same] = _apply_map(pivot_map, v[same])
+        for i, ident in enumerate(state.alignment.identity):
+            if not ident:
+                m = pivot_map[..., cols[i]] * weights[i].to(pivot_map.dtype)
+                out[i] = torch.matmul(m / m.sum(dim=-1, keepdim=True), v[i])
+        return out
+
+
+def _apply_map(attention_map: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One map [H, Lq, Lk] times every row's values [n, H, Lk, d] -> [n, H, Lq, d].
+
+    The rows' values are laid side by side ([H, Lk, n*d]) so one batched
+    matmul does all rows without copying the map n times.
+    """
+    n, h, lk, d = v.shape
+    side_by_side = v.permute(1, 2, 0, 3).reshape(h, lk, n * d)
+    out = torch.matmul(attention_map, side_by_side)                      # [H, Lq, n*d]
+    return out.view(h, -1, n, d).permute(2, 0, 1, 3)
+
+
+# --- the UNet pass ------------------------------------------------------------
+
+
+def _check_unet(unet) -> None:
+    c = unet.config
+    extras = {
+        "class_embed_type": c.class_embed_type, "addition_embed_type": c.addition_embed_type,
+        "encoder_hid_dim_type": c.encoder_hid_dim_type, "center_input_sample": c.center_input_sample or None,
+        "time_cond_proj_dim": c.time_cond_proj_dim,
+    }
+    used = {k: v for k, v in extras.items() if v is not None}
+    if used:
+        raise ValueError(f"the accelerated UNet pass implements SD-style UNets only; this one sets {used}")
+
+
+class AcceleratedUNet:
+    """One request's guided UNet evaluations, in the modes its step plan gives."""
+
+    def __init__(self, unet, config: AccelerationConfig | None, *, cond: torch.Tensor, uncond: torch.Tensor,
+                 guidance_scale: float, alignment: TokenAlignment | None = None):
+        _check_unet(unet)
+        if cond.ndim != 3 or uncond.shape != (1, *cond.shape[1:]):
+            raise ValueError(f"cond must be [N, L, D] and uncond [1, L, D], got {tuple(cond.shape)} and "
+                             f"{tuple(uncond.shape)}")
+        n = cond.shape[0]
+        if alignment is not None and len(alignment.columns) != n:
+            raise ValueError(f"alignment is for {len(alignment.columns)} candidates, the request has {n}")
+        self.unet = unet
+        self.config = config or AccelerationConfig.none(0)
+        self.cond, self.uncond = cond, uncond
+        self.guidance_scale = float(guidance_scale)
+        self.n = n
+        self.state = _RequestState(self.config, n, torch.cat([uncond, cond]), alignment)
+        self._saved_processors = None
+
+    # Model surgery that can be undone: the UNet is as it was after the block.
+    def __enter__(self) -> "AcceleratedUNet":
+        for name, module in self.unet.named_modules():
+            if module.__class__.__name__ == "Attention":
+                _check_supported(name, module)
+        self._saved_processors = self.unet.attn_processors
+        self.unet.set_attn_processor({name: ObClipAttnProcessor(name, self.state)
+                                      for name in self._saved_processors})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unet.set_attn_processor(self._saved_processors)
+        self._saved_processors = None
+        self.state.attention_out.clear()
+        self.state.cross_kv.clear()
+        self.state.encoder_features.clear()
+
+    @torch.no_grad()
+    def guided_eps(self, x: torch.Tensor, t, step: PlannedStep) -> torch.Tensor:
+        """Classifier-free-guided eps for the N latents x [N, C, h, w] at timestep t."""
+        if self._saved_processors is None:
+            raise RuntimeError("use AcceleratedUNet inside a `with` block")
+        if x.shape[0] != self.n:
+            raise ValueError(f"x has {x.shape[0]} rows, the request has {self.n} candidates")
+        state = self.state
+        state.mode = step.mode
+        # At step 0 every latent is the shared z_T, so the N unconditional rows are one.
+        state.merged = self.config.merge_step0_uncond and step.index == 0
+        if state.merged:
+            sample = torch.cat([x[:1], x])
+            text = torch.cat([self.uncond, self.cond])
+        else:
+            sample = torch.cat([x, x])
+            text = torch.cat([self.uncond.expand(self.n, -1, -1), self.cond])
+        eps = self._unet_pass(sample, t, text, step.mode)
+        eps_uncond, eps_cond = eps[: state.rows - self.n], eps[state.rows - self.n:]
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    def _unet_pass(self, sample, t, text, mode: StepMode) -> torch.Tensor:
+        """UNet2DConditionModel.forward for SD-style UNets, written out so the
+        encoder can be skipped (Faster Diffusion) or cut short (DeepCache)."""
+        unet, state = self.unet, self.state
+        # Up blocks need explicit sizes when the latent is not a multiple of the total downscale.
+        up_factor = 2 ** unet.num_upsamplers
+        forward_upsample_size = any(d % up_factor for d in sample.shape[-2:])
+
+        timestep = t if torch.is_tensor(t) else torch.tensor(t)
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep.expand(sample.shape[0])))
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+
+        skipped = mode.blocks_skipped
+        variant = self.config.skip_variant
+        feats = state.encoder_features
+        if skipped and not feats:
+            raise RuntimeError(f"step mode {mode.value} reuses encoder features, but no earlier step of this "
+                               "request computed them; check the plan")
+        first_up = 0
+        if skipped and variant is SkipVariant.FASTER_DIFFUSION:
+            # The current latent does not enter the UNet on this step.
+            h = feats["mid"]
+            res = feats["res"]
+        elif skipped and variant is SkipVariant.DEEPCACHE:
+            # Only the shallow branch sees the latent: conv_in, the first down
+            # block's resnets/attentions (its downsampler output feeds nothing
+            # that runs), then the last up block on the cached deep features.
+            h0 = unet.conv_in(sample)
+            res = (h0,) + _run_down_block(unet.down_blocks[0], h0, emb, text, downsample=False)
+            h = feats["last_up_input"]
+            first_up = len(unet.up_blocks) - 1
+        else:
+            h = unet.conv_in(sample)
+            res = (h,)
+            for block in unet.down_blocks:
+                if getattr(block, "has_cross_attention", False):
+                    h, r = block(hidden_states=h, temb=emb, encoder_hidden_states=text)
+                else:
+                    h, r = block(hidden_states=h, temb=emb)
+                res += r
+            if unet.mid_block is not None:  # BK-SDM UNets have none
+                if getattr(unet.mid_block, "has_cross_attention", False):
+                    h = unet.mid_block(h, emb, encoder_hidden_states=text)
+                else:
+                    h = unet.mid_block(h, emb)
+            if self.config.block_skip and variant is SkipVariant.FASTER_DIFFUSION:
+                feats["res"] = tuple(state.to_full(r) for r in res)
+                feats["mid"] = state.to_full(h)
+
+        last = len(unet.up_blocks) - 1
+        for i in range(first_up, len(unet.up_blocks)):
+            block = unet.up_blocks[i]
+            n_res = len(block.resnets)
+            res_samples, res = res[-n_res:], res[:-n_res]
+            if i == last and not skipped and self.config.block_skip and variant is SkipVariant.DEEPCACHE:
+                feats["last_up_input"] = state.to_full(h)
+            upsample_size = res[-1].shape[2:] if (i != last and forward_upsample_size) else None
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res_samples,
+                          encoder_hidden_states=text, upsample_size=upsample_size)
+            else:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res_samples,
+                          upsample_size=upsample_size)
+
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        return unet.conv_out(h)
+
+
+def _run_down_block(block, h, emb, text, downsample: bool) -> tuple[torch.Tensor, ...]:
+    """A down block's skip features; its downsampler only when asked."""
+    outputs = ()
+    attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+    for resnet, attn in zip(block.resnets, attentions):
+        h = resnet(h, emb)
+        if attn is not None:
+            h = attn(h, encoder_hidden_states=text, return_dict=False)[0]
+        outputs += (h,)
+    if downsample and block.downsamplers is not None:
+        for down in block.downsamplers:
+            h = down(h)
+        outputs += (h,)
+    return outputs
