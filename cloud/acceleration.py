@@ -97,7 +97,10 @@ class _RequestState:
     mode: StepMode = StepMode.FULL
     merged: bool = False                      # rows are [uncond x 1, cond x N] this step
     attention_out: dict[str, torch.Tensor] = field(default_factory=dict)   # full 2N layout
-    cross_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # on `text`
+    # cross_kv_once: keys and values on `text`, per module; keys for the two
+    # pivot texts only ("pivots") until a full step needs them all ("all").
+    cross_k: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    cross_v: dict[str, torch.Tensor] = field(default_factory=dict)
     encoder_features: dict[str, object] = field(default_factory=dict)      # block-skip cache
     _align_tensors: tuple | None = None
 
@@ -189,29 +192,32 @@ class ObClipAttnProcessor:
             state.attention_out[self.name] = state.to_full(out)
         return out
 
-    def _cross_kv(self, attn, encoder_hidden_states, rows: torch.Tensor | None):
-        """Cross-attention K and V for the given rows of this step (None: all rows).
+    # cross_kv_once: the text side of cross-attention depends on the text only,
+    # so it is projected once per request, on the unique texts [empty, cand 0..N-1].
+    def _once_keys(self, attn, pivots_only: bool) -> torch.Tensor:
+        cache = self.state.cross_k.setdefault(self.name, {})
+        if "all" in cache:
+            return cache["all"][:2] if pivots_only else cache["all"]
+        if pivots_only:  # reuse steps need the empty prompt's and candidate 0's keys only
+            if "pivots" not in cache:
+                cache["pivots"] = attn.to_k(self.state.text[:2])
+            return cache["pivots"]
+        cache["all"] = attn.to_k(self.state.text)
+        return cache["all"]
 
-        With ``cross_kv_once`` they come from the request's unique texts,
-        projected once per request; otherwise from the rows as passed.
-        """
-        state = self.state
-        if state.config.cross_kv_once:
-            if self.name not in state.cross_kv:
-                state.cross_kv[self.name] = (attn.to_k(state.text), attn.to_v(state.text))
-            k, v = state.cross_kv[self.name]
-            index = state.text_index(k.device)
-            index = index if rows is None else index[rows]
-            return k[index], v[index]
-        ctx = encoder_hidden_states if rows is None else encoder_hidden_states[rows]
-        return attn.to_k(ctx), attn.to_v(ctx)
+    def _once_values(self, attn) -> torch.Tensor:
+        if self.name not in self.state.cross_v:
+            self.state.cross_v[self.name] = attn.to_v(self.state.text)
+        return self.state.cross_v[self.name]
 
     def _full(self, attn, hidden_states, encoder_hidden_states, is_cross):
         q = attn.to_q(hidden_states)
-        if is_cross:
-            k, v = self._cross_kv(attn, encoder_hidden_states, None)
+        if is_cross and self.state.config.cross_kv_once:
+            index = self.state.text_index(q.device)
+            k, v = self._once_keys(attn, pivots_only=False)[index], self._once_values(attn)[index]
         else:
-            k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)
+            context = encoder_hidden_states if is_cross else hidden_states
+            k, v = attn.to_k(context), attn.to_v(context)
         h = attn.heads
         out = F.scaled_dot_product_attention(_heads(q, h), _heads(k, h), _heads(v, h),
                                              dropout_p=0.0, is_causal=False)
@@ -224,12 +230,13 @@ class ObClipAttnProcessor:
         (u0, u1), (c0, c1) = state.groups()
         pivots = torch.tensor([u0, c0], device=hidden_states.device)
         q = _heads(attn.to_q(hidden_states[pivots]), h)                  # [2, H, Lq, d]
-        if is_cross:
-            k, _ = self._cross_kv_pivots(attn, encoder_hidden_states, pivots)
-        else:
+        if not is_cross:
             k = attn.to_k(hidden_states[pivots])
-        k = _heads(k, h)
-        maps = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1)  # [2, H, Lq, Lk]
+        elif state.config.cross_kv_once:
+            k = self._once_keys(attn, pivots_only=True)                  # texts 0 and 1 = the pivots'
+        else:
+            k = attn.to_k(encoder_hidden_states[pivots])
+        maps = torch.softmax(torch.matmul(q, _heads(k, h).transpose(-1, -2)) * attn.scale, dim=-1)  # [2,H,Lq,Lk]
         outs = []
         for g, (start, stop) in enumerate(((u0, u1), (c0, c1))):
             if is_cross:
@@ -239,26 +246,18 @@ class ObClipAttnProcessor:
                 outs.append(_apply_map(maps[g], _heads(attn.to_v(hidden_states[start:stop]), h)))
         return _merge_heads(torch.cat(outs)).to(hidden_states.dtype)
 
-    def _cross_kv_pivots(self, attn, encoder_hidden_states, pivots):
-        state = self.state
-        if state.config.cross_kv_once:
-            return self._cross_kv(attn, encoder_hidden_states, pivots)
-        # Only the pivots' keys are needed; values are projected per group below.
-        return attn.to_k(encoder_hidden_states[pivots]), None
-
     def _cross_values(self, attn, encoder_hidden_states, pivot_map, start, stop, conditional: bool):
         """broadcast(pivot map, aligned to each candidate's tokens) x that candidate's values."""
         state = self.state
         h = attn.heads
-        rows = torch.arange(start, stop, device=pivot_map.device)
-        if not conditional and state.config.cross_kv_once:
-            # Every unconditional row has the empty prompt's values and, under
-            # reuse, the pivot's map: the rows are equal, so compute one.
-            _, v = self._cross_kv(attn, encoder_hidden_states, rows[:1])
-            one = _apply_map(pivot_map, _heads(v, h))
-            return one.expand(stop - start, *one.shape[1:])
         if state.config.cross_kv_once:
-            _, v = self._cross_kv(attn, encoder_hidden_states, rows)
+            values = self._once_values(attn)
+            if not conditional:
+                # Every unconditional row has the empty prompt's values and, under
+                # reuse, the pivot's map: the rows are equal, so compute one.
+                one = _apply_map(pivot_map, _heads(values[:1], h))
+                return one.expand(stop - start, *one.shape[1:])
+            v = values[1:]
         else:
             v = attn.to_v(encoder_hidden_states[start:stop])
         v = _heads(v, h)                                                 # [n, H, Lk, d]
@@ -339,7 +338,8 @@ class AcceleratedUNet:
         self.unet.set_attn_processor(self._saved_processors)
         self._saved_processors = None
         self.state.attention_out.clear()
-        self.state.cross_kv.clear()
+        self.state.cross_k.clear()
+        self.state.cross_v.clear()
         self.state.encoder_features.clear()
 
     @torch.no_grad()
