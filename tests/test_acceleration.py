@@ -1,0 +1,345 @@
+"""Server-side acceleration: the plan's modes, and what each mode may and may not change.
+
+Each acceleration is tested twice: it must really save work (FLOPs of the ops
+that run, or blocks that do not run at all), and it must not change what it
+must not (exact extras: nothing beyond float rounding; a cache read right
+after the step that filled it: nothing at all).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cloud.acceleration import AcceleratedUNet, token_alignment
+from cloud.flops import EXTRA_FORMULAS
+from cloud.models import build_unet, load_clip_tokenizer
+from cloud.steps import CloudStepRunner, guided_eps
+from runtime.plan import (CLOUD, PRESETS, AccelerationConfig, PlannedStep, SkipVariant, StepMode, make_plan,
+                          preset)
+from runtime.protocol import ProtocolError, StepsRequest
+
+N = 4
+G = 7.5
+
+
+@pytest.fixture(scope="module")
+def unets():
+    torch.manual_seed(0)
+    return {"mini": build_unet("mini").eval(), "mini-small": build_unet("mini-small").eval()}
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    cond = torch.randn(N, 77, 64, generator=g)
+    uncond = torch.randn(1, 77, 64, generator=g)
+    x = torch.randn(N, 4, 16, 16, generator=g)
+    return cond, uncond, x
+
+
+def step(i: int, mode: StepMode) -> PlannedStep:
+    return PlannedStep(i, CLOUD, mode)
+
+
+def run_steps(unet, config, inputs, modes, x=None, t=500, n=N):
+    """guided eps for a sequence of step modes on one AcceleratedUNet (same x and t each step)."""
+    cond, uncond, x0 = inputs
+    x = x0[:n] if x is None else x
+    with AcceleratedUNet(unet, config, cond=cond[:n], uncond=uncond, guidance_scale=G) as acc:
+        return [acc.guided_eps(x, torch.tensor(t), step(i, m)) for i, m in enumerate(modes)]
+
+
+def counted(unet, config, inputs, modes, n=N):
+    """FLOPs per step, by leaf-module name suffix, for a sequence of step modes."""
+    cond, uncond, x = inputs
+    out = []
+    with AcceleratedUNet(unet, config, cond=cond[:n], uncond=uncond, guidance_scale=G) as acc:
+        for i, m in enumerate(modes):
+            # EXTRA_FORMULAS: the CPU attention kernel, which FlopCounterMode does not count by itself
+            with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as fc:
+                acc.guided_eps(x[:n], torch.tensor(500), step(i, m))
+            out.append(fc)
+    return out
+
+
+def leaf_flops(fc: FlopCounterMode, suffix: str) -> int:
+    return sum(sum(ops.values()) for name, ops in fc.get_flop_counts().items() if name.endswith(suffix))
+
+
+# --- the plan and its configuration ---------------------------------------------------
+
+
+def test_paper_presets_give_the_papers_step_modes():
+    k5 = make_plan(25, 5, PRESETS["paper-k5"])
+    assert [s.mode for s in k5.cloud_steps] == [StepMode.REUSE] * 3 + [StepMode.CACHE_SKIP] * 2
+    k10 = make_plan(25, 10, preset("paper-k10"))
+    assert [s.mode for s in k10.cloud_steps] == ([StepMode.REUSE] * 4 + [StepMode.CACHE] * 2
+                                                 + [StepMode.CACHE_SKIP] * 4)
+    assert all(s.mode is StepMode.FULL for s in k10.device_steps)
+    assert preset("none-k7") == AccelerationConfig.none(7)
+    assert all(s.mode is StepMode.FULL for s in make_plan(25, 7, preset("none-k7")).cloud_steps)
+
+
+def test_switches_and_refresh_choose_the_modes():
+    base = preset("paper-k10")
+    assert [s.mode for s in make_plan(25, 10, base.replace(batch_reuse=False)).cloud_steps][:4] == [StepMode.FULL] * 4
+    assert [s.mode for s in make_plan(25, 10, base.replace(attention_cache=False)).cloud_steps][4:] == \
+        [StepMode.FULL] * 2 + [StepMode.SKIP] * 4
+    # refresh every 2 from r = 4: full passes at 6 and 8
+    modes = [s.mode for s in make_plan(25, 10, base.replace(refresh_every=2)).cloud_steps]
+    assert modes[6] is StepMode.FULL and modes[8] is StepMode.FULL
+    assert modes[5] is StepMode.CACHE and modes[7] is StepMode.CACHE_SKIP and modes[9] is StepMode.CACHE_SKIP
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(switch_step=5, cache_step=4, skip_step=3), "r <= skip point s <= switch point k"),
+    (dict(switch_step=5, cache_step=3, skip_step=6), "r <= skip point s <= switch point k"),
+    (dict(switch_step=5, cache_step=-1, skip_step=3), "must all be >= 0"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, refresh_every=-2), "must all be >= 0"),
+    (dict(switch_step=5, cache_step=0, skip_step=3), "attention_cache needs cache_step r >= 1"),
+    (dict(switch_step=5, cache_step=0, skip_step=0, attention_cache=False), "block_skip needs skip_step s >= 1"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, skip_variant="magic"), "skip_variant 'magic' must be one of"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, batch_reuse=1), "batch_reuse must be true or false"),
+    (dict(switch_step=5.0, cache_step=3, skip_step=3), "switch_step must be an int"),
+])
+def test_invalid_configurations_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AccelerationConfig(**kwargs)
+
+
+def test_plan_and_acceleration_must_agree_on_k():
+    with pytest.raises(ValueError, match="acceleration is for switch point k=5 but the plan has k=10"):
+        make_plan(25, 10, PRESETS["paper-k5"])
+    with pytest.raises(ValueError, match="unknown acceleration preset 'fast'"):
+        preset("fast")
+
+
+def test_acceleration_travels_in_the_request():
+    acc = preset("paper-k5").replace(skip_variant=SkipVariant.DEEPCACHE, cross_kv_once=True)
+    req = StepsRequest(("a red circle", "a blue circle"), 3, 25, 5, 7.5, 64, 64, acceleration=acc)
+    back = StepsRequest.from_bytes(req.to_bytes())
+    assert back == req and back.acceleration == acc and back.to_bytes() == req.to_bytes()
+    with pytest.raises(ProtocolError, match="acceleration is for k=5 but the request has switch_step k=10"):
+        StepsRequest(("a red circle",), 3, 25, 10, 7.5, 64, 64, acceleration=acc)
+    body = req.to_bytes().replace(b'"cache_step":3', b'"cache_step":4')
+    with pytest.raises(ProtocolError, match="r <= skip point s"):
+        StepsRequest.from_bytes(body)
+    body = req.to_bytes().replace(b'"cache_step":3', b'"cache_steps":3')
+    with pytest.raises(ProtocolError, match="unknown fields"):
+        StepsRequest.from_bytes(body)
+
+
+# --- the written-out pass and the processors ----------------------------------------
+
+
+def test_full_mode_is_the_plain_unet_and_surgery_is_undone(unets, inputs):
+    unet = unets["mini"]
+    cond, uncond, x = inputs
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    (eps,) = run_steps(unet, AccelerationConfig.none(1), inputs, [StepMode.FULL])
+    assert torch.equal(eps, guided_eps(unet, x, torch.tensor(500), cond, uncond.expand(N, -1, -1), G))
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    # also after an error inside the block
+    with pytest.raises(RuntimeError, match="no earlier step of this request computed it"):
+        run_steps(unet, preset("paper-k5"), inputs, [StepMode.CACHE])
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+@pytest.mark.parametrize("variant", list(SkipVariant))
+@pytest.mark.parametrize("name", ["mini", "mini-small"])  # mini-small: BK-SDM style, no mid block
+def test_a_cache_read_right_after_the_fill_changes_nothing(unets, inputs, name, variant):
+    """Same x and t as the step that filled the caches: cached and skipped steps must return the same eps."""
+    unet = unets[name]
+    config = AccelerationConfig(5, 1, 2, skip_variant=variant, batch_reuse=False)
+    full, cached, skipped = run_steps(unet, config, inputs, [StepMode.FULL, StepMode.CACHE, StepMode.CACHE_SKIP])
+    assert torch.equal(full, cached) and torch.equal(full, skipped)
+    config = config.replace(attention_cache=False)
+    full, skipped = run_steps(unet, config, inputs, [StepMode.FULL, StepMode.SKIP])
+    assert torch.equal(full, skipped)
+
+
+@pytest.mark.parametrize("variant, latent_enters", [(SkipVariant.FASTER_DIFFUSION, False),
+                                                    (SkipVariant.DEEPCACHE, True)])
+def test_block_skip_variants_differ_in_whether_the_latent_enters(unets, inputs, variant, latent_enters):
+    unet = unets["mini"]
+    cond, uncond, x = inputs
+    config = AccelerationConfig(5, 1, 1, skip_variant=variant, batch_reuse=False, attention_cache=False)
+    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        acc.guided_eps(x, torch.tensor(500), step(0, StepMode.FULL))
+        a = acc.guided_eps(x, torch.tensor(400), step(1, StepMode.SKIP))
+        b = acc.guided_eps(x + 1.0, torch.tensor(400), step(2, StepMode.SKIP))
+    assert (not torch.equal(a, b)) == latent_enters
+
+
+def _blocks_run(unet, config, inputs, modes):
+    """Which UNet blocks ran at the last step."""
+    ran: set[str] = set()
+    # A block's first resnet runs whenever any of the block does (DeepCache runs
+    # the first down block's resnets without its downsampler).
+    hooks = [b.resnets[0].register_forward_pre_hook(lambda mod, args, name=f"{kind}.{i}": ran.add(name))
+             for kind in ("down_blocks", "up_blocks") for i, b in enumerate(getattr(unet, kind))]
+    hooks += [unet.conv_in.register_forward_pre_hook(lambda mod, args: ran.add("conv_in"))]
+    if unet.mid_block is not None:
+        hooks += [unet.mid_block.register_forward_pre_hook(lambda mod, args: ran.add("mid"))]
+    try:
+        cond, uncond, x = inputs
+        with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+            for i, m in enumerate(modes):
+                ran.clear()
+                acc.guided_eps(x, torch.tensor(500), step(i, m))
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran
+
+
+def test_block_skip_really_skips_the_encoder(unets, inputs):
+    unet = unets["mini"]
+    ups = {f"up_blocks.{i}" for i in range(len(unet.up_blocks))}
+    fd = AccelerationConfig(5, 1, 1, batch_reuse=False, attention_cache=False)
+    assert _blocks_run(unet, fd, inputs, [StepMode.FULL, StepMode.SKIP]) == ups
+    dc = fd.replace(skip_variant=SkipVariant.DEEPCACHE)
+    assert _blocks_run(unet, dc, inputs, [StepMode.FULL, StepMode.SKIP]) == {"conv_in", "down_blocks.0",
+                                                                              f"up_blocks.{len(ups) - 1}"}
+
+
+def test_attention_cache_runs_no_attention_and_saves_flops(unets, inputs):
+    unet = unets["mini"]
+    config = AccelerationConfig(5, 1, 2, batch_reuse=False)
+    full, cache, cache_skip = counted(unet, config, inputs, [StepMode.FULL, StepMode.CACHE, StepMode.CACHE_SKIP])
+    for suffix in ("to_q", "to_k", "to_v", "to_out.0"):
+        assert leaf_flops(full, suffix) > 0 and leaf_flops(cache, suffix) == 0
+    assert cache.get_total_flops() < full.get_total_flops()
+    assert cache_skip.get_total_flops() < cache.get_total_flops()
+
+
+def test_batch_reuse_projects_queries_and_keys_for_the_pivots_only(unets, inputs):
+    unet = unets["mini"]
+    full, reuse = counted(unet, AccelerationConfig(5, 3, 3, attention_cache=False, block_skip=False), inputs,
+                          [StepMode.FULL, StepMode.REUSE])
+    # 2N rows -> one pivot per guidance group
+    for suffix in ("attn1.to_q", "attn1.to_k", "attn2.to_q", "attn2.to_k"):
+        assert leaf_flops(reuse, suffix) * N == leaf_flops(full, suffix) > 0
+    for suffix in ("attn1.to_v", "attn2.to_v"):  # values for every row
+        assert leaf_flops(reuse, suffix) == leaf_flops(full, suffix) > 0
+    assert reuse.get_total_flops() < full.get_total_flops()
+
+
+def test_batch_reuse_with_one_candidate_is_exact(unets, inputs):
+    unet = unets["mini"]
+    cond, uncond, x = inputs
+    (eps,) = run_steps(unet, preset("paper-k5"), inputs, [StepMode.REUSE], n=1)
+    ref = guided_eps(unet, x[:1], torch.tensor(500), cond[:1], uncond, G)
+    assert torch.allclose(eps, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_exact_extras_change_nothing_and_save_work(unets, inputs):
+    unet = unets["mini"]
+    cond, uncond, x0 = inputs
+    x = x0[:1].repeat(N, 1, 1, 1)  # step 0: every row is the shared z_T
+    for base in (AccelerationConfig.none(3), AccelerationConfig(3, 2, 2, attention_cache=False, block_skip=False)):
+        extras = base.replace(cross_kv_once=True, merge_step0_uncond=True)
+        modes = [base.mode(i) for i in range(3)]
+        plain = run_steps(unet, base, inputs, modes, x=x)
+        exact = run_steps(unet, extras, inputs, modes, x=x)
+        for a, b in zip(plain, exact):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)  # float rounding, x7.5 by guidance
+        c_plain = counted(unet, base, (cond, uncond, x), modes)
+        c_exact = counted(unet, extras, (cond, uncond, x), modes)
+        # step 0: N + 1 rows instead of 2N; later steps: no cross-attention K/V at all
+        assert c_exact[0].get_total_flops() < c_plain[0].get_total_flops()
+        assert leaf_flops(c_exact[1], "attn2.to_k") == leaf_flops(c_exact[1], "attn2.to_v") == 0
+        assert leaf_flops(c_plain[1], "attn2.to_k") > 0
+        assert c_exact[1].get_total_flops() < c_plain[1].get_total_flops()
+        if base.batch_reuse:  # reuse needs the two pivot texts' keys only, even when projected once
+            assert leaf_flops(c_exact[0], "attn2.to_k") == leaf_flops(c_plain[0], "attn2.to_k") > 0
+
+
+# --- token alignment for cross-attention reuse ---------------------------------------
+
+
+def test_token_alignment_maps_same_words_to_the_same_column():
+    tok = load_clip_tokenizer()
+    cands = ["a photo of an old man in a hat", "a photo of a middle-aged man in a hat",
+             "a photo of an young man in a hat"]
+    al = token_alignment(tok, cands)
+    ids = [tok(c).input_ids for c in cands]
+    assert al.identity == (True, False, True)
+    cols = al.columns[1]
+    pivot, cand = ids[0], ids[1]
+    # "middle - aged" (3 tokens) and "a" vs "an" replace the pivot's "an old"
+    assert len(cand) == len(pivot) + 2
+    man_p, man_c = pivot.index(tok.convert_tokens_to_ids("man</w>")), cand.index(tok.convert_tokens_to_ids("man</w>"))
+    assert cols[man_c] == man_p
+    assert cols[:4] == (0, 1, 2, 3)  # <bos> a photo of
+    assert all(pivot[cols[j]] == cand[j] for j in range(man_c, len(cand)))  # same words after the span
+    assert set(cols[4:man_c]) == {4, 5}  # the attribute span reads the pivot's span
+    # weights split a shared pivot column among the tokens that read it
+    for j in range(77):
+        assert al.weights[1][j] == pytest.approx(1 / cols.count(cols[j]))
+
+
+def test_reuse_reads_the_pivot_map_through_the_alignment(unets, inputs):
+    """A candidate with shifted tokens uses the pivot's map at its own positions, not the raw one."""
+    from cloud.acceleration import TokenAlignment
+
+    unet = unets["mini"]
+    cond, uncond, x = inputs
+    shift = TokenAlignment(columns=tuple(tuple(range(77)) if i != 2 else tuple([0] + list(range(76)))
+                                         for i in range(N)),
+                           weights=tuple(tuple([1.0] * 77) if i != 2 else tuple([0.5, 0.5] + [1.0] * 75)
+                                         for i in range(N)),
+                           identity=tuple(i != 2 for i in range(N)))
+    config = AccelerationConfig(5, 3, 3, attention_cache=False, block_skip=False)
+    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        plain = acc.guided_eps(x, torch.tensor(500), step(0, StepMode.REUSE))
+    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G, alignment=shift) as acc:
+        aligned = acc.guided_eps(x, torch.tensor(500), step(0, StepMode.REUSE))
+    for i in range(N):
+        assert torch.equal(plain[i], aligned[i]) == (i != 2)
+
+
+# --- through the cloud runner ------------------------------------------------------------
+
+
+def _request(k=5, acceleration=None, candidates=("a photo of an old man", "a photo of a middle-aged man",
+                                                   "a photo of a young man")):
+    return StepsRequest(candidates, 7, 10, k, 7.5, 64, 64, acceleration=acceleration)
+
+
+def test_runner_applies_the_plan_and_nothing_leaks_between_requests(cloud_model):
+    runner = CloudStepRunner(cloud_model)
+    exact = runner.run(_request())
+    fast_cfg = AccelerationConfig(5, 2, 3, cross_kv_once=True, merge_step0_uncond=True)
+    fast = runner.run(_request(acceleration=fast_cfg))
+    assert not torch.equal(torch.from_numpy(fast.latents), torch.from_numpy(exact.latents))
+    rel = float(((fast.latents - exact.latents) ** 2).sum() ** 0.5 / (exact.latents ** 2).sum() ** 0.5)
+    assert rel < 0.5  # an approximation, not noise
+    # a request after an accelerated one is unaffected by its caches
+    again = runner.run(_request())
+    assert (again.latents == exact.latents).all() and (again.prev_x0 == exact.prev_x0).all()
+    assert all(type(p).__name__ != "ObClipAttnProcessor" for p in cloud_model.unet.attn_processors.values())
+    # exact extras alone reproduce the plain run
+    extras = runner.run(_request(acceleration=AccelerationConfig.none(5).replace(cross_kv_once=True,
+                                                                                 merge_step0_uncond=True)))
+    assert abs(extras.latents - exact.latents).max() < 1e-4
+
+
+def test_device_sends_the_acceleration_and_the_request_stays_oblivious(device_pipeline, cloud_runner):
+    from device.pipeline import GenerationConfig
+
+    config = GenerationConfig(num_inference_steps=10, acceleration=AccelerationConfig(5, 2, 3), seed=5)
+    assert config.k == 5
+    prepared = device_pipeline.prepare("a photo of an old man", config)
+    assert prepared.request.acceleration == AccelerationConfig(5, 2, 3)
+    for member in prepared.candidate_set.candidates:
+        other = device_pipeline.prepare(member, config)
+        assert other.request_bytes == prepared.request_bytes
+    result = device_pipeline.generate("a photo of an old man", cloud_runner.handle, config)
+    assert result.image.shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="the acceleration is for k=5 cloud steps but method obclip runs k=3"):
+        GenerationConfig(switch_step=3, acceleration="paper-k5")
+    with pytest.raises(ValueError, match="device-only run sends nothing"):
+        GenerationConfig(method="device-only", acceleration="paper-k5")

@@ -1,0 +1,207 @@
+"""FLOPs counting (cloud/flops.py) and a smoke run of benchmarks/flops.py.
+
+Full-size UNets run on the meta device: shapes only, a pass in well under a
+second, no memory.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import flop_registry
+
+from cloud.flops import (EXTRA_FORMULAS, FlopBreakdown, FlopCounter, count_flops, meta_unet,
+                         unet_pass_flops)
+from runtime.plan import AccelerationConfig, make_plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_benchmark():
+    name = "obclip_benchmarks_flops"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "flops.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _close(ours, ref, tol):
+    return abs(ours / ref - 1) <= tol
+
+
+# --- the counter against the numbers measured before -------------------------------
+
+def test_sd14_pass_reproduces_the_reference_counts():
+    f = unet_pass_flops("sd-v1.4")  # 512 px: latent 4x64x64, text 77x768, batch 1
+    assert _close(f.paper_macs, 370.5e9, 0.005), f.paper_macs / 1e9
+    assert _close(f.macs, 401.6e9, 0.005), f.macs / 1e9
+    assert _close(f.no_attention_macs, 338.6e9, 0.005), f.no_attention_macs / 1e9
+    assert f.flops == 2 * f.macs and f.other == 0
+    # Op classes: 1x1 proj convs and resnets are conv, the attention projections and
+    # feed-forwards linear, the two attention matmuls attention.
+    assert f.conv > 0 and f.linear > 0 and f.attention > 0
+    assert set(f.by_op) == {"aten.convolution", "aten.mm", "aten.addmm", "aten.bmm"}
+
+
+def test_bk_sdm_small_no_attention_count():
+    f = unet_pass_flops("bk-sdm-small")
+    assert _close(f.no_attention_macs, 217.7e9, 0.005), f.no_attention_macs / 1e9
+
+
+def test_batch_scales_linearly():
+    one, three = unet_pass_flops("mini", batch=1), unet_pass_flops("mini", batch=3)
+    assert three == one * 3
+
+
+# --- SDPA ------------------------------------------------------------------------
+
+def _attention_pair(device="cpu"):
+    q = torch.randn(2, 4, 10, 8, device=device)
+    k = torch.randn(2, 4, 7, 8, device=device)
+    v = torch.randn(2, 4, 7, 6, device=device)
+
+    def explicit():
+        return torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+
+    return (lambda: F.scaled_dot_product_attention(q, k, v)), explicit
+
+
+@pytest.mark.parametrize("where", ["cpu", "meta", "fake"])
+def test_sdpa_is_counted_like_its_two_matmuls(where):
+    expected = 2 * (2 * 4 * 10 * 7 * 8) + 2 * (2 * 4 * 10 * 7 * 6)
+    if where == "fake":
+        with FakeTensorMode():
+            sdpa, explicit = _attention_pair()
+            _, a = count_flops(sdpa)
+            _, b = count_flops(explicit)
+    else:
+        sdpa, explicit = _attention_pair(where)
+        _, a = count_flops(sdpa)
+        _, b = count_flops(explicit)
+    assert a.attention == b.attention == expected
+    assert a.flops == b.flops == expected
+
+
+def test_sdpa_formula_is_local_to_the_counter():
+    # The CPU kernel (real tensors and FakeTensorMode) has no formula in torch;
+    # ours goes in through custom_mapping, the global registry stays as it was.
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    assert op in EXTRA_FORMULAS and op not in flop_registry
+    sdpa, _ = _attention_pair()
+    count_flops(sdpa)
+    assert op not in flop_registry
+
+
+# --- the ways of running agree --------------------------------------------------------
+
+def test_real_meta_and_fake_unet_passes_count_the_same():
+    from cloud.models import build_unet
+
+    torch.manual_seed(0)
+    real = build_unet("mini").eval()
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny pass; spare the shared cores the thread pool's waits
+    try:
+        with torch.no_grad():
+            _, on_cpu = count_flops(real, x, torch.tensor(10), encoder_hidden_states=text)
+    finally:
+        torch.set_num_threads(threads)
+    on_meta = unet_pass_flops("mini", batch=2)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        fake = build_unet("mini").eval()
+        _, faked = count_flops(fake, mode.from_tensor(x), torch.tensor(10),
+                               encoder_hidden_states=mode.from_tensor(text))
+    assert on_cpu == on_meta == faked
+    assert on_cpu.attention > 0
+
+
+def test_speedups_do_not_change_counts():
+    """Shape-only shortcuts and skipping per-module attribution are exact."""
+    from cloud.acceleration import AcceleratedUNet
+
+    unet = meta_unet("mini-small")
+    assert unet_pass_flops(unet, batch=2) == unet_pass_flops(unet, batch=2, shortcuts=False, per_module=True)
+    # An accelerated request too (index, softmax, cat, expand...), step by step.
+    n, dev = 3, torch.device("meta")
+    cond, uncond = torch.empty(n, 77, 64, device=dev), torch.empty(1, 77, 64, device=dev)
+    x, t = torch.empty(n, 4, 16, 16, device=dev), torch.tensor(10, device=dev)
+    cfg = AccelerationConfig(4, 2, 3, cross_kv_once=True, merge_step0_uncond=True)
+    runs = []
+    for fast in (True, False):
+        with AcceleratedUNet(unet, cfg, cond=cond, uncond=uncond, guidance_scale=7.5) as accel:
+            costs = []
+            for step in make_plan(10, 4, cfg).cloud_steps:
+                with FlopCounter(shortcuts=fast, per_module=not fast) as fc:
+                    accel.guided_eps(x, t, step)
+                costs.append(fc.breakdown)
+        runs.append(costs)
+    assert runs[0] == runs[1]
+    assert len({c.flops for c in runs[0]}) == 4  # merged-reuse step 0, reuse, cache, cache+skip
+
+
+def test_per_module_table_is_available():
+    unet, dev = meta_unet("mini"), torch.device("meta")
+    with torch.no_grad(), FlopCounter(per_module=True) as fc:
+        unet(torch.empty(1, 4, 16, 16, device=dev), torch.tensor(10, device=dev),
+             encoder_hidden_states=torch.empty(1, 77, 64, device=dev))
+    counts = fc.per_module_counts
+    assert sum(counts["Global"].values()) == fc.breakdown.flops
+    assert any(name.endswith("attn1") for name in counts)
+
+
+# --- the breakdown's conventions ---------------------------------------------------------
+
+def test_breakdown_conventions_and_arithmetic():
+    a = FlopBreakdown(conv=100, linear=40, attention=20, other=0)
+    assert a.flops == 160 and a.macs == 80
+    assert a.no_attention_macs == 70
+    assert a.attention_macs == 10
+    assert a.paper_macs == 70 + 5  # conv + linear + one of the two (equal) attention matmuls
+    b = FlopBreakdown(conv=2, linear=2, attention=4, other=2)
+    assert (a + b).flops == 170 and sum([a, b]) == a + b
+    assert (a * 3).paper_macs == 3 * a.paper_macs and 3 * a == a * 3
+
+
+# --- the benchmark ----------------------------------------------------------------------
+
+def test_benchmark_unaccelerated_rows_match_the_paper():
+    bench = _load_benchmark()
+    result = bench.compute("sd-v1.4", devices=("bk-sdm-small",), presets=("paper-k5",), ns=(4,),
+                           variants=("obclip",))
+    assert result["problems"] == []
+    rows = {r["key"]: r for r in result["blocks"][0]["rows"]}
+    for key in ("cloud_only", "hybrid", "vanilla_og", "obclip"):
+        r = rows[key]
+        assert r["paper_T"] is not None and abs(r["ratio"] - 1) <= 0.01, (key, r)
+        assert r["check"] == "ok"
+    # Device rows use BK-SDM's no-attention convention: 20 steps x 2 rows x 217.7 G.
+    assert _close(rows["device:bk-sdm-small"]["paper_macs_T"], 20 * 2 * 0.2177, 0.01)
+    assert result["per_pass"]["sd-v1.4"]["ratio"] == pytest.approx(1, abs=0.005)
+    text = bench.format_table(result)
+    assert "ObCLIP, no acceleration" in text and "MAC(paper)" in text and "FLOP(all)" in text
+
+
+def test_benchmark_memo_agrees_with_running_every_step():
+    """Counting each (mode, N, step 0) once equals counting every step of every plan."""
+    bench = _load_benchmark()
+    preset = AccelerationConfig(4, 2, 3)  # (reuse | full) x 2, cache, cache+skip
+    # "cache": step 1 has step 0's key and is not run; "exact": step 0 is its own key.
+    variants = ("cache", "exact")
+    totals = []
+    for exhaustive in (False, True):
+        counter = bench.StepCounter(exhaustive=exhaustive)
+        per_variant = []
+        for v in variants:
+            setup, costs = counter.plan_steps("mini-small", 3, bench.variant_config(v, preset), 10)
+            per_variant.append((setup, [b for _, b in costs]))
+        totals.append((per_variant, counter.passes))
+    (memo, memo_passes), (every, every_passes) = totals
+    assert memo == every
+    assert (memo_passes, every_passes) == (3 + 4, 4 + 4)
