@@ -102,7 +102,9 @@ class _RequestState:
     cross_k: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     cross_v: dict[str, torch.Tensor] = field(default_factory=dict)
     encoder_features: dict[str, object] = field(default_factory=dict)      # block-skip cache
-    _align_tensors: tuple | None = None
+    # Index tensors built once per request on the UNet's device: indexing with
+    # fresh host tensors in every attention call would stall a GPU.
+    _device_tensors: dict = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -115,8 +117,12 @@ class _RequestState:
 
     def text_index(self, device) -> torch.Tensor:
         """Row -> index into ``text`` (0 = empty prompt, 1 + i = candidate i)."""
-        u = 1 if self.merged else self.n
-        return torch.cat([torch.zeros(u, dtype=torch.long), torch.arange(1, self.n + 1)]).to(device)
+        key = ("text_index", self.merged, device)
+        if key not in self._device_tensors:
+            u = 1 if self.merged else self.n
+            self._device_tensors[key] = torch.cat(
+                [torch.zeros(u, dtype=torch.long), torch.arange(1, self.n + 1)]).to(device)
+        return self._device_tensors[key]
 
     def to_full(self, t: torch.Tensor) -> torch.Tensor:
         """A merged step's rows in the full layout, so caches have one shape."""
@@ -125,11 +131,19 @@ class _RequestState:
         return torch.cat([t[:1].expand(self.n, *t.shape[1:]), t[1:]])
 
     def alignment_tensors(self, device):
-        if self._align_tensors is None and self.alignment is not None:
-            cols = torch.tensor(self.alignment.columns, dtype=torch.long, device=device)
-            w = torch.tensor(self.alignment.weights, dtype=torch.float32, device=device)
-            self._align_tensors = (cols, w)
-        return self._align_tensors
+        """(aligned rows, other rows, their columns [n_other, L], their weights [n_other, L]) on device."""
+        key = ("alignment", device)
+        if key not in self._device_tensors:
+            al = self.alignment
+            same = [i for i, ident in enumerate(al.identity) if ident]
+            other = [i for i, ident in enumerate(al.identity) if not ident]
+            self._device_tensors[key] = (
+                torch.tensor(same, dtype=torch.long, device=device),
+                torch.tensor(other, dtype=torch.long, device=device),
+                torch.tensor([al.columns[i] for i in other], dtype=torch.long, device=device),
+                torch.tensor([al.weights[i] for i in other], dtype=torch.float32, device=device),
+            )
+        return self._device_tensors[key]
 
 
 # --- attention --------------------------------------------------------------
@@ -220,7 +234,7 @@ class ObClipAttnProcessor:
             k, v = attn.to_k(context), attn.to_v(context)
         h = attn.heads
         out = F.scaled_dot_product_attention(_heads(q, h), _heads(k, h), _heads(v, h),
-                                             dropout_p=0.0, is_causal=False)
+                                             dropout_p=0.0, is_causal=False, scale=attn.scale)
         return _merge_heads(out).to(q.dtype)
 
     def _reuse(self, attn, hidden_states, encoder_hidden_states, is_cross):
@@ -228,65 +242,65 @@ class ObClipAttnProcessor:
         state = self.state
         h = attn.heads
         (u0, u1), (c0, c1) = state.groups()
-        pivots = torch.tensor([u0, c0], device=hidden_states.device)
-        q = _heads(attn.to_q(hidden_states[pivots]), h)                  # [2, H, Lq, d]
+
+        def pivots(t):  # rows u0 and c0, by slicing (no index tensor, no host sync)
+            return torch.cat([t[u0:u0 + 1], t[c0:c0 + 1]])
+
+        q = _heads(attn.to_q(pivots(hidden_states)), h)                  # [2, H, Lq, d]
         if not is_cross:
-            k = attn.to_k(hidden_states[pivots])
+            k = attn.to_k(pivots(hidden_states))
         elif state.config.cross_kv_once:
             k = self._once_keys(attn, pivots_only=True)                  # texts 0 and 1 = the pivots'
         else:
-            k = attn.to_k(encoder_hidden_states[pivots])
-        maps = torch.softmax(torch.matmul(q, _heads(k, h).transpose(-1, -2)) * attn.scale, dim=-1)  # [2,H,Lq,Lk]
+            k = attn.to_k(pivots(encoder_hidden_states))
+        k = _heads(k, h)
         outs = []
         for g, (start, stop) in enumerate(((u0, u1), (c0, c1))):
-            if is_cross:
-                outs.append(self._cross_values(attn, encoder_hidden_states, maps[g], start, stop,
-                                               conditional=g == 1))
-            else:
-                outs.append(_apply_map(maps[g], _heads(attn.to_v(hidden_states[start:stop]), h)))
-        return _merge_heads(torch.cat(outs)).to(hidden_states.dtype)
-
-    def _cross_values(self, attn, encoder_hidden_states, pivot_map, start, stop, conditional: bool):
-        """broadcast(pivot map, aligned to each candidate's tokens) x that candidate's values."""
-        state = self.state
-        h = attn.heads
-        if state.config.cross_kv_once:
-            values = self._once_values(attn)
-            if not conditional:
+            if not is_cross:
+                v = _heads(attn.to_v(hidden_states[start:stop]), h)
+                outs.append(_shared_map_attention(q[g], k[g], v, attn.scale))
+            elif g == 0 and state.config.cross_kv_once:
                 # Every unconditional row has the empty prompt's values and, under
                 # reuse, the pivot's map: the rows are equal, so compute one.
-                one = _apply_map(pivot_map, _heads(values[:1], h))
-                return one.expand(stop - start, *one.shape[1:])
-            v = values[1:]
-        else:
-            v = attn.to_v(encoder_hidden_states[start:stop])
-        v = _heads(v, h)                                                 # [n, H, Lk, d]
-        if not conditional or state.alignment is None or all(state.alignment.identity):
-            return _apply_map(pivot_map, v)
-        # Candidates whose tokens line up with the pivot's share its map as it
-        # is; the others read it through their column alignment.
-        cols, weights = state.alignment_tensors(pivot_map.device)
-        same = [i for i, ident in enumerate(state.alignment.identity) if ident]
-        out = torch.empty(v.shape[0], h, pivot_map.shape[1], v.shape[-1], dtype=v.dtype, device=v.device)
-        if same:
-            out[same] = _apply_map(pivot_map, v[same])
-        for i, ident in enumerate(state.alignment.identity):
-            if not ident:
-                m = pivot_map[..., cols[i]] * weights[i].to(pivot_map.dtype)
-                out[i] = torch.matmul(m / m.sum(dim=-1, keepdim=True), v[i])
+                one = _shared_map_attention(q[g], k[g], _heads(self._once_values(attn)[:1], h), attn.scale)
+                outs.append(one.expand(stop - start, *one.shape[1:]))
+            else:
+                values = self._once_values(attn)[1:] if state.config.cross_kv_once else \
+                    attn.to_v(encoder_hidden_states[start:stop])
+                outs.append(self._aligned_cross(q[g], k[g], _heads(values, h), attn.scale, conditional=g == 1))
+        return _merge_heads(torch.cat(outs)).to(hidden_states.dtype)
+
+    def _aligned_cross(self, q, k, v, scale, conditional: bool):
+        """The pivot's cross-attention map, read at each candidate's token positions, x its values."""
+        al = self.state.alignment
+        if not conditional or al is None or all(al.identity):
+            return _shared_map_attention(q, k, v, scale)
+        same, other, cols, weights = self.state.alignment_tensors(q.device)
+        out = torch.empty(v.shape[0], *q.shape[:2], v.shape[-1], dtype=v.dtype, device=v.device)
+        if len(same):  # tokens line up with the pivot's: its map as it is
+            out.index_copy_(0, same, _shared_map_attention(q, k, v.index_select(0, same), scale))
+        # The others: the explicit map (Lk = 77 columns, small), gathered per candidate.
+        pivot_map = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)   # [H, Lq, Lk]
+        m = pivot_map[..., cols].permute(2, 0, 1, 3)                                     # [n_other, H, Lq, Lk]
+        m = m * weights.to(m.dtype)[:, None, None, :]
+        m = m / m.sum(dim=-1, keepdim=True)
+        out.index_copy_(0, other, torch.matmul(m, v.index_select(0, other)))
         return out
 
 
-def _apply_map(attention_map: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One map [H, Lq, Lk] times every row's values [n, H, Lk, d] -> [n, H, Lq, d].
+def _shared_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T) of one pivot, times every row's values: q [H, Lq, d], k [H, Lk, d],
+    v [n, H, Lk, d] -> [n, H, Lq, d].
 
-    The rows' values are laid side by side ([H, Lk, n*d]) so one batched
-    matmul does all rows without copying the map n times.
+    The rows' values are laid side by side ([H, Lk, n*d]), so one fused
+    attention kernel does every row without materialising the map (and
+    without copying it n times); the scale is the per-head one.
     """
     n, h, lk, d = v.shape
-    side_by_side = v.permute(1, 2, 0, 3).reshape(h, lk, n * d)
-    out = torch.matmul(attention_map, side_by_side)                      # [H, Lq, n*d]
-    return out.view(h, -1, n, d).permute(2, 0, 1, 3)
+    side_by_side = v.permute(1, 2, 0, 3).reshape(1, h, lk, n * d)
+    out = F.scaled_dot_product_attention(q[None], k[None], side_by_side, dropout_p=0.0, is_causal=False,
+                                         scale=scale)                    # [1, H, Lq, n*d]
+    return out[0].view(h, -1, n, d).permute(2, 0, 1, 3)
 
 
 # --- the UNet pass ------------------------------------------------------------
@@ -371,7 +385,8 @@ class AcceleratedUNet:
         up_factor = 2 ** unet.num_upsamplers
         forward_upsample_size = any(d % up_factor for d in sample.shape[-2:])
 
-        timestep = t if torch.is_tensor(t) else torch.tensor(t)
+        # non_blocking: a few bytes staged to the GPU without waiting for its queue
+        timestep = (t if torch.is_tensor(t) else torch.tensor(t)).to(sample.device, non_blocking=True)
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep.expand(sample.shape[0])))
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)

@@ -1,0 +1,347 @@
+"""Server wall time per request: ObCLIP's cloud steps, with and without accelerations, against the baselines.
+
+    python benchmarks/latency.py [--device cpu|cuda] [--dtype float32|float16] [--model mini|sd-v1.4]
+                                 [--repeats R] [--n 2 4 6] [--presets paper-k5 paper-k10] [--json]
+
+Rows (one request each, timed around ``CloudStepRunner.run``, the server's
+whole request: prompt encoding, shared noise, the plan's cloud steps
+through ``AcceleratedUNet``, the solver, the copy of the result to host):
+
+    SD cloud only     N = 1, all T steps, the prompt as typed (not private)
+    Hybrid SD         N = 1, k steps, the prompt as typed (not private)
+    vanilla OG        N candidates, all T steps, no acceleration (the N runs batched in one request)
+    ObCLIP            N candidates, k steps, every step a full pass
+    + cache           attention cache from r + block skip from s (the paper's "+cache" row)
+    + cache + reuse   the preset: batch reuse before r, cache from r, skip from s
+    + exact extras    the preset + cross-attention K/V once per request + merged step-0 unconditional rows
+
+All rows are measured in one run, interleaved: after a warm-up round of
+every request, each repeat runs every request once (round-robin, the
+starting request rotating per repeat so slow drift spreads evenly). Reported:
+the median, and the speed-ups median(ObCLIP, same N, the preset's k) / median(row) and
+median(vanilla OG, same N) / median(row).
+
+Models: on CPU the embedded mini model (or --cloud-model) with its text
+encoder; with --device cuda by default SD-v1.4's UNet config with random
+weights in fp16 at 512 px, and a random [N+1, 77, 768] text embedding in
+place of the CLIP text encoder (not timed: about one pass of a 123 M-parameter
+encoder over N+1 prompts per request in a real server). Timing on CUDA uses
+CUDA events after a torch.cuda.synchronize(); the code path is otherwise the
+same as on CPU. Random weights do not change the work a step does.
+
+The paper's V100 seconds (METHOD.md) are printed in their own column as a
+reference only: a different GPU, real weights and the paper's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runtime.plan import PRESETS, AccelerationConfig, preset  # noqa: E402
+
+SEED = 1234
+GUIDANCE = 7.5
+PAPER_T = 25
+# METHOD.md, "The paper's numbers": server latency on one V100, seconds. Reference only.
+PAPER_V100_S = {
+    ("cloud-only", 1, None): 1.28,
+    ("hybrid-sd", 1, 5): 0.30, ("hybrid-sd", 1, 10): 0.51,
+    ("vanilla-og", 4, None): 5.01, ("vanilla-og", 6, None): 7.47,
+    ("+ cache + reuse", 4, 5): 0.61, ("+ cache + reuse", 6, 5): 0.98,
+    ("+ cache + reuse", 4, 10): 1.12, ("+ cache + reuse", 6, 10): 1.55,
+}
+
+# Candidate sets from the person schema, canonical order; an N between the
+# natural sizes takes the first N of the next larger set.
+CANDIDATE_PROMPTS = {
+    2: "a portrait photo of a woman wearing glasses",                  # gender
+    6: "a portrait photo of an old woman wearing glasses",             # age x gender
+    30: "a portrait photo of an old asian woman wearing glasses",      # age x ethnicity x gender
+}
+REAL_PROMPT = "a portrait photo of an old woman wearing glasses"
+
+
+def candidates(n: int) -> tuple[str, ...]:
+    from device.oblivious import ObliviousTransform, TransformConfig
+
+    if n == 1:
+        return (REAL_PROMPT,)
+    size = min((s for s in CANDIDATE_PROMPTS if s >= n), default=None)
+    if size is None:
+        raise ValueError(f"N={n} is over the largest candidate set ({max(CANDIDATE_PROMPTS)})")
+    cands = ObliviousTransform(TransformConfig())(CANDIDATE_PROMPTS[size]).candidates
+    assert len(cands) == size, (CANDIDATE_PROMPTS[size], len(cands))
+    return tuple(cands[:n])
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str                              # what the table prints
+    method: str                             # cloud-only, hybrid-sd, vanilla-og, obclip
+    n: int
+    k: int                                  # cloud steps
+    acceleration: AccelerationConfig | None
+    group: str                              # the preset the row belongs to ("" for shared rows)
+
+    @property
+    def key(self) -> tuple:
+        """Rows with the same key send the same request and are measured once."""
+        return (self.n, self.k, self.acceleration)
+
+
+def build_rows(presets, ns, steps: int, baselines: bool = True) -> list[Row]:
+    """Display order; vanilla OG / cloud-only rows repeat per preset but share one measurement."""
+    rows = []
+    if not isinstance(presets, dict):
+        presets = {name: preset(name) for name in presets}
+    for name, acc in presets.items():
+        k = acc.switch_step
+        if baselines:
+            rows.append(Row("SD cloud only", "cloud-only", 1, steps, None, name))
+            rows.append(Row("Hybrid SD", "hybrid-sd", 1, k, None, name))
+        for n in ns:
+            if baselines:
+                rows.append(Row("vanilla OG", "vanilla-og", n, steps, None, name))
+            rows.append(Row("ObCLIP", "obclip", n, k, AccelerationConfig.none(k), name))
+            rows.append(Row("+ cache", "obclip", n, k, acc.replace(batch_reuse=False), name))
+            rows.append(Row("+ cache + reuse", "obclip", n, k, acc, name))
+            rows.append(Row("+ exact extras", "obclip", n, k,
+                            acc.replace(cross_kv_once=True, merge_step0_uncond=True), name))
+    return rows
+
+
+def make_request(row: Row, steps: int, size: int, seed: int = SEED, guidance: float = GUIDANCE):
+    from runtime.protocol import StepsRequest
+
+    return StepsRequest(candidates=candidates(row.n), seed=seed, num_inference_steps=steps, switch_step=row.k,
+                        guidance_scale=guidance, height=size, width=size, acceleration=row.acceleration)
+
+
+def _timer(cuda: bool):
+    import torch
+
+    if not cuda:
+        def timed(fn) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return timed
+
+    def timed_cuda(fn) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    return timed_cuda
+
+
+def measure(runner, rows: list[Row], *, steps: int, size: int, repeats: int, warmup: int = 1,
+            cuda: bool = False, seed: int = SEED, guidance: float = GUIDANCE, progress=None) -> list[dict]:
+    """Time every distinct request of ``rows`` interleaved; one result per row with medians and speed-ups."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    jobs: dict[tuple, object] = {}
+    for row in rows:
+        if row.key not in jobs:
+            jobs[row.key] = make_request(row, steps, size, seed, guidance)
+    keys = list(jobs)
+    timed = _timer(cuda)
+    for w in range(warmup):
+        for key in keys:
+            runner.run(jobs[key])
+        if progress:
+            progress(f"warm-up round {w + 1}/{warmup} done")
+    times: dict[tuple, list[float]] = {key: [] for key in keys}
+    for rep in range(repeats):
+        t0 = time.perf_counter()
+        start = rep % len(keys)
+        for key in keys[start:] + keys[:start]:
+            times[key].append(timed(lambda: runner.run(jobs[key])))
+        if progress:
+            progress(f"repeat {rep + 1}/{repeats}: {time.perf_counter() - t0:.1f}s")
+
+    med = {key: statistics.median(v) for key, v in times.items()}
+    out = []
+    for row in rows:
+        m = med[row.key]
+        # ObCLIP without acceleration at this row's N and its preset's k (vanilla OG rows too).
+        obclip = next((med[r.key] for r in rows if r.method == "obclip" and r.n == row.n and r.group == row.group
+                       and r.acceleration == AccelerationConfig.none(r.k)), None)
+        vanilla = next((med[r.key] for r in rows if r.method == "vanilla-og" and r.n == row.n), None)
+        paper_key = (row.label if row.method == "obclip" else row.method, row.n,
+                     None if row.k == steps else row.k)
+        out.append({
+            "group": row.group, "label": row.label, "method": row.method, "n": row.n, "cloud_steps": row.k,
+            "acceleration": None if row.acceleration is None else row.acceleration.to_dict(),
+            "times_s": times[row.key], "median_s": m, "min_s": min(times[row.key]), "max_s": max(times[row.key]),
+            "speedup_vs_obclip": None if obclip is None or row.n == 1 else obclip / m,
+            "speedup_vs_vanilla": None if vanilla is None or row.n == 1 else vanilla / m,
+            "paper_v100_s": PAPER_V100_S.get(paper_key) if steps == PAPER_T else None,
+        })
+    return out
+
+
+# --- models -------------------------------------------------------------------
+
+
+def random_full_size_model(name: str, device: str, dtype):
+    """A named UNet config with random weights on ``device`` and a random text embedding in place of the
+    text encoder; everything else (tokenizer, scheduler config, latent geometry) as SD-v1.4's."""
+    import torch
+
+    from cloud.models import SD14_SCHEDULER_CONFIG, UNET_CONFIGS, TextToLatentModel, build_unet, load_clip_tokenizer
+
+    class RandomTextModel(TextToLatentModel):
+        @torch.no_grad()
+        def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+            # Deterministic per prompt, made on the host like token ids would be.
+            rows = [torch.randn(77, dim, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
+                    for p in prompts]
+            return torch.stack(rows).to(self.unet.device, self.unet.dtype)
+
+    dim = UNET_CONFIGS[name]["cross_attention_dim"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = build_unet(name)
+    unet = unet.to(dtype=dtype).eval()
+    return RandomTextModel(model_id=f"{name}-random-weights", tokenizer=load_clip_tokenizer(), text_encoder=None,
+                           unet=unet, scheduler_config=dict(SD14_SCHEDULER_CONFIG), vae_scale_factor=8,
+                           vae_scaling_factor=0.18215)
+
+
+# --- output -------------------------------------------------------------------
+
+
+def _x(v) -> str:
+    return f"{'-':>7}" if v is None else f"{v:6.2f}x"
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'preset':<10} {'N':>2} {'row':<16} {'steps':>5} {'median s':>9} {'min s':>8} {'max s':>8} "
+          f"{'vs ObCLIP':>9} {'vs van.OG':>9} | {'paper V100 s (reference, not ours)':>34}")
+    last = None
+    for r in results:
+        if last is not None and r["group"] != last:
+            print()
+        last = r["group"]
+        paper = "" if r["paper_v100_s"] is None else f"{r['paper_v100_s']:.2f}"
+        print(f"{r['group']:<10} {r['n']:>2} {r['label']:<16} {r['cloud_steps']:>5} {r['median_s']:>9.4f} "
+              f"{r['min_s']:>8.4f} {r['max_s']:>8.4f} {_x(r['speedup_vs_obclip']):>9} "
+              f"{_x(r['speedup_vs_vanilla']):>9} | {paper:>34}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                   help="default: float32 on cpu, float16 on cuda")
+    p.add_argument("--model", choices=["mini", "sd-v1.4"], default=None,
+                   help="mini: the embedded model (or --cloud-model); sd-v1.4: its UNet config with random "
+                        "weights (cuda only). Default: mini on cpu, sd-v1.4 on cuda")
+    p.add_argument("--cloud-model", default=None, help="with --model mini: a cloud model dir instead of the embedded")
+    p.add_argument("--size", type=int, default=None, help="image size (default: the model's: 64 mini, 512 SD)")
+    p.add_argument("--steps", type=int, default=PAPER_T, help="T")
+    p.add_argument("--n", type=int, nargs="+", default=[2, 4, 6], help="candidate counts")
+    p.add_argument("--presets", nargs="+", default=["paper-k5", "paper-k10"], choices=sorted(PRESETS))
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 3 on cpu, 10 on cuda)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every request first")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json-out", default=None, help="also write the JSON object to this file")
+    args = p.parse_args(argv)
+
+    too_big = [n for n in args.presets if preset(n).switch_step > args.steps]
+    if too_big:
+        print(f"error: --steps {args.steps} is below the switch point k of {too_big}; use T >= k", file=sys.stderr)
+        return 2
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print(f"error: --device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
+              "run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu", file=sys.stderr)
+        return 2
+    model_name = args.model or ("sd-v1.4" if cuda else "mini")
+    dtype_name = args.dtype or ("float16" if cuda else "float32")
+    dtype = {"float32": torch.float32, "float16": torch.float16}[dtype_name]
+    repeats = args.repeats or (10 if cuda else 3)
+    if model_name == "sd-v1.4" and not cuda:
+        print("error: the full-size SD-v1.4 UNet is timed on cuda only (minutes per request on a CPU); "
+              "use --device cuda, or --model mini on cpu", file=sys.stderr)
+        return 2
+    if model_name == "sd-v1.4" and args.cloud_model:
+        print("error: --cloud-model goes with --model mini; --model sd-v1.4 builds random weights", file=sys.stderr)
+        return 2
+
+    from cloud.models import load_text_to_latent, resolve_model_dir
+    from cloud.steps import CloudStepRunner
+
+    t_load = time.perf_counter()
+    if model_name == "mini":
+        model_dir = resolve_model_dir(args.cloud_model, "cloud")
+        model = load_text_to_latent(model_dir, device=args.device, dtype=dtype)
+        weights = "random weights (embedded default)" if args.cloud_model is None else "as loaded"
+        text = "its CLIP text encoder (timed)"
+    else:
+        model = random_full_size_model(model_name, args.device, dtype)
+        model_dir, weights = model.model_id, "random weights"
+        text = "random [N+1, 77, 768] embedding (text encoder not timed)"
+    runner = CloudStepRunner(model)
+    size = args.size or model.default_image_size
+    load_s = time.perf_counter() - t_load
+
+    rows = build_rows(args.presets, args.n, args.steps)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    results = measure(runner, rows, steps=args.steps, size=size, repeats=repeats, warmup=args.warmup,
+                      cuda=cuda, progress=log)
+    elapsed = time.perf_counter() - t0
+
+    device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    meta = {"device": args.device, "device_name": device_name, "dtype": dtype_name, "model": model_name,
+            "model_dir": str(model_dir), "weights": weights, "text": text, "image_size": size, "T": args.steps,
+            "guidance": GUIDANCE, "seed": SEED, "repeats": repeats, "warmup": args.warmup,
+            "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "load_s": load_s, "elapsed_s": elapsed,
+            "presets": {n: preset(n).to_dict() for n in args.presets}}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": results}, indent=1))
+        return 0
+    print(f"# server wall time per request, ours: {model_name} ({weights}) on {args.device} ({device_name}), "
+          f"{dtype_name}, {size} px, T={args.steps}, guidance {GUIDANCE}")
+    print(f"# text: {text}; torch {torch.__version__}, {args.threads} CPU thread(s) of {os.cpu_count()}; "
+          f"{'CUDA events' if cuda else 'perf_counter'}; {args.warmup} warm-up round(s), median of {repeats} "
+          "interleaved repeats")
+    for n, acc in meta["presets"].items():
+        print(f"# {n}: k={acc['switch_step']} r={acc['cache_step']} s={acc['skip_step']}")
+    print("# vs ObCLIP = median(ObCLIP, same N, preset's k) / median(row); vs van.OG = median(vanilla OG, same N) / "
+          "median(row); >1 is faster")
+    if model_name == "mini" and args.device == "cpu":
+        print("# the mini model is a CPU stand-in; its ratios are not the paper's GPU ratios")
+    print("# the paper column: METHOD.md's V100 numbers, a different GPU, model and code: reference only")
+    print()
+    print_table(results)
+    print(f"\nmeasured in {elapsed:.1f}s (+{load_s:.1f}s loading)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

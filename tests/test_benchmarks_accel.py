@@ -1,0 +1,113 @@
+"""Smoke tests of benchmarks/fidelity.py and benchmarks/latency.py on the small random pair (seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.plan import AccelerationConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+fidelity = _load("fidelity")
+latency = _load("latency")
+
+# k=3, r=1, s=2 on T=4: every kind of step occurs, one device step remains.
+TINY = {"tiny": AccelerationConfig(switch_step=3, cache_step=1, skip_step=2)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a small, shared CPU more threads only add contention. Restored after."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fidelity_result(cloud_runner, device_pipeline):
+    return fidelity.measure(cloud_runner, device_pipeline, prompts=["a woman on a bicycle"], steps=4,
+                            presets=TINY, seed=7)
+
+
+def test_fidelity_exact_extras_are_exact_and_accelerations_are_not(fidelity_result):
+    recs = fidelity_result["records"]
+    labels = [label for label, _ in fidelity.settings_for(TINY["tiny"])]
+    assert {r["setting"] for r in recs} == set(labels)
+    for label in labels:
+        mine = [r for r in recs if r["setting"] == label]
+        # Per-candidate entries: both candidates of the N = 2 set, the pivot marked.
+        assert sorted(r["candidate"] for r in mine) == [0, 1]
+        assert [r["pivot"] for r in sorted(mine, key=lambda r: r["candidate"])] == [True, False]
+        worst = max(max(r["latent_rel_l2"], r["x0_rel_l2"]) for r in mine)
+        if label == "exact extras":
+            assert worst < 1e-4, (label, worst)
+            assert all(r["psnr_db"] > 40 for r in mine)
+        else:
+            assert worst > 1e-5, (label, worst)
+            assert all(math.isfinite(r["latent_rel_l2"]) and r["psnr_db"] > 0 for r in mine)
+
+
+def test_fidelity_summary_separates_pivot_and_others(fidelity_result):
+    rows = fidelity.summarize(fidelity_result)
+    assert len(rows) == len(fidelity.settings_for(TINY["tiny"]))
+    for row in rows:
+        assert row["n"] == 2 and row["prompts"] == 1
+        for key in ("latent_rel_l2", "x0_rel_l2", "image_mse"):
+            v = row[key]
+            assert v["others"] is not None
+            assert v["worst"] >= max(v["pivot"], v["others"])
+    reuse = next(r for r in rows if r["setting"] == "reuse only")
+    # Batch reuse broadcasts the pivot's own maps: the pivot moves by rounding only.
+    assert reuse["latent_rel_l2"]["pivot"] < 1e-4 < reuse["latent_rel_l2"]["others"]
+    assert fidelity.modes_string(TINY["tiny"], 4) == "RCX"
+
+
+def test_latency_loop_times_two_rows(cloud_runner):
+    rows = [latency.Row("vanilla OG", "vanilla-og", 2, 3, None, "t"),
+            latency.Row("ObCLIP", "obclip", 2, 2, AccelerationConfig.none(2), "t")]
+    size = cloud_runner.model.default_image_size
+    out = latency.measure(cloud_runner, rows, steps=3, size=size, repeats=1, warmup=0)
+    assert [r["label"] for r in out] == ["vanilla OG", "ObCLIP"]
+    for r in out:
+        assert len(r["times_s"]) == 1 and r["median_s"] > 0
+        assert r["speedup_vs_obclip"] > 0 and r["speedup_vs_vanilla"] > 0
+        assert r["paper_v100_s"] is None  # T=3 is not the paper's T
+    assert out[0]["speedup_vs_vanilla"] == 1.0 and out[1]["speedup_vs_obclip"] == 1.0
+
+
+def test_latency_rows_share_baselines_and_candidates_are_distinct():
+    rows = latency.build_rows(["paper-k5", "paper-k10"], [2, 4, 6], 25)
+    assert len(rows) == 2 * (2 + 3 * 5)
+    # vanilla OG and cloud-only requests do not depend on the preset: measured once.
+    assert len({r.key for r in rows}) == 1 + 2 + 3 + 2 * 3 * 4  # cloud-only, hybrid per k, vanilla per N, ObCLIP
+    for n in (1, 2, 4, 6):
+        c = latency.candidates(n)
+        assert len(c) == len(set(c)) == n
+    paper = {(r.group, r.label, r.n): latency.PAPER_V100_S.get(
+        (r.label if r.method == "obclip" else r.method, r.n, None if r.k == 25 else r.k)) for r in rows}
+    assert paper[("paper-k10", "+ cache + reuse", 6)] == 1.55 and paper[("paper-k5", "vanilla OG", 4)] == 5.01
+
+
+def test_latency_cuda_fails_cleanly_without_a_gpu(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert latency.main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert latency.main(["--model", "sd-v1.4"]) == 2
