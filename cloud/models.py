@@ -69,7 +69,10 @@ _MINI_UNET = dict(
     block_out_channels=(32, 64, 64),
     layers_per_block=2,
     cross_attention_dim=64,
-    attention_head_dim=8,
+    # diffusers reads this as the number of heads (SD-v1.4's 8 heads are 40-320
+    # wide). 2 heads of 16/32 channels here: 8 heads of 4 channels doubled a
+    # CPU training step (measured: 4.2 s vs 2.0 s at batch 64 on one core).
+    attention_head_dim=2,
     norm_num_groups=8,
 )
 
