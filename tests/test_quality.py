@@ -1,0 +1,124 @@
+"""Smoke test of benchmarks/quality.py on the small random pair: 2 prompts, a few methods, T = 4-6 (seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.plan import AccelerationConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load("quality")
+
+# k=2 on T=4: one batch-reuse step (r=1), then cache+skip (s=1), two device steps.
+TINY = {2: AccelerationConfig(switch_step=2, cache_step=1, skip_step=1)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _in_unit(acc):
+    return acc is not None and set(acc) == {"colour", "shape", "both"} and all(0.0 <= v <= 1.0 for v in acc.values())
+
+
+def test_default_methods_are_the_table_rows():
+    keys = [m.key for m in quality.default_methods()]
+    assert keys == ["cloud-only", "device-only", "hybrid-k5", "hybrid-k10", "obclip-k5", "obclip-k10",
+                    "obclip-k5-paper", "obclip-k10-paper", "obclip-k5-cache", "obclip-k10-cache"]
+    m = {m.key: m for m in quality.default_methods()}
+    assert m["obclip-k10-paper"].acceleration.batch_reuse and not m["obclip-k10-cache"].acceleration.batch_reuse
+    assert m["obclip-k5"].acceleration is None  # exact
+
+
+def test_quality_loop_summary_and_files(cloud_runner, device_pipeline, tmp_path):
+    captions, attrs, renders = quality.heldout_prompts(2)
+    reference = quality.reference_renders(2)
+    methods = [m for m in quality.default_methods(TINY) if m.key in ("device-only", "hybrid-k2", "obclip-k2-paper")]
+    assert len(methods) == 3
+    records = quality.run_methods(cloud_runner.handle, device_pipeline, methods, captions, steps=4,
+                                  all_candidates=True)
+    assert [r["spec"].key for r in records] == ["device-only", "hybrid-k2", "obclip-k2-paper"]
+    for r in records:
+        assert r["images"].shape == (2, 64, 64, 3) and r["images"].dtype == np.uint8
+        assert len(r["seconds"]) == 2
+    ob = records[2]
+    assert ob["n_candidates"] == [18, 18]  # every caption names a colour and a shape: 6 x 3
+    assert len(ob["candidates"]) == 2 and ob["candidates"][0]["images"].shape == (18, 64, 64, 3)
+    # The real candidate's image is the one generate() returned.
+    i = ob["real_index"][0]
+    assert np.array_equal(ob["candidates"][0]["images"][i], ob["images"][0])
+
+    # Same seed, same method: the same image.
+    again = quality.run_methods(cloud_runner.handle, device_pipeline, methods[:1], captions[:1], steps=4)
+    assert np.array_equal(again[0]["images"][0], records[0]["images"][0])
+
+    summary = quality.summarize(records, attrs, renders, reference)
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert list(rows) == ["real", "device-only", "hybrid-k2", "obclip-k2-paper"]
+    assert rows["real"]["accuracy"]["both"] == 1.0  # the analyser reads the renders back
+    for r in rows.values():
+        assert _in_unit(r["accuracy"]) and r["mmd2"] is not None
+    assert rows["device-only"]["k"] == 0 and rows["hybrid-k2"]["k"] == 2
+
+    (split,) = summary["pivot_split"]
+    assert split["key"] == "obclip-k2-paper" and split["batch_reuse"]
+    by = split["by_real_index"]
+    assert by["pivot"]["prompts"] + by["others"]["prompts"] == 2
+    for part in by.values():
+        assert part["accuracy"] is None if part["prompts"] == 0 else _in_unit(part["accuracy"])
+    ac = split["all_candidates"]
+    assert len(ac["per_index"]) == 18 and ac["pivot"]["images"] == 2 and ac["others"]["images"] == 34
+    assert _in_unit(ac["pivot"]["accuracy"]) and _in_unit(ac["others"]["accuracy"])
+    assert ac["pivot_assignment"] == {"colour": "red", "shape": "circle"}
+
+    meta = {"cloud_model": "c", "device_model": "d", "engines": "e", "cloud_weights": "random",
+            "device_weights": "random", "warning": "random weights", "T": 4, "guidance": 7.5, "prompts": 2,
+            "seed": quality.SEED, "schema": "device/schemas/shapes.json", "n_candidates": 18, "threads": 1,
+            "machine": "test"}
+    paths = quality.write_outputs(tmp_path / "q", summary, meta, records, captions, attrs, renders)
+    md = paths["markdown"].read_text()
+    assert "| method | k | accel | colour % | shape % | both % | MMD² | seconds/image |" in md
+    assert "WARNING" in md and "real = pivot" in md and md.count("\n| ObCLIP |") == 2
+    doc = json.loads(paths["json"].read_text())
+    assert len(doc["per_prompt"]) == 2 and set(doc["per_prompt"][0]["methods"]) == {m.key for m in methods}
+    from PIL import Image
+
+    with Image.open(paths["grid"]) as im:
+        assert im.format == "PNG" and im.width > 2 * 128 and im.height > 4 * 128
+
+
+def test_cli_json(model_dirs, engines_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = quality.main(["--cloud-model", str(model_dirs[0]), "--device-model", str(model_dirs[1]),
+                       "--engines", str(engines_dir), "--prompts", "2", "--steps", "5",
+                       "--methods", "device-only", "obclip-k5-paper", "--out", str(out), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["meta"]["T"] == 5 and doc["meta"]["n_candidates"] == 18 and doc["meta"]["pivot"] == "red circle"
+    assert doc["meta"]["cloud_weights"] == "random" and "RANDOM" in doc["meta"]["warning"]
+    assert [r["key"] for r in doc["rows"]] == ["real", "device-only", "obclip-k5-paper"]
+    assert doc["pivot_split"][0]["key"] == "obclip-k5-paper" and "all_candidates" not in doc["pivot_split"][0]
+    assert {p.name for p in out.iterdir()} == {"quality.md", "quality.json", "quality_grid.png"}
+    # A switch point above T is refused before any work.
+    assert quality.main(["--steps", "4", "--methods", "hybrid-k5", "--out", str(out)]) == 2
