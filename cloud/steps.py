@@ -12,6 +12,7 @@ One request, written out:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,7 +88,9 @@ class CloudStepRunner:
         self.limits = limits
 
     @torch.no_grad()
-    def run(self, request: StepsRequest) -> CloudResult:
+    def run(self, request: StepsRequest, before_step: Callable[[PlannedStep], None] | None = None) -> CloudResult:
+        """Run the request's cloud steps. ``before_step`` is called before each
+        one (a service times steps with it, and stops abandoned work by raising)."""
         self.limits.check(request)
         model = self.model
         device, dtype = model.unet.device, model.unet.dtype
@@ -110,6 +113,8 @@ class CloudStepRunner:
         with AcceleratedUNet(model.unet, acceleration, cond=cond, uncond=uncond,
                              guidance_scale=request.guidance_scale, alignment=alignment) as accel:
             for step in plan.cloud_steps:
+                if before_step is not None:
+                    before_step(step)
                 t = scheduler.timesteps[step.index]
                 eps = accel.guided_eps(x, t, step)
                 x = scheduler.step(eps, t, x).prev_sample

@@ -1,0 +1,550 @@
+"""The cloud side as an HTTP service (ASGI: Starlette, served by uvicorn).
+
+    POST /v1/steps   body: StepsRequest.to_bytes() (canonical JSON)
+                     200: the handoff bytes (application/octet-stream), as
+                     cloud.steps.CloudStepRunner.handle returns them
+    GET  /healthz    200 while the process serves HTTP
+    GET  /readyz     503 until the model is loaded and one warm-up request ran
+    GET  /metrics    Prometheus text format
+
+Every error is JSON, ``{"error": {"code": ..., "message": ...}}`` (plus
+``"limit": {"name", "max", "got"}`` when a configured limit was hit), with a
+4xx status for anything the client can fix, 503 (with Retry-After) when the
+service cannot take the request now, 504 on timeout and 500 only for a bug
+in the service; no request can crash the process.
+
+Order of work for one request, cheapest first: readiness, body size (the
+Content-Length header, then the bytes actually read), JSON, the request's
+fields (runtime.protocol), the configured limits (N, T, k, image size,
+prompt length in characters and tokens), the step plan; only then is the
+request queued for the model.
+
+One worker thread runs all model work (load, warm-up, requests), so torch
+never runs two requests at once. At most ``queue_size`` requests wait for
+it; the next one gets 503 + Retry-After. A request that is not answered
+within ``request_timeout_s`` of arriving gets 504: if its job has not
+started it is dropped from the queue; if it is running, it stops before
+its next cloud step (the step loop's ``before_step`` checks a cancel flag;
+one step cannot be interrupted) and its result is discarded.
+
+Privacy: the candidates are never logged or written anywhere unless
+``log_prompts`` is set (for debugging); logs carry N, T, k, size, dtype,
+timings and sizes only, and error messages never quote a candidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from runtime.plan import make_plan
+from runtime.protocol import ProtocolError, StepsRequest, encode_handoff
+
+log = logging.getLogger("obclip.service")
+
+STEPS_PATH = "/v1/steps"
+HANDOFF_MEDIA_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the service is started with; ``python -m cloud.serve --help`` maps flags to these."""
+
+    model: str | None = None            # diffusers-layout directory or hub id; None: the embedded default
+    device: str = "cpu"                 # torch device of the model ("cuda", "cuda:1", ...)
+    dtype: str = "float32"              # torch dtype of the model: float32, float16, bfloat16
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Limits, all checked before any model work; a violation is a 4xx naming the limit.
+    max_candidates: int = 32            # N
+    max_steps: int = 1000               # T, num_inference_steps
+    max_switch_step: int = 100          # k, the cloud steps one request may ask for
+    max_image_size: int = 1024          # height and width, pixels
+    max_prompt_chars: int = 1024        # per candidate
+    max_prompt_tokens: int | None = None  # per candidate, start/end included; None: the text encoder's context
+    max_body_bytes: int = 256 * 1024    # request body
+    # The worker.
+    queue_size: int = 8                 # requests waiting for the worker, beside the one it runs
+    request_timeout_s: float = 120.0    # from arrival to answer, queue wait included
+    retry_after_s: int = 1              # Retry-After on 503
+    warmup: bool = True                 # /readyz stays 503 until one warm-up request ran
+    torch_threads: int | None = None    # torch.set_num_threads in the worker (None: torch's default)
+    # Privacy hygiene: candidates are logged only with this set (debugging only).
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("max_candidates", "max_steps", "max_switch_step", "max_image_size", "max_prompt_chars",
+                    "max_body_bytes", "queue_size")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("max_prompt_tokens", "torch_threads"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
+        if isinstance(self.retry_after_s, bool) or not isinstance(self.retry_after_s, int) or self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be an integer >= 0, got {self.retry_after_s!r}")
+        if not (isinstance(self.request_timeout_s, (int, float)) and math.isfinite(self.request_timeout_s)
+                and self.request_timeout_s > 0):
+            raise ValueError(f"request_timeout_s must be a positive number of seconds, got {self.request_timeout_s!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+class ServiceError(Exception):
+    """An answer other than 200: status, a stable code, a message that never quotes a candidate."""
+
+    def __init__(self, status: int, code: str, message: str, *, limit: dict | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.limit, self.headers = limit, headers or {}
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.limit is not None:
+            body["limit"] = self.limit
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
+
+
+def _over(code: str, name: str, limit: int, got: int, what: str, status: int = 422) -> ServiceError:
+    return ServiceError(status, code, f"{what} is {got}, over the server's limit {name}={limit}",
+                        limit={"name": name, "max": limit, "got": got})
+
+
+def describe_request(request: StepsRequest, log_prompts: bool = False) -> str:
+    """The request as it may be logged: shape and options; the candidates only with log_prompts."""
+    acc = request.acceleration
+    text = (f"N={request.n} T={request.num_inference_steps} k={request.switch_step} "
+            f"size={request.height}x{request.width} dtype={request.wire_dtype} "
+            f"accel={'none' if acc is None else f'r={acc.cache_step},s={acc.skip_step}'}")
+    if log_prompts:
+        text += f" candidates={list(request.candidates)!r}"
+    return text
+
+
+class Metrics:
+    """Prometheus metrics, in a registry of their own (one per service)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("obclip_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.errors = Counter("obclip_errors", "error answers by code", ["code"], registry=r)
+        self.queue_depth = Gauge("obclip_queue_depth", "requests waiting for the model worker", registry=r)
+        self.running = Gauge("obclip_jobs_running", "requests the model worker is running (0 or 1)", registry=r)
+        self.cancelled = Counter("obclip_jobs_cancelled", "jobs abandoned after a timeout, by stage "
+                                 "(queued: dropped before start; running: stopped between steps)", ["stage"],
+                                 registry=r)
+        self.batch_size = Histogram("obclip_batch_size", "candidates per model batch",
+                                    buckets=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128), registry=r)
+        self.step_latency = Histogram("obclip_step_latency_seconds", "one cloud step (guided UNet pass + solver)",
+                                      buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.run_latency = Histogram("obclip_run_seconds", "model work of one request (text encoder + k steps)",
+                                     buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.request_latency = Histogram("obclip_request_seconds", "POST /v1/steps, arrival to answer",
+                                         buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.ready = Gauge("obclip_ready", "1 once the model is loaded and warmed up", registry=r)
+
+
+class _Cancelled(Exception):
+    """Raised inside the step loop (by ``before_step``) when the request was abandoned."""
+
+
+class _Job:
+    __slots__ = ("request", "cancelled", "step_starts")
+
+    def __init__(self, request: StepsRequest):
+        self.request = request
+        self.cancelled = threading.Event()
+        self.step_starts: list[float] = []
+
+
+class Service:
+    """The model, its worker thread, the queue bound and the metrics; the ASGI app is ``create_app``."""
+
+    def __init__(self, config: ServiceConfig = ServiceConfig()):
+        self.config = config
+        self.metrics = Metrics()
+        self.state = "created"          # created -> loading -> warming -> ready | failed; closed
+        self.load_error: str | None = None
+        self.model = None
+        self.runner = None
+        self.model_id = ""
+        self.on_load_failed: Callable[[BaseException], None] | None = None
+        self._token_counter: Callable[[str], int] | None = None
+        self._max_tokens: int | None = None
+        self._latent_shape: Callable[[int, int], tuple] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="obclip-model")
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._current: _Job | None = None   # the job the worker runs; close() cancels it
+
+    # -- lifecycle (the worker thread does all model work) -------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def start(self) -> concurrent.futures.Future:
+        """Load and warm up the model on the worker; returns at once (/readyz tells when it is done)."""
+        if self.state != "created":
+            raise RuntimeError(f"service already started (state {self.state})")
+        self.state = "loading"
+        if self.config.log_prompts:
+            log.warning("log_prompts is on: candidate prompts will be written to the log (debugging only)")
+        return self._executor.submit(self._load)
+
+    def _load(self) -> None:
+        cfg = self.config
+        try:
+            import torch
+            from tokenizers import Tokenizer
+
+            from .models import load_text_to_latent, resolve_model_dir
+            from .steps import CloudLimits, CloudStepRunner
+
+            if cfg.torch_threads is not None:
+                torch.set_num_threads(cfg.torch_threads)
+            t0 = time.perf_counter()
+            model_dir = resolve_model_dir(cfg.model, "cloud")
+            model = load_text_to_latent(model_dir, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+            # A tokenizer of its own for limit checks on the event loop: a tokenizers object is not
+            # safe to use from two threads while the worker encodes.
+            tok = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+            tok.no_truncation()
+            tok.no_padding()
+            self._token_counter = lambda text: len(tok.encode(text).ids)
+            context = int(model.tokenizer.model_max_length)
+            self._max_tokens = min(context, cfg.max_prompt_tokens or context)
+            self._latent_shape = model.latent_shape
+            self.model, self.model_id = model, model.model_id
+            self.runner = CloudStepRunner(model, CloudLimits(max_candidates=cfg.max_candidates,
+                                                             max_steps=cfg.max_steps,
+                                                             max_image_size=cfg.max_image_size))
+            log.info("model %s loaded on %s (%s) in %.1f s", model.model_id, cfg.device, cfg.dtype,
+                     time.perf_counter() - t0)
+            if cfg.warmup:
+                self.state = "warming"
+                f = model.vae_scale_factor
+                size = max(f, min(model.default_image_size, cfg.max_image_size) // f * f)
+                warm = StepsRequest(candidates=("a photo",), seed=0, num_inference_steps=2, switch_step=1,
+                                    guidance_scale=7.5, height=size, width=size)
+                t0 = time.perf_counter()
+                self._run(_Job(warm))
+                log.info("warm-up request ran in %.2f s", time.perf_counter() - t0)
+            self.state = "ready"
+            self.metrics.ready.set(1)
+            log.info("ready")
+        except BaseException as e:  # noqa: BLE001 - reported on /readyz, and to the caller
+            self.state = "failed"
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("could not load the model: %s", self.load_error)
+            if self.on_load_failed is not None:
+                self.on_load_failed(e)
+
+    def close(self) -> None:
+        """Stop taking work: drop queued jobs, stop the running one at its next step."""
+        self.state = "closed"
+        self.metrics.ready.set(0)
+        job = self._current
+        if job is not None:
+            job.cancelled.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the worker side ------------------------------------------------------------------------
+    @staticmethod
+    def _before_step(job: _Job) -> None:
+        """Called by the step loop before each cloud step: the cancellation point, and step timing."""
+        if job.cancelled.is_set():
+            raise _Cancelled()
+        job.step_starts.append(time.perf_counter())
+
+    def _run(self, job: _Job) -> tuple[bytes, float]:
+        """Run one job on the model (worker thread only). Raises _Cancelled if abandoned mid-way."""
+        request = job.request
+        self._current = job
+        try:
+            t0 = time.perf_counter()
+            result = self.runner.run(request, before_step=lambda step: self._before_step(job))
+            t1 = time.perf_counter()
+        finally:
+            self._current = None
+        starts = job.step_starts + [t1]
+        for a, b in zip(starts, starts[1:]):
+            self.metrics.step_latency.observe(b - a)
+        self.metrics.batch_size.observe(request.n)
+        self.metrics.run_latency.observe(t1 - t0)
+        data = encode_handoff(request, result.latents, result.prev_x0, lower_order_nums=result.lower_order_nums,
+                              step_index=result.step_index, timesteps=result.timesteps, cloud_model=self.model_id)
+        return data, t1 - t0
+
+    def _execute(self, job: _Job) -> tuple[str, Any]:
+        """Worker entry for a queued request. Never raises: ("ok", (bytes, seconds)), ("cancelled", None)
+        or ("error", ServiceError), so an abandoned future never holds an unretrieved exception."""
+        with self._lock:
+            self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
+        self.metrics.running.set(1)
+        try:
+            if job.cancelled.is_set():
+                self.metrics.cancelled.labels(stage="queued").inc()
+                return "cancelled", None
+            return "ok", self._run(job)
+        except _Cancelled:
+            self.metrics.cancelled.labels(stage="running").inc()
+            log.info("abandoned request stopped after %d step(s)", len(job.step_starts))
+            return "cancelled", None
+        except (ProtocolError, ValueError) as e:
+            # The checks before the queue should have caught it; still the client's request.
+            return "error", ServiceError(422, "invalid_request", str(e))
+        except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, generic answer
+            log.exception("model worker failed on a request (%s): %s", describe_request(job.request),
+                          type(e).__name__)
+            return "error", ServiceError(500, "internal", "the service failed on this request; "
+                                                          "the failure is logged on the server")
+        finally:
+            self.metrics.running.set(0)
+
+    # -- the asyncio side -----------------------------------------------------------------------
+    def check_limits(self, request: StepsRequest) -> None:
+        """The configured limits, in the order of what they cost the server. No model work."""
+        cfg = self.config
+        if request.n > cfg.max_candidates:
+            raise _over("too_many_candidates", "max_candidates", cfg.max_candidates, request.n,
+                        "the number of candidates N")
+        if request.num_inference_steps > cfg.max_steps:
+            raise _over("too_many_steps", "max_steps", cfg.max_steps, request.num_inference_steps,
+                        "num_inference_steps T")
+        if request.switch_step > cfg.max_switch_step:
+            raise _over("too_many_cloud_steps", "max_switch_step", cfg.max_switch_step, request.switch_step,
+                        "switch_step k (cloud steps)")
+        side = max(request.height, request.width)
+        if side > cfg.max_image_size:
+            raise _over("image_too_large", "max_image_size", cfg.max_image_size, side, "the image side")
+        chars = [len(c) for c in request.candidates]
+        worst = max(range(len(chars)), key=chars.__getitem__)
+        if chars[worst] > cfg.max_prompt_chars:
+            raise _over("prompt_too_long", "max_prompt_chars", cfg.max_prompt_chars, chars[worst],
+                        f"candidate {worst} in characters")
+        if self._latent_shape is not None:
+            try:
+                self._latent_shape(request.height, request.width)
+            except ValueError as e:
+                raise ServiceError(422, "invalid_image_size", str(e)) from None
+        if self._token_counter is not None:
+            tokens = [self._token_counter(c) for c in request.candidates]
+            worst = max(range(len(tokens)), key=tokens.__getitem__)
+            if tokens[worst] > self._max_tokens:
+                raise _over("prompt_too_long", "max_prompt_tokens", self._max_tokens, tokens[worst],
+                            f"candidate {worst} in tokens (start/end included)")
+        try:
+            make_plan(request.num_inference_steps, request.switch_step, request.acceleration)
+        except ValueError as e:
+            raise ServiceError(422, "invalid_request", f"no step plan for this request: {e}") from None
+
+    async def submit(self, request: StepsRequest, deadline: float) -> tuple[bytes, float, float]:
+        """Queue the request for the worker and wait until ``deadline`` (loop time).
+        Returns (handoff bytes, seconds queued, seconds of model work)."""
+        cfg = self.config
+        with self._lock:
+            if self._waiting >= cfg.queue_size:
+                raise ServiceError(503, "overloaded", f"the service is busy ({self._waiting} requests waiting, "
+                                   f"queue_size={cfg.queue_size}); retry later",
+                                   headers={"Retry-After": str(cfg.retry_after_s)})
+            self._waiting += 1
+            self.metrics.queue_depth.set(self._waiting)
+        job = _Job(request)
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
+        try:
+            future = self._executor.submit(self._execute, job)
+        except RuntimeError:  # executor shut down
+            with self._lock:
+                self._waiting -= 1
+                self.metrics.queue_depth.set(self._waiting)
+            raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another instance",
+                               headers={"Retry-After": str(cfg.retry_after_s)}) from None
+        try:
+            status, value = await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline - loop.time()))
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            shut_down = isinstance(e, asyncio.CancelledError) and future.cancelled() and self.state == "closed"
+            job.cancelled.set()
+            if not shut_down and future.cancel():  # had not started: dropped from the queue
+                with self._lock:
+                    self._waiting -= 1
+                    self.metrics.queue_depth.set(self._waiting)
+                self.metrics.cancelled.labels(stage="queued").inc()
+            if shut_down:  # close() dropped the queue; this task itself goes on
+                raise ServiceError(503, "shutting_down", "the service is shutting down; retry",
+                                   headers={"Retry-After": str(cfg.retry_after_s)}) from None
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise ServiceError(504, "timeout", f"no answer within the server's request_timeout_s="
+                               f"{cfg.request_timeout_s:g} s; the work was cancelled") from None
+        if status == "ok":
+            data, run_s = value
+            return data, max(0.0, loop.time() - queued_at - run_s), run_s
+        if status == "error":
+            raise value
+        raise ServiceError(503, "shutting_down", "the request was cancelled because the service is shutting down")
+
+
+async def _read_body(request: Request, limit: int, deadline: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ServiceError(400, "bad_content_length", f"Content-Length {declared!r} is not an integer") from None
+        if n > limit:
+            raise _over("body_too_large", "max_body_bytes", limit, n, "the request body (Content-Length)", 413)
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _over("body_too_large", "max_body_bytes", limit, size, "the request body (at least)", 413)
+            chunks.append(chunk)
+
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(read(), timeout=max(0.0, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        raise ServiceError(408, "body_timeout", "the request body did not arrive within the request timeout") from None
+    except ClientDisconnect:
+        raise ServiceError(400, "client_disconnected", "the client closed the connection mid-body") from None
+    return b"".join(chunks)
+
+
+def parse_request(body: bytes) -> StepsRequest:
+    """Body -> StepsRequest; 400 for bytes that are not a JSON object, 422 for a wrong object."""
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ServiceError(400, "malformed_json", f"the request body is not UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ServiceError(400, "malformed_json", f"the request body must be a JSON object, got {type(obj).__name__}")
+    try:
+        return StepsRequest.from_bytes(body)
+    except ProtocolError as e:
+        raise ServiceError(422, "invalid_request", str(e)) from None
+    except (TypeError, ValueError) as e:  # e.g. a list where a string belongs
+        raise ServiceError(422, "invalid_request", f"a request field has the wrong type: {e}") from None
+
+
+def create_app(config: ServiceConfig | None = None, *, service: Service | None = None) -> Starlette:
+    """The ASGI app. Its lifespan starts the model load (in the background) and closes the service."""
+    if service is None:
+        service = Service(config or ServiceConfig())
+    metrics = service.metrics
+
+    def answer(endpoint: str, response: Response, code: str | None = None) -> Response:
+        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        if code is not None:
+            metrics.errors.labels(code=code).inc()
+        return response
+
+    def error(endpoint: str, err: ServiceError) -> Response:
+        return answer(endpoint, err.response(), err.code)
+
+    async def steps(request: Request) -> Response:
+        cfg = service.config
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        deadline = arrived + cfg.request_timeout_s
+        try:
+            if not service.ready:
+                raise _not_ready(service)
+            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise ServiceError(415, "unsupported_media_type",
+                                   f"Content-Type {ctype!r}: send the request as application/json")
+            body = await _read_body(request, cfg.max_body_bytes, deadline)
+            steps_request = parse_request(body)
+            service.check_limits(steps_request)
+            data, queued_s, run_s = await service.submit(steps_request, deadline)
+        except ServiceError as e:
+            metrics.request_latency.observe(loop.time() - arrived)
+            log.info("steps %d %s: %s", e.status, e.code, e.message)
+            return error("steps", e)
+        total = loop.time() - arrived
+        metrics.request_latency.observe(total)
+        log.info("steps 200 %s queue=%.3fs run=%.3fs total=%.3fs bytes=%d",
+                 describe_request(steps_request, cfg.log_prompts), queued_s, run_s, total, len(data))
+        # Fixed-width durations (milliseconds): the answer's size must not vary from request to request.
+        return answer("steps", Response(data, media_type=HANDOFF_MEDIA_TYPE, headers={
+            "Cache-Control": "no-store",
+            "Server-Timing": f"queue;dur={min(queued_s * 1e3, 9.9e8):011.1f}, run;dur={min(run_s * 1e3, 9.9e8):011.1f}",
+        }))
+
+    async def healthz(request: Request) -> Response:
+        return answer("healthz", JSONResponse({"status": "alive", "state": service.state}))
+
+    async def readyz(request: Request) -> Response:
+        if not service.ready:
+            return error("readyz", _not_ready(service))
+        return answer("readyz", JSONResponse({"status": "ready", "model": service.model_id}))
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return answer("metrics", Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST))
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, f"http_{exc.status_code}")
+        message = {404: f"no endpoint at {request.url.path}; POST {STEPS_PATH}, GET /healthz, /readyz, /metrics",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error("other", ServiceError(exc.status_code, code, message, headers=dict(exc.headers or {})))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
+        return error("other", ServiceError(500, "internal", "the service failed on this request; "
+                                                            "the failure is logged on the server"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if service.state == "created":
+            service.start()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = Starlette(routes=[
+        Route(STEPS_PATH, steps, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ], exception_handlers={HTTPException: http_error, Exception: internal_error}, lifespan=lifespan)
+    app.state.service = service
+    return app
+
+
+def _not_ready(service: Service) -> ServiceError:
+    retry = {"Retry-After": str(service.config.retry_after_s)}
+    if service.state == "failed":
+        return ServiceError(503, "load_failed", f"the model could not be loaded: {service.load_error}", headers=retry)
+    if service.state == "closed":
+        return ServiceError(503, "shutting_down", "the service is shutting down", headers=retry)
+    return ServiceError(503, "not_ready", f"the model is not ready yet (state: {service.state}); retry shortly",
+                        headers=retry)
+
