@@ -169,7 +169,22 @@ def encode_handoff(request: StepsRequest, latents: np.ndarray, prev_x0: np.ndarr
         "dtype": request.wire_dtype,
         "cloud_model": cloud_model,
     }
-    return st_save({"latents": latents, "prev_x0": prev_x0}, metadata=meta)
+    return _canonical_header(st_save({"latents": latents, "prev_x0": prev_x0}, metadata=meta))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the JSON header's keys sorted.
+
+    The safetensors writer emits metadata in hash order, so equal handoffs
+    would otherwise differ byte for byte. Same content, same length: the header
+    is padded back to its original size, so data offsets are unchanged.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(canonical) > n:  # cannot happen for the writer's compact JSON; keep its bytes if it does
+        return data
+    return data[:8] + canonical.ljust(n, b" ") + data[8 + n:]
 
 
 def _read_header(data: bytes) -> dict:

@@ -135,3 +135,17 @@ def test_handoff_rejects_wrong_version_and_counts():
         decode_handoff(with_meta(dtype="float16"), r, SHAPE)
     with pytest.raises(ProtocolError, match="not an integer"):
         decode_handoff(with_meta(switch_step="ten"), r, SHAPE)
+
+
+def test_equal_handoffs_are_equal_bytes():
+    """The safetensors writer orders metadata by hash; the handoff header is written canonically."""
+    from runtime.protocol import StepsRequest, decode_handoff, encode_handoff
+
+    req = StepsRequest(("a red circle", "a blue circle"), 1, 10, 4, 7.5, 64, 64)
+    x = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    encoded = {encode_handoff(req, x, x * 2, lower_order_nums=1, step_index=4, timesteps=range(10),
+                              cloud_model="m") for _ in range(20)}
+    assert len(encoded) == 1
+    (data,) = encoded
+    out = decode_handoff(data, req, (4, 16, 16), np.arange(10))
+    assert np.array_equal(out.latents, x) and np.array_equal(out.prev_x0, x * 2)
