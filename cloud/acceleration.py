@@ -1,6 +1,7 @@
 """Server-side acceleration of the cloud steps (METHOD.md, "Server-side acceleration").
 
-One ``AcceleratedUNet`` serves one request. It installs attention processors
+One ``AcceleratedUNet`` serves one request, or a batch of requests with the
+same T, k, size, guidance scale and acceleration (``cloud.steps.CloudStepRunner.run_batch``). It installs attention processors
 on the UNet for the duration of a ``with`` block (and puts the originals back
 on exit), holds every per-request cache, and evaluates one guided UNet pass
 per cloud step in the mode the step plan gives:
@@ -17,7 +18,11 @@ Batch layout: rows are [unconditional x N, conditional x N], the two guidance
 groups; candidate 0 (canonical order) is the conditional pivot. With
 ``merge_step0_uncond`` step 0 runs [unconditional x 1, conditional x N]
 (all N latents are the shared z_T then, so those rows are equal); caches are
-always stored in the full 2N layout.
+always stored in the full 2N layout. A batch of requests concatenates them per
+guidance half: [uncond of request 0, ..., of request R-1, cond of request 0, ...];
+groups, pivots, token alignment, cross_kv_once texts and the step-0 merge are
+per request, and since a request's rows only ever read their own rows of a
+cache (``_BatchState.request_rows``), caches stay per request.
 
 Work skipped is really not run (no compute-and-discard), so a FLOPs counter
 sees the saving.
@@ -83,58 +88,103 @@ def token_alignment(tokenizer, candidates) -> TokenAlignment:
     return TokenAlignment(tuple(columns), tuple(weights), tuple(identity))
 
 
-# --- per-request state ------------------------------------------------------
+# --- per-batch state ---------------------------------------------------------
 
 
 @dataclass
-class _RequestState:
-    """Everything one request keeps between its steps. Dropped on exit."""
+class _BatchState:
+    """Everything one batch of requests keeps between its steps. Dropped on exit.
+
+    Row layout (full): [uncond x N_0, ..., uncond x N_{R-1}, cond x N_0, ..., cond x N_{R-1}],
+    request r's rows at ``u_off[r]:u_off[r]+N_r`` and ``M + c_off[r]:...`` (M = sum N_r).
+    Merged (step 0 with merge_step0_uncond): [uncond x 1 per request, cond rows as above].
+    Texts: [empty_0, cand_0..., empty_1, cand_1..., ...]: request r's at ``t_off[r]``.
+    Every cache is one tensor in the full layout of the whole batch; a request's rows
+    only ever read their own rows (every op is row-wise except the attention of batch
+    reuse, whose groups and pivots are per request), so caches stay per request.
+    """
 
     config: AccelerationConfig
-    n: int                                    # candidates
-    text: torch.Tensor                        # [N+1, 77, D]: the empty prompt, then the candidates
-    alignment: TokenAlignment | None
+    sizes: tuple[int, ...]                    # N_r per request
+    text: torch.Tensor                        # [sum (N_r + 1), 77, D]
+    alignments: tuple[TokenAlignment | None, ...]
     mode: StepMode = StepMode.FULL
-    merged: bool = False                      # rows are [uncond x 1, cond x N] this step
-    attention_out: dict[str, torch.Tensor] = field(default_factory=dict)   # full 2N layout
-    # cross_kv_once: keys and values on `text`, per module; keys for the two
-    # pivot texts only ("pivots") until a full step needs them all ("all").
+    merged: bool = False                      # uncond rows are one per request this step
+    attention_out: dict[str, torch.Tensor] = field(default_factory=dict)   # full layout
+    # cross_kv_once: keys and values on `text`, per module; keys for the pivot
+    # texts only ("pivots") until a full step needs them all ("all").
     cross_k: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     cross_v: dict[str, torch.Tensor] = field(default_factory=dict)
     encoder_features: dict[str, object] = field(default_factory=dict)      # block-skip cache
-    # Index tensors built once per request on the UNet's device: indexing with
+    # Index tensors built once per batch on the UNet's device: indexing with
     # fresh host tensors in every attention call would stall a GPU.
     _device_tensors: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.n = sum(self.sizes)
+        self.r = len(self.sizes)
+        offs = [0]
+        for n in self.sizes:
+            offs.append(offs[-1] + n)
+        self.c_off = tuple(offs[:-1])                       # cond rows of request r within the cond half
+        self.t_off = tuple(o + i for i, o in enumerate(self.c_off))   # its empty prompt in `text`
+        # The pivot texts, in pivot order [empty of each request, cand 0 of each request].
+        self.pivot_text_rows = tuple(self.t_off) + tuple(t + 1 for t in self.t_off)
+
     @property
     def rows(self) -> int:
-        return 1 + self.n if self.merged else 2 * self.n
+        return self.r + self.n if self.merged else 2 * self.n
 
-    def groups(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(start, stop) of the unconditional and the conditional rows; start is the pivot."""
-        u = 1 if self.merged else self.n
-        return (0, u), (u, u + self.n)
+    @property
+    def uncond_rows(self) -> int:
+        return self.r if self.merged else self.n
+
+    def groups(self) -> list[tuple[int, int]]:
+        """(start, stop) of every guidance group, in row order: the unconditional
+        group of each request, then the conditional group of each; start is the pivot."""
+        u = self.uncond_rows
+        if self.merged:
+            uncond = [(i, i + 1) for i in range(self.r)]
+        else:
+            uncond = [(o, o + n) for o, n in zip(self.c_off, self.sizes)]
+        return uncond + [(u + o, u + o + n) for o, n in zip(self.c_off, self.sizes)]
+
+    def request_rows(self, r: int) -> tuple[slice, slice]:
+        """Request r's unconditional and conditional rows in the full layout (what caches hold)."""
+        o, n = self.c_off[r], self.sizes[r]
+        return slice(o, o + n), slice(self.n + o, self.n + o + n)
 
     def text_index(self, device) -> torch.Tensor:
-        """Row -> index into ``text`` (0 = empty prompt, 1 + i = candidate i)."""
+        """Row -> index into ``text``."""
         key = ("text_index", self.merged, device)
         if key not in self._device_tensors:
-            u = 1 if self.merged else self.n
-            self._device_tensors[key] = torch.cat(
-                [torch.zeros(u, dtype=torch.long), torch.arange(1, self.n + 1)]).to(device)
+            uncond = [t for t, n in zip(self.t_off, self.sizes) for _ in range(1 if self.merged else n)]
+            cond = [t + 1 + j for t, n in zip(self.t_off, self.sizes) for j in range(n)]
+            self._device_tensors[key] = torch.tensor(uncond + cond, dtype=torch.long).to(device)
         return self._device_tensors[key]
+
+    def pivot_text_index(self, device) -> torch.Tensor:
+        key = ("pivot_text_index", device)
+        if key not in self._device_tensors:
+            self._device_tensors[key] = torch.tensor(self.pivot_text_rows, dtype=torch.long).to(device)
+        return self._device_tensors[key]
+
+    def pivot_text(self) -> torch.Tensor:
+        """The texts of the pivots, in pivot order (slices: no index tensor)."""
+        return torch.cat([self.text[i:i + 1] for i in self.pivot_text_rows])
 
     def to_full(self, t: torch.Tensor) -> torch.Tensor:
         """A merged step's rows in the full layout, so caches have one shape."""
         if not self.merged:
             return t
-        return torch.cat([t[:1].expand(self.n, *t.shape[1:]), t[1:]])
+        r = self.r
+        return torch.cat([t[i:i + 1].expand(n, *t.shape[1:]) for i, n in enumerate(self.sizes)] + [t[r:]])
 
-    def alignment_tensors(self, device):
-        """(aligned rows, other rows, their columns [n_other, L], their weights [n_other, L]) on device."""
-        key = ("alignment", device)
+    def alignment_tensors(self, r: int, device):
+        """Request r's (aligned rows, other rows, their columns [n_other, L], their weights [n_other, L])."""
+        key = ("alignment", r, device)
         if key not in self._device_tensors:
-            al = self.alignment
+            al = self.alignments[r]
             same = [i for i, ident in enumerate(al.identity) if ident]
             other = [i for i, ident in enumerate(al.identity) if not ident]
             self._device_tensors[key] = (
@@ -144,6 +194,9 @@ class _RequestState:
                 torch.tensor([al.weights[i] for i in other], dtype=torch.float32, device=device),
             )
         return self._device_tensors[key]
+
+
+_RequestState = _BatchState   # the name before batching
 
 
 # --- attention --------------------------------------------------------------
@@ -207,16 +260,22 @@ class ObClipAttnProcessor:
         return out
 
     # cross_kv_once: the text side of cross-attention depends on the text only,
-    # so it is projected once per request, on the unique texts [empty, cand 0..N-1].
+    # so it is projected once per batch, on the unique texts (each request's
+    # empty prompt and candidates).
     def _once_keys(self, attn, pivots_only: bool) -> torch.Tensor:
-        cache = self.state.cross_k.setdefault(self.name, {})
+        state = self.state
+        cache = state.cross_k.setdefault(self.name, {})
         if "all" in cache:
-            return cache["all"][:2] if pivots_only else cache["all"]
-        if pivots_only:  # reuse steps need the empty prompt's and candidate 0's keys only
+            if not pivots_only:
+                return cache["all"]
+            if state.r == 1:  # texts 0 and 1: a slice
+                return cache["all"][:2]
+            return cache["all"].index_select(0, state.pivot_text_index(cache["all"].device))
+        if pivots_only:  # reuse steps need the pivots' texts only: each request's empty prompt and candidate 0
             if "pivots" not in cache:
-                cache["pivots"] = attn.to_k(self.state.text[:2])
+                cache["pivots"] = attn.to_k(state.pivot_text())
             return cache["pivots"]
-        cache["all"] = attn.to_k(self.state.text)
+        cache["all"] = attn.to_k(state.text)
         return cache["all"]
 
     def _once_values(self, attn) -> torch.Tensor:
@@ -238,44 +297,54 @@ class ObClipAttnProcessor:
         return _merge_heads(out).to(q.dtype)
 
     def _reuse(self, attn, hidden_states, encoder_hidden_states, is_cross):
-        """Algorithm 2: one softmax map per guidance group, from its pivot row."""
+        """Algorithm 2: one softmax map per guidance group (per request and guidance half), from its pivot row."""
         state = self.state
         h = attn.heads
-        (u0, u1), (c0, c1) = state.groups()
+        groups = state.groups()           # [uncond of each request, cond of each request]
+        once = is_cross and state.config.cross_kv_once
 
-        def pivots(t):  # rows u0 and c0, by slicing (no index tensor, no host sync)
-            return torch.cat([t[u0:u0 + 1], t[c0:c0 + 1]])
+        def pivots(t):  # every group's first row, by slicing (no index tensor, no host sync)
+            return torch.cat([t[a:a + 1] for a, _ in groups])
 
-        q = _heads(attn.to_q(pivots(hidden_states)), h)                  # [2, H, Lq, d]
+        q = _heads(attn.to_q(pivots(hidden_states)), h)                  # [2R, H, Lq, d]
         if not is_cross:
             k = attn.to_k(pivots(hidden_states))
-        elif state.config.cross_kv_once:
-            k = self._once_keys(attn, pivots_only=True)                  # texts 0 and 1 = the pivots'
+        elif once:
+            k = self._once_keys(attn, pivots_only=True)                  # the pivots' texts, in group order
         else:
             k = attn.to_k(pivots(encoder_hidden_states))
         k = _heads(k, h)
+        if once:
+            values = self._once_values(attn)
+        else:
+            values = attn.to_v(hidden_states if not is_cross else encoder_hidden_states)
+        r_count = state.r
         outs = []
-        for g, (start, stop) in enumerate(((u0, u1), (c0, c1))):
+        for g, (start, stop) in enumerate(groups):
+            r, conditional = g % r_count, g >= r_count
             if not is_cross:
-                v = _heads(attn.to_v(hidden_states[start:stop]), h)
-                outs.append(_shared_map_attention(q[g], k[g], v, attn.scale))
-            elif g == 0 and state.config.cross_kv_once:
-                # Every unconditional row has the empty prompt's values and, under
-                # reuse, the pivot's map: the rows are equal, so compute one.
-                one = _shared_map_attention(q[g], k[g], _heads(self._once_values(attn)[:1], h), attn.scale)
+                outs.append(_shared_map_attention(q[g], k[g], _heads(values[start:stop], h), attn.scale))
+            elif once and not conditional:
+                # Every unconditional row of a request has the empty prompt's values and,
+                # under reuse, the pivot's map: the rows are equal, so compute one.
+                t = state.t_off[r]
+                one = _shared_map_attention(q[g], k[g], _heads(values[t:t + 1], h), attn.scale)
                 outs.append(one.expand(stop - start, *one.shape[1:]))
             else:
-                values = self._once_values(attn)[1:] if state.config.cross_kv_once else \
-                    attn.to_v(encoder_hidden_states[start:stop])
-                outs.append(self._aligned_cross(q[g], k[g], _heads(values, h), attn.scale, conditional=g == 1))
+                if once:
+                    t = state.t_off[r] + 1
+                    v = values[t:t + state.sizes[r]]
+                else:
+                    v = values[start:stop]
+                outs.append(self._aligned_cross(q[g], k[g], _heads(v, h), attn.scale, r, conditional))
         return _merge_heads(torch.cat(outs)).to(hidden_states.dtype)
 
-    def _aligned_cross(self, q, k, v, scale, conditional: bool):
+    def _aligned_cross(self, q, k, v, scale, r: int, conditional: bool):
         """The pivot's cross-attention map, read at each candidate's token positions, x its values."""
-        al = self.state.alignment
+        al = self.state.alignments[r]
         if not conditional or al is None or all(al.identity):
             return _shared_map_attention(q, k, v, scale)
-        same, other, cols, weights = self.state.alignment_tensors(q.device)
+        same, other, cols, weights = self.state.alignment_tensors(r, q.device)
         out = torch.empty(v.shape[0], *q.shape[:2], v.shape[-1], dtype=v.dtype, device=v.device)
         if len(same):  # tokens line up with the pivot's: its map as it is
             out.index_copy_(0, same, _shared_map_attention(q, k, v.index_select(0, same), scale))
@@ -319,24 +388,54 @@ def _check_unet(unet) -> None:
 
 
 class AcceleratedUNet:
-    """One request's guided UNet evaluations, in the modes its step plan gives."""
+    """Guided UNet evaluations for one request, or a batch of requests that share
+    T, k, size, guidance scale and acceleration (so every step has one mode), in
+    the modes their step plan gives.
 
-    def __init__(self, unet, config: AccelerationConfig | None, *, cond: torch.Tensor, uncond: torch.Tensor,
-                 guidance_scale: float, alignment: TokenAlignment | None = None):
+    One request: ``cond`` [N, L, D], ``uncond`` [1, L, D], ``alignment`` or None.
+    A batch of R: ``cond`` a sequence of R [N_r, L, D], ``uncond`` a sequence of R
+    [1, L, D] (or one, shared), ``alignment`` a sequence of R (or None). ``x`` is
+    then the requests' latents concatenated in order ([sum N_r, C, h, w]); use
+    ``split`` to cut a result back per request.
+    """
+
+    def __init__(self, unet, config: AccelerationConfig | None, *, cond, uncond, guidance_scale: float,
+                 alignment=None):
         _check_unet(unet)
-        if cond.ndim != 3 or uncond.shape != (1, *cond.shape[1:]):
-            raise ValueError(f"cond must be [N, L, D] and uncond [1, L, D], got {tuple(cond.shape)} and "
-                             f"{tuple(uncond.shape)}")
-        n = cond.shape[0]
-        if alignment is not None and len(alignment.columns) != n:
-            raise ValueError(f"alignment is for {len(alignment.columns)} candidates, the request has {n}")
+        conds = [cond] if torch.is_tensor(cond) else list(cond)
+        if not conds:
+            raise ValueError("a batch needs at least one request")
+        unconds = [uncond] * len(conds) if torch.is_tensor(uncond) else list(uncond)
+        alignments = [alignment] * len(conds) if alignment is None or isinstance(alignment, TokenAlignment) \
+            else list(alignment)
+        if len(unconds) != len(conds) or len(alignments) != len(conds):
+            raise ValueError(f"{len(conds)} requests but {len(unconds)} unconditional texts and "
+                             f"{len(alignments)} alignments")
+        if isinstance(alignment, TokenAlignment) and len(conds) > 1:
+            raise ValueError("give one alignment per request in a batch")
+        for c, u, al in zip(conds, unconds, alignments):
+            if c.ndim != 3 or u.shape != (1, *c.shape[1:]) or c.shape[1:] != conds[0].shape[1:]:
+                raise ValueError(f"cond must be [N, L, D] and uncond [1, L, D], got {tuple(c.shape)} and "
+                                 f"{tuple(u.shape)}")
+            if al is not None and len(al.columns) != c.shape[0]:
+                raise ValueError(f"alignment is for {len(al.columns)} candidates, the request has {c.shape[0]}")
         self.unet = unet
         self.config = config or AccelerationConfig.none(0)
-        self.cond, self.uncond = cond, uncond
+        self.sizes = tuple(int(c.shape[0]) for c in conds)
+        self.n = sum(self.sizes)                  # latent rows, all requests
         self.guidance_scale = float(guidance_scale)
-        self.n = n
-        self.state = _RequestState(self.config, n, torch.cat([uncond, cond]), alignment)
+        self.cond = torch.cat(conds)
+        self.uncond = unconds[0] if len(unconds) == 1 else torch.cat(unconds)
+        text = torch.cat([t for u, c in zip(unconds, conds) for t in (u, c)])
+        self.state = _BatchState(self.config, self.sizes, text, tuple(alignments))
+        # The UNet's text rows, per layout: full [uncond x N_r ..., cond ...], merged [uncond x 1 ..., cond ...].
+        self._text_full = torch.cat([u.expand(n, -1, -1) for u, n in zip(unconds, self.sizes)] + [self.cond])
+        self._text_merged = torch.cat(unconds + [self.cond])
         self._saved_processors = None
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of a [sum N_r, ...] tensor, per request (views)."""
+        return list(torch.split(t, self.sizes))
 
     # Model surgery that can be undone: the UNet is as it was after the block.
     def __enter__(self) -> "AcceleratedUNet":
@@ -358,23 +457,30 @@ class AcceleratedUNet:
 
     @torch.no_grad()
     def guided_eps(self, x: torch.Tensor, t, step: PlannedStep) -> torch.Tensor:
-        """Classifier-free-guided eps for the N latents x [N, C, h, w] at timestep t."""
+        """Classifier-free-guided eps for the latents x [sum N_r, C, h, w] at timestep t."""
         if self._saved_processors is None:
             raise RuntimeError("use AcceleratedUNet inside a `with` block")
         if x.shape[0] != self.n:
-            raise ValueError(f"x has {x.shape[0]} rows, the request has {self.n} candidates")
+            raise ValueError(f"x has {x.shape[0]} rows, the request has {self.n} candidates"
+                             if len(self.sizes) == 1 else
+                             f"x has {x.shape[0]} rows, the batch has {self.n} candidates in all")
         state = self.state
         state.mode = step.mode
-        # At step 0 every latent is the shared z_T, so the N unconditional rows are one.
+        # At step 0 every latent of a request is its z_T, so its N unconditional rows are one.
         state.merged = self.config.merge_step0_uncond and step.index == 0
         if state.merged:
-            sample = torch.cat([x[:1], x])
-            text = torch.cat([self.uncond, self.cond])
+            offs = state.c_off
+            sample = torch.cat([x[o:o + 1] for o in offs] + [x])
+            text = self._text_merged
         else:
             sample = torch.cat([x, x])
-            text = torch.cat([self.uncond.expand(self.n, -1, -1), self.cond])
+            text = self._text_full
         eps = self._unet_pass(sample, t, text, step.mode)
-        eps_uncond, eps_cond = eps[: state.rows - self.n], eps[state.rows - self.n:]
+        u = state.uncond_rows
+        eps_uncond, eps_cond = eps[:u], eps[u:]
+        if state.merged and state.r > 1:
+            eps_uncond = torch.cat([eps_uncond[i:i + 1].expand(n, *eps.shape[1:])
+                                    for i, n in enumerate(self.sizes)])
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
     def _unet_pass(self, sample, t, text, mode: StepMode) -> torch.Tensor:

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds from arrival to answer, else 504 (default %(default)s)")
     w.add_argument("--retry-after", type=int, default=_D.retry_after_s,
                    help="Retry-After seconds on 503 (default %(default)s)")
+    w.add_argument("--batch-window-ms", type=float, default=_D.batch_window_ms,
+                   help="wait this long for requests with the same options to batch with; 0: one at a time "
+                        "(default %(default)s)")
+    w.add_argument("--max-batch-rows", type=int, default=_D.max_batch_rows,
+                   help="UNet rows per batch, 2 x its candidates (default %(default)s)")
     w.add_argument("--no-warmup", action="store_true", help="ready as soon as the model is loaded")
     w.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-prompts", action="store_true",
@@ -66,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes, queue_size=args.queue_size,
         request_timeout_s=args.timeout, retry_after_s=args.retry_after, warmup=not args.no_warmup,
         torch_threads=args.torch_threads, log_prompts=args.log_prompts,
+        batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows,
     )
 
 

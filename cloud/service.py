@@ -20,7 +20,11 @@ prompt length in characters and tokens), the step plan; only then is the
 request queued for the model.
 
 One worker thread runs all model work (load, warm-up, requests), so torch
-never runs two requests at once. At most ``queue_size`` requests wait for
+never runs two batches at once. Cross-request batching: the worker takes the
+first queued request and, for up to ``batch_window_ms``, every queued request
+with the same T, k, size, guidance and acceleration (up to ``max_batch_rows``
+UNet rows), and runs them as one batch (``CloudStepRunner.run_batch``); each
+gets the bytes it would get alone. ``batch_window_ms=0``: one at a time. At most ``queue_size`` requests wait for
 it; the next one gets 503 + Retry-After. A request that is not answered
 within ``request_timeout_s`` of arriving gets 504: if its job has not
 started it is dropped from the queue; if it is running, it stops before
@@ -84,12 +88,17 @@ class ServiceConfig:
     retry_after_s: int = 1              # Retry-After on 503
     warmup: bool = True                 # /readyz stays 503 until one warm-up request ran
     torch_threads: int | None = None    # torch.set_num_threads in the worker (None: torch's default)
+    # Cross-request batching: the worker waits up to batch_window_ms after taking a request for
+    # more with the same T, k, size, guidance and acceleration, and runs them as one UNet batch
+    # of at most max_batch_rows rows (2 x the candidates of all its requests). 0: one at a time.
+    batch_window_ms: float = 10.0
+    max_batch_rows: int = 64
     # Privacy hygiene: candidates are logged only with this set (debugging only).
     log_prompts: bool = False
 
     def __post_init__(self) -> None:
         positive = ("max_candidates", "max_steps", "max_switch_step", "max_image_size", "max_prompt_chars",
-                    "max_body_bytes", "queue_size")
+                    "max_body_bytes", "queue_size", "max_batch_rows")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -103,6 +112,9 @@ class ServiceConfig:
         if not (isinstance(self.request_timeout_s, (int, float)) and math.isfinite(self.request_timeout_s)
                 and self.request_timeout_s > 0):
             raise ValueError(f"request_timeout_s must be a positive number of seconds, got {self.request_timeout_s!r}")
+        if not (isinstance(self.batch_window_ms, (int, float)) and not isinstance(self.batch_window_ms, bool)
+                and math.isfinite(self.batch_window_ms) and self.batch_window_ms >= 0):
+            raise ValueError(f"batch_window_ms must be a number of milliseconds >= 0, got {self.batch_window_ms!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -154,8 +166,10 @@ class Metrics:
         self.cancelled = Counter("obclip_jobs_cancelled", "jobs abandoned after a timeout, by stage "
                                  "(queued: dropped before start; running: stopped between steps)", ["stage"],
                                  registry=r)
-        self.batch_size = Histogram("obclip_batch_size", "candidates per model batch",
-                                    buckets=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128), registry=r)
+        self.batch_size = Histogram("obclip_batch_size", "requests per model batch",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
+        self.batch_rows = Histogram("obclip_batch_rows", "UNet rows per model batch (2 x its candidates)",
+                                    buckets=(2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256), registry=r)
         self.step_latency = Histogram("obclip_step_latency_seconds", "one cloud step (guided UNet pass + solver)",
                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
         self.run_latency = Histogram("obclip_run_seconds", "model work of one request (text encoder + k steps)",
@@ -170,12 +184,19 @@ class _Cancelled(Exception):
 
 
 class _Job:
-    __slots__ = ("request", "cancelled", "step_starts")
+    __slots__ = ("request", "cancelled", "step_starts", "future", "taken", "key", "rows")
 
     def __init__(self, request: StepsRequest):
+        from .steps import CloudStepRunner
+
         self.request = request
         self.cancelled = threading.Event()
         self.step_starts: list[float] = []
+        # ("ok", (bytes, seconds)) | ("cancelled", None) | ("error", ServiceError); set by the worker
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.taken = False              # out of the queue (run, batched or dropped); under Service._lock
+        self.key = CloudStepRunner.batch_key(request)
+        self.rows = 2 * request.n
 
 
 class Service:
@@ -195,8 +216,11 @@ class Service:
         self._latent_shape: Callable[[int, int], tuple] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="obclip-model")
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)   # notified when a job is queued
+        self._pending: list[_Job] = []      # queued, not taken yet, in arrival order
         self._waiting = 0
-        self._current: _Job | None = None   # the job the worker runs; close() cancels it
+        self._current: list[_Job] | None = None   # the batch the worker runs; close() cancels it
+        self.on_batch: Callable[[list[StepsRequest]], None] | None = None   # hook: each batch before it runs
 
     # -- lifecycle (the worker thread does all model work) -------------------------------------
     @property
@@ -248,7 +272,7 @@ class Service:
                 warm = StepsRequest(candidates=("a photo",), seed=0, num_inference_steps=2, switch_step=1,
                                     guidance_scale=7.5, height=size, width=size)
                 t0 = time.perf_counter()
-                self._run(_Job(warm))
+                self._run([_Job(warm)])
                 log.info("warm-up request ran in %.2f s", time.perf_counter() - t0)
             self.state = "ready"
             self.metrics.ready.set(1)
@@ -264,64 +288,123 @@ class Service:
         """Stop taking work: drop queued jobs, stop the running one at its next step."""
         self.state = "closed"
         self.metrics.ready.set(0)
-        job = self._current
-        if job is not None:
+        with self._lock:
+            dropped, self._pending = self._pending, []
+            for job in dropped:
+                job.taken = True
+                self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
+        for job in dropped:
+            job.cancelled.set()
+            job.future.cancel()
+        batch = self._current
+        for job in batch or ():
             job.cancelled.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the worker side ------------------------------------------------------------------------
     @staticmethod
-    def _before_step(job: _Job) -> None:
-        """Called by the step loop before each cloud step: the cancellation point, and step timing."""
-        if job.cancelled.is_set():
+    def _before_step(batch: list[_Job], step_starts: list[float]) -> None:
+        """Called by the step loop before each cloud step: the cancellation point (the batch stops
+        only when every one of its jobs was abandoned), and step timing."""
+        if all(job.cancelled.is_set() for job in batch):
             raise _Cancelled()
-        job.step_starts.append(time.perf_counter())
+        step_starts.append(time.perf_counter())
 
-    def _run(self, job: _Job) -> tuple[bytes, float]:
-        """Run one job on the model (worker thread only). Raises _Cancelled if abandoned mid-way."""
-        request = job.request
-        self._current = job
+    def _run(self, batch: list[_Job]) -> tuple[list[bytes], float]:
+        """Run a batch of jobs on the model (worker thread only): one handoff per job.
+        Raises _Cancelled if every job was abandoned mid-way."""
+        requests = [job.request for job in batch]
+        step_starts: list[float] = []
+        before_step = lambda step: self._before_step(batch, step_starts)  # noqa: E731
+        if self.on_batch is not None:
+            self.on_batch(requests)
+        self._current = batch
         try:
             t0 = time.perf_counter()
-            result = self.runner.run(request, before_step=lambda step: self._before_step(job))
+            if len(batch) == 1:
+                results = [self.runner.run(requests[0], before_step=before_step)]
+            else:
+                results = self.runner.run_batch(requests, before_step=before_step)
             t1 = time.perf_counter()
         finally:
             self._current = None
-        starts = job.step_starts + [t1]
+            for job in batch:
+                job.step_starts = step_starts
+        starts = step_starts + [t1]
         for a, b in zip(starts, starts[1:]):
             self.metrics.step_latency.observe(b - a)
-        self.metrics.batch_size.observe(request.n)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_rows.observe(sum(job.rows for job in batch))
         self.metrics.run_latency.observe(t1 - t0)
-        data = encode_handoff(request, result.latents, result.prev_x0, lower_order_nums=result.lower_order_nums,
-                              step_index=result.step_index, timesteps=result.timesteps, cloud_model=self.model_id)
-        return data, t1 - t0
+        out = []
+        for request, result in zip(requests, results):
+            out.append(encode_handoff(request, result.latents, result.prev_x0,
+                                      lower_order_nums=result.lower_order_nums, step_index=result.step_index,
+                                      timesteps=result.timesteps, cloud_model=self.model_id))
+        return out, t1 - t0
 
-    def _execute(self, job: _Job) -> tuple[str, Any]:
-        """Worker entry for a queued request. Never raises: ("ok", (bytes, seconds)), ("cancelled", None)
-        or ("error", ServiceError), so an abandoned future never holds an unretrieved exception."""
+    def _take(self, job: _Job) -> bool:
+        """Take a queued job out of the queue (under the lock). False if it was abandoned: it is dropped."""
+        job.taken = True
+        self._pending.remove(job)
+        self._waiting -= 1
+        self.metrics.queue_depth.set(self._waiting)
+        if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+            self.metrics.cancelled.labels(stage="queued").inc()
+            if not job.future.done():
+                job.future.set_result(("cancelled", None))
+            return False
+        return True
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        """The batch that starts with ``first``: jobs queued within the batching window with the same
+        batch key, in arrival order, up to max_batch_rows rows (under the lock)."""
+        cfg = self.config
+        batch, rows = [first], first.rows
+        if cfg.batch_window_ms <= 0:
+            return batch
+        deadline = time.monotonic() + cfg.batch_window_ms / 1e3
+        while True:
+            for job in list(self._pending):
+                if job.key == first.key and rows + job.rows <= cfg.max_batch_rows and self._take(job):
+                    batch.append(job)
+                    rows += job.rows
+            left = deadline - time.monotonic()
+            if left <= 0 or rows + 2 > cfg.max_batch_rows or self.state == "closed":
+                return batch
+            self._arrived.wait(left)
+
+    def _execute(self, job: _Job) -> None:
+        """Worker entry for a queued request (one per request). A job another job's batch took, or one
+        abandoned in the queue, returns at once; otherwise it leads a batch. Answers go to each job's
+        future, never raised: ("ok", (bytes, seconds)), ("cancelled", None) or ("error", ServiceError)."""
         with self._lock:
-            self._waiting -= 1
-            self.metrics.queue_depth.set(self._waiting)
+            if job.taken or not self._take(job):
+                return
+            batch = self._collect(job)
         self.metrics.running.set(1)
         try:
-            if job.cancelled.is_set():
-                self.metrics.cancelled.labels(stage="queued").inc()
-                return "cancelled", None
-            return "ok", self._run(job)
+            data, run_s = self._run(batch)
+            answers = [("ok", (d, run_s)) for d in data]
         except _Cancelled:
-            self.metrics.cancelled.labels(stage="running").inc()
-            log.info("abandoned request stopped after %d step(s)", len(job.step_starts))
-            return "cancelled", None
+            log.info("abandoned batch of %d stopped after %d step(s)", len(batch), len(job.step_starts))
+            answers = [("cancelled", None)] * len(batch)
         except (ProtocolError, ValueError) as e:
             # The checks before the queue should have caught it; still the client's request.
-            return "error", ServiceError(422, "invalid_request", str(e))
+            answers = [("error", ServiceError(422, "invalid_request", str(e)))] * len(batch)
         except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, generic answer
-            log.exception("model worker failed on a request (%s): %s", describe_request(job.request),
-                          type(e).__name__)
-            return "error", ServiceError(500, "internal", "the service failed on this request; "
-                                                          "the failure is logged on the server")
+            log.exception("model worker failed on a batch of %d (%s): %s", len(batch),
+                          describe_request(job.request), type(e).__name__)
+            answers = [("error", ServiceError(500, "internal", "the service failed on this request; "
+                                                               "the failure is logged on the server"))] * len(batch)
         finally:
             self.metrics.running.set(0)
+        for j, answer in zip(batch, answers):
+            if j.cancelled.is_set():   # abandoned while running: its result is discarded
+                self.metrics.cancelled.labels(stage="running").inc()
+                answer = ("cancelled", None)
+            j.future.set_result(answer)
 
     # -- the asyncio side -----------------------------------------------------------------------
     def check_limits(self, request: StepsRequest) -> None:
@@ -369,29 +452,38 @@ class Service:
                 raise ServiceError(503, "overloaded", f"the service is busy ({self._waiting} requests waiting, "
                                    f"queue_size={cfg.queue_size}); retry later",
                                    headers={"Retry-After": str(cfg.retry_after_s)})
+            job = _Job(request)
             self._waiting += 1
+            self._pending.append(job)
             self.metrics.queue_depth.set(self._waiting)
-        job = _Job(request)
+            self._arrived.notify_all()
         loop = asyncio.get_running_loop()
         queued_at = loop.time()
         try:
-            future = self._executor.submit(self._execute, job)
+            self._executor.submit(self._execute, job)
         except RuntimeError:  # executor shut down
             with self._lock:
-                self._waiting -= 1
-                self.metrics.queue_depth.set(self._waiting)
+                if not job.taken:
+                    job.taken = True
+                    self._pending.remove(job)
+                    self._waiting -= 1
+                    self.metrics.queue_depth.set(self._waiting)
             raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another instance",
                                headers={"Retry-After": str(cfg.retry_after_s)}) from None
+        future = job.future
         try:
             status, value = await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline - loop.time()))
         except (asyncio.TimeoutError, asyncio.CancelledError) as e:
             shut_down = isinstance(e, asyncio.CancelledError) and future.cancelled() and self.state == "closed"
             job.cancelled.set()
-            if not shut_down and future.cancel():  # had not started: dropped from the queue
-                with self._lock:
+            with self._lock:
+                if not job.taken:  # had not started: dropped from the queue
+                    job.taken = True
+                    self._pending.remove(job)
                     self._waiting -= 1
                     self.metrics.queue_depth.set(self._waiting)
-                self.metrics.cancelled.labels(stage="queued").inc()
+                    if not shut_down:
+                        self.metrics.cancelled.labels(stage="queued").inc()
             if shut_down:  # close() dropped the queue; this task itself goes on
                 raise ServiceError(503, "shutting_down", "the service is shutting down; retry",
                                    headers={"Retry-After": str(cfg.retry_after_s)}) from None
