@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from device.engines import DeviceEngines, EngineConfig
-from device.pipeline import DevicePipeline, GenerationConfig, Method
+from device.pipeline import DevicePipeline, GenerationConfig, Method, describe_sent
 from device.oblivious import ObliviousError, TransformConfig
 from runtime.manifest import ManifestError
 from runtime.protocol import ProtocolError
@@ -84,23 +84,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    req = result.prepared.request
     acc = config.acceleration
     acc_text = "none" if acc is None else f"r={acc.cache_step} s={acc.skip_step} reuse={acc.batch_reuse} " \
         f"cache={acc.attention_cache} skip={acc.block_skip}"
     print(f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  acceleration: {acc_text}  "
           f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}")
-    if req is None:
-        print("the server received nothing (device-only run)")
-    else:
-        print(f"the server received {req.n} candidate(s):")
-        for c in req.candidates:
-            print(f"  - {c}")
-        cset = result.prepared.candidate_set
-        if cset is not None and not cset.protected:
-            print(f"  note: {cset.message}")
-        if not config.method.private:
-            print(f"  (method {config.method.value} is NOT private: the server saw the prompt as typed)")
+    print("\n".join(describe_sent(result, config)))
     t = result.timings
     print(f"time: cloud {t['cloud']:.2f} s, device steps {t['device_steps']:.2f} s, decode {t['decode']:.2f} s; "
           f"bytes sent {result.bytes_sent}, received {result.bytes_received}")

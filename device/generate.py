@@ -24,7 +24,7 @@ from runtime.protocol import ProtocolError
 from .client import ClientConfig, ServiceClient, ServiceError, generate_image
 from .engines import DeviceEngines, EngineConfig
 from .oblivious import ObliviousError, TransformConfig
-from .pipeline import DevicePipeline, GenerationConfig, Method
+from .pipeline import DevicePipeline, GenerationConfig, Method, describe_sent
 
 DEFAULT_ENGINES = Path(__file__).resolve().parent.parent / "engines" / "device"
 
@@ -103,17 +103,7 @@ def main(argv=None) -> int:
     print(f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  "
           f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}  "
           f"wire: {config.wire_dtype}")
-    if req is None:
-        print("the server received nothing (device-only run)")
-    else:
-        print(f"the server received {req.n} candidate(s):")
-        for c in req.candidates:
-            print(f"  - {c}")
-        cset = result.prepared.candidate_set
-        if cset is not None and not cset.protected:
-            print(f"  note: {cset.message}")
-        if not config.method.private:
-            print(f"  (method {config.method.value} is NOT private: the server saw the prompt as typed)")
+    print("\n".join(describe_sent(result, config)))
     t = result.timings
     call = client.last_call
     if req is not None and call is not None and call.server_run_s is not None:

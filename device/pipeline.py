@@ -218,3 +218,17 @@ class DevicePipeline:
             bytes_sent=len(prepared.request_bytes or b""), bytes_received=len(handoff_bytes or b""),
         )
 
+
+
+def describe_sent(result: GenerationResult, config: GenerationConfig) -> list[str]:
+    """Lines saying what the server received, for the CLIs (demo and client)."""
+    req = result.prepared.request
+    if req is None:
+        return ["the server received nothing (device-only run)"]
+    lines = [f"the server received {req.n} candidate(s):"] + [f"  - {c}" for c in req.candidates]
+    cset = result.prepared.candidate_set
+    if cset is not None and not cset.protected:
+        lines.append(f"  note: {cset.message}")
+    if not config.method.private:
+        lines.append(f"  (method {config.method.value} is NOT private: the server saw the prompt as typed)")
+    return lines
