@@ -1,12 +1,15 @@
-"""One ObCLIP request end to end in one process, with bytes between the sides.
+"""The main job: one private request through a real cloud service on loopback.
 
-    python -m cloud.demo "a portrait photo of an old woman wearing glasses" --out out/demo.png
+    python -m cloud.demo "a large red circle on a white background" --schema device/schemas/shapes.json
 
-The device side (device.pipeline, numpy + onnxruntime) builds the request
-bytes; the cloud side (cloud.steps, torch) answers them with handoff bytes;
-the device finishes and writes the PNG. Nothing but those bytes crosses
-between the two. With no model named, the embedded default pair is used
-(built and exported on first use).
+Starts the cloud service (``python -m cloud.serve``, torch) as a child process
+on 127.0.0.1 with the embedded default models (cloud/local.py), runs the
+device client against it over HTTP (device/client.py: numpy + onnxruntime +
+http.client), writes the PNG, prints the candidates the server received and
+the time split (cloud compute / queue + transfer / device steps / decode),
+and stops the service. ``--in-process`` skips HTTP: the cloud step runner is
+called directly with the same request bytes. With no model named, the
+embedded default pair is used (exported to ONNX on first use).
 """
 
 from __future__ import annotations
@@ -15,15 +18,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from device.client import ClientConfig, ServiceClient, ServiceError, generate_image
 from device.engines import DeviceEngines, EngineConfig
-from device.pipeline import DevicePipeline, GenerationConfig, Method, describe_sent
+from device.generate import ProgressBar, report_lines
+from device.pipeline import DevicePipeline, GenerationConfig, Method
 from device.oblivious import ObliviousError, TransformConfig
 from runtime.manifest import ManifestError
 from runtime.protocol import ProtocolError
 
+from .local import LocalService, LocalServiceConfig, LocalServiceError
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Run one private text-to-image request (cloud + device in one process).")
+    p = argparse.ArgumentParser(
+        description="Run one private text-to-image request: a loopback cloud service + this device.")
     p.add_argument("prompt")
     p.add_argument("--out", default="out/obclip.png", type=Path, help="PNG to write")
     p.add_argument("--cloud-model", default=None, help="cloud model directory or hub id (default: embedded mini)")
@@ -42,6 +50,11 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--max-candidates", type=int, default=32)
+    p.add_argument("--schema", default=None,
+                   help="attribute schema JSON (default: device/schemas/person.json; the embedded mini "
+                        "model draws shapes: use device/schemas/shapes.json)")
+    p.add_argument("--in-process", action="store_true",
+                   help="call the cloud step runner in this process instead of starting the HTTP service")
     args = p.parse_args(argv)
 
     from .models import resolve_model_dir  # torch loads here, after argument errors
@@ -59,40 +72,38 @@ def main(argv=None) -> int:
         config = GenerationConfig(
             method=Method(args.method), num_inference_steps=args.steps, switch_step=args.switch_step,
             guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
-            wire_dtype=args.wire_dtype, transform=TransformConfig(max_candidates=args.max_candidates),
+            wire_dtype=args.wire_dtype,
+            transform=TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema),
             acceleration=args.acceleration,
         )
         pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
         prepared = pipeline.prepare(args.prompt, config)  # refuse bad input before loading the cloud
 
-        cloud = None
-        if prepared.request is not None:
+        client = None
+        if prepared.request is None:  # device-only: nothing is sent, no service needed
+            result = pipeline.generate(args.prompt, None, config, on_step=ProgressBar())
+        elif args.in_process:
             from .models import load_text_to_latent
             from .steps import CloudStepRunner
 
             runner = CloudStepRunner(load_text_to_latent(resolve_model_dir(args.cloud_model, "cloud")))
-            received: list[bytes] = []
-
-            def cloud(request_bytes: bytes) -> bytes:
-                received.append(request_bytes)
-                return runner.handle(request_bytes)
-
-        result = pipeline.generate(args.prompt, cloud, config,
-                                   on_step=lambda i, n: print(f"\r  device step {i}/{n}", end="", file=sys.stderr))
-        print(file=sys.stderr)
-    except (ValueError, FileNotFoundError, ObliviousError, ProtocolError, ManifestError) as e:
+            result = pipeline.generate(args.prompt, runner.handle, config, on_step=ProgressBar())
+        else:
+            model = str(resolve_model_dir(args.cloud_model, "cloud"))
+            print(f"starting the cloud service on loopback ({model}) ...", file=sys.stderr)
+            with LocalService(LocalServiceConfig(model=model)) as service:
+                print(f"cloud service ready at {service.url}", file=sys.stderr)
+                client = ServiceClient(ClientConfig(service.url, timeout_s=600.0, retries=1))
+                result = generate_image(args.prompt, client, pipeline, config, on_step=ProgressBar())
+            print("cloud service stopped", file=sys.stderr)
+    except ServiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, ObliviousError, ProtocolError, ManifestError, LocalServiceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    acc = config.acceleration
-    acc_text = "none" if acc is None else f"r={acc.cache_step} s={acc.skip_step} reuse={acc.batch_reuse} " \
-        f"cache={acc.attention_cache} skip={acc.block_skip}"
-    print(f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  acceleration: {acc_text}  "
-          f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}")
-    print("\n".join(describe_sent(result, config)))
-    t = result.timings
-    print(f"time: cloud {t['cloud']:.2f} s, device steps {t['device_steps']:.2f} s, decode {t['decode']:.2f} s; "
-          f"bytes sent {result.bytes_sent}, received {result.bytes_received}")
+    print("\n".join(report_lines(result, config, client)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result.save_png(args.out)
     print(f"wrote {args.out}")

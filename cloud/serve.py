@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cloud model: a diffusers-layout directory or hub id (default: the embedded mini model)")
     p.add_argument("--host", default=_D.host, help=f"address to bind (default {_D.host})")
     p.add_argument("--port", type=int, default=_D.port, help=f"port (default {_D.port}; 0: any free port)")
+    p.add_argument("--fd", type=int, default=None,
+                   help="serve on this inherited, already bound socket instead of --host/--port "
+                        "(how cloud.local starts a child service on a free port without a race)")
     p.add_argument("--device", default=_D.device, help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default=_D.dtype, choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default float32)")
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
         server.should_exit = True  # polled by uvicorn's main loop
 
     service.on_load_failed = load_failed
-    server.run()
+    # An inherited socket: family and type are read from the descriptor itself.
+    server.run(sockets=None if args.fd is None else [socket.socket(fileno=args.fd)])
     if failed:
         print(f"error: could not load the model: {service.load_error}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from runtime.protocol import ProtocolError
 from .client import ClientConfig, ServiceClient, ServiceError, generate_image
 from .engines import DeviceEngines, EngineConfig
 from .oblivious import ObliviousError, TransformConfig
-from .pipeline import DevicePipeline, GenerationConfig, Method, describe_sent
+from .pipeline import DevicePipeline, GenerationConfig, GenerationResult, Method, describe_sent
 
 DEFAULT_ENGINES = Path(__file__).resolve().parent.parent / "engines" / "device"
 
@@ -42,6 +42,28 @@ class ProgressBar:
         if i >= n:
             self.stream.write("\n")
         self.stream.flush()
+
+
+def report_lines(result: GenerationResult, config: GenerationConfig, client: ServiceClient | None) -> list[str]:
+    """What a run did, for the CLIs: the options, what the server received, and the time split
+    (cloud compute / queue + transfer from the service's Server-Timing, device steps, decode)."""
+    acc = config.acceleration
+    acc_text = "none" if acc is None else f"r={acc.cache_step} s={acc.skip_step} reuse={acc.batch_reuse} " \
+        f"cache={acc.attention_cache} skip={acc.block_skip}"
+    lines = [f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  acceleration: {acc_text}  "
+             f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}  "
+             f"wire: {config.wire_dtype}"]
+    lines += describe_sent(result, config)
+    t = result.timings
+    call = client.last_call if client is not None else None
+    if result.prepared.request is not None and call is not None and call.server_run_s is not None:
+        cloud = (f"cloud compute {call.server_run_s:.2f} s, queue + transfer "
+                 f"{max(0.0, call.total_s - call.server_run_s):.2f} s ({call.attempts} attempt(s))")
+    else:
+        cloud = f"cloud {t['cloud']:.2f} s"
+    lines.append(f"time: {cloud}, device steps {t['device_steps']:.2f} s, decode {t['decode']:.2f} s; "
+                 f"bytes sent {result.bytes_sent}, received {result.bytes_received}")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,20 +121,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    req = result.prepared.request
-    print(f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  "
-          f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}  "
-          f"wire: {config.wire_dtype}")
-    print("\n".join(describe_sent(result, config)))
-    t = result.timings
-    call = client.last_call
-    if req is not None and call is not None and call.server_run_s is not None:
-        cloud = (f"cloud compute {call.server_run_s:.2f} s, queue + transfer "
-                 f"{max(0.0, call.total_s - call.server_run_s):.2f} s ({call.attempts} attempt(s))")
-    else:
-        cloud = f"cloud {t['cloud']:.2f} s"
-    print(f"time: {cloud}, device steps {t['device_steps']:.2f} s, decode {t['decode']:.2f} s; "
-          f"bytes sent {result.bytes_sent}, received {result.bytes_received}")
+    print("\n".join(report_lines(result, config, client)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result.save_png(args.out)
     print(f"wrote {args.out}")
