@@ -66,7 +66,6 @@ PROMPT_SEED = 0       # make_dataset seed of the held-out prompts (as mini/train
 REFERENCE_SEED = 1    # make_dataset seed of the real renders MMD^2 compares against
 SEED = 1234           # generation seed of prompt 0; prompt i uses SEED + i
 SCHEMA_PATH = REPO_ROOT / "device" / "schemas" / "shapes.json"
-TRAINED_DIR = REPO_ROOT / "models" / "obclip-mini"
 ENGINE_CACHE = REPO_ROOT / "engines" / "quality"
 GRID_COLUMNS = 8
 PAPER_PRESETS = {5: "paper-k5", 10: "paper-k10"}
@@ -438,10 +437,6 @@ def write_outputs(out: Path, summary: dict, meta: dict, records: list[dict], cap
 # --------------------------------------------------------------------------
 
 
-def _is_model_dir(path: Path) -> bool:
-    return (path / "model_index.json").is_file()
-
-
 def weights_origin(model: str) -> str:
     """'trained' / 'random' from the dir's obclip_model.json, else 'unknown'."""
     info = Path(model) / "obclip_model.json"
@@ -451,60 +446,30 @@ def weights_origin(model: str) -> str:
         return "unknown (no obclip_model.json)"
 
 
-def resolve_models(cloud: str | None, device: str | None) -> tuple[str, str, bool]:
-    """(cloud_dir, device_dir, defaulted_to_random): explicit dirs win; else the trained pair
-    models/obclip-mini/{cloud,device} when both exist; else the embedded random pair."""
-    from cloud.models import ensure_default_models
+def resolve_models(cloud: str | None, device: str | None) -> tuple[str, str]:
+    """(cloud_dir, device_dir): explicit dirs win, else the embedded trained pair."""
+    from cloud.models import default_models
 
-    trained = _is_model_dir(TRAINED_DIR / "cloud") and _is_model_dir(TRAINED_DIR / "device")
-    fallback = False
     if cloud is None or device is None:
-        if trained:
-            default = (str(TRAINED_DIR / "cloud"), str(TRAINED_DIR / "device"))
-        else:
-            default = tuple(str(p) for p in ensure_default_models())
-            fallback = True
-        cloud = cloud if cloud is not None else default[0]
-        device = device if device is not None else default[1]
-    return cloud, device, fallback
-
-
-def _fingerprint(model: Path) -> str | None:
-    """Names, sizes and mtimes of every file of a model dir (a retrained model in place changes it)."""
-    if not model.is_dir():
-        return None
-    files = sorted(p for p in model.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(model)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+        default = default_models()
+        cloud = cloud if cloud is not None else str(default[0])
+        device = device if device is not None else str(default[1])
+    return cloud, device
 
 
 def resolve_engines(device_model: str, engines: str | None = None, cache: Path = ENGINE_CACHE) -> str:
     """Device engines for ``device_model``: --engines as given; the embedded default's own
     (ensure_default_engines); else exported once into ``cache``/<hash of the path>/device and reused
-    while its manifest names the same model and the model's files are unchanged."""
+    while the model's files are unchanged."""
     from cloud.models import DEFAULT_MODELS_DIR
-    from export.build_engines import build_device_engines, ensure_default_engines
-    from runtime.manifest import Manifest, ManifestError
+    from export.build_engines import ensure_default_engines, ensure_engines
 
     if engines:
         return engines
     model = Path(device_model).resolve()
     if model == (DEFAULT_MODELS_DIR / "device").resolve():
         return str(ensure_default_engines())
-    root = cache / hashlib.sha256(str(model).encode()).hexdigest()[:16]
-    target, stamp = root / "device", root / "source.json"
-    want = {"model": str(model), "fingerprint": _fingerprint(model)}
-    try:
-        current = (Manifest.load(target).model_id == str(model) and json.loads(stamp.read_text()) == want)
-    except (ManifestError, OSError, ValueError):
-        current = False
-    if not current:  # missing, stale, or the model changed since the export
-        build_device_engines(str(model), root)
-        stamp.write_text(json.dumps(want, indent=1))
-    return str(target)
+    return str(ensure_engines(str(model), cache / hashlib.sha256(str(model).encode()).hexdigest()[:16]))
 
 
 def _machine() -> str:
@@ -523,9 +488,9 @@ def main(argv=None) -> int:
     keys = [m.key for m in default_methods()]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cloud-model", default=None,
-                   help=f"cloud model dir (default: {TRAINED_DIR / 'cloud'} if present, else the random pair)")
+                   help="cloud model dir (default: the embedded pair, models/obclip-mini/cloud)")
     p.add_argument("--device-model", default=None,
-                   help=f"device model dir (default: {TRAINED_DIR / 'device'} if present, else the random pair)")
+                   help="device model dir (default: the embedded pair, models/obclip-mini/device)")
     p.add_argument("--engines", default=None,
                    help="device engines dir (default: exported from the device model into a cache, reused)")
     p.add_argument("--prompts", type=int, default=60, help="number of held-out prompts (default 60)")
@@ -561,7 +526,7 @@ def main(argv=None) -> int:
     from device.pipeline import DevicePipeline
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    cloud_dir, device_dir, fallback = resolve_models(args.cloud_model, args.device_model)
+    cloud_dir, device_dir = resolve_models(args.cloud_model, args.device_model)
     engines_dir = resolve_engines(device_dir, args.engines)
     pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=engines_dir, threads=args.threads)))
     runner = CloudStepRunner(load_text_to_latent(cloud_dir))
@@ -575,9 +540,8 @@ def main(argv=None) -> int:
 
     weights = {"cloud": weights_origin(cloud_dir), "device": weights_origin(device_dir)}
     warning = None
-    if fallback or any(w != "trained" for w in weights.values()):
-        warning = (("no trained pair at models/obclip-mini: " if fallback else "")
-                   + f"cloud weights {weights['cloud']}, device weights {weights['device']}; with RANDOM weights "
+    if any(w != "trained" for w in weights.values()):
+        warning = (f"cloud weights {weights['cloud']}, device weights {weights['device']}; with RANDOM weights "
                    "the images are noise and these numbers say nothing about quality")
         log(f"WARNING: {warning}")
     meta = {"cloud_model": cloud_dir, "device_model": device_dir, "engines": engines_dir,

@@ -7,7 +7,6 @@ numpy in, numpy out; no torch anywhere on this side.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 

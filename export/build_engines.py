@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import sys
 import tempfile
@@ -166,17 +167,37 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
     return Manifest.load(target)
 
 
+def model_fingerprint(model: Path) -> str:
+    """SHA-256 over a model dir's file names and contents: retrained weights in place change it."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(model)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_engines(device_model: str, out: Path) -> Path:
+    """``<out>/device`` exported from a local device model dir, reused while its manifest names
+    that model and the model's files are unchanged (``source.json`` beside the manifest)."""
+    target = out / "device"
+    model = Path(device_model).resolve()
+    want = {"model": str(model), "fingerprint": model_fingerprint(model)}
+    try:
+        current = (Manifest.load(target).model_id == str(model)
+                   and json.loads((target / "source.json").read_text()) == want)
+    except (ManifestError, OSError, ValueError):
+        current = False
+    if not current:  # missing, stale, or exported from another model or other weights
+        build_device_engines(str(model), out)
+        (target / "source.json").write_text(json.dumps(want, indent=1))
+    return target
+
+
 def ensure_default_engines() -> Path:
     """<repo>/engines/device for the embedded default model, exported on first use."""
-    target = DEFAULT_OUT / "device"
-    model = resolve_model_dir(None, "device")
-    try:
-        current = Manifest.load(target).model_id == model
-    except ManifestError:
-        current = False
-    if not current:  # missing, stale or exported from another model
-        build_device_engines(model, DEFAULT_OUT)
-    return target
+    return ensure_engines(resolve_model_dir(None, "device"), DEFAULT_OUT)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """The device export: manifest, checks against torch, atomic output; the demo CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,35 @@ def test_demo_refuses_bad_input_cleanly(tmp_path, engines_dir, capsys):
     assert main(["", "--engines", str(engines_dir), "--out", str(tmp_path / "x.png")]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_engines_are_reexported_when_the_model_changes(tmp_path, model_dirs, engines_dir, monkeypatch):
+    """ensure_engines exports once, reuses while the weights are unchanged, re-exports after a retrain."""
+    import shutil
+
+    import export.build_engines as be
+
+    model = tmp_path / "device-model"
+    shutil.copytree(model_dirs[1], model)
+    exports = []
+
+    def fake_build(device_model, out):  # the real export is tested above; here only when it runs
+        exports.append(device_model)
+        target = Path(out) / "device"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(engines_dir, target)
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["model_id"] = device_model
+        (target / "manifest.json").write_text(json.dumps(manifest))
+
+    monkeypatch.setattr(be, "build_device_engines", fake_build)
+    out = tmp_path / "engines"
+    be.ensure_engines(str(model), out)
+    be.ensure_engines(str(model), out)
+    assert len(exports) == 1
+    weights = next(model.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # "retrained" in place
+    weights.write_bytes(bytes(data))
+    be.ensure_engines(str(model), out)
+    assert len(exports) == 2
