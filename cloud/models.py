@@ -182,8 +182,8 @@ def load_clip_tokenizer() -> CLIPTokenizerFast:
 def write_random_model(spec_name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a diffusers-layout model directory with random weights.
 
-    Deterministic in ``seed``. Used for tests and, until trained weights ship,
-    for the embedded default (its images are noise).
+    Deterministic in ``seed``. Used by the tests (fast, and the same code
+    paths as trained weights; its images are noise).
     """
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -209,29 +209,27 @@ def write_random_model(spec_name: str, out_dir: str | Path, seed: int = 0) -> Pa
     return out
 
 
-# The embedded default pair. Random weights until trained ones ship: it runs
-# every code path, and its PNG is noise.
-DEFAULT_MODELS_DIR = REPO_ROOT / "models" / "mini-random"
-DEFAULT_CLOUD_SPEC = "mini"
-DEFAULT_DEVICE_SPEC = "mini-small"
+# The embedded default pair: ObCLIP-Mini, trained on synthetic coloured shapes
+# by mini/train.py and shipped in the repository (models/obclip-mini/MODEL_CARD.md).
+DEFAULT_MODELS_DIR = REPO_ROOT / "models" / "obclip-mini"
 
 
-def ensure_default_models(root: Path = DEFAULT_MODELS_DIR) -> tuple[Path, Path]:
-    """Build the embedded default pair (cloud, device) if it is not there yet."""
-    pair = []
-    for role, spec, seed in (("cloud", DEFAULT_CLOUD_SPEC, 0), ("device", DEFAULT_DEVICE_SPEC, 1)):
-        path = root / role
-        if not (path / "model_index.json").is_file():
-            print(f"building the embedded default {role} model ({spec}, random weights) at {path}")
-            write_random_model(spec, path, seed=seed)
-        pair.append(path)
-    return pair[0], pair[1]
+def default_models(root: Path = DEFAULT_MODELS_DIR) -> tuple[Path, Path]:
+    """The embedded default pair (cloud dir, device dir); a clear error if it is missing."""
+    pair = (root / "cloud", root / "device")
+    missing = [str(p) for p in pair if not (p / "model_index.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded ObCLIP-Mini model pair is missing ({', '.join(missing)}). It ships with the "
+            "repository: restore it with `git checkout -- models/obclip-mini`, or retrain it with "
+            "`python -m mini.train --out models/obclip-mini` (see its MODEL_CARD.md), or name a model.")
+    return pair
 
 
 def resolve_model_dir(model: str | None, role: str) -> str:
     """Model argument -> a local directory or hub id. None = embedded default."""
     if model is None:
-        cloud, device = ensure_default_models()
+        cloud, device = default_models()
         return str(cloud if role == "cloud" else device)
     return model
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up, then run one private request on the embedded default models and write a PNG.
+# Set up, then run one private request on the embedded ObCLIP-Mini pair: the
+# cloud service starts on loopback, the device client talks to it over HTTP,
+# the PNG is written and the service is stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m cloud.demo "${1:-a portrait photo of an old woman wearing glasses}" --out "${2:-out/obclip.png}" --seed 0
+.venv/bin/python -m cloud.demo "${1:-a large red circle on a white background}" --out "${2:-out/obclip.png}" \
+    --schema device/schemas/shapes.json --seed 0

@@ -1,0 +1,63 @@
+"""The shipped ObCLIP-Mini pair (models/obclip-mini) draws what it is asked for.
+
+End to end as the main job runs it, minus HTTP: the device pipeline (ONNX
+engines exported from the shipped device model) and the cloud step runner on
+the shipped cloud model, the shapes schema (18 candidates per request), then
+mini/analyser.py reads the colour of the PNG-ready image. Fixed seeds, so
+each case is deterministic; the quality benchmark (benchmarks/quality.py)
+measures the rates over held-out prompts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cloud.models import DEFAULT_MODELS_DIR
+
+SCHEMA = "device/schemas/shapes.json"
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+# Measured when the pair was trained: 5 of 6 at seed 0 (orange is drawn yellow, the
+# model's commonest confusion; see MODEL_CARD.md). A weaker retrain fails here.
+MIN_RIGHT = 5
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    from cloud.models import default_models, load_text_to_latent
+    from cloud.steps import CloudStepRunner
+    from device.engines import DeviceEngines, EngineConfig
+    from device.pipeline import DevicePipeline
+    from export.build_engines import ensure_engines
+
+    cloud_dir, device_dir = default_models()
+    engines = ensure_engines(str(device_dir), tmp_path_factory.mktemp("shipped-engines"))
+    return DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines)))), \
+        CloudStepRunner(load_text_to_latent(str(cloud_dir)))
+
+
+def test_the_pair_ships_trained_weights_within_the_size_budget():
+    total = 0
+    for role in ("cloud", "device"):
+        info = json.loads((DEFAULT_MODELS_DIR / role / "obclip_model.json").read_text())
+        assert info["weights"] == "trained", info
+        total += sum(p.stat().st_size for p in (DEFAULT_MODELS_DIR / role).rglob("*") if p.is_file())
+    assert total <= 40e6, f"the shipped pair is {total / 1e6:.1f} MB, over the 40 MB budget"
+    assert (DEFAULT_MODELS_DIR / "MODEL_CARD.md").is_file()
+
+
+def test_obclip_images_have_the_prompted_colour(shipped):
+    from device.pipeline import GenerationConfig
+    from device.oblivious import TransformConfig
+    from mini.analyser import analyse
+
+    pipeline, runner = shipped
+    config = GenerationConfig(seed=0, switch_step=10, transform=TransformConfig(schema_path=SCHEMA))
+    got = {}
+    for colour in COLOURS:
+        result = pipeline.generate(f"a large {colour} square on a white background", runner.handle, config)
+        assert result.prepared.request.n == 18  # 6 colours x 3 shapes: the server cannot tell
+        got[colour] = analyse(result.image).colour
+    right = [c for c in COLOURS if got[c] == c]
+    assert len(right) >= MIN_RIGHT, f"prompted -> drawn colour: {got}"
