@@ -10,8 +10,10 @@ closed loop: --clients threads, each with its own stdlib ServiceClient
 request its own candidates and seed) and wait for each answer before the next.
 Twice, side by side: batch_window_ms=0 (one at a time) and --window-ms. Prints
 per run: throughput (requests/s), p50/p95/p99 latency, errors (must be 0),
-the process RSS before/after (the service runs in this process, so it includes
-the client threads; it must stay flat), request and response bytes per
+the process RSS before, after a quarter of the requests and at the end (the
+service runs in this process, so it includes the client threads; from the
+quarter mark on it must stay flat: before it, the allocator grows to the
+largest batch shapes and keeps that memory), request and response bytes per
 request; then the batched/unbatched throughput ratio. Exit status 1 if any
 request failed.
 """
@@ -103,6 +105,7 @@ def run_load(args, window_ms: float, bodies: list[bytes]) -> dict:
         rss_before = rss_mb()
         next_i, lock = [0], threading.Lock()
         latencies, errors, sent, received = [], [], [0], [0]
+        rss_quarter = [float("nan")]  # the allocator grows to the largest batch shapes first
 
         def client_loop() -> None:
             client = ServiceClient(ClientConfig(url, timeout_s=args.timeout, retries=0))
@@ -110,6 +113,8 @@ def run_load(args, window_ms: float, bodies: list[bytes]) -> dict:
                 with lock:
                     if next_i[0] >= len(bodies):
                         return
+                    if next_i[0] == len(bodies) // 4:
+                        rss_quarter[0] = rss_mb()
                     body = bodies[next_i[0]]
                     next_i[0] += 1
                 t0 = time.perf_counter()
@@ -141,7 +146,7 @@ def run_load(args, window_ms: float, bodies: list[bytes]) -> dict:
             "window_ms": window_ms, "requests": len(bodies), "ok": ok, "errors": len(errors),
             "error_samples": errors[:3], "wall_s": wall, "throughput": ok / wall if wall else float("nan"),
             "p50": percentile(latencies, 50), "p95": percentile(latencies, 95), "p99": percentile(latencies, 99),
-            "rss_before": rss_before, "rss_after": rss_after,
+            "rss_before": rss_before, "rss_quarter": rss_quarter[0], "rss_after": rss_after,
             "req_bytes": sent[0] / ok if ok else float("nan"), "resp_bytes": received[0] / ok if ok else float("nan"),
             # the warm-up and the first request each ran as a batch of one
             "mean_batch": (batched_requests - 2) / (batches - 2) if batches > 2 else float("nan"),
@@ -178,12 +183,13 @@ def main(argv=None) -> int:
           f"pid={os.getpid()}", flush=True)
     runs = [run_load(args, 0.0, bodies), run_load(args, args.window_ms, bodies)]
     head = (f"{'batching':>14} {'req/s':>8} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'errors':>6} "
-            f"{'mean batch':>10} {'RSS MB before':>13} {'after':>8} {'req B':>7} {'resp B':>8}")
+            f"{'mean batch':>10} {'RSS MB before':>13} {'at 1/4':>8} {'end':>8} {'req B':>7} {'resp B':>8}")
     print(head)
     for r in runs:
         label = "off (0 ms)" if r["window_ms"] == 0 else f"on ({r['window_ms']:g} ms)"
         print(f"{label:>14} {r['throughput']:8.2f} {r['p50']:8.3f} {r['p95']:8.3f} {r['p99']:8.3f} "
-              f"{r['errors']:6d} {r['mean_batch']:10.2f} {r['rss_before']:13.1f} {r['rss_after']:8.1f} "
+              f"{r['errors']:6d} {r['mean_batch']:10.2f} {r['rss_before']:13.1f} {r['rss_quarter']:8.1f} "
+              f"{r['rss_after']:8.1f} "
               f"{r['req_bytes']:7.0f} {r['resp_bytes']:8.0f}")
         for e in r["error_samples"]:
             print(f"  error: {e}")
