@@ -20,7 +20,7 @@ from pathlib import Path
 
 from device.client import ClientConfig, ServiceClient, ServiceError, generate_image
 from device.engines import DeviceEngines, EngineConfig
-from device.generate import ProgressBar, report_lines
+from device.generate import ProgressBar, report_and_save
 from device.pipeline import DevicePipeline, GenerationConfig, Method
 from device.oblivious import ObliviousError, TransformConfig
 from runtime.manifest import ManifestError
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print("\n".join(report_lines(result, config, client)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result.save_png(args.out)
-    print(f"wrote {args.out}")
+    report_and_save(result, config, client, args.out)
     return 0
 
 

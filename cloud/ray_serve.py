@@ -198,20 +198,14 @@ def main(argv=None) -> int:
         print(f"error: --route-prefix must start with '/' and not end with one, got {args.route_prefix!r}",
               file=sys.stderr)
         return 2
-    from .serve import config_from_args
+    from .serve import checked_config
 
     try:
-        config = config_from_args(args)
+        config = checked_config(args)  # on a multi-node cluster the model path must exist on every node
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = args.model
-    # The same check as cloud.serve; on a multi-node cluster the path must exist on every node.
-    if model is not None and (model.startswith((".", "/", "~")) or model.count("/") != 1) \
-            and not Path(model).expanduser().exists():
-        print(f"error: model directory {model!r} does not exist (a diffusers-layout directory or a hub id)",
-              file=sys.stderr)
-        return 2
     if model is not None and Path(model).expanduser().exists():
         # Replicas do not start in this directory: give them an absolute path.
         config = replace(config, model=str(Path(model).expanduser().resolve()))

@@ -79,18 +79,22 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     )
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def checked_config(args: argparse.Namespace) -> ServiceConfig:
+    """The ServiceConfig of the flags; ValueError if a value is invalid or a local --model is missing."""
+    config = config_from_args(args)
     model = args.model
     if model is not None and (model.startswith((".", "/", "~")) or model.count("/") != 1) \
             and not Path(model).expanduser().exists():
-        print(f"error: model directory {model!r} does not exist (a diffusers-layout directory or a hub id)",
-              file=sys.stderr)
+        raise ValueError(f"model directory {model!r} does not exist (a diffusers-layout directory or a hub id)")
+    return config
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = checked_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     import uvicorn

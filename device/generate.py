@@ -66,6 +66,15 @@ def report_lines(result: GenerationResult, config: GenerationConfig, client: Ser
     return lines
 
 
+def report_and_save(result: GenerationResult, config: GenerationConfig, client: ServiceClient | None,
+                    out: Path) -> None:
+    """Print the report, write the PNG (its folder made if needed) and say where."""
+    print("\n".join(report_lines(result, config, client)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save_png(out)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m device.generate",
                                 description="Generate one image privately: candidates to the cloud service, "
@@ -121,10 +130,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print("\n".join(report_lines(result, config, client)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result.save_png(args.out)
-    print(f"wrote {args.out}")
+    report_and_save(result, config, client, args.out)
     return 0
 
 
