@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
 from runtime.plan import AccelerationConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fidelity = _load("fidelity")
-latency = _load("latency")
+fidelity = load_benchmark("fidelity")
+latency = load_benchmark("latency")
 
 # k=3, r=1, s=2 on T=4: every kind of step occurs, one device step remains.
 TINY = {"tiny": AccelerationConfig(switch_step=3, cache_step=1, skip_step=2)}

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from _bench import load_benchmark
 
 
 def test_load_benchmark_smoke(model_dirs, capsys):
@@ -11,10 +10,7 @@ def test_load_benchmark_smoke(model_dirs, capsys):
 
     service_log = logging.getLogger("obclip.service")
     level = service_log.level  # the CLI quiets it process-wide; other tests read its records
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "load.py"
-    spec = importlib.util.spec_from_file_location("load_benchmark", path)
-    load = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load)
+    load = load_benchmark("load")
     try:
         rc = load.main(["--clients", "2", "--requests", "8", "--n", "2", "--steps", "4", "-k", "2",
                         "--model", str(model_dirs[0])])

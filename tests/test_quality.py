@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _bench import load_benchmark
 
 from runtime.plan import AccelerationConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load("quality")
+quality = load_benchmark("quality")
 
 # k=2 on T=4: one batch-reuse step (r=1), then cache+skip (s=1), two device steps.
 TINY = {2: AccelerationConfig(switch_step=2, cache_step=1, skip_step=1)}
