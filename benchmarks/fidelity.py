@@ -46,11 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from runtime.plan import PRESETS, AccelerationConfig, SkipVariant, StepMode, make_plan, preset  # noqa: E402
+from obclip.runtime.plan import PRESETS, AccelerationConfig, SkipVariant, StepMode, make_plan, preset
 
 # Fixed candidate sets from the person schema: two with N = 2 (gender), two with N = 6 (age x gender).
 PROMPTS = [
@@ -101,9 +99,9 @@ def psnr_of_mse(m: float) -> float:
 def _split_run(runner, pipeline, prompt: str, steps: int, acc: AccelerationConfig, seed: int,
                guidance: float, size: int | None, decode: bool):
     """One request through the server, then every candidate finished on the device as if it were real."""
-    from device.pipeline import GenerationConfig, Method
-    from runtime.protocol import decode_handoff
-    from runtime.solver import make_schedule
+    from obclip.device.pipeline import GenerationConfig, Method
+    from obclip.runtime.protocol import decode_handoff
+    from obclip.runtime.solver import make_schedule
 
     config = GenerationConfig(method=Method.OBCLIP, num_inference_steps=steps, switch_step=acc.switch_step,
                               guidance_scale=guidance, seed=seed, height=size, width=size, acceleration=acc)
@@ -259,7 +257,7 @@ def _jsonable(obj):
 
 
 def _engines_dir(args) -> str:
-    from export.build_engines import build_device_engines, ensure_default_engines
+    from obclip.export.build_engines import build_device_engines, ensure_default_engines
 
     if args.engines:
         return args.engines
@@ -296,10 +294,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cloud.models import load_text_to_latent, resolve_model_dir
-    from cloud.steps import CloudStepRunner
-    from device.engines import DeviceEngines, EngineConfig
-    from device.pipeline import DevicePipeline
+    from obclip.cloud.models import load_text_to_latent, resolve_model_dir
+    from obclip.cloud.steps import CloudStepRunner
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.device.pipeline import DevicePipeline
 
     cloud_dir = resolve_model_dir(args.cloud_model, "cloud")
     engines_dir = _engines_dir(args)

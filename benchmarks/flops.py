@@ -34,14 +34,11 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from cloud.flops import FlopBreakdown, FlopCounter, meta_unet  # noqa: E402
-from runtime.plan import PRESETS, AccelerationConfig, PlannedStep, make_plan  # noqa: E402
+from obclip.cloud.flops import FlopBreakdown, FlopCounter, meta_unet
+from obclip.runtime.plan import PRESETS, AccelerationConfig, PlannedStep, make_plan
 
 TERA = 1e12
 
@@ -179,7 +176,7 @@ class StepCounter:
         table.setdefault(key, cost)
 
     def _run(self, name, n, config, steps, keys, skip_known: bool) -> None:
-        from cloud.acceleration import AcceleratedUNet
+        from obclip.cloud.acceleration import AcceleratedUNet
 
         unet, x, cond, uncond, t = self._inputs(name, n)
         with ExitStack() as stack:
@@ -245,7 +242,7 @@ def _device(b: FlopBreakdown) -> tuple[float, float]:
 
 def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), presets=("paper-k5", "paper-k10"),
             ns=(2, 4, 6, 30), num_steps: int = 25, variants=VARIANTS, exhaustive: bool = False,
-            counter: "StepCounter | None" = None) -> dict:
+            counter: StepCounter | None = None) -> dict:
     """Count everything and lay out the table. Returns a JSON-able dict."""
     started = time.perf_counter()
     c = counter or StepCounter(exhaustive=exhaustive)
@@ -270,7 +267,7 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
         k = preset.switch_step
         for n in ns:
             rows = []
-            def add(key, label, kind, pair, device=None):
+            def add(key, label, kind, pair, device=None, rows=rows, k=k, n=n):
                 rows.append(Row(key, label, kind, pair[0], pair[1], _paper(key, k, n, cloud, device, num_steps)))
 
             add("cloud_only", f"{cloud} cloud only (one image, {num_steps} guided steps)", "unaccelerated",

@@ -12,12 +12,8 @@ then show numerical sensitivity, not perceived quality).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 PROMPTS = [
     "a portrait photo of an old woman wearing glasses",
@@ -44,11 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None)
     args = p.parse_args(argv)
 
-    from cloud.models import load_text_to_latent, resolve_model_dir
-    from cloud.steps import CloudStepRunner
-    from device.engines import DeviceEngines, EngineConfig
-    from device.pipeline import DevicePipeline, GenerationConfig
-    from export.build_engines import ensure_default_engines
+    from obclip.cloud.models import load_text_to_latent, resolve_model_dir
+    from obclip.cloud.steps import CloudStepRunner
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.device.pipeline import DevicePipeline, GenerationConfig
+    from obclip.export.build_engines import ensure_default_engines
 
     engines = args.engines or ensure_default_engines()
     pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines))))
@@ -68,9 +64,11 @@ def main(argv=None) -> int:
             d = float(np.abs(a.latent - b.latent).max())
             q = psnr(a.image, b.image)
             rows.append(q)
-            print(f"{k:>3} {n:>3}  {a.bytes_received / n:>11.0f} {b.bytes_received / n:>11.0f}  {d:>13.2e} {q:>8.1f}  {prompt}")
+            print(f"{k:>3} {n:>3}  {a.bytes_received / n:>11.0f} {b.bytes_received / n:>11.0f}  "
+                  f"{d:>13.2e} {q:>8.1f}  {prompt}")
     finite = [q for q in rows if np.isfinite(q)]
-    print(f"min PSNR {min(rows):.1f} dB, mean PSNR over finite rows {np.mean(finite) if finite else float('inf'):.1f} dB")
+    mean = np.mean(finite) if finite else float("inf")
+    print(f"min PSNR {min(rows):.1f} dB, mean PSNR over finite rows {mean:.1f} dB")
     return 0
 
 

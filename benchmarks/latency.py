@@ -46,9 +46,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from runtime.plan import PRESETS, AccelerationConfig, preset  # noqa: E402
+from obclip.runtime.plan import PRESETS, AccelerationConfig, preset
 
 SEED = 1234
 GUIDANCE = 7.5
@@ -73,7 +71,7 @@ REAL_PROMPT = "a portrait photo of an old woman wearing glasses"
 
 
 def candidates(n: int) -> tuple[str, ...]:
-    from device.oblivious import ObliviousTransform, TransformConfig
+    from obclip.device.oblivious import ObliviousTransform, TransformConfig
 
     if n == 1:
         return (REAL_PROMPT,)
@@ -122,7 +120,7 @@ def build_rows(presets, ns, steps: int, baselines: bool = True) -> list[Row]:
 
 
 def make_request(row: Row, steps: int, size: int, seed: int = SEED, guidance: float = GUIDANCE):
-    from runtime.protocol import StepsRequest
+    from obclip.runtime.protocol import StepsRequest
 
     return StepsRequest(candidates=candidates(row.n), seed=seed, num_inference_steps=steps, switch_step=row.k,
                         guidance_scale=guidance, height=size, width=size, acceleration=row.acceleration)
@@ -170,7 +168,7 @@ def measure(runner, rows: list[Row], *, steps: int, size: int, repeats: int, war
         t0 = time.perf_counter()
         start = rep % len(keys)
         for key in keys[start:] + keys[:start]:
-            times[key].append(timed(lambda: runner.run(jobs[key])))
+            times[key].append(timed(lambda key=key: runner.run(jobs[key])))
         if progress:
             progress(f"repeat {rep + 1}/{repeats}: {time.perf_counter() - t0:.1f}s")
 
@@ -203,7 +201,13 @@ def random_full_size_model(name: str, device: str, dtype):
     text encoder; everything else (tokenizer, scheduler config, latent geometry) as SD-v1.4's."""
     import torch
 
-    from cloud.models import SD14_SCHEDULER_CONFIG, UNET_CONFIGS, TextToLatentModel, build_unet, load_clip_tokenizer
+    from obclip.cloud.models import (
+        SD14_SCHEDULER_CONFIG,
+        UNET_CONFIGS,
+        TextToLatentModel,
+        build_unet,
+        load_clip_tokenizer,
+    )
 
     class RandomTextModel(TextToLatentModel):
         @torch.no_grad()
@@ -289,8 +293,8 @@ def main(argv=None) -> int:
         print("error: --cloud-model goes with --model mini; --model sd-v1.4 builds random weights", file=sys.stderr)
         return 2
 
-    from cloud.models import load_text_to_latent, resolve_model_dir
-    from cloud.steps import CloudStepRunner
+    from obclip.cloud.models import load_text_to_latent, resolve_model_dir
+    from obclip.cloud.steps import CloudStepRunner
 
     t_load = time.perf_counter()
     if model_name == "mini":

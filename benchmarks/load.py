@@ -28,8 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 PEOPLE = [f"a photo of a{n} {age} {who}" for age, n in (("young", ""), ("middle-aged", ""), ("old", "n"))
           for who in ("man", "woman", "boy", "girl")]
 
@@ -57,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
 def start_service(config):
     import uvicorn
 
-    from cloud.service import Service, create_app
+    from obclip.cloud.service import Service, create_app
 
     service = Service(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -70,8 +68,8 @@ def start_service(config):
 
 
 def make_bodies(args) -> list[bytes]:
-    from runtime.plan import preset
-    from runtime.protocol import StepsRequest
+    from obclip.runtime.plan import preset
+    from obclip.runtime.protocol import StepsRequest
 
     acc = preset(args.acceleration) if args.acceleration else None
     bodies = []
@@ -83,8 +81,8 @@ def make_bodies(args) -> list[bytes]:
 
 
 def run_load(args, window_ms: float, bodies: list[bytes]) -> dict:
-    from cloud.service import ServiceConfig
-    from device.client import ClientConfig, ServiceClient
+    from obclip.cloud.service import ServiceConfig
+    from obclip.device.client import ClientConfig, ServiceClient
 
     config = ServiceConfig(model=args.model, batch_window_ms=window_ms, queue_size=max(8, 2 * args.clients),
                            request_timeout_s=args.timeout, max_batch_rows=args.max_batch_rows,

@@ -56,17 +56,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # mini/ (the demo model's data and analyser) runs from the checkout only
 
 import numpy as np  # noqa: E402
 
-from runtime.plan import AccelerationConfig, preset  # noqa: E402
+from obclip.runtime.locations import default_engines_root  # noqa: E402
+from obclip.runtime.plan import AccelerationConfig, preset  # noqa: E402
 
 PROMPT_SEED = 0       # make_dataset seed of the held-out prompts (as mini/train.py's evaluation)
 REFERENCE_SEED = 1    # make_dataset seed of the real renders MMD^2 compares against
 SEED = 1234           # generation seed of prompt 0; prompt i uses SEED + i
-SCHEMA_PATH = REPO_ROOT / "device" / "schemas" / "shapes.json"
-ENGINE_CACHE = REPO_ROOT / "engines" / "quality"
+SCHEMA = "shapes"     # the attribute schema shipped with obclip for the mini pair
+ENGINE_CACHE = default_engines_root() / "quality"
 GRID_COLUMNS = 8
 PAPER_PRESETS = {5: "paper-k5", 10: "paper-k10"}
 
@@ -86,12 +87,12 @@ class MethodSpec:
     acceleration: AccelerationConfig | None = None
 
     def config(self, steps: int, guidance: float, seed: int):
-        from device.oblivious import TransformConfig
-        from device.pipeline import GenerationConfig
+        from obclip.device.oblivious import TransformConfig
+        from obclip.device.pipeline import GenerationConfig
 
         return GenerationConfig(method=self.method, num_inference_steps=steps, switch_step=self.k,
                                 guidance_scale=guidance, seed=seed, acceleration=self.acceleration,
-                                transform=TransformConfig(schema_path=str(SCHEMA_PATH)))
+                                transform=TransformConfig(schema_path=SCHEMA))
 
     def cloud_steps(self, steps: int) -> int:
         if self.method == "cloud-only":
@@ -175,7 +176,7 @@ def run_methods(cloud, pipeline, methods: list[MethodSpec], prompts: list[str], 
             config = spec.config(steps, guidance, seed + i)
             handoffs = []
 
-            def transport(request: bytes) -> bytes:
+            def transport(request: bytes, handoffs: list = handoffs) -> bytes:
                 handoffs.append(cloud(request))
                 return handoffs[-1]
 
@@ -299,7 +300,8 @@ def header_lines(meta: dict) -> list[str]:
         f"- cloud model: `{meta['cloud_model']}` (weights: {meta['cloud_weights']})",
         f"- device model: `{meta['device_model']}` (weights: {meta['device_weights']}), "
         f"engines `{meta['engines']}`",
-        f"- T = {meta['T']} DPM-Solver++ steps, guidance {meta['guidance']}, {meta['prompts']} prompts: the captions of "
+        f"- T = {meta['T']} DPM-Solver++ steps, guidance {meta['guidance']}, {meta['prompts']} prompts: "
+        f"the captions of "
         f"`make_dataset({meta['prompts']}, seed={PROMPT_SEED}, split=\"heldout\")`, prompt i with seed "
         f"{meta['seed']} + i for every method",
         f"- ObCLIP candidates: schema `{meta['schema']}`, N = {meta['n_candidates']} per request; "
@@ -448,7 +450,7 @@ def weights_origin(model: str) -> str:
 
 def resolve_models(cloud: str | None, device: str | None) -> tuple[str, str]:
     """(cloud_dir, device_dir): explicit dirs win, else the embedded trained pair."""
-    from cloud.models import default_models
+    from obclip.cloud.models import default_models
 
     if cloud is None or device is None:
         default = default_models()
@@ -461,8 +463,8 @@ def resolve_engines(device_model: str, engines: str | None = None, cache: Path =
     """Device engines for ``device_model``: --engines as given; the embedded default's own
     (ensure_default_engines); else exported once into ``cache``/<hash of the path>/device and reused
     while the model's files are unchanged."""
-    from cloud.models import DEFAULT_MODELS_DIR
-    from export.build_engines import ensure_default_engines, ensure_engines
+    from obclip.cloud.models import DEFAULT_MODELS_DIR
+    from obclip.export.build_engines import ensure_default_engines, ensure_engines
 
     if engines:
         return engines
@@ -488,9 +490,9 @@ def main(argv=None) -> int:
     keys = [m.key for m in default_methods()]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cloud-model", default=None,
-                   help="cloud model dir (default: the embedded pair, models/obclip-mini/cloud)")
+                   help="cloud model dir (default: the embedded pair, src/obclip/models/obclip-mini/cloud)")
     p.add_argument("--device-model", default=None,
-                   help="device model dir (default: the embedded pair, models/obclip-mini/device)")
+                   help="device model dir (default: the embedded pair, src/obclip/models/obclip-mini/device)")
     p.add_argument("--engines", default=None,
                    help="device engines dir (default: exported from the device model into a cache, reused)")
     p.add_argument("--prompts", type=int, default=60, help="number of held-out prompts (default 60)")
@@ -519,11 +521,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cloud.models import load_text_to_latent
-    from cloud.steps import CloudStepRunner
-    from device.engines import DeviceEngines, EngineConfig
-    from device.oblivious import ObliviousTransform, TransformConfig
-    from device.pipeline import DevicePipeline
+    from obclip.cloud.models import load_text_to_latent
+    from obclip.cloud.steps import CloudStepRunner
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.device.oblivious import ObliviousTransform, TransformConfig
+    from obclip.device.pipeline import DevicePipeline
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     cloud_dir, device_dir = resolve_models(args.cloud_model, args.device_model)
@@ -533,7 +535,7 @@ def main(argv=None) -> int:
 
     captions, attrs, renders = heldout_prompts(args.prompts)
     reference = reference_renders(args.prompts)
-    transform = ObliviousTransform(TransformConfig(schema_path=str(SCHEMA_PATH)))
+    transform = ObliviousTransform(TransformConfig(schema_path=SCHEMA))
     sets = [transform(c) for c in captions]
     n_cands = sorted({s.n for s in sets})
     pivot = sets[0].assignments[0]
@@ -549,7 +551,7 @@ def main(argv=None) -> int:
             "device_weights": weights["device"], "warning": warning, "T": args.steps, "guidance": args.guidance,
             "prompts": args.prompts, "seed": args.seed, "prompt_source": {"seed": PROMPT_SEED, "split": "heldout"},
             "reference_source": {"seed": REFERENCE_SEED, "split": "heldout"},
-            "schema": str(SCHEMA_PATH.relative_to(REPO_ROOT)),
+            "schema": SCHEMA,
             "n_candidates": n_cands[0] if len(n_cands) == 1 else n_cands,
             "pivot": " ".join(str(v) for v in pivot.values()), "methods": [m.key for m in methods],
             "all_candidates": args.all_candidates, "threads": args.threads, "machine": _machine()}

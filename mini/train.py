@@ -41,9 +41,9 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ class Hyper:
         base = {"vae": self.vae_steps, "text-unet": self.unet_steps, "distil": self.distil_steps}[stage]
         return max(1, round(base * scale))
 
-    def with_overrides(self, items: list[str]) -> "Hyper":
+    def with_overrides(self, items: list[str]) -> Hyper:
         types = {f.name: f.type for f in dataclasses.fields(self)}
         changes = {}
         for item in items:
@@ -317,7 +317,7 @@ def dpm_scheduler_config() -> dict:
     """
     from diffusers import DPMSolverMultistepScheduler
 
-    from cloud.models import SD14_SCHEDULER_CONFIG
+    from obclip.cloud.models import SD14_SCHEDULER_CONFIG
 
     config = {**SD14_SCHEDULER_CONFIG, "_class_name": "DPMSolverMultistepScheduler",
               "algorithm_type": "dpmsolver++", "solver_order": 2, "prediction_type": "epsilon",
@@ -387,9 +387,10 @@ def _to_float_images(images: np.ndarray) -> torch.Tensor:
 
 
 def stage_vae(run: Run) -> None:
-    from cloud.models import VAE_CONFIGS, build_vae
     from diffusers import AutoencoderKL
+
     from mini.shapes import make_dataset
+    from obclip.cloud.models import VAE_CONFIGS, build_vae
 
     hp, dev = run.hp, run.device
     total = hp.steps("vae", run.scale)
@@ -511,7 +512,7 @@ def _noise_batch(run: Run, scheduler, z: torch.Tensor, g: torch.Generator):
 def _train_scheduler():
     from diffusers import DDPMScheduler
 
-    from cloud.models import SD14_SCHEDULER_CONFIG
+    from obclip.cloud.models import SD14_SCHEDULER_CONFIG
 
     s = DDPMScheduler.from_config(SD14_SCHEDULER_CONFIG)
     assert s.config.prediction_type == "epsilon" and s.config.beta_schedule == "scaled_linear"
@@ -528,7 +529,7 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 
 
 def stage_text_unet(run: Run) -> None:
-    from cloud.models import build_text_encoder, build_unet
+    from obclip.cloud.models import build_text_encoder, build_unet
 
     hp, dev = run.hp, run.device
     total = hp.steps("text-unet", run.scale)
@@ -583,7 +584,7 @@ def stage_text_unet(run: Run) -> None:
 
 @functools.lru_cache(maxsize=1)
 def clip_tokenizer():
-    from cloud.models import load_clip_tokenizer
+    from obclip.cloud.models import load_clip_tokenizer
 
     return load_clip_tokenizer()
 
@@ -595,7 +596,7 @@ def _encode(text_encoder, prompts: list[str], dev) -> torch.Tensor:
 
 def _load_cloud(run: Run):
     """The EMA text encoder and cloud UNet of stage text-unet."""
-    from cloud.models import build_text_encoder, build_unet
+    from obclip.cloud.models import build_text_encoder, build_unet
 
     if not run.done("text-unet"):
         raise SystemExit("stage text-unet has not finished; run --stage text-unet first")
@@ -658,7 +659,7 @@ class StageOutputs:
 
 
 def stage_distil(run: Run) -> None:
-    from cloud.models import build_unet
+    from obclip.cloud.models import build_unet
 
     hp, dev = run.hp, run.device
     total = hp.steps("distil", run.scale)
@@ -782,7 +783,7 @@ def _component_table(path: Path) -> dict:
 def stage_package(run: Run) -> None:
     from diffusers import AutoencoderKL
 
-    from cloud.models import build_unet, load_text_to_latent
+    from obclip.cloud.models import build_unet, load_text_to_latent
 
     hp, dev = run.hp, run.device
     for stage in ("vae", "text-unet", "distil"):

@@ -5,5 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m cloud.demo "${1:-a large red circle on a white background}" --out "${2:-out/obclip.png}" \
-    --schema device/schemas/shapes.json --seed 0
+.venv/bin/obclip-demo "${1:-a large red circle on a white background}" --out "${2:-out/obclip.png}" --seed 0

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """(cloud_dir, device_dir): SD-structured 'mini' and its BK-SDM-style 'mini-small', random weights."""
-    from cloud.models import write_random_model
+    from obclip.cloud.models import write_random_model
 
     root = tmp_path_factory.mktemp("models")
     return write_random_model("mini", root / "cloud", seed=0), write_random_model("mini-small", root / "device", seed=1)
@@ -16,7 +16,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines_dir(model_dirs, tmp_path_factory):
-    from export.build_engines import build_device_engines
+    from obclip.export.build_engines import build_device_engines
 
     out = tmp_path_factory.mktemp("engines")
     build_device_engines(str(model_dirs[1]), out)
@@ -25,28 +25,28 @@ def engines_dir(model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cloud_model(model_dirs):
-    from cloud.models import load_text_to_latent
+    from obclip.cloud.models import load_text_to_latent
 
     return load_text_to_latent(str(model_dirs[0]))
 
 
 @pytest.fixture(scope="session")
 def device_torch_model(model_dirs):
-    from cloud.models import load_text_to_latent
+    from obclip.cloud.models import load_text_to_latent
 
     return load_text_to_latent(str(model_dirs[1]))
 
 
 @pytest.fixture(scope="session")
 def cloud_runner(cloud_model):
-    from cloud.steps import CloudStepRunner
+    from obclip.cloud.steps import CloudStepRunner
 
     return CloudStepRunner(cloud_model)
 
 
 @pytest.fixture(scope="session")
 def device_pipeline(engines_dir):
-    from device.engines import DeviceEngines, EngineConfig
-    from device.pipeline import DevicePipeline
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.device.pipeline import DevicePipeline
 
     return DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))

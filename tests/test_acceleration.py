@@ -12,13 +12,21 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cloud.acceleration import AcceleratedUNet, token_alignment
-from cloud.flops import EXTRA_FORMULAS
-from cloud.models import build_unet, load_clip_tokenizer
-from cloud.steps import CloudStepRunner, guided_eps
-from runtime.plan import (CLOUD, PRESETS, AccelerationConfig, PlannedStep, SkipVariant, StepMode, make_plan,
-                          preset)
-from runtime.protocol import ProtocolError, StepsRequest
+from obclip.cloud.acceleration import AcceleratedUNet, token_alignment
+from obclip.cloud.flops import EXTRA_FORMULAS
+from obclip.cloud.models import build_unet, load_clip_tokenizer
+from obclip.cloud.steps import CloudStepRunner, guided_eps
+from obclip.runtime.plan import (
+    CLOUD,
+    PRESETS,
+    AccelerationConfig,
+    PlannedStep,
+    SkipVariant,
+    StepMode,
+    make_plan,
+    preset,
+)
+from obclip.runtime.protocol import ProtocolError, StepsRequest
 
 N = 4
 G = 7.5
@@ -283,7 +291,7 @@ def test_token_alignment_maps_same_words_to_the_same_column():
 
 def test_reuse_reads_the_pivot_map_through_the_alignment(unets, inputs):
     """A candidate with shifted tokens uses the pivot's map at its own positions, not the raw one."""
-    from cloud.acceleration import TokenAlignment
+    from obclip.cloud.acceleration import TokenAlignment
 
     unet = unets["mini"]
     cond, uncond, x = inputs
@@ -328,7 +336,7 @@ def test_runner_applies_the_plan_and_nothing_leaks_between_requests(cloud_model)
 
 
 def test_device_sends_the_acceleration_and_the_request_stays_oblivious(device_pipeline, cloud_runner):
-    from device.pipeline import GenerationConfig
+    from obclip.device.pipeline import GenerationConfig
 
     config = GenerationConfig(num_inference_steps=10, acceleration=AccelerationConfig(5, 2, 3), seed=5)
     assert config.k == 5

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.acceleration import AcceleratedUNet
-from cloud.steps import CloudStepRunner
-from runtime.plan import CLOUD, AccelerationConfig, PlannedStep, StepMode, preset
-from runtime.protocol import StepsRequest, decode_handoff
+from obclip.cloud.acceleration import AcceleratedUNet
+from obclip.cloud.steps import CloudStepRunner
+from obclip.runtime.plan import CLOUD, AccelerationConfig, PlannedStep, StepMode, preset
+from obclip.runtime.protocol import StepsRequest, decode_handoff
 
 CANDS = [
     ("a photo of an old man", "a photo of a middle-aged man", "a photo of a young man"),
@@ -114,7 +114,7 @@ def test_caches_stay_per_request(cloud_model):
 uvicorn = pytest.importorskip("uvicorn")
 from test_service import Running, serve_in_thread  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from cloud.service import Service, ServiceConfig  # noqa: E402
+from obclip.cloud.service import Service, ServiceConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 from _bench import load_benchmark
 
-from runtime.plan import AccelerationConfig
+from obclip.runtime.plan import AccelerationConfig
 
 fidelity = load_benchmark("fidelity")
 latency = load_benchmark("latency")

@@ -19,10 +19,19 @@ import pytest
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from device.client import (BadResponse, ClientConfig, ServiceClient, ServiceFailed, ServiceRejected,  # noqa: E402
-                           ServiceTimeout, ServiceUnavailable, check_handoff, generate_image)
-from device.pipeline import GenerationConfig  # noqa: E402
-from runtime.protocol import ProtocolError, StepsRequest, encode_handoff  # noqa: E402
+from obclip.device.client import (  # noqa: E402
+    BadResponse,
+    ClientConfig,
+    ServiceClient,
+    ServiceFailed,
+    ServiceRejected,
+    ServiceTimeout,
+    ServiceUnavailable,
+    check_handoff,
+    generate_image,
+)
+from obclip.device.pipeline import GenerationConfig  # noqa: E402
+from obclip.runtime.protocol import ProtocolError, StepsRequest, encode_handoff  # noqa: E402
 
 PROMPT = "a photo of an old woman"
 
@@ -30,7 +39,7 @@ PROMPT = "a photo of an old woman"
 # -- helpers: a real service, and raw socket servers ----------------------------------------------
 @pytest.fixture(scope="module")
 def service_url(model_dirs):
-    from cloud.service import Service, ServiceConfig, create_app
+    from obclip.cloud.service import Service, ServiceConfig, create_app
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -232,11 +241,11 @@ def test_float16_halves_the_tensor_bytes(service_url):
     client = client_for(service_url)
     full = client(steps_request().to_bytes())
     half = client(steps_request(wire_dtype="float16").to_bytes())
-    assert len(full) - len(half) == 2 * 2 * 4 * 16 * 16 * 2
+    assert full.wire_size - half.wire_size == 2 * 2 * 4 * 16 * 16 * 2
 
 
 def test_cli_generates_a_png(service_url, engines_dir, tmp_path, capsys):
-    from device.generate import main
+    from obclip.device.generate import main
 
     out = tmp_path / "image.png"
     code = main([PROMPT, "--server", service_url, "--out", str(out), "--engines", str(engines_dir),
@@ -250,7 +259,7 @@ def test_cli_generates_a_png(service_url, engines_dir, tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(engines_dir, tmp_path, capsys):
-    from device.generate import main
+    from obclip.device.generate import main
 
     assert main([PROMPT, "--out", str(tmp_path / "x.png"), "--engines", str(engines_dir)]) == 2
     assert "--server" in capsys.readouterr().err
@@ -275,7 +284,7 @@ def test_503_is_retried_with_identical_bytes_and_retry_after_capped():
         data = client(body)
         assert time.monotonic() - t0 < 3  # Retry-After: 3600 capped at max_backoff_s
         assert len(server.requests) == 3 and len(set(server.requests)) == 1
-    assert np.array_equal(check_handoff(data, StepsRequest.from_bytes(body)).latents, np.zeros((2, 4, 16, 16)))
+    assert np.array_equal(data.latents, np.zeros((2, 4, 16, 16)))
     assert client.last_call.attempts == 3
 
 

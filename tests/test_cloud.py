@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cloud.steps import CloudLimits, CloudStepRunner
-from device.pipeline import GenerationConfig
-from runtime.protocol import ProtocolError, StepsRequest, decode_handoff
+from obclip.cloud.steps import CloudStepRunner
+from obclip.device.pipeline import GenerationConfig
+from obclip.runtime.protocol import ProtocolError, RequestLimits, StepsRequest, decode_handoff
 
 CANDIDATES = ("a photo of a man", "a photo of a woman", "a photo of a boy")
 
@@ -29,7 +29,7 @@ def test_one_shared_noise_for_every_candidate(cloud_runner):
 
 
 def test_limits_are_checked_before_any_model_work(cloud_model):
-    runner = CloudStepRunner(cloud_model, CloudLimits(max_candidates=2, max_steps=50, max_image_size=128))
+    runner = CloudStepRunner(cloud_model, RequestLimits(max_candidates=2, max_steps=50, max_image_size=128))
     with pytest.raises(ValueError, match="N=3 candidates, over the server's cap of 2"):
         runner.run(request())
     with pytest.raises(ValueError, match="over the limit 50"):

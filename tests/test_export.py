@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.manifest import Manifest, ManifestError
+from obclip.runtime.manifest import Manifest, ManifestError
 
 
 def test_manifest_describes_the_export(engines_dir):
@@ -39,16 +39,16 @@ def test_missing_or_stale_manifest_is_clear(tmp_path, engines_dir):
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path, model_dirs, monkeypatch):
-    import export.build_engines as be
+    import obclip.export.build_engines as be
 
     monkeypatch.setattr(be, "OPSET", 1)  # no exporter supports opset 1: the export fails midway
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the exporter raises for opset 1
         be.build_device_engines(str(model_dirs[1]), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_cli_reports_missing_model(tmp_path, capsys):
-    from export.build_engines import main
+    from obclip.export.build_engines import main
 
     assert main(["--device-model", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -57,7 +57,7 @@ def test_export_cli_reports_missing_model(tmp_path, capsys):
 def test_demo_writes_a_png(tmp_path, model_dirs, engines_dir, capsys):
     from PIL import Image
 
-    from cloud.demo import main
+    from obclip.app.demo import main
 
     out = tmp_path / "x.png"
     rc = main(["a portrait photo of an old woman wearing glasses", "--cloud-model", str(model_dirs[0]),
@@ -70,7 +70,7 @@ def test_demo_writes_a_png(tmp_path, model_dirs, engines_dir, capsys):
 
 
 def test_demo_refuses_bad_input_cleanly(tmp_path, engines_dir, capsys):
-    from cloud.demo import main
+    from obclip.app.demo import main
 
     assert main(["", "--engines", str(engines_dir), "--out", str(tmp_path / "x.png")]) == 2
     assert "empty" in capsys.readouterr().err
@@ -81,7 +81,7 @@ def test_engines_are_reexported_when_the_model_changes(tmp_path, model_dirs, eng
     """ensure_engines exports once, reuses while the weights are unchanged, re-exports after a retrain."""
     import shutil
 
-    import export.build_engines as be
+    import obclip.export.build_engines as be
 
     model = tmp_path / "device-model"
     shutil.copytree(model_dirs[1], model)

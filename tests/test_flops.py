@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import flop_registry
 
-from cloud.flops import (EXTRA_FORMULAS, FlopBreakdown, FlopCounter, count_flops, meta_unet,
-                         unet_pass_flops)
-from runtime.plan import AccelerationConfig, make_plan
+from obclip.cloud.flops import EXTRA_FORMULAS, FlopBreakdown, FlopCounter, count_flops, meta_unet, unet_pass_flops
+from obclip.runtime.plan import AccelerationConfig, make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,7 +100,7 @@ def test_sdpa_formula_is_local_to_the_counter():
 # --- the ways of running agree --------------------------------------------------------
 
 def test_real_meta_and_fake_unet_passes_count_the_same():
-    from cloud.models import build_unet
+    from obclip.cloud.models import build_unet
 
     torch.manual_seed(0)
     real = build_unet("mini").eval()
@@ -124,7 +123,7 @@ def test_real_meta_and_fake_unet_passes_count_the_same():
 
 def test_speedups_do_not_change_counts():
     """Shape-only shortcuts and skipping per-module attribution are exact."""
-    from cloud.acceleration import AcceleratedUNet
+    from obclip.cloud.acceleration import AcceleratedUNet
 
     unet = meta_unet("mini-small")
     assert unet_pass_flops(unet, batch=2) == unet_pass_flops(unet, batch=2, shortcuts=False, per_module=True)

@@ -1,30 +1,118 @@
-"""runtime/ and device/ ship inside apps: they must never load torch, diffusers or transformers."""
+"""The layers point one way: runtime <- device; runtime <- cloud <- export <- app.
 
+runtime/ and device/ ship inside apps: they must never load torch, diffusers or
+transformers. The cloud must never contain client code: it imports neither
+device/, export/ nor the app layer. Checked two ways: statically, over every
+import statement in the package (relative ones resolved), and by importing
+every module in a fresh interpreter and looking at what got loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import obclip
 
-CHECK = r"""
+PACKAGE = Path(obclip.__file__).resolve().parent
+
+# subpackage -> the obclip subpackages it may import (itself included)
+ALLOWED = {
+    "runtime": {"runtime"},
+    "device": {"runtime", "device"},
+    "cloud": {"runtime", "cloud"},
+    "export": {"runtime", "cloud", "export"},
+    "app": {"runtime", "device", "cloud", "export", "app"},
+}
+HEAVY = {"torch", "diffusers", "transformers"}
+TORCH_FREE = ("runtime", "device")
+
+
+def _imported_modules(path: Path, package: str) -> list[str]:
+    """Absolute names of the modules a file imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), str(path))
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                names.append(".".join(base + ([node.module] if node.module else [])))
+            else:
+                names.append(node.module or "")
+    return names
+
+
+def layer_violations(root: Path) -> list[str]:
+    """Every import in ``root`` (an obclip package tree) that breaks ALLOWED or HEAVY."""
+    found = []
+    for sub, allowed in ALLOWED.items():
+        for path in sorted((root / sub).rglob("*.py")):
+            rel = path.relative_to(root).with_suffix("")
+            package = ".".join(["obclip", *rel.parts[:-1]]) if rel.name != "__init__" else \
+                ".".join(["obclip", *rel.parts[:-1]])
+            for name in _imported_modules(path, package):
+                parts = name.split(".")
+                if parts[0] == "obclip" and len(parts) > 1 and parts[1] in ALLOWED and parts[1] not in allowed:
+                    found.append(f"{path.relative_to(root)} imports {name} ({sub} may not import {parts[1]})")
+                if sub in TORCH_FREE and parts[0] in HEAVY:
+                    found.append(f"{path.relative_to(root)} imports {name} ({sub} must stay torch-free)")
+    return found
+
+
+def test_layers_point_one_way():
+    assert layer_violations(PACKAGE) == []
+
+
+def test_the_layer_check_catches_a_planted_cloud_to_device_import(tmp_path):
+    tree = tmp_path / "obclip"
+    shutil.copytree(PACKAGE, tree, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    steps = tree / "cloud" / "steps.py"
+    steps.write_text(steps.read_text() + "\nfrom ..device.client import ServiceClient  # planted\n")
+    service = tree / "cloud" / "service.py"
+    service.write_text(service.read_text() + "\nimport obclip.app.demo  # planted\n")
+    plan = tree / "runtime" / "plan.py"
+    plan.write_text(plan.read_text() + "\nimport torch  # planted\n")
+    found = layer_violations(tree)
+    assert any("cloud/steps.py imports obclip.device.client" in v for v in found), found
+    assert any("cloud/service.py imports obclip.app.demo" in v for v in found), found
+    assert any("runtime/plan.py imports torch" in v for v in found), found
+
+
+LOADED = r"""
 import importlib, pkgutil, sys
-for top in ("runtime", "device"):
-    pkg = importlib.import_module(top)
-    for info in pkgutil.walk_packages(pkg.__path__, top + "."):
+tops = sys.argv[1].split(",")
+for top in tops:
+    pkg = importlib.import_module("obclip." + top)
+    for info in pkgutil.walk_packages(pkg.__path__, "obclip." + top + "."):
+        if info.name.endswith("ray_serve"):
+            continue  # optional extra; statically checked above
         importlib.import_module(info.name)
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "diffusers", "transformers"})
-print(",".join(heavy))
+heavy = {m.split(".")[0] for m in sys.modules if m.split(".")[0] in {"torch", "diffusers", "transformers"}}
+print(",".join(sorted({".".join(m.split(".")[:2]) for m in sys.modules if m.startswith("obclip.")} | heavy)))
 """
 
 
-def test_runtime_and_device_import_without_torch():
-    out = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _loaded_by(tops: str, prelude: str = "") -> set[str]:
+    out = subprocess.run([sys.executable, "-c", prelude + LOADED, tops], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "", f"runtime/device pulled in heavy modules: {out.stdout.strip()}"
+    return set(out.stdout.strip().split(","))
 
 
-def test_the_check_can_fail():
+def test_runtime_and_device_import_without_torch():
+    loaded = _loaded_by("runtime,device")
+    assert not loaded & HEAVY, f"runtime/device pulled in heavy modules: {loaded & HEAVY}"
+
+
+def test_the_torch_check_can_fail():
     # The same check, with torch imported on purpose, must report it.
-    out = subprocess.run([sys.executable, "-c", "import torch\n" + CHECK], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert "torch" in out.stdout
+    assert "torch" in _loaded_by("runtime", "import torch\n")
+
+
+def test_cloud_loads_no_device_or_app_code():
+    loaded = _loaded_by("cloud")
+    assert not loaded & {"obclip.device", "obclip.app", "obclip.export"}, loaded

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.local import LocalService, LocalServiceConfig, LocalServiceError
+from obclip.app.local import LocalService, LocalServiceConfig, LocalServiceError
 
 
 def test_child_service_answers_then_is_stopped(model_dirs):
-    from device.client import ClientConfig, ServiceClient
-    from runtime.protocol import StepsRequest
+    from obclip.device.client import ClientConfig, ServiceClient
+    from obclip.runtime.protocol import StepsRequest
 
     with LocalService(LocalServiceConfig(model=str(model_dirs[0]))) as service:
         assert service.url.startswith("http://127.0.0.1:")
         client = ServiceClient(ClientConfig(service.url, timeout_s=60, retries=0))
         body = StepsRequest(("a photo of a man", "a photo of a woman"), 1, 4, 2, 7.5, 64, 64).to_bytes()
-        assert len(client(body)) > 0
+        assert client(body).latents.shape[0] >= 1
         proc = service.proc
     assert proc.returncode is not None  # stopped, not left running
     assert not ServiceClient(ClientConfig(service.url, timeout_s=2, retries=0)).ready()

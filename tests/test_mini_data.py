@@ -9,12 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.oblivious import ObliviousTransform, TransformConfig
 from mini.analyser import analyse, attribute_accuracy, features, mmd2
 from mini.shapes import (
-    BACKGROUNDS, COLOURS, MAX_SIZE, MIN_SIZE, PALETTE, SHAPES, TEMPLATES,
-    ShapeAttrs, caption, captions, make_dataset, render, sample_attributes,
+    BACKGROUNDS,
+    COLOURS,
+    MAX_SIZE,
+    MIN_SIZE,
+    PALETTE,
+    SHAPES,
+    TEMPLATES,
+    ShapeAttrs,
+    caption,
+    captions,
+    make_dataset,
+    render,
+    sample_attributes,
 )
+from obclip.device.oblivious import ObliviousTransform, TransformConfig
 
 SCHEMA = Path(__file__).resolve().parents[1] / "device" / "schemas" / "shapes.json"
 N = 300

@@ -71,8 +71,8 @@ def test_resume_continues_from_the_checkpoint(trained):
 
 
 def test_packaged_pair_loads_like_any_model_dir(trained):
-    from cloud.models import load_text_to_latent
-    from cloud.steps import make_scheduler
+    from obclip.cloud.models import load_text_to_latent
+    from obclip.cloud.steps import make_scheduler
 
     out, work, _, log = trained
     cloud, device = load_text_to_latent(str(out / "cloud")), load_text_to_latent(str(out / "device"))
@@ -99,7 +99,7 @@ def test_packaged_pair_loads_like_any_model_dir(trained):
 
 
 def test_device_unet_is_initialised_the_bk_sdm_way():
-    from cloud.models import build_unet
+    from obclip.cloud.models import build_unet
 
     assert bk_teacher_name("up_blocks.1.resnets.1.conv1.weight") == "up_blocks.1.resnets.2.conv1.weight"
     assert bk_teacher_name("up_blocks.1.attentions.0.proj_in.weight") == "up_blocks.1.attentions.0.proj_in.weight"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cloud.models import build_unet, load_clip_tokenizer, load_text_to_latent
-from device.tokenizer import ClipTokenizer
+from obclip.cloud.models import build_unet, load_clip_tokenizer, load_text_to_latent
+from obclip.device.tokenizer import ClipTokenizer
 
 # METHOD.md's parameter counts (millions), to the precision the paper gives.
 PAPER_PARAMS_M = {"sd-v1.4": 859.5, "bk-sdm-small": 482.3, "bk-sdm-tiny": 323.3}
@@ -38,7 +38,7 @@ def test_directory_without_a_component_is_clear(tmp_path):
 
 
 def test_device_tokenizer_matches_the_clouds(engines_dir):
-    from runtime.manifest import Manifest
+    from obclip.runtime.manifest import Manifest
 
     m = Manifest.load(engines_dir)
     device_tok = ClipTokenizer(engines_dir / m.tokenizer, m.text_max_length, m.pad_token_id)

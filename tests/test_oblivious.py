@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device.oblivious import (
+from obclip.device.oblivious import (
     CandidateSet,
     ObliviousError,
     ObliviousTransform,

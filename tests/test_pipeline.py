@@ -5,10 +5,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device.oblivious import ObliviousError, TransformConfig
-from device.pipeline import GenerationConfig, Method
-from device.tokenizer import PromptTooLongError
-from runtime.protocol import StepsRequest
+from obclip.device.oblivious import ObliviousError, TransformConfig
+from obclip.device.pipeline import GenerationConfig, Method
+from obclip.device.tokenizer import PromptTooLongError
+from obclip.runtime.protocol import StepsRequest
 
 TEMPLATES = [
     "{age} {eth} {gender} in hat Fashion portrait photo",

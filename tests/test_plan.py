@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.noise import initial_noise
-from runtime.plan import CLOUD, DEVICE, StepMode, make_plan
+from obclip.runtime.noise import initial_noise
+from obclip.runtime.plan import CLOUD, DEVICE, StepMode, make_plan
 
 # --- plan -------------------------------------------------------------------
 

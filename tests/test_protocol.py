@@ -4,8 +4,14 @@ import struct
 import numpy as np
 import pytest
 
-from runtime.protocol import (HANDOFF_FORMAT, ProtocolError, StepsRequest, canonical_json, decode_handoff,
-                              encode_handoff)
+from obclip.runtime.protocol import (
+    HANDOFF_FORMAT,
+    ProtocolError,
+    StepsRequest,
+    canonical_json,
+    decode_handoff,
+    encode_handoff,
+)
 
 SHAPE = (4, 8, 8)
 
@@ -139,7 +145,7 @@ def test_handoff_rejects_wrong_version_and_counts():
 
 def test_equal_handoffs_are_equal_bytes():
     """The safetensors writer orders metadata by hash; the handoff header is written canonically."""
-    from runtime.protocol import StepsRequest, decode_handoff, encode_handoff
+    from obclip.runtime.protocol import StepsRequest, decode_handoff, encode_handoff
 
     req = StepsRequest(("a red circle", "a blue circle"), 1, 10, 4, 7.5, 64, 64)
     x = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from _bench import load_benchmark
 
-from runtime.plan import AccelerationConfig
+from obclip.runtime.plan import AccelerationConfig
 
 quality = load_benchmark("quality")
 
@@ -81,7 +81,7 @@ def test_quality_loop_summary_and_files(cloud_runner, device_pipeline, tmp_path)
 
     meta = {"cloud_model": "c", "device_model": "d", "engines": "e", "cloud_weights": "random",
             "device_weights": "random", "warning": "random weights", "T": 4, "guidance": 7.5, "prompts": 2,
-            "seed": quality.SEED, "schema": "device/schemas/shapes.json", "n_candidates": 18, "threads": 1,
+            "seed": quality.SEED, "schema": "shapes", "n_candidates": 18, "threads": 1,
             "machine": "test"}
     paths = quality.write_outputs(tmp_path / "q", summary, meta, records, captions, attrs, renders)
     md = paths["markdown"].read_text()

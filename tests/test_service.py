@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from cloud.service import Service, ServiceConfig, create_app, describe_request  # noqa: E402
-from runtime.protocol import StepsRequest, decode_handoff  # noqa: E402
+from obclip.cloud.service import Service, ServiceConfig, create_app, describe_request  # noqa: E402
+from obclip.runtime.protocol import RequestLimits, StepsRequest, decode_handoff  # noqa: E402
 
 QUEUE = 2
 
@@ -134,7 +134,7 @@ def test_steps_answers_the_handoff_bytes(running, cloud_runner):
 
 
 def test_steps_with_a_server_side_acceleration(running):
-    from runtime.plan import preset
+    from obclip.runtime.plan import preset
 
     body = request_bytes(num_inference_steps=8, switch_step=5, acceleration=preset("paper-k5"))
     status, _, data = running.post(body)
@@ -385,10 +385,10 @@ def test_load_failure_is_reported_on_readyz(tmp_path):
 
 
 def test_config_and_cli_errors(tmp_path):
-    from cloud.serve import main
+    from obclip.cloud.serve import main
 
     with pytest.raises(ValueError, match="max_candidates"):
-        ServiceConfig(max_candidates=0)
+        RequestLimits(max_candidates=0)
     with pytest.raises(ValueError, match="request_timeout_s"):
         ServiceConfig(request_timeout_s=float("nan"))
     assert main(["--max-candidates", "0"]) == 2

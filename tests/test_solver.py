@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from runtime.solver import (
+from obclip.runtime.solver import (
     SD14_SOLVER_CONFIG,
     SolverConfig,
     SolverState,

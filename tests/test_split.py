@@ -4,12 +4,11 @@
 import numpy as np
 import pytest
 
-import device.pipeline
-
-from cloud.reference import hybrid_reference_latent
-from device.pipeline import GenerationConfig, Method
-from runtime.protocol import decode_handoff
-from runtime.solver import SolverState
+import obclip.device.pipeline as pipeline_module
+from obclip.cloud.reference import hybrid_reference_latent
+from obclip.device.pipeline import GenerationConfig, Method
+from obclip.runtime.protocol import decode_handoff
+from obclip.runtime.solver import SolverState
 
 PROMPT = "a photo of an elderly woman wearing glasses"   # typed wording; the cloud sees "old"
 T = 25
@@ -54,7 +53,7 @@ def test_dropping_the_solver_state_is_visible(k, device_pipeline, cloud_runner, 
     want = reference(cloud_model, device_torch_model, prepared, k)
 
     # Same handoff, but the device forgets the solver's memory (a first-order restart).
-    monkeypatch.setattr(device.pipeline, "SolverState",
+    monkeypatch.setattr(pipeline_module, "SolverState",
                         lambda step_index, lower_order_nums, prev_x0: SolverState(step_index, 0, None))
     stateless = device_pipeline.finish(prepared, handoff, config)
     assert float(np.abs(latent - want).max()) <= 1e-3

@@ -1,0 +1,122 @@
+"""What every command that generates an image shares: its flags, the GenerationConfig they
+make, the progress bar, the report, and how errors become exit codes.
+
+Used by ``obclip-generate`` (device/generate.py) and the main job ``obclip-demo``
+(app/demo.py), so a flag means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from obclip.runtime.manifest import ManifestError
+from obclip.runtime.protocol import ProtocolError
+
+from .client import ServiceClient, ServiceError
+from .oblivious import ObliviousError, TransformConfig
+from .pipeline import GenerationConfig, GenerationResult, Method, describe_sent
+
+EXIT_BAD_INPUT = 2      # the user's input or files: fix them and run again
+EXIT_SERVICE = 3        # the service refused, failed or could not be reached
+
+# Errors a generating command reports as one line (no traceback), with their exit codes.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ObliviousError, ProtocolError,
+                                                 ManifestError)
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that choose what is generated and how (the same on every generating command)."""
+    p.add_argument("prompt")
+    p.add_argument("--out", default="out/obclip.png", type=Path, help="PNG to write (default %(default)s)")
+    p.add_argument("--method", default="obclip", choices=[m.value for m in Method],
+                   help="obclip (private, default), vanilla-og (private), device-only (sends nothing), "
+                        "hybrid-sd and cloud-only (NOT private: for comparison)")
+    p.add_argument("--steps", type=int, default=25, help="T, total DPM-Solver++ steps (default %(default)s)")
+    p.add_argument("--switch-step", "-k", type=int, default=None,
+                   help="k, steps run in the cloud (default: the acceleration preset's k, else 10)")
+    p.add_argument("--acceleration", default=None,
+                   help="server-side acceleration preset: paper-k5 (k=5,r=3,s=3), paper-k10 (k=10,r=4,s=6) "
+                        "or none-k<k>; default: every cloud step a full pass")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh random one)")
+    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16"],
+                   help="handoff precision; float16 halves the download")
+    p.add_argument("--schema", default=None,
+                   help="attribute schema: a shipped name (person, shapes) or a JSON file "
+                        "(default: the one the model was trained for, else person)")
+    p.add_argument("--max-candidates", type=int, default=32, help="refuse sets larger than this (default 32)")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig of the flags added by ``add_generation_flags``; ValueError if invalid."""
+    return GenerationConfig(
+        method=Method(args.method), num_inference_steps=args.steps, switch_step=args.switch_step,
+        guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
+        wire_dtype=args.wire_dtype, acceleration=args.acceleration,
+        transform=TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema),
+    )
+
+
+def run_reported(work: Callable[[], int], extra_input_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command's work; known errors become one line on stderr and an exit code."""
+    try:
+        return work()
+    except ServiceError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return EXIT_SERVICE
+    except INPUT_ERRORS + extra_input_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+class ProgressBar:
+    """``on_step`` callback: a plain-text bar on a stream (no dependencies)."""
+
+    def __init__(self, label: str = "device steps", width: int = 30, stream: TextIO | None = None):
+        self.label, self.width = label, width
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __call__(self, i: int, n: int) -> None:
+        filled = self.width * i // max(n, 1)
+        self.stream.write(f"\r  {self.label} [{'#' * filled}{'.' * (self.width - filled)}] {i}/{n}")
+        if i >= n:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def report_lines(result: GenerationResult, config: GenerationConfig, client: ServiceClient | None) -> list[str]:
+    """What a run did, for the CLIs: the options, what the server received, and the time split
+    (cloud compute / queue + transfer from the service's Server-Timing, device steps, decode)."""
+    acc = config.acceleration
+    acc_text = "none" if acc is None else f"r={acc.cache_step} s={acc.skip_step} reuse={acc.batch_reuse} " \
+        f"cache={acc.attention_cache} skip={acc.block_skip}"
+    lines = [f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  acceleration: {acc_text}  "
+             f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}  "
+             f"wire: {config.wire_dtype}"]
+    lines += describe_sent(result, config)
+    t = result.timings
+    call = client.last_call if client is not None else None
+    if result.prepared.request is not None and call is not None and call.server_run_s is not None:
+        cloud = (f"cloud compute {call.server_run_s:.2f} s, queue + transfer "
+                 f"{max(0.0, call.total_s - call.server_run_s):.2f} s ({call.attempts} attempt(s))")
+    else:
+        cloud = f"cloud {t['cloud']:.2f} s"
+    lines.append(f"time: {cloud}, device steps {t['device_steps']:.2f} s, decode {t['decode']:.2f} s; "
+                 f"bytes sent {result.bytes_sent}, received {result.bytes_received}")
+    return lines
+
+
+def report_and_save(result: GenerationResult, config: GenerationConfig, client: ServiceClient | None,
+                    out: Path) -> None:
+    """Print the report, write the PNG (its folder made if needed) and say where."""
+    print("\n".join(report_lines(result, config, client)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save_png(out)
+    print(f"wrote {out}")
+
+

@@ -1,0 +1,59 @@
+"""The device's models, run through onnxruntime from an export manifest.
+
+Text encoder, UNet and VAE decoder, as exported by export/build_engines.py.
+numpy in, numpy out; no torch anywhere on this side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from obclip.runtime.manifest import Manifest
+from obclip.runtime.sessions import open_session, run
+
+from .tokenizer import ClipTokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    engines_dir: str = "engines/device"           # folder holding manifest.json
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None                    # onnxruntime intra-op threads (None = its default)
+
+
+class DeviceEngines:
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.manifest = Manifest.load(config.engines_dir)
+        m = self.manifest
+        self.tokenizer = ClipTokenizer(m.root / m.tokenizer, m.text_max_length, m.pad_token_id)
+        open_ = lambda name: open_session(m.path_of(name), config.providers, config.threads)  # noqa: E731
+        self._text = open_("text_encoder")
+        self._unet = open_("unet")
+        self._vae = open_("vae_decoder")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.manifest.vae_scale_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"image size {height}x{width} must be a positive multiple of {f} "
+                             "(the VAE's downscale factor)")
+        return (self.manifest.latent_channels, height // f, width // f)
+
+    def encode_text(self, prompts: list[str]) -> np.ndarray:
+        """[B, 77, D] hidden states, the UNet's conditioning."""
+        ids = self.tokenizer(prompts)
+        return run(self._text, "last_hidden_state", input_ids=ids)
+
+    def unet(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        t = np.full((sample.shape[0],), timestep, dtype=np.float32)
+        return run(self._unet, "out_sample", sample=sample.astype(np.float32, copy=False), timestep=t,
+                   encoder_hidden_states=encoder_hidden_states.astype(np.float32, copy=False))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents [B, C, h, w] -> uint8 images [B, H, W, 3]."""
+        scaled = (latents / self.manifest.vae_scaling_factor).astype(np.float32)
+        image = run(self._vae, "sample", latent_sample=scaled)
+        image = np.clip(image / 2 + 0.5, 0.0, 1.0)
+        return (image.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)

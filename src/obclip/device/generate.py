@@ -1,0 +1,67 @@
+"""One private text-to-image request against a running cloud service.
+
+    obclip-generate "a portrait photo of an old woman" --server http://127.0.0.1:8000 --out image.png
+    obclip-generate "..." --server URL --engines engines/device
+
+The device side only (numpy + onnxruntime + the standard library): the
+prompt is turned into its candidate set, the candidates go to the service
+(cloud/serve.py), the device keeps its own latent, runs the remaining steps
+with a progress bar on stderr and writes the PNG. Prints the candidates the
+server received and the time split (cloud compute / queue + transfer /
+device steps / decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from obclip.runtime.locations import default_engines_root
+from obclip.runtime.manifest import ManifestError
+
+from .cli import ProgressBar, add_generation_flags, generation_config, report_and_save, run_reported
+from .client import ClientConfig, ServiceClient, generate_image
+from .engines import DeviceEngines, EngineConfig
+from .pipeline import DevicePipeline, Method
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="obclip-generate",
+                                description="Generate one image privately: candidates to the cloud service, "
+                                            "the rest on this device.")
+    add_generation_flags(p)
+    p.add_argument("--server", default=os.environ.get("OBCLIP_SERVER"),
+                   help="the service's base URL, e.g. http://127.0.0.1:8000 (default: $OBCLIP_SERVER)")
+    p.add_argument("--engines", default=None, type=Path,
+                   help="device engines folder with manifest.json (default: $OBCLIP_HOME/engines/device)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per attempt (default %(default)s)")
+    p.add_argument("--retries", type=int, default=3, help="retries on connection errors and 503 (default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.server and args.method != Method.DEVICE_ONLY.value:
+        print("error: name the service with --server URL (or set OBCLIP_SERVER)", file=sys.stderr)
+        return 2
+
+    def work() -> int:
+        engines_dir = args.engines or default_engines_root() / "device"
+        config = generation_config(args)
+        if not (Path(engines_dir) / "manifest.json").is_file():
+            raise ManifestError(f"no device engines at {engines_dir}: export them first "
+                                "(python export/build_engines.py [--device-model PATH]) or pass --engines")
+        pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
+        client = ServiceClient(ClientConfig(args.server or "http://127.0.0.1", timeout_s=args.timeout,
+                                            retries=args.retries))
+        result = generate_image(args.prompt, client, pipeline, config, on_step=ProgressBar())
+        report_and_save(result, config, client, args.out)
+        return 0
+
+    return run_reported(work)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""The device's side of one request, from prompt to image.
+
+    prepare():  prompt -> oblivious candidates -> StepsRequest bytes (for the cloud)
+    finish():   handoff bytes -> keep our own latent + solver state -> T-k device
+                steps conditioned on the prompt as typed -> VAE decode
+    generate(): both, with the cloud reached through a bytes-in/bytes-out callable
+                (in-process today, HTTP in a client later).
+
+The prompt as typed, the index of the real candidate and the image never
+leave this module. Everything sent is built from the candidate set and from
+options fixed before the real value is looked at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from obclip.runtime.noise import initial_noise
+from obclip.runtime.plan import AccelerationConfig, make_plan, preset
+from obclip.runtime.protocol import Handoff, ProtocolError, StepsRequest, decode_handoff
+from obclip.runtime.solver import SolverConfig, SolverState, initial_state, make_schedule, solver_step
+
+from .engines import DeviceEngines
+from .oblivious import CandidateSet, ObliviousTransform, TransformConfig
+
+CloudTransport = Callable[[bytes], "bytes | Handoff"]
+"""Request bytes -> the handoff: its bytes (e.g. ``CloudStepRunner.handle`` in-process), or a
+``Handoff`` the transport already validated against the request (``ServiceClient``)."""
+
+
+class Method(str, Enum):
+    """The paper's method and its baselines, all run by the same code."""
+
+    OBCLIP = "obclip"            # N candidates, cloud k steps, device T-k steps (private)
+    VANILLA_OG = "vanilla-og"    # N candidates, all T steps in the cloud (private, N full runs)
+    HYBRID_SD = "hybrid-sd"      # the prompt as typed, cloud k steps (NOT private)
+    CLOUD_ONLY = "cloud-only"    # the prompt as typed, all T steps in the cloud (NOT private)
+    DEVICE_ONLY = "device-only"  # no request at all, T device steps (private)
+
+    @property
+    def private(self) -> bool:
+        return self in (Method.OBCLIP, Method.VANILLA_OG, Method.DEVICE_ONLY)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    method: Method = Method.OBCLIP
+    num_inference_steps: int = 25            # T
+    switch_step: int | None = None           # k, for obclip and hybrid-sd (None: the acceleration's k, else 10)
+    guidance_scale: float = 7.5
+    height: int | None = None                # None: the model's default size
+    width: int | None = None
+    seed: int | None = None                  # None: a fresh random seed per request
+    wire_dtype: str = "float32"              # "float16" halves the handoff
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    # Server-side accelerations the cloud should use: a preset name ("paper-k5",
+    # "paper-k10"), a runtime.plan.AccelerationConfig, or None for full steps.
+    acceleration: AccelerationConfig | str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method(self.method))
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
+        if isinstance(self.acceleration, str):
+            object.__setattr__(self, "acceleration", preset(self.acceleration))
+        acc = self.acceleration
+        if acc is not None and not isinstance(acc, AccelerationConfig):
+            raise ValueError(f"acceleration must be a preset name or an AccelerationConfig, got {acc!r}")
+        if self.switch_step is None:
+            object.__setattr__(self, "switch_step", acc.switch_step if acc is not None else 10)
+        if acc is not None:
+            if self.method is Method.DEVICE_ONLY:
+                raise ValueError("a device-only run sends nothing to the cloud; drop the acceleration")
+            if acc.switch_step != self.k:
+                raise ValueError(f"the acceleration is for k={acc.switch_step} cloud steps but method "
+                                 f"{self.method.value} runs k={self.k}; choose one for k={self.k}")
+        if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.switch_step <= self.num_inference_steps:
+            raise ValueError(f"switch_step k={self.switch_step} must be in 0..T={self.num_inference_steps}")
+
+    @property
+    def k(self) -> int:
+        """Steps the cloud runs for this method."""
+        if self.method in (Method.CLOUD_ONLY, Method.VANILLA_OG):
+            return self.num_inference_steps
+        if self.method is Method.DEVICE_ONLY:
+            return 0
+        return self.switch_step
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """Everything decided before the cloud is asked. Device-only fields are marked."""
+
+    prompt: str                               # DEVICE ONLY: as typed
+    real_index: int                           # DEVICE ONLY
+    candidate_set: CandidateSet | None        # None for non-private methods and device-only
+    request: StepsRequest | None              # None when k == 0: nothing is sent
+    seed: int
+    height: int
+    width: int
+
+    @property
+    def request_bytes(self) -> bytes | None:
+        return None if self.request is None else self.request.to_bytes()
+
+
+@dataclass
+class GenerationResult:
+    image: np.ndarray                         # [H, W, 3] uint8
+    latent: np.ndarray                        # [1, C, h, w] final latent
+    prepared: PreparedRequest
+    timings: dict[str, float]                 # seconds: cloud, device_steps, decode
+    bytes_sent: int
+    bytes_received: int
+
+    def save_png(self, path) -> None:
+        from PIL import Image
+
+        Image.fromarray(self.image).save(path, format="PNG")
+
+
+class DevicePipeline:
+    def __init__(self, engines: DeviceEngines):
+        self.engines = engines
+        self.solver_config = SolverConfig.from_scheduler_config(engines.manifest.scheduler_config)
+        self._transforms: dict[TransformConfig, ObliviousTransform] = {}
+
+    def _transform(self, config: TransformConfig) -> ObliviousTransform:
+        # The model's own schema (from its manifest) unless the caller names one.
+        if config.schema_path is None and self.engines.manifest.schema is not None:
+            config = dataclasses.replace(config, schema_path=self.engines.manifest.schema)
+        if config not in self._transforms:
+            self._transforms[config] = ObliviousTransform(config)
+        return self._transforms[config]
+
+    def prepare(self, prompt: str, config: GenerationConfig) -> PreparedRequest:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty; type what the image should show")
+        size = self.engines.manifest.default_image_size
+        height, width = config.height or size, config.width or size
+        self.engines.latent_shape(height, width)  # validates the size before anything is sent
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        tokenizer = self.engines.tokenizer
+        k = config.k
+
+        candidate_set = None
+        if config.method in (Method.OBCLIP, Method.VANILLA_OG):
+            candidate_set = self._transform(config.transform)(prompt)
+            candidates, real_index = candidate_set.candidates, candidate_set.real_index
+            # Refusals are decided on the whole candidate set, never on the real one alone.
+            tokenizer.check_fits(list(candidates), what="a candidate prompt")
+        else:
+            candidates, real_index = (prompt,), 0
+        tokenizer.check_fits([prompt])  # the device encodes the prompt as typed
+
+        request = None
+        if k > 0:
+            request = StepsRequest(candidates=candidates, seed=seed, num_inference_steps=config.num_inference_steps,
+                                   switch_step=k, guidance_scale=float(config.guidance_scale),
+                                   height=height, width=width, wire_dtype=config.wire_dtype,
+                                   acceleration=config.acceleration)
+        return PreparedRequest(prompt=prompt, real_index=real_index, candidate_set=candidate_set,
+                               request=request, seed=seed, height=height, width=width)
+
+    def finish(self, prepared: PreparedRequest, answer: bytes | Handoff | None, config: GenerationConfig,
+               on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Resume from the cloud's handoff (or from z_T when k = 0); return the final latent."""
+        engines = self.engines
+        latent_shape = engines.latent_shape(prepared.height, prepared.width)
+        schedule = make_schedule(self.solver_config, config.num_inference_steps)
+        plan = make_plan(config.num_inference_steps, config.k)
+
+        if prepared.request is None:
+            x = initial_noise(prepared.seed, (1, *latent_shape))
+            state = initial_state()
+        else:
+            if answer is None:
+                raise ValueError("this request ran cloud steps, so finish() needs the cloud's handoff")
+            handoff = self._handoff(answer, prepared.request, latent_shape, schedule.timesteps)
+            i = prepared.real_index
+            x = handoff.latents[i:i + 1]
+            state = SolverState(step_index=handoff.step_index, lower_order_nums=handoff.lower_order_nums,
+                                prev_x0=handoff.prev_x0[i:i + 1])
+
+        if plan.device_steps:
+            # The device conditions its own steps on the prompt exactly as typed.
+            text = engines.encode_text(["", prepared.prompt])
+            for n, step in enumerate(plan.device_steps):
+                t = float(schedule.timesteps[step.index])
+                out = engines.unet(np.concatenate([x, x]), t, text)  # rows: [uncond, cond]
+                eps = out[:1] + config.guidance_scale * (out[1:] - out[:1])
+                x, state = solver_step(schedule, self.solver_config, state, eps, x)
+                if on_step is not None:
+                    on_step(n + 1, len(plan.device_steps))
+        return x
+
+    @staticmethod
+    def _handoff(answer: bytes | Handoff, request: StepsRequest, latent_shape: tuple[int, int, int],
+                 timesteps: np.ndarray) -> Handoff:
+        """Bytes are decoded and validated here; a Handoff the transport decoded is checked only
+        for what the transport could not know: that it answers this request at this latent shape
+        on the device's own timestep schedule."""
+        if isinstance(answer, (bytes, bytearray, memoryview)):
+            return decode_handoff(bytes(answer), request, latent_shape, timesteps)
+        if not isinstance(answer, Handoff):
+            raise TypeError(f"the cloud transport returned {type(answer).__name__}; expected bytes or a Handoff")
+        if answer.request_sha256 != request.sha256():
+            raise ProtocolError("handoff answers a different request (request_sha256 mismatch)")
+        want = (request.n, *latent_shape)
+        if answer.latents.shape != want or answer.prev_x0.shape != want:
+            raise ProtocolError(f"handoff latents have shape {list(answer.latents.shape)}, expected {list(want)}")
+        if tuple(int(t) for t in timesteps) != answer.timesteps:
+            raise ProtocolError(f"the cloud's timestep schedule {list(answer.timesteps)} differs from the "
+                                f"device's {[int(t) for t in timesteps]}: their scheduler configs disagree")
+        return answer
+
+    def generate(self, prompt: str, cloud: CloudTransport | None, config: GenerationConfig = GenerationConfig(),
+                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        prepared = self.prepare(prompt, config)
+        timings = {"cloud": 0.0}
+        answer: bytes | Handoff | None = None
+        if prepared.request is not None:
+            if cloud is None:
+                raise ValueError(f"method {config.method.value} with k={config.k} needs a cloud to send the request to")
+            t0 = time.perf_counter()
+            answer = cloud(prepared.request.to_bytes())
+            timings["cloud"] = time.perf_counter() - t0
+        received = 0 if answer is None else answer.wire_size if isinstance(answer, Handoff) else len(answer)
+        t0 = time.perf_counter()
+        latent = self.finish(prepared, answer, config, on_step)
+        timings["device_steps"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        image = self.engines.decode(latent)[0]
+        timings["decode"] = time.perf_counter() - t0
+        return GenerationResult(
+            image=image, latent=latent, prepared=prepared, timings=timings,
+            bytes_sent=len(prepared.request_bytes or b""), bytes_received=received,
+        )
+
+
+
+def describe_sent(result: GenerationResult, config: GenerationConfig) -> list[str]:
+    """Lines saying what the server received, for the CLIs (demo and client)."""
+    req = result.prepared.request
+    if req is None:
+        return ["the server received nothing (device-only run)"]
+    lines = [f"the server received {req.n} candidate(s):"] + [f"  - {c}" for c in req.candidates]
+    cset = result.prepared.candidate_set
+    if cset is not None and not cset.protected:
+        lines.append(f"  note: {cset.message}")
+    if not config.method.private:
+        lines.append(f"  (method {config.method.value} is NOT private: the server saw the prompt as typed)")
+    return lines

@@ -1,0 +1,222 @@
+"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer).
+
+    python export/build_engines.py                      # embedded default model
+    python export/build_engines.py --device-model PATH  # e.g. a BK-SDM-Small directory
+    python -m obclip.export.build_engines ...           # the same, from an installed obclip
+
+Writes ``<out>/device/`` (``<out>`` defaults to ``$OBCLIP_HOME/engines``): one ``model.onnx`` per
+component, ``tokenizer.json``
+and ``manifest.json`` (what ``device/engines.py`` reads). Each export is run
+once through onnxruntime and compared with torch; the max abs difference is
+printed and recorded, and an export that disagrees fails. The folder is built
+beside the target and moved into place at the end, so a failed export never
+leaves a half-written engine folder. (Cloud engines and TensorRT builds are a
+later step; the manifest has a ``side`` so they fit beside this one.)
+
+Tensor names follow optimum's ONNX export, so tools that read those work:
+text encoder ``input_ids`` -> ``last_hidden_state``, ``pooler_output``;
+UNet ``sample``, ``timestep``, ``encoder_hidden_states`` -> ``out_sample``;
+VAE decoder ``latent_sample`` -> ``sample``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from obclip.cloud.models import from_pretrained, load_text_to_latent, model_schema, resolve_model_dir
+from obclip.runtime.locations import default_engines_root
+from obclip.runtime.manifest import Component, Manifest, ManifestError
+from obclip.runtime.sessions import open_session
+
+OPSET = 17
+
+
+class _UNetForExport(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _TextForExport(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class _VaeDecoderForExport(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_component(name: str, module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
+                     dynamic_axes: dict, folder: Path, check_inputs: dict[str, torch.Tensor],
+                     tolerance: float) -> Component:
+    """torch.onnx export (classic TorchScript exporter), then check against torch in onnxruntime."""
+    path = folder / name / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python branch on a shape; the check below is what counts.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")  # indices here are >= 0
+        torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
+                          output_names=outputs, dynamic_axes=dynamic_axes, opset_version=OPSET,
+                          dynamo=False, do_constant_folding=True)
+    exported = time.perf_counter() - t0
+
+    session = open_session(path)
+    with torch.no_grad():
+        want = module(*check_inputs.values())
+    want = want if isinstance(want, tuple) else (want,)
+    got = session.run(outputs, {k: v.numpy() for k, v in check_inputs.items()})
+    diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+    scale = max(1.0, max(float(w.abs().max()) for w in want))
+    print(f"  {name:13s} exported in {exported:5.1f} s, {path.stat().st_size / 1e6:8.1f} MB, "
+          f"onnxruntime vs torch max abs diff {diff:.2e}")
+    if not diff <= tolerance * scale:
+        raise RuntimeError(f"{name}: ONNX output differs from torch by {diff:.3e} (> {tolerance * scale:.1e}); "
+                           "the export is wrong, not saved")
+    return Component(path=f"{name}/model.onnx", format="onnx", inputs=tuple(inputs), outputs=tuple(outputs),
+                     sha256=_sha256(path), check_max_abs_diff=diff)
+
+
+def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Manifest:
+    """Export the device model at ``model`` into ``out``/device, atomically."""
+    lm = load_text_to_latent(model)
+    vae = from_pretrained(AutoencoderKL, model, "vae").eval()
+    target = out / "device"
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".device-", dir=out))
+    try:
+        print(f"exporting device model {model} -> {target}")
+        max_len = lm.tokenizer.model_max_length
+        c, h, w = lm.latent_shape(lm.default_image_size, lm.default_image_size)
+        g = torch.Generator().manual_seed(0)
+        text_dim = lm.text_encoder.config.hidden_size
+
+        ids = lambda b: torch.randint(0, lm.text_encoder.config.vocab_size, (b, max_len), generator=g)  # noqa: E731
+        comps = {
+            "text_encoder": export_component(
+                "text_encoder", _TextForExport(lm.text_encoder), {"input_ids": ids(1)},
+                ["last_hidden_state", "pooler_output"],
+                {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
+                work, {"input_ids": ids(2)}, tolerance),
+            "unet": export_component(
+                "unet", _UNetForExport(lm.unet),
+                {"sample": torch.randn(2, c, h, w, generator=g), "timestep": torch.tensor([981.0, 981.0]),
+                 "encoder_hidden_states": torch.randn(2, max_len, text_dim, generator=g)},
+                ["out_sample"],
+                {"sample": {0: "batch"}, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+                 "out_sample": {0: "batch"}},
+                work,
+                {"sample": torch.randn(4, c, h, w, generator=g), "timestep": torch.tensor([501.0] * 4),
+                 "encoder_hidden_states": torch.randn(4, max_len, text_dim, generator=g)}, tolerance),
+            "vae_decoder": export_component(
+                "vae_decoder", _VaeDecoderForExport(vae), {"latent_sample": torch.randn(1, c, h, w, generator=g)},
+                ["sample"], {"latent_sample": {0: "batch"}, "sample": {0: "batch"}},
+                work, {"latent_sample": torch.randn(2, c, h, w, generator=g)}, tolerance),
+        }
+        (work / "tokenizer").mkdir()
+        lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
+        manifest = Manifest(
+            side="device", model_id=str(model), components=comps, tokenizer="tokenizer/tokenizer.json",
+            text_max_length=int(max_len), pad_token_id=int(lm.tokenizer.pad_token_id),
+            latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
+            default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
+            schema=model_schema(model),
+        )
+        manifest.save(work)
+        if target.exists():
+            shutil.rmtree(target)
+        work.rename(target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(f"wrote {target / 'manifest.json'}")
+    return Manifest.load(target)
+
+
+def model_fingerprint(model: Path) -> str:
+    """SHA-256 over a model dir's file names and contents: retrained weights in place change it."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(model)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_engines(device_model: str, out: Path) -> Path:
+    """``<out>/device`` exported from a local device model dir, reused while its manifest names
+    that model and the model's files are unchanged (``source.json`` beside the manifest)."""
+    target = out / "device"
+    model = Path(device_model).resolve()
+    want = {"model": str(model), "fingerprint": model_fingerprint(model)}
+    try:
+        current = (Manifest.load(target).model_id == str(model)
+                   and json.loads((target / "source.json").read_text()) == want)
+    except (ManifestError, OSError, ValueError):
+        current = False
+    if not current:  # missing, stale, or exported from another model or other weights
+        build_device_engines(str(model), out)
+        (target / "source.json").write_text(json.dumps(want, indent=1))
+    return target
+
+
+def ensure_default_engines() -> Path:
+    """``$OBCLIP_HOME/engines/device`` for the embedded default model, exported on first use."""
+    return ensure_engines(resolve_model_dir(None, "device"), default_engines_root())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device-model", default=None,
+                   help="device model: a diffusers-layout directory or hub id (default: the embedded mini model)")
+    p.add_argument("--out", default=None, type=Path,
+                   help=f"output folder (default: $OBCLIP_HOME/engines, now {default_engines_root()})")
+    p.add_argument("--tolerance", default=1e-3, type=float,
+                   help="max abs ONNX-vs-torch difference allowed, relative to max(1, |output|)")
+    args = p.parse_args(argv)
+    try:
+        out = args.out if args.out is not None else default_engines_root()
+        build_device_engines(resolve_model_dir(args.device_model, "device"), out, args.tolerance)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The step plan: which of the T denoising steps runs where, and how.
+
+A pure function of the request's parameters, shared by cloud, device and
+benchmarks so they cannot disagree about which step does what. Steps
+0..k-1 run on the cloud (large model, all N candidates), steps k..T-1 on the
+device (small model, own prompt). k = 0 is device-only (nothing is sent),
+k = T cloud-only.
+
+Server-side accelerations (METHOD.md, "Server-side acceleration") are chosen
+here too, per cloud step i, from one ``AccelerationConfig``:
+
+    i <  r                  batch-reused attention (pivot's maps, every row's values)
+    r <= i                  attention cache (self- and cross-attention outputs reused)
+    s <= i                  block skip (cached encoder features, only the up blocks run)
+    i = r + m * refresh     a full step that refreshes every cache (m >= 1; off by default)
+
+Device steps are always full passes of the small model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from enum import Enum
+
+CLOUD = "cloud"
+DEVICE = "device"
+
+
+class StepMode(str, Enum):
+    """How a step evaluates the UNet."""
+
+    FULL = "full"              # a plain UNet pass (also a cache refresh)
+    REUSE = "reuse"            # batch-reused attention: pivot's maps x every row's values
+    CACHE = "cache"            # attention modules return their cached outputs
+    SKIP = "skip"              # cached encoder features; attention in the up blocks computed
+    CACHE_SKIP = "cache+skip"  # both: the paper's cheapest step
+
+    @property
+    def batch_reuse(self) -> bool:
+        return self is StepMode.REUSE
+
+    @property
+    def attention_cached(self) -> bool:
+        return self in (StepMode.CACHE, StepMode.CACHE_SKIP)
+
+    @property
+    def blocks_skipped(self) -> bool:
+        return self in (StepMode.SKIP, StepMode.CACHE_SKIP)
+
+
+class SkipVariant(str, Enum):
+    """What a block-skip step recomputes."""
+
+    # Faster Diffusion (the paper's reading): every down-block skip feature and
+    # the mid-block output come from the cache; only the up blocks and the
+    # output head run, so the current latent does not enter the UNet.
+    FASTER_DIFFUSION = "faster-diffusion"
+    # DeepCache: conv_in, the first down block and the last up block run on the
+    # current latent; the input of the last up block comes from the cache.
+    DEEPCACHE = "deepcache"
+
+
+def _require_int(name: str, value) -> int:
+    # bool is an int subclass; a True step count is a bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _require_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+    return value
+
+
+@dataclass(frozen=True)
+class AccelerationConfig:
+    """The cloud's schedule of accelerations: k, r, s and what is switched on.
+
+    ``cross_kv_once`` and ``merge_step0_uncond`` are exact (they change nothing
+    beyond float rounding); the paper leaves them out, so its presets do too.
+    """
+
+    switch_step: int                 # k: the cloud runs steps 0..k-1
+    cache_step: int                  # r: batch reuse before it, attention cache from it on
+    skip_step: int                   # s: block skip from it on
+    refresh_every: int = 0           # 0: never; else a full step at r + m * refresh_every
+    skip_variant: SkipVariant = SkipVariant.FASTER_DIFFUSION
+    batch_reuse: bool = True
+    attention_cache: bool = True
+    block_skip: bool = True
+    cross_kv_once: bool = False      # exact: cross-attention K/V once per request, on unique texts
+    merge_step0_uncond: bool = False  # exact: at step 0 the N unconditional rows are one row
+
+    def __post_init__(self) -> None:
+        for name in ("switch_step", "cache_step", "skip_step", "refresh_every"):
+            object.__setattr__(self, name, _require_int(name, getattr(self, name)))
+        for name in ("batch_reuse", "attention_cache", "block_skip", "cross_kv_once", "merge_step0_uncond"):
+            _require_bool(name, getattr(self, name))
+        try:
+            object.__setattr__(self, "skip_variant", SkipVariant(self.skip_variant))
+        except ValueError:
+            raise ValueError(f"skip_variant {self.skip_variant!r} must be one of "
+                             f"{[v.value for v in SkipVariant]}") from None
+        k, r, s = self.switch_step, self.cache_step, self.skip_step
+        if min(k, r, s, self.refresh_every) < 0:
+            raise ValueError(f"k={k}, r={r}, s={s}, refresh_every={self.refresh_every} must all be >= 0")
+        if not r <= s <= k:
+            raise ValueError(f"need cache point r <= skip point s <= switch point k, got r={r}, s={s}, k={k}")
+        # A cache is read only after a step has filled it.
+        if self.attention_cache and r == 0 and k > 0:
+            raise ValueError("attention_cache needs cache_step r >= 1: step 0 has no cached attention to reuse")
+        if self.block_skip and s == 0 and k > 0:
+            raise ValueError("block_skip needs skip_step s >= 1: step 0 has no cached encoder features")
+
+    @classmethod
+    def none(cls, switch_step: int) -> AccelerationConfig:
+        """Every step a full pass: the paper's "ObCLIP, no acceleration" row."""
+        return cls(switch_step, switch_step, switch_step, batch_reuse=False, attention_cache=False,
+                   block_skip=False)
+
+    @property
+    def exact_only(self) -> bool:
+        return not (self.batch_reuse or self.attention_cache or self.block_skip)
+
+    def replace(self, **changes) -> AccelerationConfig:
+        return dataclasses.replace(self, **changes)
+
+    def mode(self, i: int) -> StepMode:
+        """The mode of cloud step i (0 <= i < k)."""
+        r, s = self.cache_step, self.skip_step
+        if i < r:
+            return StepMode.REUSE if self.batch_reuse else StepMode.FULL
+        if self.refresh_every and i > r and (i - r) % self.refresh_every == 0:
+            return StepMode.FULL  # refresh: recompute everything, refill every cache
+        cached = self.attention_cache
+        skipped = self.block_skip and i >= s
+        if cached and skipped:
+            return StepMode.CACHE_SKIP
+        if cached:
+            return StepMode.CACHE
+        if skipped:
+            return StepMode.SKIP
+        return StepMode.FULL
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip_variant"] = self.skip_variant.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> AccelerationConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"acceleration must be an object of {sorted(cls.__dataclass_fields__)}, got {d!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"acceleration has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        missing = {"switch_step", "cache_step", "skip_step"} - set(d)
+        if missing:
+            raise ValueError(f"acceleration is missing fields {sorted(missing)}")
+        return cls(**d)
+
+
+# The paper's two server settings (T = 25, DPM-Solver): batch reuse before r,
+# attention cache from r, block skip from s, no refresh inside the cloud steps.
+PRESETS: dict[str, AccelerationConfig] = {
+    "paper-k5": AccelerationConfig(switch_step=5, cache_step=3, skip_step=3),
+    "paper-k10": AccelerationConfig(switch_step=10, cache_step=4, skip_step=6),
+}
+
+
+def preset(name: str) -> AccelerationConfig:
+    """A named acceleration setting; ``none-k<k>`` is the unaccelerated run with switch point k."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name.startswith("none-k") and name[6:].isdigit():
+        return AccelerationConfig.none(int(name[6:]))
+    raise ValueError(f"unknown acceleration preset {name!r}; known: {sorted(PRESETS)} or none-k<k>")
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    index: int  # position in the T-step schedule
+    side: str  # CLOUD or DEVICE
+    mode: StepMode
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    num_inference_steps: int  # T
+    switch_step: int  # k: steps [0, k) on the cloud, [k, T) on the device
+    steps: tuple[PlannedStep, ...]
+    acceleration: AccelerationConfig | None = None
+
+    @property
+    def cloud_steps(self) -> tuple[PlannedStep, ...]:
+        return tuple(s for s in self.steps if s.side == CLOUD)
+
+    @property
+    def device_steps(self) -> tuple[PlannedStep, ...]:
+        return tuple(s for s in self.steps if s.side == DEVICE)
+
+
+def make_plan(num_inference_steps: int, switch_step: int,
+              acceleration: AccelerationConfig | None = None) -> StepPlan:
+    """Plan T = num_inference_steps steps with the switch point k = switch_step.
+
+    Without ``acceleration`` every step is a full pass.
+    """
+    t = _require_int("num_inference_steps", num_inference_steps)
+    k = _require_int("switch_step", switch_step)
+    if t < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {t}")
+    if not 0 <= k <= t:
+        raise ValueError(
+            f"switch_step must be in [0, num_inference_steps={t}], got {k}: "
+            "use 0 for device-only, num_inference_steps for cloud-only"
+        )
+    if acceleration is not None and acceleration.switch_step != k:
+        raise ValueError(f"acceleration is for switch point k={acceleration.switch_step} but the plan has "
+                         f"k={k}; pick a preset for k={k} or set switch_step to {acceleration.switch_step}")
+    steps = tuple(
+        PlannedStep(i, CLOUD, acceleration.mode(i) if acceleration else StepMode.FULL) if i < k
+        else PlannedStep(i, DEVICE, StepMode.FULL)
+        for i in range(t)
+    )
+    return StepPlan(num_inference_steps=t, switch_step=k, steps=steps, acceleration=acceleration)

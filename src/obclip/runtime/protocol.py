@@ -1,0 +1,385 @@
+"""The wire contract between device and cloud (numpy + standard library only).
+
+Everything both sides must agree on lives here and only here: the endpoint
+path and media types, the request and handoff formats, the error body, and
+the limits a service enforces (``RequestLimits``, violations raise
+``LimitExceeded``, which the service answers as a 4xx naming the limit).
+
+Request: canonical JSON (sorted keys, fixed separators, UTF-8), so equal
+requests are equal bytes whichever candidate is real.
+
+Response ("handoff"): safetensors bytes holding, per candidate, the latent
+after cloud step k and the DPM-Solver++ state the device needs to resume
+exactly (the last data prediction), plus string metadata: format version,
+T, k, timesteps, solver counters, guidance, model id, shapes, dtype and the
+SHA-256 of the request it answers. ``decode_handoff`` validates all of it
+before anything is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from .plan import AccelerationConfig
+
+STEPS_PATH = "/v1/steps"                        # POST: request bytes in, handoff bytes out
+REQUEST_MEDIA_TYPE = "application/json"
+HANDOFF_MEDIA_TYPE = "application/octet-stream"
+ERROR_MEDIA_TYPE = "application/json"            # {"error": {"code", "message"[, "limit"]}}
+
+REQUEST_FORMAT = "obclip.steps-request.v1"
+HANDOFF_FORMAT = "obclip.handoff.v1"
+WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16}
+
+
+class ProtocolError(ValueError):
+    """Bytes on the wire that do not form a valid request or handoff."""
+
+
+class LimitExceeded(ProtocolError):
+    """A well-formed request over one of the service's limits; the service answers it as
+    ``status`` (422, or 413 for the body size) with ``code`` and the ``limit`` object."""
+
+    def __init__(self, code: str, name: str, limit: int, got: int, what: str, status: int = 422):
+        super().__init__(f"{what} is {got}, over the server's limit {name}={limit}")
+        self.code, self.status = code, status
+        self.limit = {"name": name, "max": limit, "got": got}
+
+
+def error_body(code: str, message: str, limit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON body of every error answer: ``{"error": {"code", "message"[, "limit"]}}``."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if limit is not None:
+        err["limit"] = limit
+    return {"error": err}
+
+
+def parse_error_body(body: bytes) -> tuple[str, str] | None:
+    """(code, message) of an error body, or None when the body is not one (e.g. a proxy's page)."""
+    try:
+        err = json.loads(body.decode("utf-8"))["error"]
+        code, message = err["code"], err["message"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not isinstance(code, str) or not isinstance(message, str):
+        return None
+    return code, message
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class StepsRequest:
+    """What the device asks of the cloud: run steps 0..k-1 on every candidate.
+
+    Nothing here may depend on which candidate is real: the candidate list is
+    in canonical order and the options are chosen before the real value is
+    looked at.
+    """
+
+    candidates: tuple[str, ...]
+    seed: int
+    num_inference_steps: int
+    switch_step: int
+    guidance_scale: float
+    height: int
+    width: int
+    wire_dtype: str = "float32"
+    # Server-side accelerations for the cloud steps; None: every step a full pass.
+    acceleration: AccelerationConfig | None = None
+    format: str = field(default=REQUEST_FORMAT)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if isinstance(self.acceleration, dict):
+            try:
+                object.__setattr__(self, "acceleration", AccelerationConfig.from_dict(self.acceleration))
+            except (TypeError, ValueError) as e:
+                raise ProtocolError(f"bad acceleration: {e}") from None
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ProtocolError(msg)
+
+        need(self.format == REQUEST_FORMAT, f"request format {self.format!r} is not {REQUEST_FORMAT!r}")
+        need(len(self.candidates) >= 1, "request has no candidates; send at least one")
+        need(all(isinstance(c, str) and c.strip() for c in self.candidates),
+             "every candidate must be a non-empty string")
+        need(len(set(self.candidates)) == len(self.candidates), "candidates must be distinct")
+        for name in ("seed", "num_inference_steps", "switch_step", "height", "width"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
+        need(0 <= self.seed < 2**63, f"seed {self.seed} must be in [0, 2**63)")
+        need(self.num_inference_steps >= 1, f"num_inference_steps {self.num_inference_steps} must be >= 1")
+        need(1 <= self.switch_step <= self.num_inference_steps,
+             f"switch_step k={self.switch_step} must be in 1..T={self.num_inference_steps} "
+             "(k = 0 is a device-only run and sends no request)")
+        need(self.height > 0 and self.width > 0, f"image size {self.height}x{self.width} must be positive")
+        need(isinstance(self.guidance_scale, (int, float)) and not isinstance(self.guidance_scale, bool)
+             and math.isfinite(self.guidance_scale), f"guidance_scale {self.guidance_scale!r} must be a finite number")
+        need(self.wire_dtype in WIRE_DTYPES, f"wire_dtype {self.wire_dtype!r} must be one of {sorted(WIRE_DTYPES)}")
+        need(self.acceleration is None or isinstance(self.acceleration, AccelerationConfig),
+             f"acceleration must be an AccelerationConfig or null, got {type(self.acceleration).__name__}")
+        if self.acceleration is not None:
+            need(self.acceleration.switch_step == self.switch_step,
+                 f"acceleration is for k={self.acceleration.switch_step} but the request has "
+                 f"switch_step k={self.switch_step}; they must agree")
+
+    @property
+    def n(self) -> int:
+        return len(self.candidates)
+
+    def to_bytes(self) -> bytes:
+        d = asdict(self)
+        d["candidates"] = list(self.candidates)
+        d["guidance_scale"] = float(self.guidance_scale)
+        d["acceleration"] = None if self.acceleration is None else self.acceleration.to_dict()
+        return canonical_json(d)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StepsRequest:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProtocolError(f"request is not UTF-8 JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("request must be a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(obj) - known
+        if unknown:
+            raise ProtocolError(f"request has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        missing = known - set(obj) - {"wire_dtype", "acceleration", "format"}
+        if missing:
+            raise ProtocolError(f"request is missing fields {sorted(missing)}")
+        if not isinstance(obj["candidates"], list):
+            raise ProtocolError("candidates must be a list of strings")
+        return cls(**obj)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of a service; checked before any model work, in the order of
+    what each costs the server. The one definition of the limits, for the service and the
+    in-process step runner alike."""
+
+    max_candidates: int = 32            # N
+    max_steps: int = 1000               # T, num_inference_steps
+    max_switch_step: int = 100          # k, the cloud steps one request may ask for
+    max_image_size: int = 1024          # height and width, pixels
+    max_prompt_chars: int = 1024        # per candidate
+    max_prompt_tokens: int | None = None  # per candidate, start/end included; None: the text encoder's context
+    max_body_bytes: int = 256 * 1024    # request body
+
+    def __post_init__(self) -> None:
+        for name in ("max_candidates", "max_steps", "max_switch_step", "max_image_size", "max_prompt_chars",
+                     "max_body_bytes", "max_prompt_tokens"):
+            v = getattr(self, name)
+            if v is None and name == "max_prompt_tokens":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+    def check_body(self, size: int) -> None:
+        if size > self.max_body_bytes:
+            raise LimitExceeded("body_too_large", "max_body_bytes", self.max_body_bytes, size,
+                                "the request body in bytes", status=413)
+
+    def check(self, request: StepsRequest, count_tokens: Any = None, context: int | None = None) -> None:
+        """Raise LimitExceeded for the first limit the request is over. ``count_tokens(text)``
+        (the model's tokenizer, start/end included) and its ``context`` add the token limit."""
+        if request.n > self.max_candidates:
+            raise LimitExceeded("too_many_candidates", "max_candidates", self.max_candidates, request.n,
+                                "the number of candidates N")
+        if request.num_inference_steps > self.max_steps:
+            raise LimitExceeded("too_many_steps", "max_steps", self.max_steps, request.num_inference_steps,
+                                "num_inference_steps T")
+        if request.switch_step > self.max_switch_step:
+            raise LimitExceeded("too_many_cloud_steps", "max_switch_step", self.max_switch_step,
+                                request.switch_step, "switch_step k (cloud steps)")
+        side = max(request.height, request.width)
+        if side > self.max_image_size:
+            raise LimitExceeded("image_too_large", "max_image_size", self.max_image_size, side, "the image side")
+        chars = [len(c) for c in request.candidates]
+        worst = max(range(len(chars)), key=chars.__getitem__)
+        if chars[worst] > self.max_prompt_chars:
+            raise LimitExceeded("prompt_too_long", "max_prompt_chars", self.max_prompt_chars, chars[worst],
+                                f"candidate {worst} in characters")
+        if count_tokens is not None:
+            context = context if context is not None else self.max_prompt_tokens
+            max_tokens = min(x for x in (context, self.max_prompt_tokens) if x is not None) \
+                if (context or self.max_prompt_tokens) else None
+            if max_tokens is not None:
+                tokens = [count_tokens(c) for c in request.candidates]
+                worst = max(range(len(tokens)), key=tokens.__getitem__)
+                if tokens[worst] > max_tokens:
+                    raise LimitExceeded("prompt_too_long", "max_prompt_tokens", max_tokens, tokens[worst],
+                                        f"candidate {worst} in tokens (start/end included)")
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The cloud's answer: per-candidate latents after step k and solver state."""
+
+    latents: np.ndarray          # [N, C, h, w], float32 after decoding
+    prev_x0: np.ndarray          # [N, C, h, w]: data prediction of step k-1
+    lower_order_nums: int
+    step_index: int              # == k
+    timesteps: tuple[int, ...]   # the cloud's full schedule, all T steps
+    request_sha256: str
+    cloud_model: str
+    metadata: dict[str, str]
+    wire_size: int = 0           # bytes on the wire
+
+
+def encode_handoff(request: StepsRequest, latents: np.ndarray, prev_x0: np.ndarray, *,
+                   lower_order_nums: int, step_index: int, timesteps, cloud_model: str) -> bytes:
+    """Cloud side: latents + solver state -> safetensors bytes in the request's wire dtype."""
+    dtype = WIRE_DTYPES[request.wire_dtype]
+    latents = np.ascontiguousarray(latents, dtype=dtype)
+    prev_x0 = np.ascontiguousarray(prev_x0, dtype=dtype)
+    if latents.shape != prev_x0.shape or latents.ndim != 4 or latents.shape[0] != request.n:
+        raise ValueError(f"handoff tensors must both be [N={request.n}, C, h, w]; got {latents.shape}, {prev_x0.shape}")
+    meta = {
+        "format": HANDOFF_FORMAT,
+        "request_sha256": request.sha256(),
+        "n": str(request.n),
+        "num_inference_steps": str(request.num_inference_steps),
+        "switch_step": str(request.switch_step),
+        "step_index": str(int(step_index)),
+        "lower_order_nums": str(int(lower_order_nums)),
+        "timesteps": json.dumps([int(t) for t in timesteps]),
+        "guidance_scale": repr(float(request.guidance_scale)),
+        "latent_shape": json.dumps(list(latents.shape[1:])),
+        "dtype": request.wire_dtype,
+        "cloud_model": cloud_model,
+    }
+    return _canonical_header(st_save({"latents": latents, "prev_x0": prev_x0}, metadata=meta))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the JSON header's keys sorted.
+
+    The safetensors writer emits metadata in hash order, so equal handoffs
+    would otherwise differ byte for byte. Same content, same length: the header
+    is padded back to its original size, so data offsets are unchanged.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(canonical) > n:  # cannot happen for the writer's compact JSON; keep its bytes if it does
+        return data
+    return data[:8] + canonical.ljust(n, b" ") + data[8 + n:]
+
+
+def _read_header(data: bytes) -> dict:
+    """safetensors layout: u64 little-endian header length, JSON header, raw data.
+    (safetensors.numpy.load drops __metadata__, so the header is read here.)"""
+    if len(data) < 8:
+        raise ProtocolError(f"handoff is {len(data)} bytes; too short to hold a safetensors header (truncated?)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ProtocolError(f"handoff header claims {n} bytes but only {len(data) - 8} follow (truncated?)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"handoff header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("handoff header is not a JSON object")
+    body = len(data) - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = int(info["data_offsets"][1])
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ProtocolError(f"handoff tensor {name!r} has no valid data_offsets") from None
+        if end > body:
+            raise ProtocolError(f"handoff tensor {name!r} ends at byte {end} but the data is {body} bytes (truncated?)")
+    return header
+
+
+def decode_handoff(data: bytes, request: StepsRequest, expected_latent_shape: tuple[int, int, int],
+                   expected_timesteps=None) -> Handoff:
+    """Device side: parse and validate the cloud's bytes against our own request."""
+    header = _read_header(data)
+    meta = header.get("__metadata__") or {}
+
+    def field_(key: str) -> str:
+        if key not in meta:
+            raise ProtocolError(f"handoff metadata lacks {key!r}")
+        return meta[key]
+
+    def int_field(key: str) -> int:
+        try:
+            return int(field_(key))
+        except ValueError:
+            raise ProtocolError(f"handoff metadata {key!r}={meta[key]!r} is not an integer") from None
+
+    if field_("format") != HANDOFF_FORMAT:
+        raise ProtocolError(f"handoff format {meta['format']!r} is not {HANDOFF_FORMAT!r}; "
+                            "the cloud and device versions differ, update one of them")
+    if field_("request_sha256") != request.sha256():
+        raise ProtocolError("handoff answers a different request (request_sha256 mismatch)")
+    checks = {"n": request.n, "num_inference_steps": request.num_inference_steps,
+              "switch_step": request.switch_step, "step_index": request.switch_step}
+    for key, want in checks.items():
+        got = int_field(key)
+        if got != want:
+            raise ProtocolError(f"handoff {key}={got}, expected {want}")
+    lower_order_nums = int_field("lower_order_nums")
+    if not 0 <= lower_order_nums <= request.switch_step:
+        raise ProtocolError(f"handoff lower_order_nums={lower_order_nums} out of range 0..{request.switch_step}")
+    if field_("dtype") != request.wire_dtype:
+        raise ProtocolError(f"handoff dtype {meta['dtype']!r}, requested {request.wire_dtype!r}")
+    try:
+        timesteps = tuple(int(t) for t in json.loads(field_("timesteps")))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise ProtocolError("handoff timesteps are not a JSON list of integers") from None
+    if len(timesteps) != request.num_inference_steps:
+        raise ProtocolError(f"handoff has {len(timesteps)} timesteps, expected T={request.num_inference_steps}")
+    if expected_timesteps is not None and tuple(int(t) for t in expected_timesteps) != timesteps:
+        raise ProtocolError(f"the cloud's timestep schedule {list(timesteps)} differs from the device's "
+                            f"{[int(t) for t in expected_timesteps]}: their scheduler configs disagree")
+
+    want_shape = (request.n, *expected_latent_shape)
+    want_dtype = WIRE_DTYPES[request.wire_dtype]
+    for name in ("latents", "prev_x0"):
+        info = header.get(name)
+        if not isinstance(info, dict):
+            raise ProtocolError(f"handoff lacks tensor {name!r}")
+        if tuple(info.get("shape", ())) != want_shape:
+            raise ProtocolError(f"handoff {name} shape {info.get('shape')} != expected {list(want_shape)}")
+        if _ST_DTYPES.get(info.get("dtype")) is not want_dtype:
+            raise ProtocolError(f"handoff {name} dtype {info.get('dtype')} != requested {request.wire_dtype}")
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ProtocolError(f"handoff bytes are not valid safetensors: {e}") from None
+    out = {}
+    for name in ("latents", "prev_x0"):
+        arr = tensors[name].astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise ProtocolError(f"handoff {name} holds non-finite values (NaN or inf)")
+        out[name] = arr
+    return Handoff(
+        latents=out["latents"], prev_x0=out["prev_x0"], lower_order_nums=lower_order_nums,
+        step_index=request.switch_step, timesteps=timesteps, request_sha256=meta["request_sha256"],
+        cloud_model=meta.get("cloud_model", ""), metadata=dict(meta), wire_size=len(data),
+    )

@@ -1,0 +1,328 @@
+"""DPM-Solver++(2M) in numpy, matching diffusers' ``DPMSolverMultistepScheduler``.
+
+The cloud runs the first k steps and the device the remaining T - k. For the
+split run to equal a single-process run, both sides must share the timestep
+schedule and the solver's memory: the previous data prediction and diffusers'
+order counter (``SolverState``). Everything here is a pure function of its
+inputs, so the state that crosses the handoff is exactly what the next step
+reads.
+
+Only the algorithm diffusers uses by default for Stable Diffusion is supported
+(``algorithm_type="dpmsolver++"``, ``solver_type="midpoint"``, order 1 or 2);
+``SolverConfig.from_scheduler_config`` rejects anything else by name instead of
+silently computing something different.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+_BETA_SCHEDULES = ("linear", "scaled_linear")
+_PREDICTION_TYPES = ("epsilon", "v_prediction")
+_TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+_SOLVER_ORDERS = (1, 2)
+_FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+# DPMSolverMultistepScheduler.__init__ defaults for the keys we model: a
+# scheduler config without a key gets these from diffusers' from_config, not
+# our SD-v1.4 defaults.
+_DIFFUSERS_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "solver_order": 2,
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+}
+
+# diffusers options we do not implement: the only value(s) we accept. Other keys
+# (other schedulers' options, and options that only matter when one of these is
+# switched on, e.g. dynamic_thresholding_ratio, flow_shift) are ignored, as
+# diffusers' from_config ignores them.
+_UNSUPPORTED = {
+    "trained_betas": (None,),
+    "thresholding": (False,),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_type": ("midpoint",),
+    "euler_at_final": (False,),
+    "use_karras_sigmas": (False,),
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "use_lu_lambdas": (False,),
+    "use_flow_sigmas": (False,),
+    "lambda_min_clipped": (-math.inf,),
+    "variance_type": (None,),
+    "rescale_betas_zero_snr": (False,),
+    "use_dynamic_shifting": (False,),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_choice(key: str, value, choices: tuple) -> None:
+    # Types must match too: in Python 1 == True and 0 == False.
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise ValueError(f"unsupported scheduler option {key}={reprlib.repr(value)}; "
+                         f"supported: {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """The subset of diffusers' DPMSolverMultistepScheduler config we support.
+
+    Defaults are what ``DPMSolverMultistepScheduler.from_config`` makes of
+    SD-v1.4's scheduler config (``SD14_SOLVER_CONFIG``). Field names are the
+    diffusers config keys.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 1
+    solver_order: int = 2
+    lower_order_final: bool = True
+    final_sigmas_type: str = "zero"
+
+    def __post_init__(self):
+        if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
+        for key in ("beta_start", "beta_end"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise ValueError(f"{key} must be a number, got {value!r}")
+            if not 0.0 < float(value) < 1.0:
+                raise ValueError(f"{key} must be in (0, 1), got {value!r}")
+            object.__setattr__(self, key, float(value))
+        _check_choice("beta_schedule", self.beta_schedule, _BETA_SCHEDULES)
+        _check_choice("prediction_type", self.prediction_type, _PREDICTION_TYPES)
+        _check_choice("timestep_spacing", self.timestep_spacing, _TIMESTEP_SPACINGS)
+        if not _is_int(self.steps_offset) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0, got {self.steps_offset!r}")
+        if not _is_int(self.solver_order) or int(self.solver_order) not in _SOLVER_ORDERS:
+            raise ValueError(f"unsupported scheduler option solver_order={self.solver_order!r}; supported: 1, 2")
+        _check_choice("lower_order_final", self.lower_order_final, (True, False))
+        _check_choice("final_sigmas_type", self.final_sigmas_type, _FINAL_SIGMAS_TYPES)
+        for key in ("num_train_timesteps", "steps_offset", "solver_order"):
+            object.__setattr__(self, key, int(getattr(self, key)))
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping) -> SolverConfig:
+        """What ``DPMSolverMultistepScheduler.from_config(config)`` would use.
+
+        ``config`` is any diffusers scheduler config dict (e.g. SD-v1.4's
+        PNDMScheduler ``scheduler_config.json``). Missing keys take diffusers'
+        DPMSolverMultistepScheduler defaults; keys that do not concern
+        DPM-Solver++ are ignored; options we do not implement raise ValueError.
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"scheduler config must be a mapping, got {type(config).__name__}")
+        for key, allowed in _UNSUPPORTED.items():
+            if key in config:
+                _check_choice(key, config[key], allowed)
+        values = {key: config.get(key, default) for key, default in _DIFFUSERS_DEFAULTS.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        """JSON-able dict with diffusers' key names (``from_scheduler_config`` reads it back)."""
+        return dataclasses.asdict(self)
+
+
+SD14_SOLVER_CONFIG = SolverConfig()
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Timesteps and per-step noise levels for one T; index i is step i, index T the end.
+
+    ``sigmas`` are diffusers' (float32 values, kept as float64); ``alpha_t``,
+    ``sigma_t`` and ``lambda_t = log(alpha_t / sigma_t)`` are derived from them
+    in float64. With final sigma 0, ``lambda_t[T]`` is +inf (the update handles it).
+    """
+
+    timesteps: np.ndarray  # int64 [T]
+    sigmas: np.ndarray  # float64 [T+1]
+    alpha_t: np.ndarray  # float64 [T+1]
+    sigma_t: np.ndarray  # float64 [T+1]
+    lambda_t: np.ndarray  # float64 [T+1]
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    # torch.linspace(float32) on CPU, bit for bit: a fused multiply-add from
+    # `start` for the first half and from `end` for the second half. (The float32
+    # product with an integer index is exact in float64, so rounding the float64
+    # sum once to float32 is the fused result.)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    from_start = (step * i + np.float64(start32)).astype(np.float32)
+    from_end = (-step * (n - 1 - i) + np.float64(end32)).astype(np.float32)
+    return np.where(np.arange(n) < n // 2, from_start, from_end)
+
+
+def _train_sigmas(config: SolverConfig) -> np.ndarray:
+    """diffusers' float32 ``((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`` over the training timesteps."""
+    n = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        betas = _torch_linspace_f32(config.beta_start, config.beta_end, n)
+    else:  # scaled_linear: linear in sqrt(beta), the latent-diffusion schedule
+        betas = _torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
+    # torch's CPU cumprod accumulates float32 in float64 and rounds each output.
+    alphas_cumprod = np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def _timesteps(config: SolverConfig, t: int) -> np.ndarray:
+    # Copied from DPMSolverMultistepScheduler.set_timesteps (lambda_min_clipped=-inf,
+    # so last_timestep = num_train_timesteps).
+    last = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, last - 1, t + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if config.timestep_spacing == "leading":
+        step_ratio = last // (t + 1)
+        return (np.arange(0, t + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + config.steps_offset
+    step_ratio = config.num_train_timesteps / t  # trailing
+    return np.arange(last, 0, -step_ratio).round().copy().astype(np.int64) - 1
+
+
+def make_schedule(config: SolverConfig, num_inference_steps: int) -> Schedule:
+    """The schedule ``DPMSolverMultistepScheduler.set_timesteps(num_inference_steps)`` builds."""
+    t, n = num_inference_steps, config.num_train_timesteps
+    if not _is_int(t) or not 1 <= t <= n:
+        raise ValueError(f"num_inference_steps must be an int in [1, {n}] (num_train_timesteps), got {t!r}")
+    t = int(t)
+    timesteps = _timesteps(config, t)
+    # diffusers would silently run a different number of steps or repeat a
+    # timestep (zero step size -> NaN) here; refuse instead.
+    if len(timesteps) != t or len(np.unique(timesteps)) != t or timesteps.min() < 0 or timesteps.max() >= n:
+        raise ValueError(
+            f"timestep_spacing={config.timestep_spacing!r} with num_inference_steps={t} gives {len(timesteps)} "
+            f"timesteps, {len(np.unique(timesteps))} distinct, in [{timesteps.min()}, {timesteps.max()}], not {t} "
+            f"distinct values in [0, {n}) as the solver needs; "
+            "choose a different num_inference_steps or timestep_spacing"
+        )
+    train_sigmas = _train_sigmas(config)
+    final = train_sigmas[0] if config.final_sigmas_type == "sigma_min" else np.float32(0.0)
+    sigmas = np.append(train_sigmas[timesteps], final).astype(np.float64)
+
+    alpha_t = 1.0 / np.sqrt(sigmas**2 + 1.0)
+    sigma_t = sigmas * alpha_t
+    with np.errstate(divide="ignore"):  # sigma 0 at the end -> lambda +inf
+        lambda_t = np.log(alpha_t) - np.log(sigma_t)
+    arrays = [timesteps, sigmas, alpha_t, sigma_t, lambda_t]
+    for a in arrays:
+        a.setflags(write=False)
+    return Schedule(*arrays)
+
+
+@dataclass(frozen=True, eq=False)
+class SolverState:
+    """What a split run carries across the cloud->device handoff.
+
+    step_index: index of the NEXT step to run (0..T).
+    lower_order_nums: diffusers' counter of steps taken since the (re)start, capped at solver_order.
+    prev_x0: the last data prediction (diffusers' ``model_outputs[-1]``), shape of the sample; None at step 0.
+    """
+
+    step_index: int
+    lower_order_nums: int
+    prev_x0: np.ndarray | None
+
+    def __post_init__(self):
+        for key in ("step_index", "lower_order_nums"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"SolverState.{key} must be an int >= 0, got {value!r}")
+        if self.lower_order_nums > self.step_index:
+            raise ValueError(
+                f"SolverState.lower_order_nums={self.lower_order_nums} exceeds step_index={self.step_index}: "
+                "a counter of steps taken cannot exceed the steps taken"
+            )
+        if self.prev_x0 is not None and not isinstance(self.prev_x0, np.ndarray):
+            raise ValueError(f"SolverState.prev_x0 must be a numpy array or None, got {type(self.prev_x0).__name__}")
+
+
+def initial_state() -> SolverState:
+    return SolverState(step_index=0, lower_order_nums=0, prev_x0=None)
+
+
+def solver_step(
+    schedule: Schedule,
+    config: SolverConfig,
+    state: SolverState,
+    model_output: np.ndarray,
+    sample: np.ndarray,
+) -> tuple[np.ndarray, SolverState]:
+    """One DPM-Solver++ update at ``state.step_index`` (diffusers' ``step``).
+
+    Returns the sample for the next step (same dtype as ``sample``) and the new
+    state. Computes in float64; the stored data prediction is kept at least in
+    float32, like diffusers' ``model_outputs``.
+    """
+    i, t = state.step_index, schedule.num_inference_steps
+    if i >= t:
+        raise ValueError(f"step_index {i} is past the last step of a {t}-step schedule")
+    model_output, sample = np.asarray(model_output), np.asarray(sample)
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
+    if state.lower_order_nums > config.solver_order:
+        raise ValueError(f"lower_order_nums {state.lower_order_nums} exceeds solver_order {config.solver_order}")
+
+    x = sample.astype(np.float64)
+    alpha_s, sigma_s = schedule.alpha_t[i], schedule.sigma_t[i]
+    alpha_t, sigma_t = schedule.alpha_t[i + 1], schedule.sigma_t[i + 1]
+
+    # convert_model_output: DPM-Solver++ integrates the data prediction x0.
+    eps_or_v = model_output.astype(np.float64)
+    if config.prediction_type == "epsilon":
+        x0 = (x - sigma_s * eps_or_v) / alpha_s
+    else:  # v_prediction
+        x0 = alpha_s * x - sigma_s * eps_or_v
+
+    # Stepping to sigma 0 (or, for short schedules, the last step) is done first
+    # order for stability. Note diffusers' "second-to-last step lower order"
+    # rule only lowers order 3 to 2, so it never applies to 2M.
+    final_first_order = i == t - 1 and (
+        (config.lower_order_final and t < 15) or config.final_sigmas_type == "zero"
+    )
+    h = schedule.lambda_t[i + 1] - schedule.lambda_t[i]
+    phi = alpha_t * (np.exp(-h) - 1.0)  # exp(-inf) = 0 at sigma 0
+    if config.solver_order == 1 or state.lower_order_nums < 1 or final_first_order:
+        x_next = (sigma_t / sigma_s) * x - phi * x0
+    else:
+        if state.prev_x0 is None:
+            raise ValueError(
+                f"step {i} is a second-order step but SolverState.prev_x0 is None; carry the previous data "
+                "prediction across the handoff (or restart with lower_order_nums=0)"
+            )
+        if state.prev_x0.shape != sample.shape:
+            raise ValueError(f"prev_x0 shape {state.prev_x0.shape} != sample shape {sample.shape}")
+        # 2M midpoint: a finite difference of the last two data predictions.
+        r0 = (schedule.lambda_t[i] - schedule.lambda_t[i - 1]) / h
+        d1 = (x0 - state.prev_x0.astype(np.float64)) / r0
+        x_next = (sigma_t / sigma_s) * x - phi * x0 - 0.5 * phi * d1
+
+    new_state = SolverState(
+        step_index=i + 1,
+        lower_order_nums=min(state.lower_order_nums + 1, config.solver_order),
+        prev_x0=x0.astype(np.promote_types(sample.dtype, np.float32)),
+    )
+    return x_next.astype(sample.dtype), new_state
