@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             model = str(resolve_model_dir(args.cloud_model, "cloud"))
             print(f"starting the cloud service on loopback ({model}) ...", file=sys.stderr)
             with LocalService(LocalServiceConfig(model=model)) as service:
-                print(f"cloud service ready at {service.url}", file=sys.stderr)
-                client = ServiceClient(ClientConfig(service.url, timeout_s=600.0, retries=1))
+                url = service.ready_url
+                print(f"cloud service ready at {url}", file=sys.stderr)
+                client = ServiceClient(ClientConfig(url, timeout_s=600.0, retries=1))
                 result = generate_image(args.prompt, client, pipeline, config, on_step=ProgressBar())
             print("cloud service stopped", file=sys.stderr)
         report_and_save(result, config, client, args.out)

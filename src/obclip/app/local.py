@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import IO
 
 from obclip.device.client import ClientConfig, ServiceClient
 
@@ -49,8 +50,15 @@ class LocalService:
     def __init__(self, config: LocalServiceConfig = LocalServiceConfig()):
         self.config = config
         self.url: str | None = None
-        self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[str] | None = None
+
+    @property
+    def ready_url(self) -> str:
+        """The service's base URL; only inside the ``with`` block."""
+        if self.url is None:
+            raise RuntimeError("the local service is not running; use it as `with LocalService(...) as s:`")
+        return self.url
 
     def __enter__(self) -> LocalService:
         cfg = self.config

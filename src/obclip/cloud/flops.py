@@ -318,7 +318,9 @@ class FlopCounter:
             self._shape_only.__enter__()
         self._counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
         if not self.per_module and hasattr(self._counter, "mod_tracker"):
-            self._counter.mod_tracker = _GlobalOnly()
+            # Per-module tracking is the slow part of FlopCounterMode; swap in a tracker that only
+            # knows "Global" (a torch-internal attribute, hence the ignore).
+            self._counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
         try:
             self._counter.__enter__()
         except BaseException:
@@ -347,6 +349,7 @@ def count_flops(fn: Callable, *args, shortcuts: bool = True, per_module: bool = 
     """Run ``fn(*args, **kwargs)`` under a counter: (its result, the breakdown)."""
     with FlopCounter(shortcuts=shortcuts, per_module=per_module) as fc:
         out = fn(*args, **kwargs)
+    assert fc.breakdown is not None  # set on exit
     return out, fc.breakdown
 
 

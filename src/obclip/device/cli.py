@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from obclip.runtime.manifest import ManifestError
+from obclip.runtime.plan import preset
 from obclip.runtime.protocol import ProtocolError
 
 from .client import ServiceClient, ServiceError
@@ -57,7 +58,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         method=Method(args.method), num_inference_steps=args.steps, switch_step=args.switch_step,
         guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
-        wire_dtype=args.wire_dtype, acceleration=args.acceleration,
+        wire_dtype=args.wire_dtype, acceleration=preset(args.acceleration) if args.acceleration else None,
         transform=TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema),
     )
 

@@ -29,10 +29,9 @@ class DeviceEngines:
         self.manifest = Manifest.load(config.engines_dir)
         m = self.manifest
         self.tokenizer = ClipTokenizer(m.root / m.tokenizer, m.text_max_length, m.pad_token_id)
-        open_ = lambda name: open_session(m.path_of(name), config.providers, config.threads)  # noqa: E731
-        self._text = open_("text_encoder")
-        self._unet = open_("unet")
-        self._vae = open_("vae_decoder")
+        self._text = open_session(m.path_of("text_encoder"), config.providers, config.threads)
+        self._unet = open_session(m.path_of("unet"), config.providers, config.threads)
+        self._vae = open_session(m.path_of("vae_decoder"), config.providers, config.threads)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.manifest.vae_scale_factor
@@ -56,4 +55,4 @@ class DeviceEngines:
         scaled = (latents / self.manifest.vae_scaling_factor).astype(np.float32)
         image = run(self._vae, "sample", latent_sample=scaled)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
-        return (image.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+        return np.asarray((image.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ class ClipTokenizer:
         """Number of tokens including BOS and EOS."""
         return len(self._tok.encode(text).ids)
 
-    def check_fits(self, texts, what: str = "prompt") -> None:
+    def check_fits(self, texts: Sequence[str], what: str = "prompt") -> None:
         """Raise if any text exceeds the context; names the longest one."""
         counts = [self.count(t) for t in texts]
         worst = int(np.argmax(counts))

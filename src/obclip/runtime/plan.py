@@ -23,6 +23,7 @@ import dataclasses
 import numbers
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 CLOUD = "cloud"
 DEVICE = "device"
@@ -62,14 +63,14 @@ class SkipVariant(str, Enum):
     DEEPCACHE = "deepcache"
 
 
-def _require_int(name: str, value) -> int:
+def _require_int(name: str, value: object) -> int:
     # bool is an int subclass; a True step count is a bug, not 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     return int(value)
 
 
-def _require_bool(name: str, value) -> bool:
+def _require_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
     return value
@@ -125,7 +126,7 @@ class AccelerationConfig:
     def exact_only(self) -> bool:
         return not (self.batch_reuse or self.attention_cache or self.block_skip)
 
-    def replace(self, **changes) -> AccelerationConfig:
+    def replace(self, **changes: Any) -> AccelerationConfig:
         return dataclasses.replace(self, **changes)
 
     def mode(self, i: int) -> StepMode:
@@ -145,13 +146,13 @@ class AccelerationConfig:
             return StepMode.SKIP
         return StepMode.FULL
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip_variant"] = self.skip_variant.value
         return d
 
     @classmethod
-    def from_dict(cls, d) -> AccelerationConfig:
+    def from_dict(cls, d: object) -> AccelerationConfig:
         if not isinstance(d, dict):
             raise ValueError(f"acceleration must be an object of {sorted(cls.__dataclass_fields__)}, got {d!r}")
         known = set(cls.__dataclass_fields__)

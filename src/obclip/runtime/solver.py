@@ -20,6 +20,7 @@ import math
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,11 +68,11 @@ _UNSUPPORTED = {
 }
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _check_choice(key: str, value, choices: tuple) -> None:
+def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:
     # Types must match too: in Python 1 == True and 0 == False.
     if not any(type(value) is type(c) and value == c for c in choices):
         raise ValueError(f"unsupported scheduler option {key}={reprlib.repr(value)}; "
@@ -98,7 +99,7 @@ class SolverConfig:
     lower_order_final: bool = True
     final_sigmas_type: str = "zero"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
         for key in ("beta_start", "beta_end"):
@@ -121,7 +122,7 @@ class SolverConfig:
             object.__setattr__(self, key, int(getattr(self, key)))
 
     @classmethod
-    def from_scheduler_config(cls, config: Mapping) -> SolverConfig:
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> SolverConfig:
         """What ``DPMSolverMultistepScheduler.from_config(config)`` would use.
 
         ``config`` is any diffusers scheduler config dict (e.g. SD-v1.4's
@@ -137,7 +138,7 @@ class SolverConfig:
         values = {key: config.get(key, default) for key, default in _DIFFUSERS_DEFAULTS.items()}
         return cls(**values)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-able dict with diffusers' key names (``from_scheduler_config`` reads it back)."""
         return dataclasses.asdict(self)
 
@@ -175,7 +176,7 @@ def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     i = np.arange(n, dtype=np.float64)
     from_start = (step * i + np.float64(start32)).astype(np.float32)
     from_end = (-step * (n - 1 - i) + np.float64(end32)).astype(np.float32)
-    return np.where(np.arange(n) < n // 2, from_start, from_end)
+    return np.asarray(np.where(np.arange(n) < n // 2, from_start, from_end))
 
 
 def _train_sigmas(config: SolverConfig) -> np.ndarray:
@@ -187,7 +188,7 @@ def _train_sigmas(config: SolverConfig) -> np.ndarray:
         betas = _torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
     # torch's CPU cumprod accumulates float32 in float64 and rounds each output.
     alphas_cumprod = np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return np.asarray(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
 
 
 def _timesteps(config: SolverConfig, t: int) -> np.ndarray:
@@ -195,12 +196,13 @@ def _timesteps(config: SolverConfig, t: int) -> np.ndarray:
     # so last_timestep = num_train_timesteps).
     last = config.num_train_timesteps
     if config.timestep_spacing == "linspace":
-        return np.linspace(0, last - 1, t + 1).round()[::-1][:-1].copy().astype(np.int64)
+        return np.asarray(np.linspace(0, last - 1, t + 1).round()[::-1][:-1].astype(np.int64))
     if config.timestep_spacing == "leading":
-        step_ratio = last // (t + 1)
-        return (np.arange(0, t + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + config.steps_offset
-    step_ratio = config.num_train_timesteps / t  # trailing
-    return np.arange(last, 0, -step_ratio).round().copy().astype(np.int64) - 1
+        leading_ratio = last // (t + 1)
+        return np.asarray((np.arange(0, t + 1) * leading_ratio).round()[::-1][:-1].astype(np.int64)
+                          + config.steps_offset)
+    trailing_ratio = config.num_train_timesteps / t
+    return np.asarray(np.arange(last, 0, -trailing_ratio).round().astype(np.int64) - 1)
 
 
 def make_schedule(config: SolverConfig, num_inference_steps: int) -> Schedule:
@@ -246,7 +248,7 @@ class SolverState:
     lower_order_nums: int
     prev_x0: np.ndarray | None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for key in ("step_index", "lower_order_nums"):
             value = getattr(self, key)
             if not _is_int(value) or value < 0:
