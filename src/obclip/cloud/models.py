@@ -7,7 +7,7 @@ cloud reads text encoder + UNet + scheduler config (+ the VAE config, for the
 latent shape); the export reads the device's text encoder, UNet and VAE.
 
 Named UNet configurations reproduce SD-v1.4 and BK-SDM-Small/Tiny exactly
-(METHOD.md's parameter counts are checked in tests) and give small
+(docs/method.md's parameter counts are checked in tests) and give small
 SD-structured models for tests and the embedded default.
 """
 
