@@ -6,7 +6,7 @@ benchmarks so they cannot disagree about which step does what. Steps
 device (small model, own prompt). k = 0 is device-only (nothing is sent),
 k = T cloud-only.
 
-Server-side accelerations (docs/method.md, "Server-side acceleration") are chosen
+Server-side accelerations (docs/method.md, section 4) are chosen
 here too, per cloud step i, from one ``AccelerationConfig``:
 
     i <  r                  batch-reused attention (pivot's maps, every row's values)
