@@ -135,7 +135,7 @@ def test_handoff_rejects_wrong_version_and_counts():
         decode_handoff(with_meta(n="3"), r, SHAPE)
     with pytest.raises(ProtocolError, match="lower_order_nums"):
         decode_handoff(with_meta(lower_order_nums="99"), r, SHAPE)
-    with pytest.raises(ProtocolError, match="prev_x0 dtype F16 != requested float32"):
+    with pytest.raises(ProtocolError, match="prev_x0 dtype 'F16' != requested float32"):
         decode_handoff(with_meta(tensor_dtype="F16"), r, SHAPE)
     with pytest.raises(ProtocolError, match="dtype 'float16', requested 'float32'"):
         decode_handoff(with_meta(dtype="float16"), r, SHAPE)

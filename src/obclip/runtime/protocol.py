@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,11 @@ REQUEST_FORMAT = "obclip.steps-request.v1"
 HANDOFF_FORMAT = "obclip.handoff.v1"
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16}
+# Wire-level sanity bounds (the configurable limits are RequestLimits): classifier-free guidance
+# is a non-negative weight; far beyond a few tens it only produces overflow.
+MAX_GUIDANCE_SCALE = 100.0
+# The handoff's safetensors header, metadata included, is a few kB; anything larger is not ours.
+MAX_HANDOFF_HEADER_BYTES = 64 * 1024
 
 
 class ProtocolError(ValueError):
@@ -50,7 +57,7 @@ class LimitExceeded(ProtocolError):
     """A well-formed request over one of the service's limits; the service answers it as
     ``status`` (422, or 413 for the body size) with ``code`` and the ``limit`` object."""
 
-    def __init__(self, code: str, name: str, limit: int, got: int, what: str, status: int = 422):
+    def __init__(self, code: str, name: str, limit: float, got: float, what: str, status: int = 422):
         super().__init__(f"{what} is {got}, over the server's limit {name}={limit}")
         self.code, self.status = code, status
         self.limit = {"name": name, "max": limit, "got": got}
@@ -78,6 +85,10 @@ def parse_error_body(body: bytes) -> tuple[str, str] | None:
 
 def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,13 @@ class StepsRequest:
         need(len(self.candidates) >= 1, "request has no candidates; send at least one")
         need(all(isinstance(c, str) and c.strip() for c in self.candidates),
              "every candidate must be a non-empty string")
+        for i, c in enumerate(self.candidates):
+            try:
+                c.encode("utf-8")
+            except UnicodeEncodeError:
+                # json.loads lets a lone surrogate escape (\\ud800) through; tokenizers refuse it.
+                raise ProtocolError(f"candidate {i} is not valid Unicode text (it holds a lone surrogate "
+                                    "code point); send UTF-8 text") from None
         need(len(set(self.candidates)) == len(self.candidates), "candidates must be distinct")
         for name in ("seed", "num_inference_steps", "switch_step", "height", "width"):
             v = getattr(self, name)
@@ -131,6 +149,8 @@ class StepsRequest:
         need(self.height > 0 and self.width > 0, f"image size {self.height}x{self.width} must be positive")
         need(isinstance(self.guidance_scale, (int, float)) and not isinstance(self.guidance_scale, bool)
              and math.isfinite(self.guidance_scale), f"guidance_scale {self.guidance_scale!r} must be a finite number")
+        need(0.0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE,
+             f"guidance_scale {self.guidance_scale!r} must be in [0, {MAX_GUIDANCE_SCALE:g}]")
         need(self.wire_dtype in WIRE_DTYPES, f"wire_dtype {self.wire_dtype!r} must be one of {sorted(WIRE_DTYPES)}")
         need(self.acceleration is None or isinstance(self.acceleration, AccelerationConfig),
              f"acceleration must be an AccelerationConfig or null, got {type(self.acceleration).__name__}")
@@ -152,10 +172,13 @@ class StepsRequest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StepsRequest:
+        """Parse and validate request bytes; every defect is a ProtocolError naming it."""
         try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and ints over the digit limit
             raise ProtocolError(f"request is not UTF-8 JSON: {e}") from None
+        except RecursionError:
+            raise ProtocolError("request is not UTF-8 JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise ProtocolError("request must be a JSON object")
         known = set(cls.__dataclass_fields__)
@@ -167,43 +190,81 @@ class StepsRequest:
             raise ProtocolError(f"request is missing fields {sorted(missing)}")
         if not isinstance(obj["candidates"], list):
             raise ProtocolError("candidates must be a list of strings")
-        return cls(**obj)
+        try:
+            return cls(**obj)
+        except (TypeError, OverflowError, RecursionError) as e:  # e.g. a list where a number belongs
+            raise ProtocolError(f"a request field has the wrong type: {e}") from None
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+# Image side when nothing better is known (no model loaded, e.g. the in-process step runner);
+# a service uses RequestLimits.for_model, which defaults to twice the model's native size.
+FALLBACK_MAX_IMAGE_SIZE = 1024
+# Default cost budget, in cloud steps of a full-size batch: max_candidates candidates at the
+# model's native size for this many cloud steps (or a quarter of them at twice the native size).
+DEFAULT_COST_STEPS = 50
+
+
+def request_cost(request: StepsRequest, latent_shape: Callable[[int, int], Sequence[int]]) -> int:
+    """What one request costs the model: UNet rows (2N: unconditional and conditional) x latent
+    pixels x cloud steps k. Time and peak memory of a step scale with rows x pixels."""
+    _, h, w = latent_shape(request.height, request.width)
+    return 2 * request.n * int(h) * int(w) * request.switch_step
 
 
 @dataclass(frozen=True)
 class RequestLimits:
     """What one request may ask of a service; checked before any model work, in the order of
     what each costs the server. The one definition of the limits, for the service and the
-    in-process step runner alike."""
+    in-process step runner alike. ``None`` fields are resolved for the loaded model by
+    ``for_model`` (a service does that once the model is loaded)."""
 
     max_candidates: int = 32            # N
     max_steps: int = 1000               # T, num_inference_steps
     max_switch_step: int = 100          # k, the cloud steps one request may ask for
-    max_image_size: int = 1024          # height and width, pixels
+    max_image_size: int | None = None   # height and width, pixels; None: 2 x the model's native size
     max_prompt_chars: int = 1024        # per candidate
     max_prompt_tokens: int | None = None  # per candidate, start/end included; None: the text encoder's context
     max_body_bytes: int = 256 * 1024    # request body
+    # Cost budget: 2N x latent pixels x k (request_cost); None: max_candidates at the model's
+    # native size for DEFAULT_COST_STEPS cloud steps. Bounds a request's time and memory.
+    max_cost: int | None = None
+    max_guidance_scale: float = 50.0
 
     def __post_init__(self) -> None:
         for name in ("max_candidates", "max_steps", "max_switch_step", "max_image_size", "max_prompt_chars",
-                     "max_body_bytes", "max_prompt_tokens"):
+                     "max_body_bytes", "max_prompt_tokens", "max_cost"):
             v = getattr(self, name)
-            if v is None and name == "max_prompt_tokens":
+            if v is None and name in ("max_prompt_tokens", "max_image_size", "max_cost"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        g = self.max_guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"max_guidance_scale must be a number in [0, {MAX_GUIDANCE_SCALE:g}], got {g!r}")
+
+    def for_model(self, native_size: int, latent_shape: Callable[[int, int], Sequence[int]]) -> RequestLimits:
+        """These limits with the model-dependent defaults filled in: image side up to twice the
+        model's native size, cost budget of max_candidates at the native size for
+        DEFAULT_COST_STEPS cloud steps. Explicit values are kept."""
+        _, h, w = latent_shape(native_size, native_size)
+        cost = 2 * self.max_candidates * int(h) * int(w) * DEFAULT_COST_STEPS
+        return replace(self, max_image_size=self.max_image_size or 2 * native_size,
+                       max_cost=self.max_cost or cost)
 
     def check_body(self, size: int) -> None:
         if size > self.max_body_bytes:
             raise LimitExceeded("body_too_large", "max_body_bytes", self.max_body_bytes, size,
                                 "the request body in bytes", status=413)
 
-    def check(self, request: StepsRequest, count_tokens: Any = None, context: int | None = None) -> None:
+    def check(self, request: StepsRequest, count_tokens: Callable[[str], int] | None = None,
+              context: int | None = None,
+              latent_shape: Callable[[int, int], Sequence[int]] | None = None) -> None:
         """Raise LimitExceeded for the first limit the request is over. ``count_tokens(text)``
-        (the model's tokenizer, start/end included) and its ``context`` add the token limit."""
+        (the model's tokenizer, start/end included) and its ``context`` add the token limit;
+        ``latent_shape(height, width)`` (the model's) adds the cost budget."""
         if request.n > self.max_candidates:
             raise LimitExceeded("too_many_candidates", "max_candidates", self.max_candidates, request.n,
                                 "the number of candidates N")
@@ -214,18 +275,26 @@ class RequestLimits:
             raise LimitExceeded("too_many_cloud_steps", "max_switch_step", self.max_switch_step,
                                 request.switch_step, "switch_step k (cloud steps)")
         side = max(request.height, request.width)
-        if side > self.max_image_size:
-            raise LimitExceeded("image_too_large", "max_image_size", self.max_image_size, side, "the image side")
+        max_side = self.max_image_size or FALLBACK_MAX_IMAGE_SIZE
+        if side > max_side:
+            raise LimitExceeded("image_too_large", "max_image_size", max_side, side, "the image side")
+        if request.guidance_scale > self.max_guidance_scale:
+            raise LimitExceeded("guidance_too_large", "max_guidance_scale", self.max_guidance_scale,
+                                request.guidance_scale, "guidance_scale")
+        if latent_shape is not None and self.max_cost is not None:
+            cost = request_cost(request, latent_shape)
+            if cost > self.max_cost:
+                raise LimitExceeded("request_too_costly", "max_cost", self.max_cost, cost,
+                                    "the request's cost 2N x latent pixels x k (lower N, the image size or k)")
         chars = [len(c) for c in request.candidates]
         worst = max(range(len(chars)), key=chars.__getitem__)
         if chars[worst] > self.max_prompt_chars:
             raise LimitExceeded("prompt_too_long", "max_prompt_chars", self.max_prompt_chars, chars[worst],
                                 f"candidate {worst} in characters")
         if count_tokens is not None:
-            context = context if context is not None else self.max_prompt_tokens
-            max_tokens = min(x for x in (context, self.max_prompt_tokens) if x is not None) \
-                if (context or self.max_prompt_tokens) else None
-            if max_tokens is not None:
+            bounds = [x for x in (context, self.max_prompt_tokens) if x is not None]
+            if bounds:
+                max_tokens = min(bounds)
                 tokens = [count_tokens(c) for c in request.candidates]
                 worst = max(range(len(tokens)), key=tokens.__getitem__)
                 if tokens[worst] > max_tokens:
@@ -249,7 +318,8 @@ class Handoff:
 
 
 def encode_handoff(request: StepsRequest, latents: np.ndarray, prev_x0: np.ndarray, *,
-                   lower_order_nums: int, step_index: int, timesteps, cloud_model: str) -> bytes:
+                   lower_order_nums: int, step_index: int, timesteps: Sequence[int] | np.ndarray,
+                   cloud_model: str) -> bytes:
     """Cloud side: latents + solver state -> safetensors bytes in the request's wire dtype."""
     dtype = WIRE_DTYPES[request.wire_dtype]
     latents = np.ascontiguousarray(latents, dtype=dtype)
@@ -288,7 +358,7 @@ def _canonical_header(data: bytes) -> bytes:
     return data[:8] + canonical.ljust(n, b" ") + data[8 + n:]
 
 
-def _read_header(data: bytes) -> dict:
+def _read_header(data: bytes) -> dict[str, Any]:
     """safetensors layout: u64 little-endian header length, JSON header, raw data.
     (safetensors.numpy.load drops __metadata__, so the header is read here.)"""
     if len(data) < 8:
@@ -296,30 +366,43 @@ def _read_header(data: bytes) -> dict:
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
         raise ProtocolError(f"handoff header claims {n} bytes but only {len(data) - 8} follow (truncated?)")
+    if n > MAX_HANDOFF_HEADER_BYTES:
+        raise ProtocolError(f"handoff header is {n} bytes, over the {MAX_HANDOFF_HEADER_BYTES} a handoff needs")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(data[8:8 + n].decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"handoff header is not JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("handoff header is not JSON: nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("handoff header is not a JSON object")
     body = len(data) - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
+            meta = info
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise ProtocolError("handoff __metadata__ is not an object of strings")
             continue
-        try:
-            end = int(info["data_offsets"][1])
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise ProtocolError(f"handoff tensor {name!r} has no valid data_offsets") from None
-        if end > body:
-            raise ProtocolError(f"handoff tensor {name!r} ends at byte {end} but the data is {body} bytes (truncated?)")
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and 0 <= o <= body for o in offsets) and offsets[0] <= offsets[1]):
+            raise ProtocolError(f"handoff tensor {_short(name)} has no valid data_offsets within the "
+                                f"{body} data bytes (truncated?)")
     return header
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a value from the wire, cut short: error messages must stay readable."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def decode_handoff(data: bytes, request: StepsRequest, expected_latent_shape: tuple[int, int, int],
-                   expected_timesteps=None) -> Handoff:
-    """Device side: parse and validate the cloud's bytes against our own request."""
+                   expected_timesteps: Sequence[int] | np.ndarray | None = None) -> Handoff:
+    """Device side: parse and validate the cloud's bytes against our own request. Any defect of
+    the bytes is a ProtocolError naming it (never another exception type)."""
     header = _read_header(data)
-    meta = header.get("__metadata__") or {}
+    meta: dict[str, str] = header.get("__metadata__") or {}
 
     def field_(key: str) -> str:
         if key not in meta:
@@ -327,13 +410,13 @@ def decode_handoff(data: bytes, request: StepsRequest, expected_latent_shape: tu
         return meta[key]
 
     def int_field(key: str) -> int:
-        try:
-            return int(field_(key))
-        except ValueError:
-            raise ProtocolError(f"handoff metadata {key!r}={meta[key]!r} is not an integer") from None
+        text = field_(key)
+        if not re.fullmatch(r"-?[0-9]{1,18}", text):
+            raise ProtocolError(f"handoff metadata {key!r}={_short(text)} is not an integer")
+        return int(text)
 
     if field_("format") != HANDOFF_FORMAT:
-        raise ProtocolError(f"handoff format {meta['format']!r} is not {HANDOFF_FORMAT!r}; "
+        raise ProtocolError(f"handoff format {_short(meta['format'])} is not {HANDOFF_FORMAT!r}; "
                             "the cloud and device versions differ, update one of them")
     if field_("request_sha256") != request.sha256():
         raise ProtocolError("handoff answers a different request (request_sha256 mismatch)")
@@ -347,33 +430,38 @@ def decode_handoff(data: bytes, request: StepsRequest, expected_latent_shape: tu
     if not 0 <= lower_order_nums <= request.switch_step:
         raise ProtocolError(f"handoff lower_order_nums={lower_order_nums} out of range 0..{request.switch_step}")
     if field_("dtype") != request.wire_dtype:
-        raise ProtocolError(f"handoff dtype {meta['dtype']!r}, requested {request.wire_dtype!r}")
+        raise ProtocolError(f"handoff dtype {_short(meta['dtype'])}, requested {request.wire_dtype!r}")
     try:
-        timesteps = tuple(int(t) for t in json.loads(field_("timesteps")))
-    except (json.JSONDecodeError, TypeError, ValueError):
-        raise ProtocolError("handoff timesteps are not a JSON list of integers") from None
+        raw_steps = json.loads(field_("timesteps"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raw_steps = None
+    if not (isinstance(raw_steps, list) and all(type(t) is int and 0 <= t < 2**31 for t in raw_steps)):
+        raise ProtocolError("handoff timesteps are not a JSON list of integers in [0, 2**31)")
+    timesteps = tuple(raw_steps)
     if len(timesteps) != request.num_inference_steps:
         raise ProtocolError(f"handoff has {len(timesteps)} timesteps, expected T={request.num_inference_steps}")
     if expected_timesteps is not None and tuple(int(t) for t in expected_timesteps) != timesteps:
         raise ProtocolError(f"the cloud's timestep schedule {list(timesteps)} differs from the device's "
                             f"{[int(t) for t in expected_timesteps]}: their scheduler configs disagree")
 
-    want_shape = (request.n, *expected_latent_shape)
+    want_shape = [request.n, *(int(d) for d in expected_latent_shape)]
     want_dtype = WIRE_DTYPES[request.wire_dtype]
     for name in ("latents", "prev_x0"):
         info = header.get(name)
         if not isinstance(info, dict):
             raise ProtocolError(f"handoff lacks tensor {name!r}")
-        if tuple(info.get("shape", ())) != want_shape:
-            raise ProtocolError(f"handoff {name} shape {info.get('shape')} != expected {list(want_shape)}")
-        if _ST_DTYPES.get(info.get("dtype")) is not want_dtype:
-            raise ProtocolError(f"handoff {name} dtype {info.get('dtype')} != requested {request.wire_dtype}")
+        if info.get("shape") != want_shape:
+            raise ProtocolError(f"handoff {name} shape {_short(info.get('shape'))} != expected {want_shape}")
+        if _ST_DTYPES.get(info.get("dtype")) is not want_dtype:  # type: ignore[arg-type]
+            raise ProtocolError(f"handoff {name} dtype {_short(info.get('dtype'))} != requested {request.wire_dtype}")
     try:
         tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error types
-        raise ProtocolError(f"handoff bytes are not valid safetensors: {e}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ProtocolError(f"handoff bytes are not valid safetensors: {_short(str(e), 200)}") from None
     out = {}
     for name in ("latents", "prev_x0"):
+        if name not in tensors:
+            raise ProtocolError(f"handoff lacks tensor {name!r}")
         arr = tensors[name].astype(np.float32)
         if not np.isfinite(arr).all():
             raise ProtocolError(f"handoff {name} holds non-finite values (NaN or inf)")
