@@ -34,10 +34,20 @@ class DeviceEngines:
         self._vae = open_session(m.path_of("vae_decoder"), config.providers, config.threads)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent shape for an image size, or a ValueError naming the sizes these engines run.
+        Called before anything is sent, so a size the device cannot finish never reaches the cloud."""
         f = self.manifest.vae_scale_factor
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"image size {height}x{width} must be a positive multiple of {f} "
                              "(the VAE's downscale factor)")
+        # A graph exported with fixed height/width runs only that size: read it from the graph itself.
+        for session, what in ((self._unet, "UNet"), (self._vae, "VAE decoder")):
+            dims = session.get_inputs()[0].shape[2:]
+            fixed = [d for d in dims if isinstance(d, int)]
+            if len(fixed) == 2 and (fixed[0] * f, fixed[1] * f) != (height, width):
+                raise ValueError(f"image size {height}x{width}: these device engines ({self.config.engines_dir}) "
+                                 f"were exported with a fixed {what} size of {fixed[0] * f}x{fixed[1] * f} "
+                                 f"pixels; use --size {fixed[0] * f} or export engines with dynamic sizes")
         return (self.manifest.latent_channels, height // f, width // f)
 
     def encode_text(self, prompts: list[str]) -> np.ndarray:
