@@ -5,6 +5,7 @@ second, no memory.
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import flop_registry
 
 from obclip.cloud.flops import EXTRA_FORMULAS, FlopBreakdown, FlopCounter, count_flops, meta_unet, unet_pass_flops
-from obclip.runtime.plan import AccelerationConfig, make_plan
+from obclip.runtime.plan import PRESETS, AccelerationConfig, make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -185,6 +186,20 @@ def test_benchmark_unaccelerated_rows_match_the_paper():
     assert result["per_pass"]["sd-v1.4"]["ratio"] == pytest.approx(1, abs=0.005)
     text = bench.format_table(result)
     assert "ObCLIP, no acceleration" in text and "MAC(paper)" in text and "FLOP(all)" in text
+
+
+def test_benchmark_json_lists_every_named_preset_and_n(capsys):
+    bench = _load_benchmark()
+    assert bench.main(["--json", "--n", "6", "--devices", "bk-sdm-small"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    entries = {(e["preset"], e["n"]): e for e in out["presets"]}
+    assert set(entries) == {(name, 6) for name in PRESETS}
+    paper_k10 = entries[("paper-k10", 6)]
+    assert paper_k10["k"] == 10 and paper_k10["paper_tmacs"] == pytest.approx(33.57, abs=0.01)
+    # The same number as the table's "+ cache + reuse (paper preset)" row.
+    block = next(b for b in out["blocks"] if b["preset"] == "paper-k10" and b["N"] == 6)
+    row = next(r for r in block["rows"] if r["key"] == "cache_reuse")
+    assert paper_k10["paper_tmacs"] == pytest.approx(row["paper_macs_T"])
 
 
 def test_benchmark_memo_agrees_with_running_every_step():
