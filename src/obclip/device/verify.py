@@ -1,0 +1,161 @@
+"""Device-side verification of the cloud's whole answer, the same whatever is real.
+
+An active server can try to learn which candidate is real by poisoning one
+member's returned latent (non-finite, huge, or plausible-looking but wrong):
+if the device only ever looked at its own member (implicitly, by decoding it),
+the user would see a broken image exactly when the server's guess was right,
+and the app's reaction (an error, a retry, a complaint) would confirm it.
+
+So before the device touches its own latent it checks EVERY member's latent
+and solver state (``prev_x0``) against one envelope, the same for all N, and
+refuses the whole answer if any member fails, with an error that does not
+depend on which member is real. It never retries: a retry after a failure is
+itself a signal (and the same poisoned answer would come back).
+
+The envelope, from the variance-preserving noise schedule. After k solver
+steps the latent is x_k = alpha_k * x0 + sigma_k * eps with alpha_k^2 +
+sigma_k^2 = 1 (``Schedule.alpha_t`` / ``sigma_t`` at index k; alpha_k =
+sqrt(alpha_bar_t)). Latents are scaled to about unit variance (the VAE's
+scaling factor), so with eps ~ N(0, 1) the expected per-element root mean
+square is
+
+    rms(x_k) = sqrt(alpha_k^2 * E[x0^2] + sigma_k^2)        (~1 when E[x0^2] = 1)
+
+We bound E[x0^2] <= X0_RMS_MAX^2 (real images' latents have rms ~0.8-1.3; 3
+is generous, and a model's intermediate x0 predictions overshoot a little) and
+allow a further MARGIN, giving
+
+    rms(x_k)     <= MARGIN * sqrt(alpha_k^2 * X0_RMS_MAX^2 + sigma_k^2)   (<= 4.5)
+    rms(prev_x0) <= MARGIN * X0_RMS_MAX                                   (= 4.5)
+    max |value|  <= PEAK * the rms bound    (a Gaussian's peak over ~16k values is ~4.5 sigma)
+
+A latent at 10x the expected norm (rms ~10) fails every bound; 3e38 and
+NaN/inf fail them by far. There is deliberately no lower bound: at k = T
+(all steps in the cloud) sigma_k = 0 and a flat image has a small latent.
+
+What an active server can still learn (for the README): the check is
+statistical, so a member replaced by a *plausible* but wrong latent (another
+prompt's trajectory, a different seed, a subtly shifted latent inside the
+envelope) passes, and the device finishes from it if it is the real one. The
+user then sees an image that does not match the prompt. Nothing the device
+sends changes, but if the user (or the app) reacts - regenerates, reports the
+image, retries the same request - the server learns that its guess hit. Apps
+must therefore (1) never resend the same request after a failed verification
+(show the error and let the user decide, preferably with a fresh seed and
+later), and (2) treat "the image looks wrong" the same way: do not
+automatically regenerate. A failed verification says the server is faulty or
+hostile; it says nothing about which member is real, and neither does the
+error text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from obclip.runtime.protocol import Handoff, ProtocolError
+from obclip.runtime.solver import Schedule
+
+
+class VerificationError(ProtocolError):
+    """The cloud's answer failed the device's checks; the whole answer is refused.
+
+    The message depends only on the answer, never on which member is real.
+    Do not resend the same request after this error (a retry tells the server
+    its tampering was noticed, and a hostile server would answer the same way).
+    """
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Bounds of the statistics envelope (see the module docstring for how they follow)."""
+
+    x0_rms_max: float = 3.0   # per-element rms of a clean latent x0, generous
+    margin: float = 1.5       # slack on top of the expected spread
+    peak: float = 12.0        # largest |value| allowed, in units of the rms bound
+    # The envelope assumes a trained model (latents at unit variance). A model with random
+    # weights (the test suite's) predicts noise badly, so its trajectories leave the envelope;
+    # for it only the finiteness check applies. Decided from the device's own files, never
+    # from anything the server sends.
+    statistics: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("x0_rms_max", "margin", "peak"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"VerifyConfig.{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    latent_rms_max: float
+    prev_x0_rms_max: float
+    peak: float
+
+
+def config_for(model_id: str) -> VerifyConfig:
+    """The checks for the device's model: finite-only when its own source folder says its
+    weights are random (``obclip_model.json`` written by ``write_random_model``), else the envelope."""
+    marker = Path(model_id) / "obclip_model.json"
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+    except (OSError, ValueError):
+        info = {}
+    random_weights = isinstance(info, dict) and info.get("weights") == "random"
+    return VerifyConfig(statistics=not random_weights)
+
+
+def envelope(schedule: Schedule, k: int, config: VerifyConfig = VerifyConfig()) -> Envelope:
+    """The bounds for latents after k steps of this schedule (the same for every member)."""
+    if not 0 <= k <= schedule.num_inference_steps:
+        raise ValueError(f"k={k} is outside the {schedule.num_inference_steps}-step schedule")
+    alpha, sigma = float(schedule.alpha_t[k]), float(schedule.sigma_t[k])
+    latent = config.margin * float(np.sqrt(alpha**2 * config.x0_rms_max**2 + sigma**2))
+    return Envelope(latent_rms_max=latent, prev_x0_rms_max=config.margin * config.x0_rms_max, peak=config.peak)
+
+
+def _failures(name: str, x: np.ndarray, rms_max: float, peak: float, statistics: bool) -> list[str]:
+    """Why a stacked [N, ...] tensor fails, per check; each row is judged by the same bounds."""
+    x = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
+    finite = np.isfinite(x).all(axis=1)
+    if not statistics:
+        return [] if finite.all() else [f"{name}: {int((~finite).sum())} member(s) hold NaN or infinity"]
+    # Non-finite members get rms inf, so they fail every check below too.
+    safe = np.where(np.isfinite(x), x, 0.0)
+    rms = np.where(finite, np.sqrt(np.mean(safe**2, axis=1)), np.inf)
+    top = np.where(finite, np.max(np.abs(safe), axis=1), np.inf)
+    out = []
+    if not finite.all():
+        out.append(f"{name}: {int((~finite).sum())} member(s) hold NaN or infinity")
+    bad_rms = finite & (rms > rms_max)
+    if bad_rms.any():
+        out.append(f"{name}: {int(bad_rms.sum())} member(s) with per-element rms above {rms_max:.3g} "
+                   f"(largest {float(rms[bad_rms].max()):.3g})")
+    bad_top = finite & (top > peak * rms_max)
+    if bad_top.any():
+        out.append(f"{name}: {int(bad_top.sum())} member(s) with a value beyond +-{peak * rms_max:.3g}")
+    return out
+
+
+def verify_answer(handoff: Handoff, schedule: Schedule, k: int, config: VerifyConfig = VerifyConfig()) -> None:
+    """Check every member's latent and prev_x0; raise VerificationError if any fails.
+
+    Called for every answer before the device reads its own member. The checks,
+    bounds and error text are identical for all members, so neither the
+    outcome nor the message depends on which one is real.
+    """
+    if handoff.step_index != k:
+        raise VerificationError(f"the cloud's answer is at step {handoff.step_index}, not at the k={k} asked for; "
+                                "refusing the whole answer. Do not resend the same request.")
+    env = envelope(schedule, k, config)
+    problems = _failures("latents", handoff.latents, env.latent_rms_max, env.peak, config.statistics)
+    if k > 0:  # at k = 0 there is no previous data prediction to check
+        problems += _failures("prev_x0", handoff.prev_x0, env.prev_x0_rms_max, env.peak, config.statistics)
+    if problems:
+        raise VerificationError(
+            "the cloud's answer failed verification and was refused as a whole (" + "; ".join(problems)
+            + "). The server is faulty or tampering; nothing from this answer was used. Do not resend the "
+            "same request: report the server, and if you try again, do it later with a fresh seed.")
