@@ -8,22 +8,39 @@ built on first use. The HTTP port answers at once: GET /healthz is 200
 while the process serves, GET /readyz is 503 until the model is loaded and
 warmed up. If the model cannot be loaded the process exits with status 1.
 See cloud/service.py for the endpoints, limits and error bodies.
+
+The HTTP front (``HttpLimits``) is enforced here, in uvicorn's own protocol
+classes, with whichever parser runs (``--http h11|httptools``; auto picks
+httptools when installed): a connection cap (the excess is answered 503 and
+closed at once), the request head's size (bytes, parsed incrementally) and a
+deadline for it from connect or from the previous answer (slow-drip heads get
+408), keep-alive idle close, a bound on how long an unread answer is kept,
+and JSON bodies for the parser's own errors (400, 408, 431, 503).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import http
+import json
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
-from obclip.runtime.protocol import RequestLimits
+from obclip.runtime.protocol import ERROR_MEDIA_TYPE, RequestLimits, error_body
 
-from .service import Service, ServiceConfig, create_app
+from .service import HttpLimits, Service, ServiceConfig, create_app
+
+if TYPE_CHECKING:
+    import uvicorn
 
 _D = ServiceConfig()
 _L = _D.limits
+_H = _D.http
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=_L.max_steps, help="T (default %(default)s)")
     g.add_argument("--max-switch-step", type=int, default=_L.max_switch_step,
                    help="k, cloud steps per request (default %(default)s)")
-    g.add_argument("--max-image-size", type=int, default=_L.max_image_size, help="pixels (default %(default)s)")
+    g.add_argument("--max-image-size", type=int, default=_L.max_image_size,
+                   help="pixels (default: twice the model's native size)")
     g.add_argument("--max-prompt-chars", type=int, default=_L.max_prompt_chars,
                    help="characters per candidate (default %(default)s)")
     g.add_argument("--max-prompt-tokens", type=int, default=_L.max_prompt_tokens,
                    help="tokens per candidate (default: the text encoder's context)")
     g.add_argument("--max-body-bytes", type=int, default=_L.max_body_bytes, help="(default %(default)s)")
+    g.add_argument("--max-cost", type=int, default=_L.max_cost,
+                   help="cost budget per request, 2N x latent pixels x k (default: --max-candidates candidates "
+                        "at the model's native size for 50 cloud steps); bounds a request's time and memory")
+    g.add_argument("--max-guidance-scale", type=float, default=_L.max_guidance_scale,
+                   help="(default %(default)s)")
+    h = p.add_argument_group("HTTP front (see HttpLimits in cloud/service.py)")
+    h.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                   help="HTTP parser (default auto: httptools when installed); the limits hold with either")
+    h.add_argument("--max-header-bytes", type=int, default=_H.max_header_bytes,
+                   help="request line + headers, else 431 (default %(default)s)")
+    h.add_argument("--max-headers", type=int, default=_H.max_headers, help="header fields, else 431 "
+                   "(default %(default)s)")
+    h.add_argument("--header-timeout", type=float, default=_H.header_timeout_s,
+                   help="seconds to send a request head, from connect or the previous answer (default %(default)s)")
+    h.add_argument("--keep-alive", type=float, default=_H.keep_alive_s,
+                   help="seconds an idle connection stays open (default %(default)s)")
+    h.add_argument("--body-timeout", type=float, default=_H.body_timeout_s,
+                   help="seconds to send the request body (default %(default)s)")
+    h.add_argument("--send-timeout", type=float, default=_H.send_timeout_s,
+                   help="seconds an answer the client does not read is kept (default %(default)s)")
+    h.add_argument("--max-connections", type=int, default=_H.max_connections,
+                   help="open connections; more are answered 503 and closed (default %(default)s)")
     w = p.add_argument_group("worker")
     w.add_argument("--queue-size", type=int, default=_D.queue_size,
                    help="requests waiting beside the running one; more get 503 (default %(default)s)")
@@ -76,7 +116,12 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         limits=RequestLimits(
             max_candidates=args.max_candidates, max_steps=args.max_steps, max_switch_step=args.max_switch_step,
             max_image_size=args.max_image_size, max_prompt_chars=args.max_prompt_chars,
-            max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes),
+            max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+            max_cost=args.max_cost, max_guidance_scale=args.max_guidance_scale),
+        http=HttpLimits(
+            max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+            header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive, body_timeout_s=args.body_timeout,
+            send_timeout_s=args.send_timeout, max_connections=args.max_connections),
         queue_size=args.queue_size,
         request_timeout_s=args.timeout, retry_after_s=args.retry_after, warmup=not args.no_warmup,
         torch_threads=args.torch_threads, log_prompts=args.log_prompts,
@@ -94,7 +139,155 @@ def checked_config(args: argparse.Namespace) -> ServiceConfig:
     return config
 
 
-def main(argv=None) -> int:
+def _raw_answer(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+    """A complete HTTP/1.1 error answer with the JSON error body, closing the connection."""
+    body = json.dumps(error_body(code, message)).encode()
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", f"content-type: {ERROR_MEDIA_TYPE}",
+            f"content-length: {len(body)}", "connection: close"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class _FrontMixin:
+    """HttpLimits on top of a uvicorn HTTP protocol (H11Protocol or HttpToolsProtocol): one instance
+    per connection. Uses the protocol's ``transport``, ``connections``, ``cycle`` and ``loop``."""
+
+    front: HttpLimits = HttpLimits()
+    on_refused: Callable[[int, str], None] | None = None   # metrics hook: (status, code)
+    transport: asyncio.Transport
+    connections: set[Any]
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        super().connection_made(transport)  # type: ignore[misc]
+        if len(self.connections) > self.front.max_connections:
+            self._refuse(503, "too_many_connections", f"the server has max_connections="
+                         f"{self.front.max_connections} open connections; retry later", {"Retry-After": "1"})
+            return
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._head_timer is not None
+        before = self.cycle
+        if waiting:
+            self._head_bytes += len(data)
+        super().data_received(data)  # type: ignore[misc]
+        if self.transport.is_closing():
+            return
+        if self.cycle is not before:           # a request head was parsed: its deadline is met
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer, self._head_bytes = None, 0
+        elif waiting and self._head_bytes > self.front.max_header_bytes:
+            self._too_large()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        # An answer the client does not read must not be kept forever (close() waits for the buffer).
+        if self._linger is not None:
+            self._linger.cancel()
+        self._linger = self.loop.call_later(self.front.send_timeout_s, self._drop_unread)
+        if not self.transport.is_closing():
+            self._await_head()                  # the next request's head has its own deadline
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser's own errors, as JSON (uvicorn writes plain text)."""
+        if self._head_timer is not None and self._head_bytes > self.front.max_header_bytes:
+            self._too_large()
+            return
+        self._refuse(400, "bad_http_request", "the request is not valid HTTP/1.1")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _await_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.front.header_timeout_s, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return                              # a request is being answered; the app has its own deadlines
+        if self._head_bytes:
+            self._refuse(408, "header_timeout", f"the request head did not arrive within the server's "
+                         f"header_timeout_s={self.front.header_timeout_s:g} s")
+        else:
+            self.transport.close()
+
+    def _too_large(self) -> None:
+        self._refuse(431, "headers_too_large", f"the request head is at least {self._head_bytes} bytes, over "
+                     f"the server's limit max_header_bytes={self.front.max_header_bytes}")
+
+    def _drop_unread(self) -> None:
+        self._linger = None
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._linger = None
+
+    def _refuse(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        if self.on_refused is not None:
+            self.on_refused(status, code)
+        self._cancel_timers()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_answer(status, code, message, headers))
+            self.transport.close()
+            # close() waits for the buffer; a peer that does not read it is dropped.
+            self._linger = self.loop.call_later(self.front.send_timeout_s, self._drop_unread)
+
+
+def front_protocol(parser: str, limits: HttpLimits,
+                   on_refused: Callable[[int, str], None] | None = None) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class for ``parser`` ("auto", "h11" or "httptools") with ``limits``."""
+    if parser == "auto":
+        try:
+            import httptools  # noqa: F401
+            parser = "httptools"
+        except ImportError:
+            parser = "h11"
+    if parser == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    elif parser == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base  # type: ignore[assignment]
+    else:
+        raise ValueError(f"unknown HTTP parser {parser!r}; use auto, h11 or httptools")
+    attrs = {"front": limits, "on_refused": staticmethod(on_refused) if on_refused else None}
+    return cast("type[asyncio.Protocol]", type(f"Front{base.__name__}", (_FrontMixin, base), attrs))
+
+
+def uvicorn_config(service: Service, *, parser: str = "auto", log_level: str | None = "info",
+                   **kw: Any) -> uvicorn.Config:
+    """The uvicorn Config for a service's app with its HTTP front (``service.config.http``)."""
+    import uvicorn
+
+    cfg = service.config
+    metrics = service.metrics
+
+    def refused(status: int, code: str) -> None:
+        metrics.requests.labels(endpoint="http", status=str(status)).inc()
+        metrics.errors.labels(code=code).inc()
+
+    options: dict[str, Any] = dict(
+        host=cfg.host, port=cfg.port, http=front_protocol(parser, cfg.http, refused), log_level=log_level,
+        timeout_keep_alive=cfg.http.keep_alive_s, h11_max_incomplete_event_size=cfg.http.max_header_bytes,
+        timeout_graceful_shutdown=max(1, int(cfg.request_timeout_s)))
+    options.update(kw)
+    return uvicorn.Config(create_app(service=service), **options)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = checked_config(args)
@@ -106,9 +299,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = Service(config)
-    app = create_app(service=service)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=max(1, int(config.request_timeout_s))))
+    server = uvicorn.Server(uvicorn_config(service, parser=args.http, log_level=args.log_level))
     failed: list[BaseException] = []
 
     def load_failed(e: BaseException) -> None:
