@@ -64,7 +64,9 @@ class CloudReplica:
 
     def __init__(self, config: ServiceConfig, log_level: str = "info"):
         self.log_level = log_level
-        self.service = Service(config)
+        # Behind Ray's proxy a client that disconnects cancels the handler task (which abandons its
+        # job); the replica's receive() is Ray's, not uvicorn's, so it is not watched for a disconnect.
+        self.service = Service(replace(config, cancel_on_disconnect=False))
 
     async def __serve_build_asgi_app__(self):
         # Only Serve calls this, in the replica's own process: our loggers need a handler there
@@ -149,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = ("Serve the cloud's first k denoising steps over HTTP (POST /v1/steps) with Ray Serve: "
                      "one model per replica, one replica per GPU.")
     for action in p._actions:
-        if action.dest == "fd":  # an inherited socket means nothing to Ray's proxy
+        if action.dest in ("fd", "http", "header_timeout", "send_timeout", "max_connections"):
+            # an inherited socket and the uvicorn-level HTTP front mean nothing to Ray's proxy
+            # (header count/size and the body timeout are still checked by the app)
             action.help = argparse.SUPPRESS
         elif action.dest == "device":
             action.help = "cpu or cuda; with cuda each replica gets one GPU of its own (default cpu)"
@@ -241,7 +245,8 @@ def main(argv=None) -> int:
     code = 0
     try:
         # HTTP options are cluster-wide: on a cluster where Serve already runs they stay as they are.
-        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.start(http_options={"host": config.host, "port": config.port,
+                                  "keep_alive_timeout_s": max(1, round(config.http.keep_alive_s))})
         print(f"deploying {args.replicas} replica(s) on {config.device}; loading the model...", file=sys.stderr)
         t0 = time.monotonic()
         try:
