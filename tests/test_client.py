@@ -466,7 +466,7 @@ def test_client_config_is_validated():
 
 
 def test_client_sends_only_standard_library_http():
-    out = subprocess.run([sys.executable, "-c", "import device.client, device.generate, sys; "
+    out = subprocess.run([sys.executable, "-c", "import obclip.device.client, obclip.device.generate, sys; "
                           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                           "{'requests', 'httpx', 'urllib3', 'aiohttp', 'starlette', 'uvicorn', 'torch'}))"],
                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)

@@ -13,14 +13,27 @@ the headers are fixed (method, path, Host, Content-Type, Accept, User-Agent,
 Content-Length, Connection: close, Accept-Encoding: identity); no request
 ids, no timestamps, no cookies. A retry sends the same bytes again.
 
-Errors, all subclasses of ``ServiceError`` (status, code, message):
+Errors, all subclasses of ``ServiceError`` (status, code, message); nothing
+else escapes a call, whatever the server sends:
   ServiceRejected     4xx: the server's error code and message (never retried)
   ServiceUnavailable  connection errors and 503, after the retries
   ServiceTimeout      no complete answer within ``timeout_s``, or 504
   ServiceFailed       other 5xx
-  BadResponse         a 200 whose body is not a valid handoff for this request:
-                      wrong content type, truncated, wrong version, shapes,
-                      dtype, N, request hash, or NaN/inf (also a ProtocolError)
+  BadResponse         an answer that is not a valid one for this request: not
+                      HTTP, over the size cap, truncated, wrong content type,
+                      wrong version, shapes, dtype, N, request hash, malformed
+                      header or metadata, NaN/inf (also a ProtocolError); the
+                      ``code`` says which. Never retried, except an answer cut
+                      short by the connection closing (code "truncated").
+
+Hostile servers: ``timeout_s`` is one deadline for the whole call (connect,
+send, status line, headers, body, every retry and every wait between them),
+enforced by a watchdog that shuts the socket down when it passes, so a server
+that drips its headers, its body or endless ``100 Continue`` lines cannot hold
+the device. The answer may not be larger than a handoff for this request can
+be (N, image size, wire dtype; exact when the latent shape is known, as in
+``generate_image``) plus a small header allowance; error bodies are capped at
+64 KiB.
 """
 
 from __future__ import annotations
@@ -29,18 +42,24 @@ import email.utils
 import http.client
 import json
 import math
+import socket
 import ssl
 import struct
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from obclip.runtime.protocol import (
     HANDOFF_MEDIA_TYPE,
+    MAX_HANDOFF_HEADER_BYTES,
     REQUEST_MEDIA_TYPE,
     STEPS_PATH,
+    WIRE_DTYPES,
     Handoff,
     ProtocolError,
     StepsRequest,
@@ -52,6 +71,11 @@ from .engines import DeviceEngines, EngineConfig
 from .pipeline import DevicePipeline, GenerationConfig, GenerationResult
 
 USER_AGENT = "obclip-device/1"
+ERROR_BODY_CAP = 64 * 1024            # an error answer is a short JSON object
+# Without the model's latent shape, a bound on latent values per image pixel: C / f^2 <= 1
+# (SD: 4 / 64; 16 channels at f = 4 still fit).
+MAX_LATENT_VALUES_PER_PIXEL = 1
+LatentShape = Callable[[int, int], tuple[int, int, int]]
 
 
 class ServiceError(Exception):
@@ -73,7 +97,7 @@ class ServiceUnavailable(ServiceError):
 
 
 class ServiceTimeout(ServiceError):
-    """No complete answer in time (client timeout or the server's 504)."""
+    """No complete answer in time (client deadline or the server's 504)."""
 
 
 class ServiceFailed(ServiceError):
@@ -81,18 +105,19 @@ class ServiceFailed(ServiceError):
 
 
 class BadResponse(ServiceError, ProtocolError):
-    """A 200 whose body is not a valid handoff for our request."""
+    """An answer that is not a valid one for our request; ``code`` names the defect."""
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     url: str                          # base URL of the service, e.g. http://127.0.0.1:8000
-    timeout_s: float = 300.0          # one attempt, from connect to the last byte of the answer
+    timeout_s: float = 300.0          # the whole call: connect, send, answer, retries and waits
     connect_timeout_s: float = 10.0   # the TCP (and TLS) connect of one attempt
     retries: int = 3                  # extra attempts after connection errors and 503
     backoff_s: float = 0.5            # wait before the first retry; doubles each time
     max_backoff_s: float = 10.0       # cap on a wait, the server's Retry-After included
-    max_response_bytes: int = 512 * 1024 * 1024
+    # Cap on a 200 answer; None: derived from the request (response_cap). A set value caps it further.
+    max_response_bytes: int | None = None
     ca_file: str | None = None        # https: CA bundle (default: the system's)
 
     def __post_init__(self) -> None:
@@ -109,8 +134,22 @@ class ClientConfig:
             raise ValueError(f"backoff_s must be a number >= 0, got {self.backoff_s!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
-        if not isinstance(self.max_response_bytes, int) or self.max_response_bytes < 1:
-            raise ValueError(f"max_response_bytes must be a positive integer, got {self.max_response_bytes!r}")
+        v = self.max_response_bytes
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"max_response_bytes must be a positive integer or None, got {v!r}")
+
+
+def response_cap(request: StepsRequest, latent_shape: LatentShape | None = None) -> int:
+    """The most bytes a valid handoff for ``request`` can take: two [N, C, h, w] tensors in the
+    wire dtype plus the header allowance. Exact with the model's ``latent_shape``; otherwise
+    bounded by MAX_LATENT_VALUES_PER_PIXEL."""
+    if latent_shape is not None:
+        c, h, w = latent_shape(request.height, request.width)
+        values = c * h * w
+    else:
+        values = MAX_LATENT_VALUES_PER_PIXEL * request.height * request.width
+    itemsize = np.dtype(WIRE_DTYPES[request.wire_dtype]).itemsize
+    return 2 * request.n * values * itemsize + 8 + MAX_HANDOFF_HEADER_BYTES
 
 
 @dataclass
@@ -141,17 +180,21 @@ class _Truncated(Exception):
     pass
 
 
-def _claimed_latent_shape(data: bytes) -> tuple[int, ...]:
+class _Expired(Exception):
+    """The call's deadline passed."""
+
+
+def _claimed_latent_shape(data: bytes) -> tuple[int, int, int]:
     """The per-candidate latent shape the handoff says it holds (checked again by decode_handoff)."""
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        if n > len(data) - 8:
+        if n > min(len(data) - 8, MAX_HANDOFF_HEADER_BYTES):
             raise ValueError
         shape = json.loads(json.loads(data[8:8 + n].decode("utf-8"))["__metadata__"]["latent_shape"])
-        if not (isinstance(shape, list) and len(shape) == 3 and all(type(s) is int and s > 0 for s in shape)):
+        if not (isinstance(shape, list) and len(shape) == 3 and all(type(s) is int and 0 < s < 2**31 for s in shape)):
             raise ValueError
-        return tuple(shape)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return (shape[0], shape[1], shape[2])
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         return (0, 0, 0)  # decode_handoff names what is wrong
 
 
@@ -172,7 +215,8 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        delay = float(value)
+        return max(0.0, delay) if math.isfinite(delay) else None
     except ValueError:
         pass
     try:
@@ -184,32 +228,62 @@ def _retry_after(value: str | None) -> float | None:
 
 def _server_timing(value: str | None) -> dict[str, float]:
     out = {}
-    for part in (value or "").split(","):
+    for part in (value or "").split(",")[:8]:
         name, _, rest = part.strip().partition(";")
         for param in rest.split(";"):
             k, _, v = param.strip().partition("=")
             if k == "dur":
                 try:
-                    out[name.strip()] = float(v) / 1e3
+                    seconds = float(v) / 1e3
                 except ValueError:
-                    pass
+                    continue
+                if math.isfinite(seconds) and seconds >= 0:
+                    out[name.strip()[:32]] = seconds
     return out
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """Text from the server, cut to a readable length for an error message."""
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Connection(http.client.HTTPConnection):
+    """http.client closes its socket once a ``Connection: close`` answer's head is read (the
+    answer reads through its own file); the socket is kept so the deadline can act on it."""
+
+    def close(self) -> None:
+        pass
+
+    def really_close(self) -> None:
+        super().close()
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    def close(self) -> None:
+        pass
+
+    def really_close(self) -> None:
+        super().close()
 
 
 class ServiceClient:
     """``CloudTransport`` over HTTP: ``client(request_bytes) -> Handoff``, validated against the
     request (the pipeline uses it as is, without parsing the bytes again).
 
+    ``latent_shape`` (the device model's ``(height, width) -> (C, h, w)``) makes the response
+    cap and the shape check exact; without it they use the bound of ``response_cap``.
     Safe to share between threads for calls; ``last_call`` is the stats of the latest call made.
     """
 
-    def __init__(self, config: ClientConfig | str):
+    def __init__(self, config: ClientConfig | str, latent_shape: LatentShape | None = None):
         self.config = ClientConfig(config) if isinstance(config, str) else config
         parts = urllib.parse.urlsplit(self.config.url)
         self._https = parts.scheme == "https"
-        self._host = parts.hostname
+        self._host = parts.hostname or ""
         self._port = parts.port or (443 if self._https else 80)
         self._base = parts.path.rstrip("/")
+        self.latent_shape = latent_shape
         self.last_call: CallStats | None = None
 
     # -- public ---------------------------------------------------------------------------------
@@ -218,19 +292,30 @@ class ServiceClient:
         cfg = self.config
         stats = CallStats()
         t0 = time.monotonic()
+        deadline = t0 + cfg.timeout_s
+        cap = response_cap(request, self.latent_shape)
+        if cfg.max_response_bytes is not None:
+            cap = min(cap, cfg.max_response_bytes)
+        expected = None
+        if self.latent_shape is not None:
+            expected = self.latent_shape(request.height, request.width)
         try:
             error: ServiceError | None = None
             for attempt in range(cfg.retries + 1):
                 stats.attempts = attempt + 1
                 try:
-                    status, headers, body = self._exchange("POST", STEPS_PATH, request_bytes, stats)
-                    return self._accept(status, headers, body, request, stats)
+                    status, headers, body = self._exchange("POST", STEPS_PATH, request_bytes, stats, deadline,
+                                                           cap)
+                    return self._accept(status, headers, body, request, stats, expected)
                 except _Retryable as r:
                     error = r.error
                     if attempt == cfg.retries:
                         break
                     delay = r.delay if r.delay is not None else cfg.backoff_s * 2 ** attempt
-                    time.sleep(min(delay, cfg.max_backoff_s))
+                    delay = min(delay, cfg.max_backoff_s)
+                    if time.monotonic() + delay >= deadline:   # no time left for another attempt
+                        break
+                    time.sleep(delay)
             assert error is not None
             error.args = (f"{error.args[0]} (gave up after {stats.attempts} attempt(s))",)
             raise error
@@ -239,20 +324,20 @@ class ServiceClient:
             self.last_call = stats
 
     def ready(self) -> bool:
-        """True when GET /readyz answers 200 (one attempt, no retries)."""
+        """True when GET /readyz answers 200 (one attempt, no retries, within timeout_s)."""
         try:
-            status, _, _ = self._exchange("GET", "/readyz", None, CallStats())
+            status, _, _ = self._exchange("GET", "/readyz", None, CallStats(),
+                                          time.monotonic() + self.config.timeout_s, ERROR_BODY_CAP)
         except (_Retryable, ServiceError):
             return False
         return status == 200
 
     # -- one attempt ----------------------------------------------------------------------------
-    def _connection(self) -> http.client.HTTPConnection:
-        timeout = min(self.config.connect_timeout_s, self.config.timeout_s)
+    def _connection(self, timeout: float) -> _Connection | _TLSConnection:
         if self._https:
             ctx = ssl.create_default_context(cafile=self.config.ca_file)
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=ctx)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            return _TLSConnection(self._host, self._port, timeout=timeout, context=ctx)
+        return _Connection(self._host, self._port, timeout=timeout)
 
     def _headers(self, body: bytes | None) -> dict[str, str]:
         # Fixed: nothing here may vary with the request beyond its length, which is the same
@@ -263,71 +348,109 @@ class ServiceClient:
             h["Content-Length"] = str(len(body))
         return h
 
-    def _exchange(self, method: str, path: str, body: bytes | None, stats: CallStats):
-        """One HTTP exchange -> (status, lower-cased headers, body). Connection trouble -> _Retryable."""
+    def _exchange(self, method: str, path: str, body: bytes | None, stats: CallStats, deadline: float,
+                  cap: int) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP exchange before ``deadline`` -> (status, lower-cased headers, body). Connection
+        trouble -> _Retryable; a malformed answer -> BadResponse; the deadline -> ServiceTimeout."""
         cfg = self.config
-        url = self.config.url
-        deadline = time.monotonic() + cfg.timeout_s
-        conn = self._connection()
+        url = cfg.url
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ServiceTimeout(f"no complete answer from {url} within timeout_s={cfg.timeout_s:g} s",
+                                 code="client_timeout")
+        conn = self._connection(min(cfg.connect_timeout_s, left))
+        expired = threading.Event()
 
+        def watchdog() -> None:
+            # The deadline, whatever the server does: a blocked read or write returns at once.
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(left, watchdog)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._attempt(conn, method, path, body, stats, deadline, cap, expired)
+        except (ServiceError, _Retryable):
+            if expired.is_set():
+                raise self._timeout() from None
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure of the exchange becomes a named error
+            if expired.is_set() or isinstance(e, (TimeoutError, _Expired)):
+                raise self._timeout() from None
+            raise self._classify(e) from None
+        finally:
+            timer.cancel()
+            conn.really_close()
+
+    def _timeout(self) -> ServiceTimeout:
+        return ServiceTimeout(f"no complete answer from {self.config.url} within timeout_s="
+                              f"{self.config.timeout_s:g} s", code="client_timeout")
+
+    def _attempt(self, conn: _Connection | _TLSConnection, method: str, path: str, body: bytes | None,
+                 stats: CallStats, deadline: float, cap: int,
+                 expired: threading.Event) -> tuple[int, dict[str, str], bytes]:
         def remaining() -> float:
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
+            if left <= 0 or expired.is_set():
+                raise _Expired
             return left
 
+        conn.connect()
+        sock = conn.sock
+        sock.settimeout(remaining())
+        conn.request(method, self._base + path, body=body, headers=self._headers(body))
+        stats.bytes_sent += len(body or b"")
+        sock.settimeout(remaining())
+        resp = conn.getresponse()   # http.client caps header lines (64 KiB) and their count (100)
+        headers = {k.lower(): v for k, v in resp.getheaders()}
         try:
-            conn.connect()
-            conn.sock.settimeout(remaining())
-            conn.request(method, self._base + path, body=body, headers=self._headers(body))
-            stats.bytes_sent += len(body or b"")
-            sock = conn.sock
-            sock.settimeout(remaining())
-            # With Connection: close, getresponse() closes the connection's socket object (the
-            # response reads through its own file); keep it open so the read deadline can be set.
-            conn.close = lambda: None
-            resp = conn.getresponse()
-            headers = {k.lower(): v for k, v in resp.getheaders()}
-            try:
-                data = self._read_body(resp, sock, remaining)
-            finally:
-                resp.close()
-            stats.bytes_received += len(data)
-            return resp.status, headers, data
-        except TimeoutError:
-            raise ServiceTimeout(f"no complete answer from {url} within timeout_s={cfg.timeout_s:g} s",
-                                 code="client_timeout") from None
-        except _Truncated as e:
-            raise _Retryable(BadResponse(f"the answer from {url} was truncated: {e} "
-                                         "(the connection closed mid-response)", code="truncated")) from None
-        except ConnectionRefusedError:
-            raise _Retryable(ServiceUnavailable(f"could not connect to {url}: connection refused "
-                                                "(is the service running?)", code="connection_refused")) from None
-        except (http.client.RemoteDisconnected, ConnectionError) as e:
-            raise _Retryable(ServiceUnavailable(
-                f"the connection to {url} failed: {type(e).__name__}: {e}"
-                " (server down, restarting or killed mid-request)", code="connection_error")) from None
-        except http.client.IncompleteRead as e:
-            raise _Retryable(BadResponse(f"the answer from {url} was truncated: got {len(e.partial)} bytes "
-                                         "of a chunked body (the connection closed mid-response)",
-                                         code="truncated")) from None
-        except http.client.HTTPException as e:
-            raise BadResponse(f"{url} did not answer valid HTTP: {type(e).__name__}: {e}",
-                              code="bad_http") from None
-        except ssl.SSLError as e:
-            raise ServiceUnavailable(f"TLS with {url} failed: {e}", code="tls_error") from None
-        except OSError as e:  # refused, unreachable, DNS, reset, ...
-            raise _Retryable(ServiceUnavailable(f"could not connect to {url}: {type(e).__name__}: {e}",
-                                                code="connection_error")) from None
+            data = self._read_body(resp, sock, remaining, cap if resp.status == 200 else ERROR_BODY_CAP)
         finally:
-            http.client.HTTPConnection.close(conn)
+            resp.close()
+        stats.bytes_received += len(data)
+        return resp.status, headers, data
 
-    def _read_body(self, resp, sock, remaining: Callable[[], float]) -> bytes:
-        limit = self.config.max_response_bytes
+    def _classify(self, e: Exception) -> ServiceError | _Retryable:
+        """A failed exchange as the client's own error (retryable where the server may recover)."""
+        url = self.config.url
+        # A connection that closed mid-answer is a transport failure, not a verdict on the answer:
+        # retried with the same bytes (a server killed mid-request, a restarting instance).
+        if isinstance(e, _Truncated):
+            return _Retryable(BadResponse(f"the answer from {url} was truncated: {e} (the connection closed "
+                                          "mid-response)", code="truncated"))
+        if isinstance(e, http.client.IncompleteRead):
+            return _Retryable(BadResponse(f"the answer from {url} was truncated: got {len(e.partial)} bytes "
+                                          "of a chunked body (the connection closed mid-response)",
+                                          code="truncated"))
+        if isinstance(e, ConnectionRefusedError):
+            return _Retryable(ServiceUnavailable(f"could not connect to {url}: connection refused "
+                                                 "(is the service running?)", code="connection_refused"))
+        if isinstance(e, (http.client.RemoteDisconnected, ConnectionError)):
+            return _Retryable(ServiceUnavailable(
+                f"the connection to {url} failed: {type(e).__name__}: {_short(str(e))}"
+                " (server down, restarting or killed mid-request)", code="connection_error"))
+        if isinstance(e, ssl.SSLError):
+            return ServiceUnavailable(f"TLS with {url} failed: {_short(str(e))}", code="tls_error")
+        if isinstance(e, OSError) and not isinstance(e, http.client.HTTPException):
+            return _Retryable(ServiceUnavailable(f"could not connect to {url}: {type(e).__name__}: "
+                                                 f"{_short(str(e))}", code="connection_error"))
+        # http.client's own errors (bad status line, line too long, too many headers, bad chunk
+        # sizes raise ValueError) and anything else the bytes provoke.
+        return BadResponse(f"{url} did not answer valid HTTP: {type(e).__name__}: {_short(str(e))}",
+                           code="bad_http")
+
+    def _read_body(self, resp: http.client.HTTPResponse, sock: socket.socket, remaining: Callable[[], float],
+                   limit: int) -> bytes:
         length = resp.length  # Content-Length, or None for chunked / read-to-close
         if length is not None and length > limit:
-            raise BadResponse(f"the answer is {length} bytes, over max_response_bytes={limit}",
-                              code="response_too_large")
+            raise BadResponse(f"the answer is {length} bytes, over the {limit} an answer to this request "
+                              "can take", code="response_too_large")
         chunks, got = [], 0
         while True:
             sock.settimeout(remaining())
@@ -341,20 +464,22 @@ class ServiceClient:
                 break
             got += len(chunk)
             if got > limit:
-                raise BadResponse(f"the answer exceeds max_response_bytes={limit}", code="response_too_large")
+                raise BadResponse(f"the answer exceeds the {limit} bytes an answer to this request can take",
+                                  code="response_too_large")
             chunks.append(chunk)
         return b"".join(chunks)
 
     # -- interpreting the answer ----------------------------------------------------------------
-    def _accept(self, status: int, headers: dict, body: bytes, request: StepsRequest, stats: CallStats) -> Handoff:
+    def _accept(self, status: int, headers: dict[str, str], body: bytes, request: StepsRequest,
+                stats: CallStats, expected: tuple[int, int, int] | None = None) -> Handoff:
         url = self.config.url
         if status == 200:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != HANDOFF_MEDIA_TYPE:
-                raise BadResponse(f"{url} answered 200 with Content-Type {ctype or 'none'!r}, not "
+                raise BadResponse(f"{url} answered 200 with Content-Type {_short(ctype or 'none', 80)!r}, not "
                                   f"{HANDOFF_MEDIA_TYPE}: is this an obclip service?", status=200,
                                   code="bad_content_type")
-            handoff = check_handoff(body, request)
+            handoff = check_handoff(body, request, expected)
             timing = _server_timing(headers.get("server-timing"))
             stats.server_queue_s, stats.server_run_s = timing.get("queue"), timing.get("run")
             return handoff
@@ -377,8 +502,8 @@ class ServiceClient:
         """The server's {"error": {"code", "message"}}, or a stand-in for a body without one."""
         parsed = parse_error_body(body)
         if parsed is not None:
-            return parsed
-        text = body[:200].decode("utf-8", "replace").strip()
+            return _short(parsed[0], 64), _short(parsed[1])
+        text = _short(body[:300].decode("utf-8", "replace"))
         return f"http_{status}", text or "(no error body)"
 
 
@@ -399,5 +524,7 @@ def generate_image(prompt: str, server: str | ClientConfig | ServiceClient,
         pipeline = DevicePipeline(engines)
     else:
         pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines))))
-    client = server if isinstance(server, ServiceClient) else ServiceClient(server)
+    # The device model's latent shape makes the client's response cap and shape check exact.
+    client = server if isinstance(server, ServiceClient) \
+        else ServiceClient(server, latent_shape=pipeline.engines.latent_shape)
     return pipeline.generate(prompt, client, config, on_step=on_step)
