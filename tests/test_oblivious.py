@@ -20,8 +20,8 @@ T = ObliviousTransform()
 T64 = ObliviousTransform(TransformConfig(max_candidates=64))
 
 # Portrait templates in the style of the paper's appendix B.3. The first two
-# are the examples METHOD.md quotes; the third ends "around his eyes" like the
-# paper template METHOD.md mentions. $a/$A is the indefinite article,
+# are the examples docs/method.md quotes; the third ends "around his eyes" like the
+# paper template docs/method.md mentions. $a/$A is the indefinite article,
 # $his/$he the pronouns agreeing with the person.
 TEMPLATES = [
     "$age $ethnicity $gender in hat Fashion portrait photo",
@@ -225,9 +225,14 @@ def test_her_as_object_and_determiner():
     assert result.candidates[0] == "he hands his hat to his friend and then looks at him."
 
 
-def test_ambiguous_object_pronoun_raises():
-    with pytest.raises(ObliviousError, match="gave flowers to him"):
-        T("he gave him flowers")
+def test_pronoun_case_comes_from_the_context_not_the_value():
+    # Before a noun every determiner-like word is read as the determiner, whichever value was
+    # typed, so "him" and "her" give the same set (issue 12: no refusal for one value only).
+    assert T("he gave him flowers").candidates == T("she gave her flowers").candidates
+    # An adverb is not a noun: "her" stays the object, for both values.
+    assert T("a woman; the rain soaks her completely").candidates == \
+        T("a man; the rain soaks him completely").candidates == \
+        ("a man; the rain soaks him completely", "a woman; the rain soaks her completely")
 
 
 def test_articles_agree():
@@ -304,14 +309,18 @@ def test_ambiguous_binding_raises():
         T("his hat, a man and a woman")
 
 
-def test_disagreeing_pronoun_raises():
-    with pytest.raises(ObliviousError, match="bound to"):
-        T("a man and a woman, his hat is red")
+def test_disagreeing_pronoun_is_rendered_from_its_person():
+    # Refusing here would depend on the values ("his" after "a woman" refused, after "a man" sent);
+    # the pronoun is bound by position and rendered from its person's slot instead.
+    result = T("a man and a woman, his hat is red")
+    assert result.candidates == T("a man and a woman, her hat is red").candidates
+    assert "a man and a woman, her hat is red" in result.candidates
+    assert T("she and her husband").candidates == T("he and his husband").candidates
 
 
-def test_conflicting_values_raise():
-    with pytest.raises(ObliviousError, match="two different age"):
-        T("a young old man")
+def test_one_slot_per_person_and_attribute():
+    # Two age words for one person give one slot (the first wins), never two disagreeing words.
+    assert T("a young old man").candidates == T("a young young man").candidates == T("a young man").candidates
 
 
 # ---------------------------------------------------------------- limits and refusals

@@ -1,10 +1,10 @@
-"""Oblivious transform (device side of ObCLIP, METHOD.md "The scheme", step 1).
+"""Oblivious transform (device side of ObCLIP, docs/method.md section 2, step 1).
 
 The user's prompt may reveal sensitive attributes (by default gender, age,
 ethnicity). The device turns it into N candidate prompts that differ only in
 those attributes; the cloud runs all N and cannot tell which one is real.
 
-What the proof needs (METHOD.md "Our reading"): the candidate set must be a
+What the proof needs (docs/method.md, section 7.3): the candidate set must be a
 function of the *non-sensitive* content only, so that every member p' of
 candidates(p) gives candidates(p') == candidates(p) byte for byte. Hence:
 
@@ -31,16 +31,30 @@ Pure standard library on purpose: this runs on the user's device.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 from obclip.runtime.locations import schemas_dir
+
+from .sensitive import (
+    JOINABLE,
+    NUMERIC_AGE,
+    Detector,
+    Finding,
+    Generalised,
+    age_bucket,
+    generalize_emoji,
+    normalize,
+    typo_of,
+)
 
 DEFAULT_SCHEMA = "person"
 
@@ -109,10 +123,11 @@ class Pronouns:
 class Entry:
     """What one surface form (possibly several tokens) means."""
 
-    kind: str  # "modifier" or "head"
+    kind: str  # "modifier", "head" or "plain" (a person noun carrying no attribute, kept as typed)
     key: str  # attribute name (modifier) or family name (head)
     values: Mapping[str, str]  # attribute -> value this word carries
     plural: bool
+    person_only: bool = False  # a modifier only when a person noun follows ("white" in "a white man")
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,10 @@ class Schema:
     lexicon: Mapping[tuple[str, ...], Entry] = field(repr=False, compare=False)
     pronoun_words: Mapping[str, tuple[tuple[str, str], ...]] = field(repr=False, compare=False)
     max_phrase: int = field(default=1, repr=False, compare=False)
+    # False: modifiers alone (no head noun after them) are not a mention, so
+    # "an old photograph" keeps "old" as typed instead of getting an age slot.
+    standalone_modifiers: bool = True
+    plain_heads: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Schema:
@@ -148,13 +167,18 @@ class Schema:
     def attribute_order(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.attributes)
 
+    def mention_nouns(self) -> frozenset[str]:
+        """Single words that end a mention: head nouns of every family and the plain person nouns."""
+        heads = {" ".join(k) for k, e in self.lexicon.items() if e.kind == "head"}
+        return frozenset(heads) | self.plain_heads
+
     @classmethod
-    def from_dict(cls, data: Mapping) -> Schema:
+    def from_dict(cls, data: Mapping[str, Any]) -> Schema:
         """Validate a parsed schema; every problem raises ObliviousError."""
         return _SchemaBuilder(data).build()
 
 
-def _fail(msg: str):
+def _fail(msg: str) -> NoReturn:
     raise ObliviousError(f"schema: {msg}")
 
 
@@ -172,10 +196,10 @@ def _tokens_of(word: str, where: str) -> tuple[str, ...]:
 class _SchemaBuilder:
     """Checks a schema dict and builds the lookup tables (one place for every rule)."""
 
-    def __init__(self, data):
+    def __init__(self, data: object) -> None:
         if not isinstance(data, Mapping):
             _fail("top level must be a JSON object")
-        self.data = data
+        self.data: Mapping[str, Any] = data
         self.lexicon: dict[tuple[str, ...], Entry] = {}
         self.origin: dict[tuple[str, ...], str] = {}
 
@@ -185,6 +209,11 @@ class _SchemaBuilder:
         modifiers = self._modifiers()
         order = self._modifier_order(modifiers)
         heads = self._heads(modifiers)
+        self._person_only_aliases()
+        plain = self._plain_heads()
+        standalone = self.data.get("standalone_modifiers", True)
+        if not isinstance(standalone, bool):
+            _fail("'standalone_modifiers' must be true or false")
         pronouns, pronoun_words = self._pronouns()
         if pronouns is not None:
             clash = sorted(w for w in pronouns.non_noun_words if (w,) in self.lexicon)
@@ -197,6 +226,8 @@ class _SchemaBuilder:
             modifiers=modifiers,
             heads=heads,
             pronouns=pronouns,
+            standalone_modifiers=standalone,
+            plain_heads=plain,
             lexicon=dict(self.lexicon),
             pronoun_words=pronoun_words,
             max_phrase=max((len(k) for k in self.lexicon), default=1),
@@ -209,13 +240,43 @@ class _SchemaBuilder:
         self.lexicon[toks] = entry
         self.origin[toks] = where
 
-    def _value(self, attr: str, value, where: str) -> str:
+    def _person_only_aliases(self) -> None:
+        raw = self.data.get("person_only_aliases", {})
+        if not isinstance(raw, Mapping):
+            _fail("'person_only_aliases' must be an object: attribute -> value -> [words]")
+        for attr, table in raw.items():
+            where = f"person_only_aliases.{attr}"
+            self._attr(attr, where)
+            if not isinstance(table, Mapping):
+                _fail(f"{where} must be an object: value -> [words]")
+            for value, words in table.items():
+                self._value(attr, value, where)
+                if not isinstance(words, list):
+                    _fail(f"{where}.{value} must be a list of words")
+                for w in words:
+                    self._add(w, Entry("modifier", attr, {attr: value}, False, person_only=True), where)
+
+    def _plain_heads(self) -> frozenset[str]:
+        raw = self.data.get("plain_heads", [])
+        if not isinstance(raw, list):
+            _fail("'plain_heads' must be a list of person nouns")
+        out = set()
+        for w in raw:
+            toks = _tokens_of(w, "plain_heads")
+            if len(toks) != 1:
+                _fail(f"plain_heads: {w!r} must be one word")
+            if toks not in self.lexicon:  # a schema word means more than a plain noun
+                out.add(toks[0])
+        return frozenset(out)
+
+    def _value(self, attr: str, value: object, where: str) -> str:
         if value not in self.space[attr]:
             _fail(f"{where}: {value!r} is not a value of {attr!r} (values: {list(self.space[attr])})")
+        assert isinstance(value, str)
         return value
 
-    def _attr(self, name, where: str) -> str:
-        if name not in self.space:
+    def _attr(self, name: object, where: str) -> str:
+        if not isinstance(name, str) or name not in self.space:
             _fail(f"{where}: unknown attribute {name!r} (attributes: {list(self.space)})")
         return name
 
@@ -223,7 +284,8 @@ class _SchemaBuilder:
         raw = self.data.get("attributes")
         if not isinstance(raw, list) or not raw:
             _fail("'attributes' must be a non-empty list of {name, values}")
-        out, seen = [], set()
+        out: list[Attribute] = []
+        seen: set[str] = set()
         for i, a in enumerate(raw):
             if not isinstance(a, Mapping) or not isinstance(a.get("name"), str) or not a["name"]:
                 _fail(f"attributes[{i}] must be an object with a non-empty 'name'")
@@ -238,7 +300,7 @@ class _SchemaBuilder:
             out.append(Attribute(name, tuple(values)))
         return tuple(out)
 
-    def _forms(self, raw, where: str, need_plural: bool) -> tuple[str, str]:
+    def _forms(self, raw: object, where: str, need_plural: bool) -> tuple[str, str]:
         if isinstance(raw, str):
             raw = [raw]
         if not isinstance(raw, list) or not 1 <= len(raw) <= 2:
@@ -255,13 +317,13 @@ class _SchemaBuilder:
         raw = self.data.get("modifiers", {})
         if not isinstance(raw, Mapping):
             _fail("'modifiers' must be an object: attribute -> {forms, aliases}")
-        out = {}
+        out: dict[str, Modifier] = {}
         for attr, spec in raw.items():
             where = f"modifiers.{attr}"
             self._attr(attr, where)
             if not isinstance(spec, Mapping) or not isinstance(spec.get("forms"), Mapping):
                 _fail(f"{where} must have 'forms': value -> [singular, plural?]")
-            forms = {}
+            forms: dict[str, tuple[str, str]] = {}
             for value in self.space[attr]:
                 if value not in spec["forms"]:
                     _fail(f"{where}.forms has no canonical word for value {value!r}")
@@ -285,17 +347,17 @@ class _SchemaBuilder:
             out[attr] = Modifier(attr, forms)
         return out
 
-    def _modifier_order(self, modifiers) -> tuple[str, ...]:
+    def _modifier_order(self, modifiers: Mapping[str, Modifier]) -> tuple[str, ...]:
         order = self.data.get("modifier_order", [a for a in self.space if a in modifiers])
         if not isinstance(order, list) or sorted(order) != sorted(modifiers):
             _fail(f"'modifier_order' must list each attribute with modifiers exactly once: {sorted(modifiers)}")
         return tuple(order)
 
-    def _heads(self, modifiers) -> dict[str, HeadFamily]:
+    def _heads(self, modifiers: Mapping[str, Modifier]) -> dict[str, HeadFamily]:
         raw = self.data.get("heads", [])
         if not isinstance(raw, list):
             _fail("'heads' must be a list of noun families")
-        out = {}
+        out: dict[str, HeadFamily] = {}
         for i, fam in enumerate(raw):
             where = f"heads[{i}]"
             if not isinstance(fam, Mapping) or not isinstance(fam.get("family"), str):
@@ -307,35 +369,36 @@ class _SchemaBuilder:
             varies = fam.get("varies", [])
             if not isinstance(varies, list):
                 _fail(f"{where}.varies must be a list of attributes")
-            varies = tuple(self._attr(a, f"{where}.varies") for a in varies)
-            implies = fam.get("implies", {})
-            if not isinstance(implies, Mapping):
+            varied = tuple(self._attr(a, f"{where}.varies") for a in varies)
+            raw_implies = fam.get("implies", {})
+            if not isinstance(raw_implies, Mapping):
                 _fail(f"{where}.implies must be an object: attribute -> value")
-            implies = {self._attr(a, f"{where}.implies"): v for a, v in implies.items()}
-            for a, v in implies.items():
-                self._value(a, v, f"{where}.implies")
+            implies: dict[str, str] = {}
+            for a, v in raw_implies.items():
+                attr = self._attr(a, f"{where}.implies")
+                implies[attr] = self._value(attr, v, f"{where}.implies")
             raw_forms = fam.get("forms")
             if not isinstance(raw_forms, Mapping):
                 _fail(f"{where}.forms must be an object: 'v1|v2' (values of varies) -> [singular, plural]")
-            forms = {}
-            for combo in itertools.product(*(self.space[a] for a in varies)):
+            head_forms: dict[tuple[str, ...], tuple[str, str]] = {}
+            for combo in itertools.product(*(self.space[a] for a in varied)):
                 key = "|".join(combo)
                 if key not in raw_forms:
                     _fail(f"{where}.forms has no entry for {key!r}")
                 sing, plur = self._forms(raw_forms[key], f"{where}.forms.{key}", need_plural=True)
-                forms[combo] = (sing, plur)
-                carried = {**implies, **dict(zip(varies, combo))}
+                head_forms[combo] = (sing, plur)
+                carried = {**implies, **dict(zip(varied, combo))}
                 self._add(sing, Entry("head", name, carried, False), f"{where}.forms.{key}")
                 self._add(plur, Entry("head", name, carried, True), f"{where}.forms.{key}")
-            if len(raw_forms) != len(forms):
-                _fail(f"{where}.forms has keys that are not value combinations of {list(varies)}")
-            self._distinct([f[0] for f in forms.values()], where)
+            if len(raw_forms) != len(head_forms):
+                _fail(f"{where}.forms has keys that are not value combinations of {list(varied)}")
+            self._distinct([f[0] for f in head_forms.values()], where)
             for j, al in enumerate(fam.get("aliases", [])):
                 aw = f"{where}.aliases[{j}]"
                 if not isinstance(al, Mapping) or not isinstance(al.get("values", {}), Mapping):
                     _fail(f"{aw} must be an object with 'values', 'singular', 'plural'")
                 vals = {self._attr(a, aw): self._value(a, v, aw) for a, v in al.get("values", {}).items()}
-                missing = [a for a in varies if a not in vals]
+                missing = [a for a in varied if a not in vals]
                 if missing:
                     _fail(f"{aw} must give a value for {missing} (the family varies by it)")
                 carried = {**implies, **vals}
@@ -350,12 +413,12 @@ class _SchemaBuilder:
             for toks, e in self.lexicon.items():
                 if e.kind == "head" and e.key == name:
                     for a in e.values:
-                        if a not in varies and a not in modifiers:
+                        if a not in varied and a not in modifiers:
                             _fail(f"{where}: {' '.join(toks)!r} implies {a!r} but {a!r} has no modifiers to render it")
-            out[name] = HeadFamily(name, varies, forms)
+            out[name] = HeadFamily(name, varied, head_forms)
         return out
 
-    def _pronouns(self):
+    def _pronouns(self) -> tuple[Pronouns | None, dict[str, tuple[tuple[str, str], ...]]]:
         raw = self.data.get("pronouns")
         if raw is None:
             return None, {}
@@ -366,7 +429,7 @@ class _SchemaBuilder:
         if det is not None and det not in raw["cases"]:
             _fail(f"pronouns.determiner_case {det!r} is not one of the cases")
         words: dict[str, list[tuple[str, str]]] = {}
-        cases = {}
+        cases: dict[str, dict[str, str]] = {}
         for case, table in raw["cases"].items():
             where = f"pronouns.cases.{case}"
             if not isinstance(table, Mapping) or sorted(table) != sorted(self.space[attr]):
@@ -395,7 +458,7 @@ class _SchemaBuilder:
         return pron, {w: tuple(opts) for w, opts in words.items()}
 
     @staticmethod
-    def _distinct(words, where):
+    def _distinct(words: Sequence[str], where: str) -> None:
         if len(set(words)) != len(words):
             _fail(f"{where}: canonical words must differ between values, got {words}")
 
@@ -404,23 +467,50 @@ class _SchemaBuilder:
 # Config and results
 # --------------------------------------------------------------------------
 
+UNPROTECTED_POLICIES = ("refuse", "warn", "allow")
+
 
 @dataclass(frozen=True)
 class TransformConfig:
     max_candidates: int = 32
     schema_path: str | None = None
+    # What to do with a sensitive word the schema cannot protect (sensitive.py finds them):
+    # "refuse" (default) raises ObliviousError naming the word and what to write instead;
+    # "warn" sends it as typed and lists it in CandidateSet.unprotected (the CLIs print it);
+    # "allow" sends it as typed, still listed.
+    unprotected: str = "refuse"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.max_candidates, bool) or not isinstance(self.max_candidates, int) or self.max_candidates < 1:
             raise ObliviousError(f"max_candidates must be an integer >= 1, got {self.max_candidates!r}")
+        if self.unprotected not in UNPROTECTED_POLICIES:
+            raise ObliviousError(f"unprotected must be one of {', '.join(UNPROTECTED_POLICIES)}, "
+                                 f"got {self.unprotected!r}")
+
+
+@dataclass(frozen=True)
+class ProtectedSpan:
+    """A stretch of the (normalised) prompt that is rewritten in every candidate. Device-only."""
+
+    text: str
+    start: int
+    end: int
+    attributes: tuple[str, ...]  # slot names it is rendered from
+
+    def as_dict(self) -> dict[str, object]:
+        return {"text": self.text, "start": self.start, "end": self.end, "slots": list(self.attributes)}
 
 
 @dataclass(frozen=True)
 class CandidateSet:
     candidates: tuple[str, ...]
-    assignments: tuple[dict, ...]
+    assignments: tuple[dict[str, str], ...]
     real_index: int  # DEVICE-ONLY: never send this anywhere
-    slots: dict
+    slots: dict[str, list[str]]
+    # DEVICE-ONLY reports (what was protected, generalised, or sent as typed):
+    protected_spans: tuple[ProtectedSpan, ...] = ()
+    generalised: tuple[Generalised, ...] = ()
+    unprotected: tuple[Finding, ...] = ()
 
     @property
     def n(self) -> int:
@@ -437,7 +527,12 @@ class CandidateSet:
         parts = ", ".join(f"{s} ({len(v)})" for s, v in self.slots.items())
         return f"{self.n} candidates, varying {parts}"
 
-    def public_summary(self) -> dict:
+    @property
+    def warnings(self) -> list[str]:
+        """Sensitive words sent as typed (policy warn/allow), for the user."""
+        return [f"sent unprotected: {f.message()}" for f in self.unprotected]
+
+    def public_summary(self) -> dict[str, object]:
         """What may leave the device: the whole set, never which one is real."""
         return {
             "candidates": list(self.candidates),
@@ -501,6 +596,7 @@ class _Token:
     text: str
     start: int
     end: int
+    age: str | None = None  # a numeric age ("35-year-old"): its bucketed value
 
 
 @dataclass
@@ -512,18 +608,21 @@ class _Word:
     end: int
     text: str
     style: str
+    token: int  # index of its first token
 
 
 @dataclass
 class _Span:
-    """One person mention: adjacent attribute words, closed by a head noun."""
+    """One person mention: attribute words (with a head noun, if any, last), possibly in
+    groups separated by other adjectives ("a young, smiling woman")."""
 
     words: list[_Word]
+    groups: list[list[_Word]] = field(default_factory=list)  # runs of adjacent words
     article: _Token | None = None
     sentence_cap: bool = False  # first word capitalised only because a sentence starts there
     head: _Word | None = None
-    values: dict = field(default_factory=dict)  # attribute -> typed value
-    styles: dict = field(default_factory=dict)  # attribute -> casing of its rendered adjective
+    values: dict[str, str] = field(default_factory=dict)  # attribute -> typed value
+    styles: dict[str, str] = field(default_factory=dict)  # attribute -> casing of its rendered adjective
     plural: bool = False
 
     @property
@@ -552,16 +651,29 @@ class _Pronoun:
 class _Person:
     position: int
     span: _Span | None
-    values: dict = field(default_factory=dict)  # attribute -> typed value (span + pronouns)
+    values: dict[str, str] = field(default_factory=dict)  # attribute -> typed value (span + pronouns)
     label: str = ""
 
 
 def _tokenize(prompt: str) -> list[_Token]:
-    return [_Token(m.group(), m.start(), m.end()) for m in _WORD.finditer(prompt)]
+    """Words, and numeric ages ("35-year-old", "50 years old") as single tokens."""
+    ages = [(m.start(), m.end(), int(m.group(1) or m.group(2))) for m in NUMERIC_AGE.finditer(prompt)]
+    out: list[_Token] = []
+    for a, b, years in ages:
+        out.append(_Token(prompt[a:b], a, b, age=age_bucket(years)))
+    for m in _WORD.finditer(prompt):
+        if not any(a <= m.start() < b for a, b, _ in ages):
+            out.append(_Token(m.group(), m.start(), m.end()))
+    return sorted(out, key=lambda t: t.start)
 
 
 def _only_space(prompt: str, a: int, b: int) -> bool:
     return prompt[a:b].strip() == "" and a <= b
+
+
+def _joinable(prompt: str, a: int, b: int) -> bool:
+    """Only spaces, brackets, quotes or a prompt weight between two words of one mention."""
+    return a <= b and JOINABLE.fullmatch(prompt[a:b]) is not None
 
 
 def _at_sentence_start(prompt: str, pos: int) -> bool:
@@ -569,14 +681,33 @@ def _at_sentence_start(prompt: str, pos: int) -> bool:
     return not before or before[-1] in _SENTENCE_END
 
 
+# -ly words that are nouns, not adverbs ("her family" is a determiner).
+_LY_NOUNS = frozenset("family belly lily jelly bully rally ally fly butterfly dragonfly firefly holly folly assembly "
+                      "supply melancholy monopoly anomaly italy emily molly sally billy kelly polly lolly bubbly "
+                      "reply july rely homily gully".split())
+# Adjectives between a modifier and its head must not cross these (word breaks a noun phrase).
+_MAX_GAP_WORDS = 3
+
+
 class _Parser:
     def __init__(self, schema: Schema, prompt: str):
         self.schema = schema
         self.prompt = prompt
         self.tokens = _tokenize(prompt)
+        self.pronouns: list[_Pronoun] = []
+        pr = schema.pronouns
+        self.breakers = frozenset(pr.non_noun_words if pr is not None else ()) | frozenset(schema.pronoun_words)
+        # Cases a determiner-like word can stand for ("her": object/determiner, "his": determiner/possessive).
+        self.det_group: frozenset[str] = frozenset()
+        if pr is not None and pr.determiner_case is not None:
+            det = pr.determiner_case
+            self.det_group = frozenset({det} | {c for opts in schema.pronoun_words.values()
+                                                if det in {o for o, _ in opts} for c, _ in opts})
+        self.single_words = {k[0]: e for k, e in schema.lexicon.items() if len(k) == 1 and not e.person_only}
 
     def parse(self) -> list[_Person]:
         spans, pronouns = self._scan()
+        spans = self._mentions(spans)
         for span in spans:
             self._resolve_span(span)
         persons = [_Person(s.start, s, dict(s.values), s.text) for s in spans]
@@ -589,13 +720,42 @@ class _Parser:
     def _match(self, i: int) -> tuple[Entry, int] | None:
         """Longest lexicon phrase starting at token i (tokens separated by spaces only)."""
         toks = self.tokens
+        if toks[i].age is not None:
+            if "age" in self.schema.modifiers:
+                return Entry("modifier", "age", {"age": toks[i].age or ""}, False), 1
+            return None
         for k in range(min(self.schema.max_phrase, len(toks) - i), 0, -1):
             if k > 1 and not all(_only_space(self.prompt, toks[j].end, toks[j + 1].start) for j in range(i, i + k - 1)):
                 continue
             key = tuple(t.text.lower() for t in toks[i:i + k])
             if key in self.schema.lexicon:
-                return self.schema.lexicon[key], k
+                entry = self.schema.lexicon[key]
+                if entry.person_only and not self._head_follows(i + k):
+                    continue
+                return entry, k
+        word = toks[i].text.lower()
+        if word in self.schema.plain_heads:
+            return Entry("plain", "", {}, False), 1
+        if word not in self.schema.pronoun_words:
+            # A misspelt schema word ("womna") is read as the word it misspells.
+            target = typo_of(word, self.single_words)
+            if target is not None:
+                return self.single_words[target], 1
         return None
+
+    def _head_follows(self, i: int) -> bool:
+        """Is token i (after joinable text) a head or plain noun, possibly after other modifiers?"""
+        toks = self.tokens
+        prev_end = toks[i - 1].end
+        while i < len(toks) and _joinable(self.prompt, prev_end, toks[i].start):
+            word = toks[i].text.lower()
+            entry = self.schema.lexicon.get((word,))
+            if word in self.schema.plain_heads or (entry is not None and entry.kind == "head"):
+                return True
+            if entry is None or entry.kind != "modifier":
+                return False
+            prev_end, i = toks[i].end, i + 1
+        return False
 
     def _scan(self) -> tuple[list[_Span], list[_Pronoun]]:
         spans: list[_Span] = []
@@ -607,122 +767,170 @@ class _Parser:
             hit = self._match(i)
             if hit is None:
                 open_span = None
-                if tok.text.lower() in self.schema.pronoun_words:
+                if tok.age is None and tok.text.lower() in self.schema.pronoun_words:
                     pronouns.append(self._pronoun(i))
                 i += 1
                 continue
             entry, k = hit
             end_tok = self.tokens[i + k - 1]
             text = self.prompt[tok.start:end_tok.end]
-            word = _Word(entry, tok.start, end_tok.end, text, _style(text))
-            # Adjacent words (only spaces between) describe one person; a head
-            # noun ends the mention ("man woman" is two people).
-            if open_span is not None and _only_space(self.prompt, open_span.end, word.start):
+            word = _Word(entry, tok.start, end_tok.end, text, _style(text) if tok.age is None else "lower", i)
+            # Adjacent words (spaces, brackets, quotes, weights between) describe one
+            # person; a head noun ends the mention ("man woman" is two people).
+            if open_span is not None and _joinable(self.prompt, open_span.end, word.start):
                 open_span.words.append(word)
+                if _only_space(self.prompt, open_span.groups[-1][-1].end, word.start):
+                    open_span.groups[-1].append(word)
+                else:  # "(teenage:1.3) boy": each side is rewritten in place, brackets kept
+                    open_span.groups.append([word])
             else:
-                open_span = _Span([word])
+                open_span = _Span([word], [[word]])
                 spans.append(open_span)
-            if entry.kind == "head":
+            if entry.kind in ("head", "plain"):
                 open_span = None
             i += k
         return spans, pronouns
 
+    def _mentions(self, spans: list[_Span]) -> list[_Span]:
+        """Attach adjectives to a head a few words on ("a young, smiling woman"); keep headless
+        ones only where they name a person, so "an old photograph" gets no age slot."""
+        out: list[_Span] = []
+        pending: _Span | None = None
+        for span in spans:
+            if pending is not None and self._attaches(pending, span):
+                pending.words += span.words
+                pending.groups += span.groups
+            else:
+                if pending is not None:
+                    out.append(pending)
+                pending = span
+            if pending.words[-1].entry.kind in ("head", "plain"):
+                out.append(pending)
+                pending = None
+        if pending is not None:
+            out.append(pending)
+        return [s for s in out if self._is_mention(s)]
+
+    def _attaches(self, left: _Span, right: _Span) -> bool:
+        if left.words[-1].entry.kind in ("head", "plain"):
+            return False
+        first, last = left.words[-1].token + 1, right.words[0].token
+        between = self.tokens[first:last]
+        if len(between) > _MAX_GAP_WORDS:
+            return False
+        ends = [left.end] + [t.end for t in between]
+        starts = [t.start for t in between] + [right.start]
+        for a, b in zip(ends, starts):
+            gap = self.prompt[a:b]
+            if not (_joinable(self.prompt, a, b) or (gap.strip() == "," and between)):
+                return False
+        return not any(t.age is not None or t.text.lower() in self.breakers for t in between)
+
+    def _is_mention(self, span: _Span) -> bool:
+        if any(w.entry.kind in ("head", "plain") for w in span.words) or self.schema.standalone_modifiers:
+            return True
+        # Headless modifiers name a person when used as a noun: plural ("two asians"), or
+        # closing a phrase ("an old indian with wrinkles", "a young asian.", "an asian, smiling";
+        # but "an old, rusty car" and "an old photograph" are not people).
+        if any(w.entry.plural for w in span.words):
+            return True
+        rest = self.prompt[span.end:].lstrip(" \t)]}\"'")
+        nxt = _WORD.match(rest)
+        if not rest or rest[0] in ".!?;\n" or (nxt is not None and nxt.group().lower() in self.breakers):
+            return True
+        # A gender or ethnicity word before a participle is a person too ("a male smiling");
+        # an age word is not ("an old building").
+        nouny = any(w.entry.key != "age" for w in span.words)
+        return nouny and (rest[0] == "," or (nxt is not None and nxt.group().lower().endswith("ing")))
+
     def _pronoun(self, i: int) -> _Pronoun:
         tok = self.tokens[i]
         pr = self.schema.pronouns
+        assert pr is not None
         word = tok.text.lower()
-        det_ctx = self._noun_follows(tok)
-        case = self._case(word, det_ctx)
-        value = dict(self.schema.pronoun_words[word])[case]
-        # Every value's form must be read back as the same case here, or the
-        # candidates would parse differently from the real prompt.
-        for v in self.schema.values(pr.attribute):
-            other = pr.cases[case][v]
-            if self._case(other, det_ctx) != case:
-                nxt = self._next_word(tok)
-                raise ObliviousError(
-                    f"{tok.text!r} followed by {nxt!r} cannot be protected: its {v} form {other!r} would read as "
-                    f"a different pronoun here ({other} {nxt}). Rephrase so that no noun-like word directly "
-                    f"follows it, e.g. 'gave flowers to him' instead of 'gave him flowers'."
-                )
-        return _Pronoun(tok, case, value, _style(tok.text))
-
-    def _case(self, word: str, det_ctx: bool) -> str:
+        # The case comes from the context alone, never from which value's word was typed:
+        # before a noun every determiner-like word is the determiner ("gave him flowers" is
+        # read like "gave her flowers"), elsewhere "her" is the object and "his" the possessive.
         opts = {c for c, _ in self.schema.pronoun_words[word]}
-        det = self.schema.pronouns.determiner_case
-        if len(opts) == 1:
-            return next(iter(opts))
-        if det_ctx and det in opts:
-            return det
-        return next(iter(opts - {det}))
-
-    def _next_word(self, tok: _Token) -> str:
-        rest = self.prompt[tok.end:]
-        m = re.match(r"\s*(\S+)", rest)
-        return m.group(1) if m else ""
+        det = pr.determiner_case
+        if det is not None and self._noun_follows(tok) and opts & self.det_group:
+            case = det
+        elif len(opts) == 1:
+            case = next(iter(opts))
+        else:
+            case = sorted(opts - {det})[0]
+        value = next(v for c, v in self.schema.pronoun_words[word] if c == case or case == det)
+        return _Pronoun(tok, case, value, _style(tok.text))
 
     def _noun_follows(self, tok: _Token) -> bool:
         """Does a noun-like word directly follow (so 'her' is a determiner)?"""
+        assert self.schema.pronouns is not None
         rest = self.prompt[tok.end:]
-        m = re.match(r"\s+|", rest)
-        rest = rest[m.end():]
-        if rest[:1].isdigit() and m.end() > 0:
+        m = re.match(r"\s*", rest)
+        gap = m.end() if m else 0
+        rest = rest[gap:]
+        if rest[:1].isdigit() and gap > 0:
             return True  # "her 2 cats"
         w = _WORD.match(rest)
-        if not w or m.end() == 0:
+        if not w or gap == 0:
             return False  # punctuation or end: "see her." / "her's"
         nxt = w.group().lower()
+        if nxt.endswith("ly") and len(nxt) > 4 and nxt not in _LY_NOUNS:
+            return False  # an adverb: "soaks her completely"
         return nxt not in self.schema.pronouns.non_noun_words and nxt not in self.schema.pronoun_words
 
     def _resolve_span(self, span: _Span) -> None:
         explicit: dict[str, tuple[str, _Word]] = {}
         implied: dict[str, str] = {}
         for w in span.words:
-            if w.entry.kind == "head":
+            if w.entry.kind == "plain":
+                span.head = w
+            elif w.entry.kind == "head":
                 span.head = w
                 fam = self.schema.heads[w.entry.key]
                 for a, v in w.entry.values.items():
                     if a in fam.varies:
-                        self._set(explicit, a, v, w)
+                        explicit.setdefault(a, (v, w))
                     else:
                         implied[a] = v
             else:
-                self._set(explicit, w.entry.key, w.entry.values[w.entry.key], w)
+                # One slot per person and attribute: the first word that gives a value wins,
+                # whatever the values are (a disagreeing second word is re-rendered from it).
+                explicit.setdefault(w.entry.key, (w.entry.values[w.entry.key], w))
             span.plural = span.plural or w.entry.plural
         # An adjective the user typed wins over a value the noun implies
         # ("young grandmother").
         span.values = {**implied, **{a: v for a, (v, _) in explicit.items()}}
-        # Article directly before the mention agrees with its first word.
-        idx = next(j for j, t in enumerate(self.tokens) if t.start == span.start)
-        if idx > 0:
-            prev = self.tokens[idx - 1]
-            if prev.text.lower() in _ARTICLES and _only_space(self.prompt, prev.end, span.start):
-                span.article = prev
+        span.article = self._article_before(span.start)
         # A capital at the start of a sentence belongs to the sentence.
         first = span.words[0]
         span.sentence_cap = (span.article is None and _at_sentence_start(self.prompt, span.start)
                              and first.style == "title")
         styles = {id(w): ("lower" if (w is first and span.sentence_cap) else w.style) for w in span.words}
+        head_style = styles[id(span.head)] if span.head else "lower"
         for a in span.values:
             src = explicit[a][1] if a in explicit and explicit[a][1].entry.kind == "modifier" else span.head
-            span.styles[a] = styles[id(src)]
-        span.styles["__head__"] = styles[id(span.head)] if span.head else "lower"
+            span.styles[a] = styles[id(src)] if src is not None else head_style
+        span.styles["__head__"] = head_style
 
-    @staticmethod
-    def _set(explicit, attr, value, word):
-        if attr in explicit and explicit[attr][0] != value:
-            prev = explicit[attr][1]
-            raise ObliviousError(
-                f"{prev.text!r} and {word.text!r} give the same person two different {attr} values "
-                f"({explicit[attr][0]}, {value}); keep only one of them."
-            )
-        explicit.setdefault(attr, (value, word))
+    def _article_before(self, pos: int) -> _Token | None:
+        """The article governing a mention: 'a'/'an' before it, across spaces, brackets,
+        quotes ("a (teenage:1.3) boy", "an [elderly] man", "a 'young' woman")."""
+        idx = next(j for j, t in enumerate(self.tokens) if t.start == pos)
+        if idx == 0:
+            return None
+        prev = self.tokens[idx - 1]
+        if prev.text.lower() in _ARTICLES and _joinable(self.prompt, prev.end, pos) \
+                and ":" not in self.prompt[prev.end:pos]:
+            return prev
+        return None
 
     # -- binding pronouns to people by position -----------------------------
 
     def _bind(self, persons: list[_Person], pronouns: list[_Pronoun]) -> None:
         if not pronouns:
             return
+        assert self.schema.pronouns is not None
         attr = self.schema.pronouns.attribute
         if not persons:
             # Only pronouns ("he smiles"): they all describe one unnamed person.
@@ -740,19 +948,11 @@ class _Parser:
                     f"by gender, which would reveal it); move the pronoun after the person it refers to, or name "
                     f"the person instead."
                 )
-            person = persons[k]
             p.person = k
-            have = person.values.get(attr)
-            if have is None:
-                person.values[attr] = p.value
-            elif have != p.value:
-                raise ObliviousError(
-                    f"{p.token.text!r} is bound to {person.label!r} (the nearest person before it), but its "
-                    f"{attr} ({p.value}) disagrees with that person's ({have}). Pronouns are bound by position, "
-                    f"never by {attr}, so that the candidates do not depend on the real values; rephrase so "
-                    f"each pronoun follows its own person (e.g. 'a man with his dog and a woman'), or repeat "
-                    f"the noun."
-                )
+            # Bound by position, never by value: a pronoun that disagrees with its person
+            # ("she and her husband") is rendered from the person's slot like any other, so
+            # the decision to send or refuse never depends on the values.
+            persons[k].values.setdefault(attr, p.value)
 
 
 # --------------------------------------------------------------------------
@@ -766,13 +966,17 @@ class ObliviousTransform:
     def __init__(self, config: TransformConfig = TransformConfig(), schema: Schema | None = None):
         self.config = config
         self.schema = schema if schema is not None else Schema.load(config.schema_path)
+        self.detector = Detector(self.schema.attribute_order(), self.schema.mention_nouns())
 
     def __call__(self, prompt: str) -> CandidateSet:
         if not isinstance(prompt, str):
             raise ObliviousError(f"prompt must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
             raise ObliviousError("empty prompt: describe the image you want to generate")
-        parser = _Parser(self.schema, prompt)
+        # Everything below reads the normalised text: fullwidth letters, zero-width characters
+        # and look-alike letters cannot hide a word, and person emoji are neutral in every candidate.
+        text, generalised = generalize_emoji(normalize(prompt))
+        parser = _Parser(self.schema, text)
         persons = parser.parse()
         pronouns = parser.pronouns
 
@@ -792,17 +996,69 @@ class ObliviousTransform:
                         named.append((a, name))
             slot_of.append(named)
 
+        protected = self._protected(persons, pronouns, slot_of)
+        unprotected = self._unprotected(text, protected)
         self._check_cap(slots)
         if not slots:
-            return CandidateSet((prompt,), ({},), 0, {})
+            return CandidateSet((text,), ({},), 0, {}, (), tuple(generalised), tuple(unprotected))
 
         names = list(slots)
         assignments = [dict(zip(names, combo)) for combo in itertools.product(*slots.values())]
         real = {name: persons[k].values[a] for k, named in enumerate(slot_of) for a, name in named}
-        candidates = tuple(self._render(prompt, persons, pronouns, slot_of, asg) for asg in assignments)
+        candidates = tuple(self._render(text, persons, pronouns, slot_of, asg) for asg in assignments)
         if len(set(candidates)) != len(candidates):  # defensive: the schema validation should make this impossible
             raise ObliviousError("internal: two candidates render identically; check the schema's canonical words")
-        return CandidateSet(candidates, tuple(assignments), assignments.index(real), slots)
+        return CandidateSet(candidates, tuple(assignments), assignments.index(real), slots,
+                            tuple(protected), tuple(generalised), tuple(unprotected))
+
+    def audit(self, prompt: str) -> dict[str, object]:
+        """One line of ``--audit`` output: what would be protected, refused, or sent as typed."""
+        record: dict[str, object] = {"prompt": prompt, "n": None, "protected": [], "generalised": [],
+                                     "refused": None, "unprotected": []}
+        try:
+            result = self(prompt)
+        except ObliviousError as exc:
+            record["refused"] = str(exc)
+            lenient = ObliviousTransform(dataclasses.replace(self.config, unprotected="allow"), self.schema)
+            try:
+                found = lenient(prompt).unprotected
+            except ObliviousError:
+                found = ()
+            record["unprotected"] = [f.as_dict() for f in found]
+            return record
+        record["n"] = result.n
+        record["protected"] = [s.as_dict() for s in result.protected_spans]
+        record["generalised"] = [{"text": g.text, "as": g.replacement, "attribute": g.attribute}
+                                 for g in result.generalised]
+        record["unprotected"] = [f.as_dict() for f in result.unprotected]
+        return record
+
+    def _protected(self, persons: list[_Person], pronouns: list[_Pronoun],
+                   slot_of: list[list[tuple[str, str]]]) -> list[ProtectedSpan]:
+        out = []
+        for person, named in zip(persons, slot_of):
+            span = person.span
+            if span is not None and named:
+                names = tuple(n for _, n in named)
+                for w in span.words:
+                    if w.entry.kind != "plain":
+                        out.append(ProtectedSpan(w.text, w.start, w.end, names))
+        for p in pronouns:
+            names = tuple(n for a, n in slot_of[p.person] if a == p_attr(self.schema))
+            out.append(ProtectedSpan(p.token.text, p.token.start, p.token.end, names))
+        return sorted(out, key=lambda s: s.start)
+
+    def _unprotected(self, text: str, protected: list[ProtectedSpan]) -> list[Finding]:
+        """Sensitive words outside every protected span; refused under the default policy."""
+        # Covered only if inside one protected word: "in her 40s" is not protected by "her".
+        found = [f for f in self.detector.find(text)
+                 if not any(s.start <= f.start and f.end <= s.end for s in protected)]
+        if found and self.config.unprotected == "refuse":
+            words = "; ".join(f.message() for f in found)
+            raise ObliviousError(
+                f"the prompt holds sensitive words the schema cannot protect, and they would be sent as "
+                f"typed: {words}. (To send them anyway, choose --unprotected warn or allow.)")
+        return found
 
     def _check_cap(self, slots: dict[str, list[str]]) -> None:
         n = math.prod(len(v) for v in slots.values())
@@ -815,21 +1071,19 @@ class ObliviousTransform:
                 f"typed), or raise --max-candidates."
             )
 
-    def _render(self, prompt, persons, pronouns, slot_of, asg) -> str:
+    def _render(self, prompt: str, persons: list[_Person], pronouns: list[_Pronoun],
+                slot_of: list[list[tuple[str, str]]], asg: dict[str, str]) -> str:
         edits: list[tuple[int, int, str]] = []
         for person, named in zip(persons, slot_of):
             values = {a: asg[name] for a, name in named}
             span = person.span
             if span is not None and span.values:
-                words = self._render_span(span, values)
-                edits.append((span.start, span.end, " ".join(words)))
-                if span.article is not None:
-                    art = span.article
-                    edits.append((art.start, art.end, _article(art.text, words[0])))
+                edits += self._render_span(prompt, span, values)
+        attr = p_attr(self.schema)
+        cases = self.schema.pronouns.cases if self.schema.pronouns is not None else {}
         for p in pronouns:
-            value = {a: asg[name] for a, name in slot_of[p.person]}[self.schema.pronouns.attribute]
-            word = self.schema.pronouns.cases[p.case][value]
-            edits.append((p.token.start, p.token.end, _apply_style(word, p.style)))
+            value = {a: asg[name] for a, name in slot_of[p.person]}[attr]
+            edits.append((p.token.start, p.token.end, _apply_style(cases[p.case][value], p.style)))
         out, pos = [], 0
         for start, end, text in sorted(edits):
             out.append(prompt[pos:start])
@@ -838,25 +1092,73 @@ class ObliviousTransform:
         out.append(prompt[pos:])
         return "".join(out)
 
-    def _render_span(self, span: _Span, values: dict) -> list[str]:
-        """[age] [ethnicity] [gender adjective] [head], from the values alone."""
-        head_fam = self.schema.heads[span.head.entry.key] if span.head else None
+    def _render_span(self, prompt: str, span: _Span, values: dict[str, str]) -> list[tuple[int, int, str]]:
+        """Each group of adjacent words is rewritten in place from the values alone:
+        [age] [ethnicity] [gender adjective] in schema order for the attributes first given
+        in that group, then (with the head) adjectives for values the head only implies
+        ("girl" -> "young woman") and the head in its canonical form. A second word for an
+        attribute already given, or a gender adjective the head varies by, is removed."""
+        head = span.head
+        head_fam = self.schema.heads[head.entry.key] if head is not None and head.entry.kind == "head" else None
         by_head = set(head_fam.varies) if head_fam else set()
-        parts: list[tuple[tuple[str, str], str]] = []  # ((singular, plural), style)
-        for a in self.schema.modifier_order:
-            if a in span.values and a not in by_head:
-                parts.append((self.schema.modifiers[a].forms[values[a]], span.styles[a]))
-        if head_fam is not None:
-            key = tuple(values[a] for a in head_fam.varies)
-            parts.append((head_fam.forms[key], span.styles["__head__"]))
-        words = []
-        for j, ((sing, plur), style) in enumerate(parts):
-            # Number sits on the last word: the head, or the adjective used as one.
-            word = plur if (span.plural and j == len(parts) - 1) else sing
-            words.append(_apply_style(word, style))
-        if span.sentence_cap:
-            words[0] = _apply_style(words[0], "title") if _style(words[0]) == "lower" else words[0]
-        return words
+        first_word: dict[str, _Word] = {}
+        for w in span.words:
+            if w.entry.kind == "modifier" and w.entry.key not in by_head:
+                first_word.setdefault(w.entry.key, w)
+        last_group = len(span.groups) - 1
+
+        edits: list[tuple[int, int, str]] = []
+        rendered: list[str] = []
+        for gi, g in enumerate(span.groups):
+            mods = [w for w in g if w.entry.kind == "modifier"]
+            has_head = head is not None and head in g
+            # Schema order within the group: "an asian girl" -> "a young asian woman".
+            attrs = [a for a in self.schema.modifier_order
+                     if (a in first_word and first_word[a] in g)
+                     or (has_head and a in span.values and a not in by_head and a not in first_word)]
+            words: list[str] = []
+            for j, a in enumerate(attrs):
+                sing, plur = self.schema.modifiers[a].forms[values[a]]
+                # Number sits on the last word: the head, or the adjective used as one.
+                last = head is None and gi == last_group and j == len(attrs) - 1
+                src = first_word.get(a)
+                style = src.style if src is not None and src is not span.words[0] else span.styles.get(a, "lower")
+                words.append(_apply_style(plur if (span.plural and last) else sing, style))
+            if head_fam is not None and has_head:
+                sing, plur = head_fam.forms[tuple(values[a] for a in head_fam.varies)]
+                words.append(_apply_style(plur if span.plural else sing, span.styles["__head__"]))
+            replaced = mods + ([head] if has_head and head_fam is not None and head is not None else [])
+            if not replaced:
+                if words:  # a plain head alone with implied values cannot happen; keep defensive
+                    edits.append((g[0].start, g[0].start, " ".join(words) + " "))
+                continue
+            start, end = replaced[0].start, replaced[-1].end
+            if has_head and head_fam is None and words:
+                edits.append((start, end, " ".join(words)))  # adjectives before a plain head, kept as typed
+            elif words:
+                edits.append((start, end, " ".join(words)))
+            else:
+                # Nothing left to say here (a repeated attribute): drop the words and their separator.
+                m = re.match(r"[ \t]*,?[ \t]*", prompt[end:])
+                edits.append((start, end + (m.end() if m else 0), ""))
+                continue
+            rendered += words
+        if not rendered:
+            return edits
+        if span.sentence_cap and _style(rendered[0]) == "lower":
+            start, end, text = next(e for e in edits if e[2])
+            i = edits.index((start, end, text))
+            edits[i] = (start, end, text[:1].upper() + text[1:])
+            rendered[0] = rendered[0][:1].upper() + rendered[0][1:]
+        if span.article is not None:
+            art = span.article
+            edits.append((art.start, art.end, _article(art.text, rendered[0])))
+        return edits
+
+
+def p_attr(schema: Schema) -> str:
+    """The attribute pronouns carry ("" when the schema has none)."""
+    return schema.pronouns.attribute if schema.pronouns is not None else ""
 
 
 # --------------------------------------------------------------------------
@@ -864,24 +1166,50 @@ class ObliviousTransform:
 # --------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m obclip.device.oblivious",
-        description="Turn a prompt into the oblivious candidate set the cloud may see (JSON on stdout).",
+        prog="obclip-candidates",
+        description="Turn a prompt into the oblivious candidate set the cloud may see (JSON on stdout), "
+                    "or audit a file of prompts (--audit FILE: JSON Lines on stdout).",
     )
-    ap.add_argument("prompt")
+    ap.add_argument("prompt", nargs="?")
+    ap.add_argument("--audit", metavar="FILE", default=None,
+                    help="read prompts one per line ('-' for stdin) and write one JSON line each: prompt, n, "
+                         "protected (spans), refused (reason or null), unprotected (sensitive words sent as typed)")
     ap.add_argument("--schema", default=None, help="attribute schema JSON (default: device/schemas/person.json)")
     ap.add_argument("--max-candidates", type=int, default=TransformConfig.max_candidates)
+    ap.add_argument("--unprotected", choices=UNPROTECTED_POLICIES, default="refuse",
+                    help="a sensitive word the schema cannot protect: refuse the prompt (default), warn and "
+                         "send it as typed, or allow it")
     args = ap.parse_args(argv)
+    if (args.prompt is None) == (args.audit is None):
+        ap.error("give either a prompt or --audit FILE")
     try:
-        config = TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema)
-        result = ObliviousTransform(config)(args.prompt)
+        config = TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema,
+                                 unprotected=args.unprotected)
+        transform = ObliviousTransform(config)
+        if args.audit is not None:
+            return _audit(transform, args.audit)
+        result = transform(args.prompt)
     except ObliviousError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.public_summary(), indent=2, ensure_ascii=False))
     if not result.protected:
         print(f"note: {result.message}", file=sys.stderr)
+    for line in result.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
+
+
+def _audit(transform: ObliviousTransform, path: str) -> int:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ObliviousError(f"cannot read {path!r}: {exc.strerror or exc}") from exc
+    for line in text.splitlines():
+        if line.strip():
+            print(json.dumps(transform.audit(line), ensure_ascii=False))
     return 0
 
 

@@ -1,0 +1,295 @@
+"""Finding sensitive words the attribute schema may not cover (device side, stdlib only).
+
+The oblivious transform protects what its schema can represent. This module
+finds what a careful person would also call sensitive, so that nothing leaves
+the device unprotected without the user's say-so (``TransformConfig.unprotected``):
+
+* text normalisation first: NFKC (fullwidth letters, ligatures), format
+  characters removed (zero-width space/joiner inside words, soft hyphens,
+  bidi marks), Cyrillic/Greek look-alike letters inside Latin words folded;
+* person emoji generalised: skin-tone modifiers and gender signs dropped,
+  gendered/aged people turned into the neutral person, in every candidate;
+* lexicons per attribute (``device/lexicons/<attribute>.json``): ``words``
+  are sensitive anywhere, ``contextual`` ones only when they describe a
+  mention (directly before a person/head noun);
+* numeric ages ("35-year-old", "50 years old", "in her 40s", "aged 60");
+* misspellings of protected words: only words of 5+ letters that are not
+  ordinary English words (the CLIP vocabulary's whole words), at one edit,
+  so "the"/"she" or "can"/"man" never collide.
+
+``Detector`` is the interface; an ONNX token classifier could implement the
+same ``find`` method.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache, lru_cache
+
+from obclip.runtime.locations import package_path
+
+_WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
+_ZWJ = "\u200d"
+
+# Look-alike letters folded to Latin inside words that also hold Latin letters
+# (or that consist of look-alikes only): "mаn" with a Cyrillic a is "man".
+_CONFUSABLES = {
+    "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j", "ѕ": "s",
+    "ԁ": "d", "ӏ": "l", "һ": "h", "ԛ": "q", "ԝ": "w", "ь": "b", "А": "A", "В": "B", "Е": "E", "К": "K",
+    "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X", "І": "I", "Ј": "J", "Ѕ": "S",
+    "ο": "o", "α": "a", "ι": "i", "κ": "k", "ν": "v", "ρ": "p", "υ": "u", "χ": "x", "Ο": "O", "Α": "A",
+    "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ρ": "P", "Τ": "T",
+    "Υ": "Y", "Χ": "X",
+}
+
+# Person emoji: skin tones and gender signs carry attributes; gendered or aged
+# people become the neutral adult person (U+1F9D1), in every candidate alike.
+_SKIN_TONES = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))
+_GENDER_SIGNS = frozenset("\u2640\u2642\u26a7")
+_NEUTRAL_PERSON = "\U0001F9D1"
+_EMOJI_MAP = {
+    **{chr(c): _NEUTRAL_PERSON for c in (0x1F468, 0x1F469, 0x1F466, 0x1F467, 0x1F476, 0x1F9D2, 0x1F474,
+                                          0x1F475, 0x1F9D3, 0x1F9D4, 0x1F9D5, 0x1F472, 0x1F483, 0x1F57A)},
+    "\U0001F934": "\U0001FAC5", "\U0001F478": "\U0001FAC5",          # prince, princess -> person with crown
+    "\U0001F930": "\U0001FAC4", "\U0001FAC3": "\U0001FAC4",          # pregnant woman/man -> pregnant person
+    "\U0001F385": _NEUTRAL_PERSON + _ZWJ + "\U0001F384",             # Santa, Mrs Claus -> Mx Claus
+    "\U0001F936": _NEUTRAL_PERSON + _ZWJ + "\U0001F384",
+    "\U0001F46B": _NEUTRAL_PERSON + _ZWJ + "\U0001F91D" + _ZWJ + _NEUTRAL_PERSON,  # couples holding hands
+    "\U0001F46C": _NEUTRAL_PERSON + _ZWJ + "\U0001F91D" + _ZWJ + _NEUTRAL_PERSON,
+    "\U0001F46D": _NEUTRAL_PERSON + _ZWJ + "\U0001F91D" + _ZWJ + _NEUTRAL_PERSON,
+}
+
+# Numeric ages. Inside a person mention the transform protects "N-year-old" /
+# "N years old" as a bucketed age; anywhere else they are findings.
+NUMERIC_AGE = re.compile(
+    r"\b(\d{1,3})(?:\s*-\s*|\s+)?(?:years?|yrs?)(?:\s*-\s*|\s+)old\b|\b(\d{1,3})\s*-?\s*y/?o\b", re.IGNORECASE)
+_OTHER_AGES = re.compile(
+    r"\b(?:aged?|age of)\s+\d{1,3}\b"
+    r"|\bin\s+(?:his|her|their|my|your|its)\s+(?:early\s+|mid\s*-?\s*|late\s+)?"
+    r"(?:\d0\s*'?s|teens|twenties|thirties|forties|fifties|sixties|seventies|eighties|nineties)\b"
+    r"|\b(?:\d0|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)\s*-?\s*somethings?\b"
+    r"|\b\d{1,3}\s*-?\s*(?:years?|yrs?)\s*-?\s*of\s+age\b",
+    re.IGNORECASE)
+
+AGE_BUCKETS = ((30, "young"), (60, "middle-aged"), (1000, "old"))
+
+
+def age_bucket(years: int) -> str:
+    """The person schema's age value for a number of years: <30 young, <60 middle-aged, else old."""
+    return next(value for limit, value in AGE_BUCKETS if years < limit)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A sensitive word the transform did not protect (yet). Device-only."""
+
+    start: int
+    end: int
+    text: str
+    attribute: str
+    why: str          # "lexicon", "context", "numeric age", "misspelling", ...
+    instead: str      # what to write instead, for the refusal message
+
+    def message(self) -> str:
+        return (f"{self.text!r} reveals {self.attribute} ({self.why}) and cannot be protected as typed; "
+                f"write {self.instead} instead")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"text": self.text, "start": self.start, "end": self.end, "attribute": self.attribute,
+                "why": self.why, "instead": self.instead}
+
+
+@dataclass(frozen=True)
+class Generalised:
+    """A span replaced by a neutral form in every candidate (e.g. an emoji's skin tone)."""
+
+    text: str
+    replacement: str
+    attribute: str
+
+
+# --------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------
+
+
+def _is_emojiish(ch: str) -> bool:
+    return bool(ch) and (unicodedata.category(ch) in ("So", "Sk") or ch in "\ufe0f\u20e3" or ord(ch) >= 0x1F000)
+
+
+def normalize(text: str) -> str:
+    """NFKC, format characters removed (a zero-width joiner is kept only between emoji), look-alikes folded."""
+    text = unicodedata.normalize("NFKC", text)
+    out = []
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) == "Cf":
+            if ch == _ZWJ and i > 0 and i + 1 < len(text) and _is_emojiish(text[i - 1]) \
+                    and _is_emojiish(text[i + 1]):
+                out.append(ch)
+            continue
+        out.append(ch)
+    text = "".join(out)
+
+    def fold(m: re.Match[str]) -> str:
+        word = m.group()
+        has_latin = any("a" <= c.lower() <= "z" for c in word)
+        if any(c in _CONFUSABLES for c in word) and (has_latin or all(c in _CONFUSABLES or c == "-" for c in word)):
+            return "".join(_CONFUSABLES.get(c, c) for c in word)
+        return word
+
+    return _WORD.sub(fold, text)
+
+
+def generalize_emoji(text: str) -> tuple[str, list[Generalised]]:
+    """Drop skin tones and gender signs, neutralise gendered/aged person emoji."""
+    out: list[str] = []
+    changes: list[Generalised] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch in _SKIN_TONES:
+            changes.append(Generalised(ch, "", "ethnicity"))
+            i += 1
+            continue
+        if ch in _GENDER_SIGNS:
+            # Drop the sign with its joiner and variation selector: "🙋‍♀️" -> "🙋".
+            if out and out[-1] == _ZWJ:
+                out.pop()
+            j = i + 1
+            if j < len(text) and text[j] == "\ufe0f":
+                j += 1
+            changes.append(Generalised(text[i:j], "", "gender"))
+            i = j
+            continue
+        if ch in _EMOJI_MAP:
+            changes.append(Generalised(ch, _EMOJI_MAP[ch], "gender/age"))
+            out.append(_EMOJI_MAP[ch])
+            i += 1
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out), changes
+
+
+# --------------------------------------------------------------------------
+# Lexicons and the detector
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    attribute: str
+    words: Mapping[str, str]        # word -> what to write instead
+    contextual: Mapping[str, str]
+
+
+@cache
+def load_lexicon(attribute: str) -> Lexicon | None:
+    """The shipped lexicon for an attribute, or None if there is none."""
+    path = package_path("device", "lexicons") / f"{attribute}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Lexicon(attribute, dict(data.get("words", {})), dict(data.get("contextual", {})))
+
+
+@lru_cache(maxsize=1)
+def english_words() -> frozenset[str]:
+    """Ordinary words: the whole-word entries of the CLIP vocabulary that ships with obclip."""
+    vocab = json.loads((package_path("runtime", "data", "clip_bpe") / "vocab.json").read_text(encoding="utf-8"))
+    return frozenset(k[:-4] for k in vocab if k.endswith("</w>") and k[:-4].isalpha())
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Damerau-Levenshtein distance exactly 1 (one insertion, deletion, substitution or swap)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(diff) == 1:
+            return True
+        return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = 0
+    while i < len(short) and short[i] == long_[i]:
+        i += 1
+    return short[i:] == long_[i + 1:]
+
+
+MIN_TYPO_LETTERS = 5
+
+
+def typo_of(word: str, protected: Iterable[str]) -> str | None:
+    """The protected word this one misspells, if it is one edit from exactly one of them.
+
+    Only words of 5+ letters that are not ordinary English words qualify, so a
+    short or real word ("she", "can", "bother") is never read as a typo.
+    """
+    w = word.lower()
+    if len(w) < MIN_TYPO_LETTERS or w in english_words():
+        return None
+    hits = {p for p in protected if len(p) >= MIN_TYPO_LETTERS and one_edit_apart(w, p)}
+    return next(iter(hits)) if len(hits) == 1 else None
+
+
+class Detector:
+    """Finds sensitive words in (normalised) text for the attributes of a schema."""
+
+    def __init__(self, attributes: Iterable[str], mention_nouns: Iterable[str] = ()):
+        self.lexicons = [lx for a in attributes if (lx := load_lexicon(a)) is not None]
+        self.attributes = frozenset(attributes)
+        self.mention_nouns = frozenset(mention_nouns)
+        self.words: dict[str, tuple[str, str]] = {}
+        self.contextual: dict[str, tuple[str, str]] = {}
+        for lx in self.lexicons:
+            for w, instead in lx.words.items():
+                self.words[w] = (lx.attribute, instead)
+            for w, instead in lx.contextual.items():
+                self.contextual[w] = (lx.attribute, instead)
+        self.typo_targets = frozenset(w for w in [*self.words, *self.contextual] if "-" not in w)
+
+    def find(self, text: str) -> list[Finding]:
+        out: list[Finding] = []
+        if "age" in self.attributes:
+            for m in NUMERIC_AGE.finditer(text):
+                out.append(Finding(m.start(), m.end(), m.group(), "age", "numeric age",
+                                   "an age word right before the person noun ('a middle-aged woman')"))
+            for m in _OTHER_AGES.finditer(text):
+                out.append(Finding(m.start(), m.end(), m.group(), "age", "numeric age",
+                                   "an age word right before the person noun ('a middle-aged woman')"))
+        tokens = list(_WORD.finditer(text))
+        for i, m in enumerate(tokens):
+            w = m.group().lower()
+            if w in self.words:
+                attr, instead = self.words[w]
+                out.append(Finding(m.start(), m.end(), m.group(), attr, "lexicon", instead))
+            elif w in self.contextual and self._describes_mention(text, tokens, i):
+                attr, instead = self.contextual[w]
+                out.append(Finding(m.start(), m.end(), m.group(), attr, "describes a person", instead))
+            else:
+                target = typo_of(w, self.typo_targets)
+                if target is not None:
+                    attr, instead = self.words.get(target) or self.contextual[target]
+                    out.append(Finding(m.start(), m.end(), m.group(), attr, f"looks like a misspelling of "
+                                       f"{target!r}", f"the word spelled out, or {instead}"))
+        return sorted(out, key=lambda f: (f.start, f.end))
+
+    def _describes_mention(self, text: str, tokens: list[re.Match[str]], i: int) -> bool:
+        """Is token i (an adjective) followed, within two words joined by spaces, brackets or
+        commas, by a noun that names a person (or a schema head)?"""
+        for j in range(i + 1, min(i + 4, len(tokens))):
+            gap = text[tokens[j - 1].end():tokens[j].start()]
+            if not JOINABLE.fullmatch(gap) and gap.strip() != ",":
+                return False
+            if tokens[j].group().lower() in self.mention_nouns:
+                return True
+        return False
+
+
+# Text that may separate words of one mention: spaces, brackets, quotes,
+# prompt weights ("(teenage:1.3) boy").
+JOINABLE = re.compile(r"(?:[\s()\[\]{}<>\"'\u201c\u201d\u2018\u2019*_]|:\s*-?\d+(?:\.\d+)?)*")
