@@ -25,10 +25,12 @@ import numpy as np
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import AccelerationConfig, make_plan, preset
 from obclip.runtime.protocol import Handoff, ProtocolError, StepsRequest, decode_handoff
-from obclip.runtime.solver import SolverConfig, SolverState, initial_state, make_schedule, solver_step
+from obclip.runtime.solver import Schedule, SolverConfig, SolverState, initial_state, make_schedule, solver_step
 
 from .engines import DeviceEngines
 from .oblivious import CandidateSet, ObliviousTransform, TransformConfig
+from .verify import config_for as verify_config_for
+from .verify import verify_answer
 
 CloudTransport = Callable[[bytes], "bytes | Handoff"]
 """Request bytes -> the handoff: its bytes (e.g. ``CloudStepRunner.handle`` in-process), or a
@@ -131,6 +133,7 @@ class DevicePipeline:
         self.engines = engines
         self.solver_config = SolverConfig.from_scheduler_config(engines.manifest.scheduler_config)
         self._transforms: dict[TransformConfig, ObliviousTransform] = {}
+        self.verify_config = verify_config_for(engines.manifest.model_id)  # checks on every cloud answer
 
     def _transform(self, config: TransformConfig) -> ObliviousTransform:
         # The model's own schema (from its manifest) unless the caller names one.
@@ -158,7 +161,10 @@ class DevicePipeline:
             tokenizer.check_fits(list(candidates), what="a candidate prompt")
         else:
             candidates, real_index = (prompt,), 0
-        tokenizer.check_fits([prompt])  # the device encodes the prompt as typed
+            if not config.method.private:
+                tokenizer.check_fits([prompt])  # sent as typed: it must fit the cloud's encoder
+        # The prompt as typed is checked only through its candidate set (refusing on its own length
+        # would depend on the real wording); the device's own encoding truncates it like SD does.
 
         request = None
         if k > 0:
@@ -183,7 +189,7 @@ class DevicePipeline:
         else:
             if answer is None:
                 raise ValueError("this request ran cloud steps, so finish() needs the cloud's handoff")
-            handoff = self._handoff(answer, prepared.request, latent_shape, schedule.timesteps)
+            handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
             i = prepared.real_index
             x = handoff.latents[i:i + 1]
             state = SolverState(step_index=handoff.step_index, lower_order_nums=handoff.lower_order_nums,
@@ -191,7 +197,7 @@ class DevicePipeline:
 
         if plan.device_steps:
             # The device conditions its own steps on the prompt exactly as typed.
-            text = engines.encode_text(["", prepared.prompt])
+            text = engines.encode_text(["", self._fit(prepared.prompt)])
             for n, step in enumerate(plan.device_steps):
                 t = float(schedule.timesteps[step.index])
                 out = engines.unet(np.concatenate([x, x]), t, text)  # rows: [uncond, cond]
@@ -201,12 +207,33 @@ class DevicePipeline:
                     on_step(n + 1, len(plan.device_steps))
         return x
 
-    @staticmethod
-    def _handoff(answer: bytes | Handoff, request: StepsRequest, latent_shape: tuple[int, int, int],
-                 timesteps: np.ndarray) -> Handoff:
+    def _fit(self, prompt: str) -> str:
+        """The longest prefix of the prompt (whole words) within the text encoder's context:
+        what SD's own tokenizer keeps when it truncates. Only the device's encoding uses it."""
+        tokenizer = self.engines.tokenizer
+        if tokenizer.count(prompt) <= tokenizer.max_length:
+            return prompt
+        words = prompt.split(" ")
+        lo, hi = 0, len(words)  # the first lo words fit, the first hi do not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if tokenizer.count(" ".join(words[:mid])) <= tokenizer.max_length else (lo, mid)
+        return " ".join(words[:lo])
+
+    def _handoff(self, answer: bytes | Handoff, request: StepsRequest, latent_shape: tuple[int, int, int],
+                 schedule: Schedule) -> Handoff:
         """Bytes are decoded and validated here; a Handoff the transport decoded is checked only
         for what the transport could not know: that it answers this request at this latent shape
-        on the device's own timestep schedule."""
+        on the device's own timestep schedule. Either way every member's latent and solver state
+        is then verified (device/verify.py) before the device reads its own: a failure refuses the
+        whole answer, identically whichever member is real, and is never retried."""
+        handoff = DevicePipeline._decoded(answer, request, latent_shape, schedule.timesteps)
+        verify_answer(handoff, schedule, request.switch_step, self.verify_config)
+        return handoff
+
+    @staticmethod
+    def _decoded(answer: bytes | Handoff, request: StepsRequest, latent_shape: tuple[int, int, int],
+                 timesteps: np.ndarray) -> Handoff:
         if isinstance(answer, (bytes, bytearray, memoryview)):
             return decode_handoff(bytes(answer), request, latent_shape, timesteps)
         if not isinstance(answer, Handoff):
