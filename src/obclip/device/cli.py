@@ -51,6 +51,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="attribute schema: a shipped name (person, shapes) or a JSON file "
                         "(default: the one the model was trained for, else person)")
     p.add_argument("--max-candidates", type=int, default=32, help="refuse sets larger than this (default 32)")
+    p.add_argument("--unprotected", default="refuse", choices=["refuse", "warn", "allow"],
+                   help="a sensitive word the schema cannot protect (e.g. 'latina', 'in her 40s'): refuse the "
+                        "prompt and say what to write instead (default), warn and send it as typed, or allow it")
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -59,7 +62,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         method=Method(args.method), num_inference_steps=args.steps, switch_step=args.switch_step,
         guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
         wire_dtype=args.wire_dtype, acceleration=preset(args.acceleration) if args.acceleration else None,
-        transform=TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema),
+        transform=TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema,
+                                  unprotected=args.unprotected),
     )
 
 
