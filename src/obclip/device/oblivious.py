@@ -496,6 +496,7 @@ class ProtectedSpan:
     start: int
     end: int
     attributes: tuple[str, ...]  # slot names it is rendered from
+    shown: str = "..."  # how a message quotes it: the same for every value ("his/her")
 
     def as_dict(self) -> dict[str, object]:
         return {"text": self.text, "start": self.start, "end": self.end, "slots": list(self.attributes)}
@@ -1045,13 +1046,15 @@ class ObliviousTransform:
                         out.append(ProtectedSpan(w.text, w.start, w.end, names))
         for p in pronouns:
             names = tuple(n for a, n in slot_of[p.person] if a == p_attr(self.schema))
-            out.append(ProtectedSpan(p.token.text, p.token.start, p.token.end, names))
+            table = self.schema.pronouns.cases[p.case] if self.schema.pronouns is not None else {}
+            shown = "/".join(dict.fromkeys(table.values()))
+            out.append(ProtectedSpan(p.token.text, p.token.start, p.token.end, names, shown))
         return sorted(out, key=lambda s: s.start)
 
     def _unprotected(self, text: str, protected: list[ProtectedSpan]) -> list[Finding]:
         """Sensitive words outside every protected span; refused under the default policy."""
         # Covered only if inside one protected word: "in her 40s" is not protected by "her".
-        found = [f for f in self.detector.find(text)
+        found = [self._masked(f, protected) for f in self.detector.find(text)
                  if not any(s.start <= f.start and f.end <= s.end for s in protected)]
         if found and self.config.unprotected == "refuse":
             words = "; ".join(f.message() for f in found)
@@ -1059,6 +1062,20 @@ class ObliviousTransform:
                 f"the prompt holds sensitive words the schema cannot protect, and they would be sent as "
                 f"typed: {words}. (To send them anyway, choose --unprotected warn or allow.)")
         return found
+
+    def _masked(self, finding: Finding, protected: list[ProtectedSpan]) -> Finding:
+        """The finding as shown, with protected words inside it written for every value
+        ("in his/her 40s"), so that the message is the same whichever value is real."""
+        inside = [s for s in protected if finding.start <= s.start and s.end <= finding.end]
+        if not inside:
+            return finding
+        out, pos = [], finding.start
+        for s in inside:
+            out.append(finding.text[pos - finding.start:s.start - finding.start])
+            out.append(s.shown)
+            pos = s.end
+        out.append(finding.text[pos - finding.start:])
+        return dataclasses.replace(finding, text="".join(out))
 
     def _check_cap(self, slots: dict[str, list[str]]) -> None:
         n = math.prod(len(v) for v in slots.values())

@@ -269,7 +269,7 @@ class Detector:
                 out.append(Finding(m.start(), m.end(), m.group(), attr, "lexicon", instead))
             elif w in self.contextual and self._describes_mention(text, tokens, i):
                 attr, instead = self.contextual[w]
-                out.append(Finding(m.start(), m.end(), m.group(), attr, "describes a person", instead))
+                out.append(Finding(m.start(), m.end(), m.group(), attr, "describes a mention", instead))
             else:
                 target = typo_of(w, self.typo_targets)
                 if target is not None:
