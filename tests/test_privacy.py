@@ -181,7 +181,7 @@ def test_refusals_name_the_word_and_the_fix(prompt, word):
     ("a white man in a suit", "a caucasian man in a suit"),
     ("a japanese woman in a kimono", "an asian woman in a kimono"),
     ("a fireman rescuing a cat", "a fireman rescuing a cat"),
-    ("a kid eating ice cream", "a young person eating ice cream"),
+    ("a kid eating ice cream", "a child eating ice cream"),             # generalised to the age family
 ])
 def test_hidden_and_wider_words_are_protected(prompt, expect):
     result = REFUSE(prompt)

@@ -749,6 +749,9 @@ class _Parser:
         toks = self.tokens
         prev_end = toks[i - 1].end
         while i < len(toks) and _joinable(self.prompt, prev_end, toks[i].start):
+            if toks[i].age is not None:  # a numeric age is an age modifier
+                prev_end, i = toks[i].end, i + 1
+                continue
             word = toks[i].text.lower()
             entry = self.schema.lexicon.get((word,))
             if word in self.schema.plain_heads or (entry is not None and entry.kind == "head"):
@@ -921,8 +924,7 @@ class _Parser:
         if idx == 0:
             return None
         prev = self.tokens[idx - 1]
-        if prev.text.lower() in _ARTICLES and _joinable(self.prompt, prev.end, pos) \
-                and ":" not in self.prompt[prev.end:pos]:
+        if prev.text.lower() in _ARTICLES and _joinable(self.prompt, prev.end, pos):
             return prev
         return None
 
@@ -1169,8 +1171,23 @@ class ObliviousTransform:
             rendered[0] = rendered[0][:1].upper() + rendered[0][1:]
         if span.article is not None:
             art = span.article
-            edits.append((art.start, art.end, _article(art.text, rendered[0])))
+            edits.append((art.start, art.end, _article(art.text, self._word_after(prompt, art.end, edits))))
         return edits
+
+    @staticmethod
+    def _word_after(prompt: str, pos: int, edits: list[tuple[int, int, str]]) -> str:
+        """The first word after pos once the edits are applied (the article agrees with it)."""
+        for start, end, text in sorted(edits):
+            if start < pos:
+                continue
+            gap = _WORD.search(prompt, pos, start)
+            if gap is not None:
+                return gap.group()
+            if text:
+                return text.split(" ")[0]
+            pos = end
+        m = _WORD.search(prompt, pos)
+        return m.group() if m else ""
 
 
 def p_attr(schema: Schema) -> str:
