@@ -77,10 +77,12 @@ def error_code(status_headers_body) -> tuple[int, str]:
 
 
 def serve(service: Service, parser: str):
+    """uvicorn with ``parser`` in a thread; the service is started (and closed) by the caller, so
+    one loaded model serves the servers of both parsers."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(service, parser=parser, log_config=None, lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(service, parser=parser, log_config=None, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     return server, thread, sock.getsockname()[1]
@@ -96,13 +98,24 @@ def wait_ready(live: Live) -> None:
     raise AssertionError("service did not become ready")
 
 
-@pytest.fixture(scope="module", params=PARSERS)
-def live(request, model_dirs):
+@pytest.fixture(scope="module")
+def service(model_dirs):
     service = Service(ServiceConfig(model=str(model_dirs[0]), queue_size=2, request_timeout_s=TIMEOUT_S,
                                     http=FRONT, batch_window_ms=0))
+    service.start()
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module", params=PARSERS)
+def live(request, service):
     server, thread, port = serve(service, request.param)
     r = Live(service, port, request.param)
     wait_ready(r)
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
     yield r
     server.should_exit = True
     thread.join(15)
@@ -123,7 +136,7 @@ def with_field(name: str, raw_value: str) -> bytes:
 
 # -- the HTTP front --------------------------------------------------------------------------------
 def test_a_valid_request_still_works(live):
-    status, headers, data = live.post(body())
+    status, headers, data = live.post(body(num_inference_steps=1, switch_step=1))
     assert status == 200 and headers["content-type"] == "application/octet-stream" and data
 
 
@@ -205,7 +218,7 @@ def test_the_connection_cap_answers_503_json_and_recovers(live):
         for s in held:
             s.close()
     time.sleep(0.2)
-    assert live.post(body())[0] == 200
+    assert live.exchange(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0] == 200
 
 
 def test_trailing_slash_is_a_json_404_not_a_redirect(live):
@@ -312,3 +325,24 @@ def test_a_deadline_frees_the_worker_within_one_step(live, slow_steps, monkeypat
     wait_free(live, timeout=STEP_S + 1.0)
     assert live.service.worst_cancel_to_free_s < STEP_S + 0.5
     assert live.sample("obclip_worst_cancel_to_free_seconds") == live.service.worst_cancel_to_free_s
+
+
+def test_front_and_cost_flags_reach_the_config():
+    from obclip.cloud.serve import build_parser, config_from_args, front_protocol
+
+    args = build_parser().parse_args(["--max-cost", "1000", "--max-guidance-scale", "20", "--max-header-bytes",
+                                      "4096", "--max-headers", "10", "--header-timeout", "3", "--keep-alive", "2",
+                                      "--body-timeout", "4", "--send-timeout", "5", "--max-connections", "7",
+                                      "--http", "h11"])
+    config = config_from_args(args)
+    assert (config.limits.max_cost, config.limits.max_guidance_scale, config.limits.max_image_size) == (1000, 20, None)
+    assert config.http == HttpLimits(max_header_bytes=4096, max_headers=10, header_timeout_s=3, keep_alive_s=2,
+                                     body_timeout_s=4, send_timeout_s=5, max_connections=7)
+    for parser in ("auto", *PARSERS):
+        assert front_protocol(parser, config.http).front == config.http  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        front_protocol("zttp", config.http)
+    with pytest.raises(ValueError):
+        HttpLimits(header_timeout_s=0)
+    with pytest.raises(ValueError):
+        RequestLimits(max_cost=0)
