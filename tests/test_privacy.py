@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from obclip.device.oblivious import ObliviousError, ObliviousTransform, Schema, TransformConfig, main
 from obclip.device.sensitive import generalize_emoji, normalize
@@ -216,3 +218,34 @@ def test_audit_cli_writes_json_lines(tmp_path, capsys):
     assert main(["--audit", str(f), "--unprotected", "warn"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows[1]["refused"] is None and rows[1]["n"] == 2 and rows[1]["unprotected"][0]["text"] == "latina"
+
+
+# A wider fuzz than test_oblivious's: weights, brackets, quotes, numeric ages, person-only aliases,
+# plain person nouns, age families, words outside the schema, typos.
+FUZZ = ["a", "an", "A", "the", "man", "Woman", "girl", "boys", "lady", "old", "elderly", "young", "middle-aged",
+        "asian", "Indian", "japanese", "white", "black", "male", "female", "he", "She", "her", "his", "him",
+        "hers", "herself", "mother", "husband", "wife", "kid", "toddler", "retired", "doctor", "nurse",
+        "student", "fireman", "35-year-old", "50 years old", "latina", "baby", "in her 40s", "womna",
+        "completely", "flowers", "photo", "of", "with", "and", "smiling", "beautiful", "hat", "2"]
+SEPS = [" ", " ", ", ", ". ", "; ", " (", ":1.2) ", " [", "] ", " '", "' ", "\n"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(st.tuples(st.sampled_from(FUZZ), st.sampled_from(SEPS)), min_size=1, max_size=9))
+def test_fuzz_same_set_or_same_refusal(parts):
+    prompt = "".join(w + s for w, s in parts)
+    if not prompt.strip():
+        return
+    _same_set_or_same_refusal(prompt)
+
+
+def _same_set_or_same_refusal(prompt):
+    kind, result = outcome(REFUSE, prompt)
+    if kind == "sent":
+        for i, member in enumerate(result):
+            again = REFUSE(member)
+            assert again.candidates == result and again.real_index == i, member
+        return
+    kind2, would_be = outcome(ALLOW, prompt)
+    for member in (would_be if kind2 == "sent" else (prompt,)):
+        assert outcome(REFUSE, member) == ("refused", result), member

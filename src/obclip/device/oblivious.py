@@ -497,6 +497,7 @@ class ProtectedSpan:
     end: int
     attributes: tuple[str, ...]  # slot names it is rendered from
     shown: str = "..."  # how a message quotes it: the same for every value ("his/her")
+    noun: bool = False  # a head noun (ends a mention)
 
     def as_dict(self) -> dict[str, object]:
         return {"text": self.text, "start": self.start, "end": self.end, "slots": list(self.attributes)}
@@ -610,6 +611,7 @@ class _Word:
     text: str
     style: str
     token: int  # index of its first token
+    last: int  # index of its last token
 
 
 @dataclass
@@ -682,10 +684,13 @@ def _at_sentence_start(prompt: str, pos: int) -> bool:
     return not before or before[-1] in _SENTENCE_END
 
 
-# -ly words that are nouns, not adverbs ("her family" is a determiner).
-_LY_NOUNS = frozenset("family belly lily jelly bully rally ally fly butterfly dragonfly firefly holly folly assembly "
-                      "supply melancholy monopoly anomaly italy emily molly sally billy kelly polly lolly bubbly "
-                      "reply july rely homily gully".split())
+# -ly words that are nouns or adjectives, not adverbs ("her family", "her lovely smile": determiner).
+_LY_NOT_ADVERBS = frozenset(
+    "family belly lily jelly bully rally ally fly butterfly dragonfly firefly holly folly assembly supply "
+    "melancholy monopoly anomaly italy emily molly sally billy kelly polly lolly reply july homily gully "
+    "lovely friendly lonely ugly silly curly holy early daily costly deadly lively likely oily woolly wooly "
+    "frilly burly portly homely comely scholarly orderly sickly chilly jolly smelly bubbly hilly elderly "
+    "beastly bodily brotherly sisterly motherly fatherly cowardly ghostly heavenly earthly worldly".split())
 # Adjectives between a modifier and its head must not cross these (word breaks a noun phrase).
 _MAX_GAP_WORDS = 3
 
@@ -754,6 +759,9 @@ class _Parser:
                 continue
             word = toks[i].text.lower()
             entry = self.schema.lexicon.get((word,))
+            if entry is None and word not in self.schema.pronoun_words:
+                target = typo_of(word, self.single_words)  # as _match reads it
+                entry = self.single_words[target] if target is not None else None
             if word in self.schema.plain_heads or (entry is not None and entry.kind == "head"):
                 return True
             if entry is None or entry.kind != "modifier":
@@ -778,7 +786,8 @@ class _Parser:
             entry, k = hit
             end_tok = self.tokens[i + k - 1]
             text = self.prompt[tok.start:end_tok.end]
-            word = _Word(entry, tok.start, end_tok.end, text, _style(text) if tok.age is None else "lower", i)
+            style = _style(text) if tok.age is None else "lower"
+            word = _Word(entry, tok.start, end_tok.end, text, style, i, i + k - 1)
             # Adjacent words (spaces, brackets, quotes, weights between) describe one
             # person; a head noun ends the mention ("man woman" is two people).
             if open_span is not None and _joinable(self.prompt, open_span.end, word.start):
@@ -799,26 +808,26 @@ class _Parser:
         """Attach adjectives to a head a few words on ("a young, smiling woman"); keep headless
         ones only where they name a person, so "an old photograph" gets no age slot."""
         out: list[_Span] = []
-        pending: _Span | None = None
+        chain: list[_Span] = []  # headless spans that may still reach a head
         for span in spans:
-            if pending is not None and self._attaches(pending, span):
-                pending.words += span.words
-                pending.groups += span.groups
-            else:
-                if pending is not None:
-                    out.append(pending)
-                pending = span
-            if pending.words[-1].entry.kind in ("head", "plain"):
-                out.append(pending)
-                pending = None
-        if pending is not None:
-            out.append(pending)
+            if chain and not self._attaches(chain[-1], span):
+                out += chain  # never reached a head: each judged on its own
+                chain = []
+            chain.append(span)
+            if span.words[-1].entry.kind in ("head", "plain"):
+                merged = chain[0]
+                for other in chain[1:]:
+                    merged.words += other.words
+                    merged.groups += other.groups
+                out.append(merged)
+                chain = []
+        out += chain
         return [s for s in out if self._is_mention(s)]
 
     def _attaches(self, left: _Span, right: _Span) -> bool:
         if left.words[-1].entry.kind in ("head", "plain"):
             return False
-        first, last = left.words[-1].token + 1, right.words[0].token
+        first, last = left.words[-1].last + 1, right.words[0].token
         between = self.tokens[first:last]
         if len(between) > _MAX_GAP_WORDS:
             return False
@@ -838,7 +847,7 @@ class _Parser:
         # but "an old, rusty car" and "an old photograph" are not people).
         if any(w.entry.plural for w in span.words):
             return True
-        rest = self.prompt[span.end:].lstrip(" \t)]}\"'")
+        rest = self.prompt[span.end:].lstrip(" \t()[]{}<>\"'*_")
         nxt = _WORD.match(rest)
         if not rest or rest[0] in ".!?;\n" or (nxt is not None and nxt.group().lower() in self.breakers):
             return True
@@ -879,7 +888,10 @@ class _Parser:
         if not w or gap == 0:
             return False  # punctuation or end: "see her." / "her's"
         nxt = w.group().lower()
-        if nxt.endswith("ly") and len(nxt) > 4 and nxt not in _LY_NOUNS:
+        nxt_index = next((j for j, t in enumerate(self.tokens) if t.start == tok.end + gap), None)
+        if nxt_index is not None and self._match(nxt_index) is not None:
+            return True  # an attribute word or person noun, whatever its value: "her elderly mother"
+        if nxt.endswith("ly") and len(nxt) > 4 and nxt not in _LY_NOT_ADVERBS:
             return False  # an adverb: "soaks her completely"
         return nxt not in self.schema.pronouns.non_noun_words and nxt not in self.schema.pronoun_words
 
@@ -1000,7 +1012,13 @@ class ObliviousTransform:
             slot_of.append(named)
 
         protected = self._protected(persons, pronouns, slot_of)
-        unprotected = self._unprotected(text, protected)
+        # What the detector reads as one opaque word each: every rewritten group of a mention
+        # (its word count may change with the value: "old old" -> "young") and every pronoun.
+        units = [(g[0].start, g[-1].end, any(w.entry.kind in ("head", "plain") for w in g))
+                 for person, named in zip(persons, slot_of) if person.span is not None and named
+                 for g in person.span.groups if any(w.entry.kind != "plain" for w in g)]
+        units += [(p.token.start, p.token.end, False) for p in pronouns]
+        unprotected = self._unprotected(text, protected, units)
         self._check_cap(slots)
         if not slots:
             return CandidateSet((text,), ({},), 0, {}, (), tuple(generalised), tuple(unprotected))
@@ -1045,7 +1063,7 @@ class ObliviousTransform:
                 names = tuple(n for _, n in named)
                 for w in span.words:
                     if w.entry.kind != "plain":
-                        out.append(ProtectedSpan(w.text, w.start, w.end, names))
+                        out.append(ProtectedSpan(w.text, w.start, w.end, names, noun=w.entry.kind == "head"))
         for p in pronouns:
             names = tuple(n for a, n in slot_of[p.person] if a == p_attr(self.schema))
             table = self.schema.pronouns.cases[p.case] if self.schema.pronouns is not None else {}
@@ -1053,11 +1071,16 @@ class ObliviousTransform:
             out.append(ProtectedSpan(p.token.text, p.token.start, p.token.end, names, shown))
         return sorted(out, key=lambda s: s.start)
 
-    def _unprotected(self, text: str, protected: list[ProtectedSpan]) -> list[Finding]:
+    def _unprotected(self, text: str, protected: list[ProtectedSpan],
+                     units: list[tuple[int, int, bool]]) -> list[Finding]:
         """Sensitive words outside every protected span; refused under the default policy."""
-        # Covered only if inside one protected word: "in her 40s" is not protected by "her".
-        found = [self._masked(f, protected) for f in self.detector.find(text)
-                 if not any(s.start <= f.start and f.end <= s.end for s in protected)]
+        # Covered only if every letter and digit of it is inside protected words: "in her 40s"
+        # is not protected by "her".
+        def covered(f: Finding) -> bool:
+            return all(any(s.start <= i < s.end for s in protected)
+                       for i in range(f.start, f.end) if text[i].isalnum())
+
+        found = [self._masked(f, protected) for f in self.detector.find(text, units) if not covered(f)]
         if found and self.config.unprotected == "refuse":
             words = "; ".join(f.message() for f in found)
             raise ObliviousError(
@@ -1112,18 +1135,16 @@ class ObliviousTransform:
         return "".join(out)
 
     def _render_span(self, prompt: str, span: _Span, values: dict[str, str]) -> list[tuple[int, int, str]]:
-        """Each group of adjacent words is rewritten in place from the values alone:
-        [age] [ethnicity] [gender adjective] in schema order for the attributes first given
-        in that group, then (with the head) adjectives for values the head only implies
-        ("girl" -> "young woman") and the head in its canonical form. A second word for an
-        attribute already given, or a gender adjective the head varies by, is removed."""
+        """Each group of adjacent words is rewritten in place from the values alone, so the
+        words around it (and hence how a candidate parses) never change. In a group: the
+        canonical adjectives [age] [ethnicity] [gender adjective] in schema order for the
+        attributes its words give; the head's group also gets adjectives for values the head
+        only implies ("girl" -> "young woman") and the head in its canonical form (a gender
+        adjective next to a head that varies by gender is dropped: "female woman" -> "woman")."""
         head = span.head
         head_fam = self.schema.heads[head.entry.key] if head is not None and head.entry.kind == "head" else None
         by_head = set(head_fam.varies) if head_fam else set()
-        first_word: dict[str, _Word] = {}
-        for w in span.words:
-            if w.entry.kind == "modifier" and w.entry.key not in by_head:
-                first_word.setdefault(w.entry.key, w)
+        given = {w.entry.key for w in span.words if w.entry.kind == "modifier"}
         last_group = len(span.groups) - 1
 
         edits: list[tuple[int, int, str]] = []
@@ -1131,44 +1152,31 @@ class ObliviousTransform:
         for gi, g in enumerate(span.groups):
             mods = [w for w in g if w.entry.kind == "modifier"]
             has_head = head is not None and head in g
-            # Schema order within the group: "an asian girl" -> "a young asian woman".
-            attrs = [a for a in self.schema.modifier_order
-                     if (a in first_word and first_word[a] in g)
-                     or (has_head and a in span.values and a not in by_head and a not in first_word)]
+            here = {w.entry.key for w in mods}
+            if has_head:
+                here = (here - by_head) | {a for a in span.values if a not in by_head and a not in given}
+            attrs = [a for a in self.schema.modifier_order if a in here]
             words: list[str] = []
             for j, a in enumerate(attrs):
                 sing, plur = self.schema.modifiers[a].forms[values[a]]
                 # Number sits on the last word: the head, or the adjective used as one.
                 last = head is None and gi == last_group and j == len(attrs) - 1
-                src = first_word.get(a)
-                style = src.style if src is not None and src is not span.words[0] else span.styles.get(a, "lower")
+                mine = next((w for w in mods if w.entry.key == a), None)
+                style = mine.style if mine is not None and mine is not span.words[0] else span.styles.get(a, "lower")
                 words.append(_apply_style(plur if (span.plural and last) else sing, style))
             if head_fam is not None and has_head:
                 sing, plur = head_fam.forms[tuple(values[a] for a in head_fam.varies)]
                 words.append(_apply_style(plur if span.plural else sing, span.styles["__head__"]))
             replaced = mods + ([head] if has_head and head_fam is not None and head is not None else [])
-            if not replaced:
-                if words:  # a plain head alone with implied values cannot happen; keep defensive
-                    edits.append((g[0].start, g[0].start, " ".join(words) + " "))
+            if not replaced or not words:
                 continue
-            start, end = replaced[0].start, replaced[-1].end
-            if has_head and head_fam is None and words:
-                edits.append((start, end, " ".join(words)))  # adjectives before a plain head, kept as typed
-            elif words:
-                edits.append((start, end, " ".join(words)))
-            else:
-                # Nothing left to say here (a repeated attribute): drop the words and their separator.
-                m = re.match(r"[ \t]*,?[ \t]*", prompt[end:])
-                edits.append((start, end + (m.end() if m else 0), ""))
-                continue
+            edits.append((replaced[0].start, replaced[-1].end, " ".join(words)))
             rendered += words
         if not rendered:
             return edits
         if span.sentence_cap and _style(rendered[0]) == "lower":
-            start, end, text = next(e for e in edits if e[2])
-            i = edits.index((start, end, text))
-            edits[i] = (start, end, text[:1].upper() + text[1:])
-            rendered[0] = rendered[0][:1].upper() + rendered[0][1:]
+            start, end, text = edits[0]
+            edits[0] = (start, end, text[:1].upper() + text[1:])
         if span.article is not None:
             art = span.article
             edits.append((art.start, art.end, _article(art.text, self._word_after(prompt, art.end, edits))))

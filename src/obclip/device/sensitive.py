@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -68,7 +68,7 @@ _EMOJI_MAP = {
 NUMERIC_AGE = re.compile(
     r"\b(\d{1,3})(?:\s*-\s*|\s+)?(?:years?|yrs?)(?:\s*-\s*|\s+)old\b|\b(\d{1,3})\s*-?\s*y/?o\b", re.IGNORECASE)
 _OTHER_AGES = re.compile(
-    r"\b(?:aged?|age of)\s+\d{1,3}\b"
+    r"(?<![\w-])(?:aged?|age of)\s+\d{1,3}\b"
     r"|\bin\s+(?:his|her|their|my|your|its)\s+(?:early\s+|mid\s*-?\s*|late\s+)?"
     r"(?:\d0\s*'?s|teens|twenties|thirties|forties|fifties|sixties|seventies|eighties|nineties)\b"
     r"|\b(?:\d0|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)\s*-?\s*somethings?\b"
@@ -252,42 +252,60 @@ class Detector:
                 self.contextual[w] = (lx.attribute, instead)
         self.typo_targets = frozenset(w for w in [*self.words, *self.contextual] if "-" not in w)
 
-    def find(self, text: str) -> list[Finding]:
+    def find(self, text: str, units: Sequence[tuple[int, int, bool]] = ()) -> list[Finding]:
+        """Sensitive words in text. ``units`` are stretches the caller protects (start, end,
+        is_noun): they are read as one opaque word each, so that the context of a word never
+        depends on which value a protected word has (e.g. "35-year-old" vs "young")."""
         out: list[Finding] = []
         if "age" in self.attributes:
-            for m in NUMERIC_AGE.finditer(text):
-                out.append(Finding(m.start(), m.end(), m.group(), "age", "numeric age",
-                                   "an age word right before the person noun ('a middle-aged woman')"))
-            for m in _OTHER_AGES.finditer(text):
-                out.append(Finding(m.start(), m.end(), m.group(), "age", "numeric age",
-                                   "an age word right before the person noun ('a middle-aged woman')"))
-        tokens = list(_WORD.finditer(text))
-        for i, m in enumerate(tokens):
-            w = m.group().lower()
+            for pattern in (NUMERIC_AGE, _OTHER_AGES):
+                for m in pattern.finditer(text):
+                    out.append(Finding(m.start(), m.end(), m.group(), "age", "numeric age",
+                                       "an age word right before the person noun ('a middle-aged woman')"))
+        ages = [(m.start(), m.end(), False) for m in NUMERIC_AGE.finditer(text)]
+        opaque = sorted(set(units) | set(ages))
+        tokens: list[_Tok] = [_Tok(a, b, text[a:b].lower(), True, noun) for a, b, noun in opaque]
+        tokens += [_Tok(m.start(), m.end(), m.group().lower(), False, False) for m in _WORD.finditer(text)
+                   if not any(a <= m.start() < b for a, b, _ in opaque)]
+        tokens.sort(key=lambda t: t.start)
+        for i, tok in enumerate(tokens):
+            if tok.opaque:
+                continue
+            w = tok.text
+            raw = text[tok.start:tok.end]
             if w in self.words:
                 attr, instead = self.words[w]
-                out.append(Finding(m.start(), m.end(), m.group(), attr, "lexicon", instead))
+                out.append(Finding(tok.start, tok.end, raw, attr, "lexicon", instead))
             elif w in self.contextual and self._describes_mention(text, tokens, i):
                 attr, instead = self.contextual[w]
-                out.append(Finding(m.start(), m.end(), m.group(), attr, "describes a mention", instead))
+                out.append(Finding(tok.start, tok.end, raw, attr, "describes a mention", instead))
             else:
                 target = typo_of(w, self.typo_targets)
                 if target is not None:
                     attr, instead = self.words.get(target) or self.contextual[target]
-                    out.append(Finding(m.start(), m.end(), m.group(), attr, f"looks like a misspelling of "
+                    out.append(Finding(tok.start, tok.end, raw, attr, f"looks like a misspelling of "
                                        f"{target!r}", f"the word spelled out, or {instead}"))
         return sorted(out, key=lambda f: (f.start, f.end))
 
-    def _describes_mention(self, text: str, tokens: list[re.Match[str]], i: int) -> bool:
-        """Is token i (an adjective) followed, within two words joined by spaces, brackets or
+    def _describes_mention(self, text: str, tokens: list[_Tok], i: int) -> bool:
+        """Is token i (an adjective) followed, within three words joined by spaces, brackets or
         commas, by a noun that names a person (or a schema head)?"""
         for j in range(i + 1, min(i + 4, len(tokens))):
-            gap = text[tokens[j - 1].end():tokens[j].start()]
+            gap = text[tokens[j - 1].end:tokens[j].start]
             if not JOINABLE.fullmatch(gap) and gap.strip() != ",":
                 return False
-            if tokens[j].group().lower() in self.mention_nouns:
+            if tokens[j].noun or (not tokens[j].opaque and tokens[j].text in self.mention_nouns):
                 return True
         return False
+
+
+@dataclass(frozen=True)
+class _Tok:
+    start: int
+    end: int
+    text: str
+    opaque: bool  # a protected stretch or a numeric age: one word whatever it says
+    noun: bool
 
 
 # Text that may separate words of one mention: spaces, brackets, quotes,
