@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the service's base URL, e.g. http://127.0.0.1:8000 (default: $OBCLIP_SERVER)")
     p.add_argument("--engines", default=None, type=Path,
                    help="device engines folder with manifest.json (default: $OBCLIP_HOME/engines/device)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per attempt (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds for the whole call: connect, send, wait, download and retries (default %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries on connection errors and 503 (default %(default)s)")
     return p
 
