@@ -163,6 +163,7 @@ def test_issue_examples_render_plausibly():
 
 
 @pytest.mark.parametrize("prompt, word", [
+    ("a woman-owned bakery", "woman-owned"), ("a young-looking man", "young-looking"),
     ("a latina woman with curly hair", "latina"), ("a woman in her 40s", "in his/her 40s"),
     ("a greek goddess", "goddess"), ("a baby in a crib", "baby"), ("a man aged 60", "aged 60"),
     ("a dark-skinned man", "dark-skinned"), ("a mexican grandmother", "mexican"),
@@ -183,7 +184,11 @@ def test_refusals_name_the_word_and_the_fix(prompt, word):
     ("a white man in a suit", "a caucasian man in a suit"),
     ("a japanese woman in a kimono", "an asian woman in a kimono"),
     ("a fireman rescuing a cat", "a fireman rescuing a cat"),
-    ("a kid eating ice cream", "a child eating ice cream"),             # generalised to the age family
+    ("a kid eating ice cream", "a child eating ice cream"),
+    ("a forty-five-year-old woman", "a middle-aged woman"),    # numeric ages, digits or words
+    ("a 25 y.o. man", "a young man"),
+    ("a w\u00f3m\u00e1n reading", "a woman reading"),                 # accents
+    ("an old-fashioned car and a man", "an old-fashioned car and a man"),             # generalised to the age family
 ])
 def test_hidden_and_wider_words_are_protected(prompt, expect):
     result = REFUSE(prompt)
@@ -226,7 +231,8 @@ FUZZ = ["a", "an", "A", "the", "man", "Woman", "girl", "boys", "lady", "old", "e
         "asian", "Indian", "japanese", "white", "black", "male", "female", "he", "She", "her", "his", "him",
         "hers", "herself", "mother", "husband", "wife", "kid", "toddler", "retired", "doctor", "nurse",
         "student", "fireman", "35-year-old", "50 years old", "latina", "baby", "in her 40s", "womna",
-        "completely", "flowers", "photo", "of", "with", "and", "smiling", "beautiful", "hat", "2"]
+        "completely", "flowers", "photo", "of", "with", "and", "smiling", "beautiful", "hat", "2",
+        "woman-owned", "young-looking", "forty-year-old", "w\u00f3man", "teens", "elderly", "lovely", "south asian"]
 SEPS = [" ", " ", ", ", ". ", "; ", " (", ":1.2) ", " [", "] ", " '", "' ", "\n"]
 
 

@@ -51,9 +51,11 @@ from .sensitive import (
     Finding,
     Generalised,
     age_bucket,
+    fold_accents,
     generalize_emoji,
     normalize,
     typo_of,
+    years_of,
 )
 
 DEFAULT_SCHEMA = "person"
@@ -660,7 +662,7 @@ class _Person:
 
 def _tokenize(prompt: str) -> list[_Token]:
     """Words, and numeric ages ("35-year-old", "50 years old") as single tokens."""
-    ages = [(m.start(), m.end(), int(m.group(1) or m.group(2))) for m in NUMERIC_AGE.finditer(prompt)]
+    ages = [(m.start(), m.end(), years_of(m.group())) for m in NUMERIC_AGE.finditer(prompt)]
     out: list[_Token] = []
     for a, b, years in ages:
         out.append(_Token(prompt[a:b], a, b, age=age_bucket(years)))
@@ -981,7 +983,10 @@ class ObliviousTransform:
     def __init__(self, config: TransformConfig = TransformConfig(), schema: Schema | None = None):
         self.config = config
         self.schema = schema if schema is not None else Schema.load(config.schema_path)
-        self.detector = Detector(self.schema.attribute_order(), self.schema.mention_nouns())
+        # Single schema words with the attributes they carry, and whether they are nouns.
+        schema_words = {k[0]: ("/".join(sorted(e.values)), e.kind == "head") for k, e in self.schema.lexicon.items()
+                        if len(k) == 1 and not e.person_only and e.values}
+        self.detector = Detector(self.schema.attribute_order(), self.schema.mention_nouns(), schema_words)
 
     def __call__(self, prompt: str) -> CandidateSet:
         if not isinstance(prompt, str):
@@ -991,6 +996,7 @@ class ObliviousTransform:
         # Everything below reads the normalised text: fullwidth letters, zero-width characters
         # and look-alike letters cannot hide a word, and person emoji are neutral in every candidate.
         text, generalised = generalize_emoji(normalize(prompt))
+        text = fold_accents(text, lambda w: self.detector.knows(w) or w in self.schema.pronoun_words)
         parser = _Parser(self.schema, text)
         persons = parser.parse()
         pronouns = parser.pronouns

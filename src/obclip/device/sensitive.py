@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -65,15 +65,42 @@ _EMOJI_MAP = {
 
 # Numeric ages. Inside a person mention the transform protects "N-year-old" /
 # "N years old" as a bucketed age; anywhere else they are findings.
+_ONES = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_NUMBER = (rf"(?:\d{{1,3}}|(?:{'|'.join(_TENS)})(?:[\s-]?(?:{'|'.join(_ONES[:9])}))?|{'|'.join(reversed(_ONES))}"
+           r"|(?:a|one)\s+hundred)")
 NUMERIC_AGE = re.compile(
-    r"\b(\d{1,3})(?:\s*-\s*|\s+)?(?:years?|yrs?)(?:\s*-\s*|\s+)old\b|\b(\d{1,3})\s*-?\s*y/?o\b", re.IGNORECASE)
-_OTHER_AGES = re.compile(
-    r"(?<![\w-])(?:aged?|age of)\s+\d{1,3}\b"
-    r"|\bin\s+(?:his|her|their|my|your|its)\s+(?:early\s+|mid\s*-?\s*|late\s+)?"
-    r"(?:\d0\s*'?s|teens|twenties|thirties|forties|fifties|sixties|seventies|eighties|nineties)\b"
-    r"|\b(?:\d0|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)\s*-?\s*somethings?\b"
-    r"|\b\d{1,3}\s*-?\s*(?:years?|yrs?)\s*-?\s*of\s+age\b",
+    rf"\b{_NUMBER}(?:\s*-\s*|\s+)?(?:years?|yrs?)(?:\s*-\s*|\s+)old\b|\b\d{{1,3}}\s*-?\s*y\.?/?o\b\.?",
     re.IGNORECASE)
+_OTHER_AGES = re.compile(
+    rf"(?<![\w-])(?:aged?|age of)\s+{_NUMBER}\b"
+    r"|\bin\s+(?:his|her|their|my|your|its)\s+(?:early\s+|mid\s*-?\s*|late\s+)?"
+    r"(?:\d0\s*'?s|twenties|thirties|forties|fifties|sixties|seventies|eighties|nineties)\b"
+    r"|\b(?:\d0|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)\s*-?\s*somethings?\b"
+    rf"|\b{_NUMBER}\s*-?\s*(?:years?|yrs?)\s*-?\s*of\s+age\b",
+    re.IGNORECASE)
+
+
+def years_of(numeric_age: str) -> int:
+    """The number of years a NUMERIC_AGE match names ("35-year-old", "forty-five years old")."""
+    text = numeric_age.lower()
+    digits = re.match(r"\d+", text)
+    if digits:
+        return int(digits.group())
+    if "hundred" in text:
+        return 100
+    words = re.findall(r"[a-z]+", text)
+    total = 0
+    for w in words:
+        if w in _TENS:
+            total += 10 * (_TENS.index(w) + 2)
+        elif w in _ONES:
+            total += _ONES.index(w) + 1
+        elif total:
+            break
+    return total
+
 
 AGE_BUCKETS = ((30, "young"), (60, "middle-aged"), (1000, "old"))
 
@@ -140,6 +167,19 @@ def normalize(text: str) -> str:
         if any(c in _CONFUSABLES for c in word) and (has_latin or all(c in _CONFUSABLES or c == "-" for c in word)):
             return "".join(_CONFUSABLES.get(c, c) for c in word)
         return word
+
+    return _WORD.sub(fold, text)
+
+
+def fold_accents(text: str, known: Callable[[str], bool]) -> str:
+    """Strip accents from words that then read as a known sensitive word ("wómán" -> "woman")."""
+
+    def fold(m: re.Match[str]) -> str:
+        word = m.group()
+        if word.isascii():
+            return word
+        plain = "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
+        return plain if plain != word and known(plain.lower()) else word
 
     return _WORD.sub(fold, text)
 
@@ -239,7 +279,8 @@ def typo_of(word: str, protected: Iterable[str]) -> str | None:
 class Detector:
     """Finds sensitive words in (normalised) text for the attributes of a schema."""
 
-    def __init__(self, attributes: Iterable[str], mention_nouns: Iterable[str] = ()):
+    def __init__(self, attributes: Iterable[str], mention_nouns: Iterable[str] = (),
+                 schema_words: Mapping[str, tuple[str, bool]] | None = None):
         self.lexicons = [lx for a in attributes if (lx := load_lexicon(a)) is not None]
         self.attributes = frozenset(attributes)
         self.mention_nouns = frozenset(mention_nouns)
@@ -251,6 +292,12 @@ class Detector:
             for w, instead in lx.contextual.items():
                 self.contextual[w] = (lx.attribute, instead)
         self.typo_targets = frozenset(w for w in [*self.words, *self.contextual] if "-" not in w)
+        # Schema words -> (attributes, is a noun): looked for inside hyphenated words, a noun
+        # anywhere, an adjective when the word describes a mention.
+        self.schema_words = dict(schema_words or {})
+
+    def knows(self, word: str) -> bool:
+        return word in self.words or word in self.contextual or word in self.schema_words
 
     def find(self, text: str, units: Sequence[tuple[int, int, bool]] = ()) -> list[Finding]:
         """Sensitive words in text. ``units`` are stretches the caller protects (start, end,
@@ -279,6 +326,10 @@ class Detector:
             elif w in self.contextual and self._describes_mention(text, tokens, i):
                 attr, instead = self.contextual[w]
                 out.append(Finding(tok.start, tok.end, raw, attr, "describes a mention", instead))
+            elif "-" in w and w not in HYPHEN_OK and (part := self._sensitive_part(text, tokens, i)):
+                attr = self.schema_words[part][0] if part in self.schema_words else self._attribute_of(part)
+                out.append(Finding(tok.start, tok.end, raw, attr, f"holds {part!r} inside a hyphenated word",
+                                   f"{part!r} as a separate word (then it is protected), or rephrase"))
             else:
                 target = typo_of(w, self.typo_targets)
                 if target is not None:
@@ -286,6 +337,23 @@ class Detector:
                     out.append(Finding(tok.start, tok.end, raw, attr, f"looks like a misspelling of "
                                        f"{target!r}", f"the word spelled out, or {instead}"))
         return sorted(out, key=lambda f: (f.start, f.end))
+
+    def _sensitive_part(self, text: str, tokens: list[_Tok], i: int) -> str | None:
+        """A schema or lexicon word inside hyphenated token i: a noun anywhere ("woman-owned"),
+        an adjective only where the token describes a mention ("young-looking woman")."""
+        parts = tokens[i].text.split("-")
+        if len(parts) > 1 and parts[-1] in HYPHEN_DESCRIPTIVE:
+            parts = parts[:-1]  # "black-haired": hair, not ethnicity
+        for part in parts:
+            if (part in self.schema_words and self.schema_words[part][1]) or part in self.words:
+                return part
+        for part in parts:
+            if (part in self.schema_words or part in self.contextual) and self._describes_mention(text, tokens, i):
+                return part
+        return None
+
+    def _attribute_of(self, word: str) -> str:
+        return (self.words.get(word) or self.contextual[word])[0]
 
     def _describes_mention(self, text: str, tokens: list[_Tok], i: int) -> bool:
         """Is token i (an adjective) followed, within three words joined by spaces, brackets or
@@ -307,6 +375,11 @@ class _Tok:
     opaque: bool  # a protected stretch or a numeric age: one word whatever it says
     noun: bool
 
+
+# Hyphenated words that hold a schema word but say nothing about a person.
+HYPHEN_OK = frozenset("man-made man-hours man-hour man-of-war old-fashioned old-school old-world old-growth "
+                      "old-time old-timey young-adult he-man she-wolf".split())
+HYPHEN_DESCRIPTIVE = frozenset("haired eyed skinned bearded clad dressed shirted suited colored coloured".split())
 
 # Text that may separate words of one mention: spaces, brackets, quotes,
 # prompt weights ("(teenage:1.3) boy").
