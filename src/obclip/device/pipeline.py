@@ -282,6 +282,8 @@ def describe_sent(result: GenerationResult, config: GenerationConfig) -> list[st
     cset = result.prepared.candidate_set
     if cset is not None and not cset.protected:
         lines.append(f"  note: {cset.message}")
+    if cset is not None:  # --unprotected warn/allow: sensitive words sent as typed
+        lines += [f"  warning: {w}" for w in cset.warnings]
     if not config.method.private:
         lines.append(f"  (method {config.method.value} is NOT private: the server saw the prompt as typed)")
     return lines
