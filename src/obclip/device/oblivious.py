@@ -1066,9 +1066,9 @@ class ObliviousTransform:
         for person, named in zip(persons, slot_of):
             span = person.span
             if span is not None and named:
-                names = tuple(n for _, n in named)
                 for w in span.words:
                     if w.entry.kind != "plain":
+                        names = tuple(n for a, n in named if a in w.entry.values)
                         out.append(ProtectedSpan(w.text, w.start, w.end, names, noun=w.entry.kind == "head"))
         for p in pronouns:
             names = tuple(n for a, n in slot_of[p.person] if a == p_attr(self.schema))
