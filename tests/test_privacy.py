@@ -203,10 +203,18 @@ def test_emoji_are_generalised_in_every_candidate():
 
 
 def test_short_and_ordinary_words_are_never_typos():
-    for prompt in ("she can see the sea", "a bother", "the rather old barn", "a mother", "laughter in a cafe"):
+    for prompt in ("she can see the sea", "a bother", "the rather old barn", "a mother", "laughter in a cafe",
+                   "a horse bridle on a wall", "a widowed woman", "a witchy hat"):
         r = ALLOW(prompt)
         assert all("misspelling" not in f.why for f in r.unprotected)
     assert REFUSE("a cat can jump").n == 1
+    assert REFUSE("a horse bridle on a wall").n == 1
+
+
+def test_compound_nouns_are_not_age_words():
+    assert REFUSE("a baby elephant next to a tree").n == 1
+    with pytest.raises(ObliviousError, match="'baby'"):
+        REFUSE("a baby sleeping in a crib")
 
 
 def test_audit_cli_writes_json_lines(tmp_path, capsys):

@@ -986,7 +986,10 @@ class ObliviousTransform:
         # Single schema words with the attributes they carry, and whether they are nouns.
         schema_words = {k[0]: ("/".join(sorted(e.values)), e.kind == "head") for k, e in self.schema.lexicon.items()
                         if len(k) == 1 and not e.person_only and e.values}
-        self.detector = Detector(self.schema.attribute_order(), self.schema.mention_nouns(), schema_words)
+        pr = self.schema.pronouns
+        function_words = (pr.non_noun_words if pr is not None else frozenset()) | set(self.schema.pronoun_words)
+        self.detector = Detector(self.schema.attribute_order(), self.schema.mention_nouns(), schema_words,
+                                 function_words)
 
     def __call__(self, prompt: str) -> CandidateSet:
         if not isinstance(prompt, str):

@@ -225,6 +225,7 @@ class Lexicon:
     attribute: str
     words: Mapping[str, str]        # word -> what to write instead
     contextual: Mapping[str, str]
+    unless_compound: frozenset[str] = frozenset()  # not sensitive right before a noun ("baby elephant")
 
 
 @cache
@@ -234,7 +235,8 @@ def load_lexicon(attribute: str) -> Lexicon | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
-    return Lexicon(attribute, dict(data.get("words", {})), dict(data.get("contextual", {})))
+    return Lexicon(attribute, dict(data.get("words", {})), dict(data.get("contextual", {})),
+                   frozenset(data.get("unless_compound", [])))
 
 
 @lru_cache(maxsize=1)
@@ -263,16 +265,27 @@ def one_edit_apart(a: str, b: str) -> bool:
 MIN_TYPO_LETTERS = 5
 
 
+_SUFFIXES = ("ed", "er", "ing", "ly", "s", "es", "y", "ish", "ness", "ry", "dom", "hood", "ship", "ful", "less")
+
+
 def typo_of(word: str, protected: Iterable[str]) -> str | None:
     """The protected word this one misspells, if it is one edit from exactly one of them.
 
     Only words of 5+ letters that are not ordinary English words qualify, so a
-    short or real word ("she", "can", "bother") is never read as a typo.
+    short or real word ("she", "can", "bother") is never read as a typo. A word
+    is ordinary if the CLIP vocabulary has it, or has it (or a protected word)
+    without a common suffix ("widowed", "witchy"); an extra letter counts as a
+    typo only of a 6+ letter word ("bridle" is not "bride").
     """
     w = word.lower()
     if len(w) < MIN_TYPO_LETTERS or w in english_words():
         return None
-    hits = {p for p in protected if len(p) >= MIN_TYPO_LETTERS and one_edit_apart(w, p)}
+    targets = [p for p in protected if len(p) >= MIN_TYPO_LETTERS]
+    for suffix in _SUFFIXES:
+        base = w[:-len(suffix)]
+        if w.endswith(suffix) and len(base) >= 3 and (base in english_words() or base in targets):
+            return None
+    hits = {p for p in targets if one_edit_apart(w, p) and (len(w) <= len(p) or len(p) >= 6)}
     return next(iter(hits)) if len(hits) == 1 else None
 
 
@@ -280,7 +293,8 @@ class Detector:
     """Finds sensitive words in (normalised) text for the attributes of a schema."""
 
     def __init__(self, attributes: Iterable[str], mention_nouns: Iterable[str] = (),
-                 schema_words: Mapping[str, tuple[str, bool]] | None = None):
+                 schema_words: Mapping[str, tuple[str, bool]] | None = None,
+                 function_words: Iterable[str] = ()):
         self.lexicons = [lx for a in attributes if (lx := load_lexicon(a)) is not None]
         self.attributes = frozenset(attributes)
         self.mention_nouns = frozenset(mention_nouns)
@@ -295,6 +309,8 @@ class Detector:
         # Schema words -> (attributes, is a noun): looked for inside hyphenated words, a noun
         # anywhere, an adjective when the word describes a mention.
         self.schema_words = dict(schema_words or {})
+        self.function_words = frozenset(function_words)
+        self.unless_compound = frozenset(w for lx in self.lexicons for w in lx.unless_compound)
 
     def knows(self, word: str) -> bool:
         return word in self.words or word in self.contextual or word in self.schema_words
@@ -320,7 +336,7 @@ class Detector:
                 continue
             w = tok.text
             raw = text[tok.start:tok.end]
-            if w in self.words:
+            if w in self.words and not (w in self.unless_compound and self._compound(text, tokens, i)):
                 attr, instead = self.words[w]
                 out.append(Finding(tok.start, tok.end, raw, attr, "lexicon", instead))
             elif w in self.contextual and self._describes_mention(text, tokens, i):
@@ -351,6 +367,15 @@ class Detector:
             if (part in self.schema_words or part in self.contextual) and self._describes_mention(text, tokens, i):
                 return part
         return None
+
+    def _compound(self, text: str, tokens: list[_Tok], i: int) -> bool:
+        """Is token i the first half of a compound noun ("baby elephant", "baby blue")?"""
+        if i + 1 >= len(tokens) or text[tokens[i].end:tokens[i + 1].start].strip(" \t"):
+            return False
+        nxt = tokens[i + 1]
+        if nxt.opaque:
+            return nxt.noun
+        return not (nxt.text in self.function_words or nxt.text.endswith(("ing", "ly")))
 
     def _attribute_of(self, word: str) -> str:
         return (self.words.get(word) or self.contextual[word])[0]
