@@ -1000,6 +1000,9 @@ class ObliviousTransform:
         # and look-alike letters cannot hide a word, and person emoji are neutral in every candidate.
         text, generalised = generalize_emoji(normalize(prompt))
         text = fold_accents(text, lambda w: self.detector.knows(w) or w in self.schema.pronoun_words)
+        if not text.strip():
+            raise ObliviousError("the prompt is empty once invisible characters and person emoji's gender and "
+                                 "skin-tone marks are removed: describe the image you want to generate")
         parser = _Parser(self.schema, text)
         persons = parser.parse()
         pronouns = parser.pronouns
