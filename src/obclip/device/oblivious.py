@@ -19,9 +19,25 @@ candidates(p) gives candidates(p') == candidates(p) byte for byte. Hence:
   "grandmother" = female + old) makes that attribute occur and renders it as
   an explicit adjective ("young woman", "old grandmother"); an explicit
   adjective wins over such an implied value ("young grandmother").
-* Pronouns are bound to people by position, never by gender.
+* Pronouns are bound to people by position, never by gender; a pronoun that
+  disagrees with its person is rendered from the person's slot. Its case
+  (determiner/object/possessive) comes from the word class after it, never
+  from which value's word was typed.
+* Adjectives are tied to a head noun across brackets, quotes, prompt weights
+  and a few other adjectives ("a (teenage:1.3) boy", "a young, smiling
+  woman"); the article is found across the same. Each group of adjacent words
+  is rewritten in place, so a candidate parses exactly like the prompt.
+* Age and ethnicity slots only on person mentions ("an old photograph" keeps
+  "old"); one slot per person and attribute (the first word wins); numeric ages
+  before a person noun are a bucketed age ("35-year-old" -> middle-aged).
 * Candidates are every combination of the values, in canonical order, never
   depending on which value is real; the N cap is decided on that whole set.
+* Protect or refuse: device/sensitive.py normalises the text (NFKC, invisible
+  characters, look-alike letters, accents, person emoji) and finds sensitive
+  words the schema cannot represent; TransformConfig.unprotected decides
+  (refuse by default, naming the word and what to write instead). Every rule
+  reads word classes, never values, so each member of a set gives the same set
+  or the same refusal (tests/test_privacy.py checks it over labelled prompts).
 
 The schema (attributes, surface forms, canonical words) is data:
 device/schemas/person.json by default, replaceable with --schema.
