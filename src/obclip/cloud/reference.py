@@ -15,7 +15,7 @@ from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import make_plan
 
 from .models import TextToLatentModel
-from .steps import guided_eps, make_scheduler
+from .torch_backend import guided_eps, make_scheduler
 
 
 @torch.no_grad()

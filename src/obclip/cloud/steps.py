@@ -3,10 +3,18 @@
 One request, written out:
   encode the N candidates and the empty prompt;
   z_T from the shared numpy generator, repeated N times (one shared noise);
-  for each cloud step of the plan: one guided UNet pass over 2N rows in the
-  step's mode (full / batch reuse / attention cache / block skip, see
-  cloud/acceleration.py), one solver update (diffusers' DPMSolverMultistepScheduler);
+  for each cloud step of the plan: one guided UNet pass over the candidates in
+  the step's mode (``cloud/modes.py`` names it, ``cloud/step_modes.py`` defines
+  it), reading and writing named cache tensors that live in this loop only,
+  then one DPM-Solver++ update;
   return the N latents and the solver state the device needs to resume.
+
+The loop does not know how a mode is computed: an engine answers "run mode M
+on these tensors". ``TorchEngine`` (``cloud/torch_backend.py``) runs the
+torch definition on a loaded model with diffusers' scheduler;
+``OrtEngine`` (``cloud/engine_backend.py``) runs the exported graphs of the
+same definition in onnxruntime with the runtime's numpy solver, without torch.
+This module imports neither.
 
 Several requests with the same T, k, size, guidance scale and acceleration run
 as one batch (``run_batch``): their rows are concatenated through the UNet and
@@ -16,49 +24,65 @@ it would get alone (to float rounding).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
-import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import AccelerationConfig, PlannedStep, make_plan
 from obclip.runtime.protocol import RequestLimits, StepsRequest, encode_handoff
-from obclip.runtime.solver import SolverConfig, make_schedule
 
-from .acceleration import AcceleratedUNet, token_alignment
-from .models import TextToLatentModel
+from .modes import ModeSpec, TokenAlignment, align_token_ids, mode_spec
 
 # The request fields a batch must share (wire_dtype only changes the encoding of the answer).
 BATCH_FIELDS = ("num_inference_steps", "switch_step", "height", "width", "guidance_scale", "acceleration")
 
 
-def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSolverMultistepScheduler:
-    """diffusers' DPM-Solver++ for the model's scheduler config, checked against
-    the runtime's numpy schedule so the two sides cannot drift apart."""
-    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(num_inference_steps, device="cpu")
-    ours = make_schedule(SolverConfig.from_scheduler_config(model.scheduler_config), num_inference_steps)
-    if not np.array_equal(scheduler.timesteps.numpy().astype(np.int64), ours.timesteps):
-        raise RuntimeError("diffusers and runtime.solver disagree on the timestep schedule for "
-                           f"{model.scheduler_config}; fix runtime/solver.py")
-    return scheduler
+class Solver(Protocol):
+    """DPM-Solver++ over the batch's rows (row-wise, timesteps shared by the batch)."""
+
+    timesteps: tuple[int, ...]
+
+    def timestep(self, index: int) -> Any: ...
+    def step(self, eps: Any, x: Any) -> Any: ...
+    def state(self) -> tuple[np.ndarray, int, int]:
+        """(last data prediction as float32 numpy, lower_order_nums, step_index)."""
+        ...
 
 
-@torch.no_grad()
-def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               guidance_scale: float, step: PlannedStep | None = None) -> torch.Tensor:
-    """One plain classifier-free-guided UNet evaluation for a batch of latents.
+class EngineBatch(Protocol):
+    """One batch's texts and alignment on an engine; used as a ``with`` block."""
 
-    Rows are [unconditional x N, conditional x N]. The reference hybrid run
-    uses it; the cloud's accelerated steps go through AcceleratedUNet.
-    """
-    latent_in = torch.cat([x, x])
-    eps = unet(latent_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-    eps_uncond, eps_cond = eps.chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    def __enter__(self) -> EngineBatch: ...
+    def __exit__(self, *exc: Any) -> None: ...
+    def latents(self, z: np.ndarray) -> Any: ...
+    def run(self, spec: ModeSpec, x: Any, t: Any, caches: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Guided eps of every candidate in the spec's mode, and the cache tensors it wrote."""
+        ...
+    def numpy(self, x: Any) -> np.ndarray: ...
+
+
+class Engine(Protocol):
+    model_id: str
+    scheduler_config: dict
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]: ...
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Padded token ids (the text encoder's context length), for token alignment."""
+        ...
+    def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
+              guidance_scale: float) -> EngineBatch: ...
+    def solver(self, num_inference_steps: int) -> Solver: ...
+
+
+def __getattr__(name: str) -> Any:
+    # The torch helpers, for callers that import them from here (reference run, training, tests).
+    if name in ("guided_eps", "make_scheduler"):
+        from . import torch_backend
+        return getattr(torch_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -71,9 +95,15 @@ class CloudResult:
 
 
 class CloudStepRunner:
-    """Runs a StepsRequest on one loaded model. Stateless between requests."""
+    """Runs StepsRequests on one engine (a torch model, or exported engines). Stateless between requests."""
 
-    def __init__(self, model: TextToLatentModel, limits: RequestLimits = RequestLimits()):
+    def __init__(self, model: Any = None, limits: RequestLimits = RequestLimits(), *, engine: Engine | None = None):
+        if engine is None:
+            if model is None:
+                raise ValueError("give a model (torch backend) or an engine")
+            from .torch_backend import TorchEngine
+            engine = TorchEngine(model)
+        self.engine = engine
         self.model = model
         self.limits = limits
 
@@ -88,7 +118,7 @@ class CloudStepRunner:
         return tuple(getattr(request, f) for f in BATCH_FIELDS)
 
     @staticmethod
-    def check_batchable(requests) -> None:
+    def check_batchable(requests: Sequence[StepsRequest]) -> None:
         if not requests:
             raise ValueError("a batch needs at least one request")
         first = requests[0]
@@ -98,8 +128,8 @@ class CloudStepRunner:
                     raise ValueError(f"requests 0 and {i} cannot be batched: their {f} differ "
                                      f"({getattr(first, f)!r} vs {getattr(other, f)!r})")
 
-    @torch.no_grad()
-    def run_batch(self, requests, before_step: Callable[[PlannedStep], None] | None = None) -> list[CloudResult]:
+    def run_batch(self, requests: Sequence[StepsRequest],
+                  before_step: Callable[[PlannedStep], None] | None = None) -> list[CloudResult]:
         """Run the cloud steps of several requests with the same T, k, size, guidance
         scale and acceleration as one batch through the UNet; one result per request,
         equal (to float rounding) to running it alone."""
@@ -108,52 +138,39 @@ class CloudStepRunner:
         for request in requests:
             self.limits.check(request)
         first = requests[0]
-        model = self.model
-        device, dtype = model.unet.device, model.unet.dtype
+        engine = self.engine
         acceleration = first.acceleration or AccelerationConfig.none(first.switch_step)
         plan = make_plan(first.num_inference_steps, first.switch_step, acceleration)
-        scheduler = make_scheduler(model, first.num_inference_steps)
-        if "sde" in str(scheduler.config.get("algorithm_type", "")):
-            raise ValueError("the cloud steps need a deterministic DPM-Solver++ (algorithm_type dpmsolver++)")
-
-        # One text-encoder call for every request: [cands of request 0, ..., cands of request R-1, ""].
-        sizes = [r.n for r in requests]
-        text = model.encode_prompts([c for r in requests for c in r.candidates] + [""])
-        uncond = text[-1:]
-        conds = list(torch.split(text[:-1], sizes))
+        solver = engine.solver(first.num_inference_steps)
         # Batch reuse reads the pivot's cross-attention map at each candidate's token positions.
-        alignments = [token_alignment(model.tokenizer, r.candidates) if acceleration.batch_reuse else None
+        alignments = [align_token_ids(engine.token_ids(r.candidates)) if acceleration.batch_reuse else None
                       for r in requests]
-
         # One shared noise for every candidate of a request: the server's view must
         # not depend on which one is real, and the device can draw the same z_T.
-        shape = (1, *model.latent_shape(first.height, first.width))
-        x = torch.cat([torch.from_numpy(initial_noise(r.seed, shape)).to(device=device, dtype=dtype)
-                       .repeat(r.n, 1, 1, 1)
-                       for r in requests])
+        shape = (1, *engine.latent_shape(first.height, first.width))
+        z = np.concatenate([np.repeat(initial_noise(r.seed, shape), r.n, axis=0) for r in requests])
 
-        # Caches live in `accel` and die with it: nothing carries over to the next batch.
-        # DPM-Solver++ is row-wise with timesteps shared by the batch, so one scheduler steps every row.
-        with AcceleratedUNet(model.unet, acceleration, cond=conds, uncond=[uncond] * len(requests),
-                             guidance_scale=first.guidance_scale, alignment=alignments) as accel:
+        with engine.batch([r.candidates for r in requests], alignments, first.guidance_scale) as batch:
+            x = batch.latents(z)
+            # The cache tensors, by name: written by one step, read by later ones, dropped with the batch.
+            caches: dict[str, Any] = {}
             for step in plan.cloud_steps:
                 if before_step is not None:
                     before_step(step)
-                t = scheduler.timesteps[step.index]
-                eps = accel.guided_eps(x, t, step)
-                x = scheduler.step(eps, t, x).prev_sample
-
+                eps, writes = batch.run(mode_spec(acceleration, step.index), x, solver.timestep(step.index),
+                                        caches)
+                caches.update(writes)
+                x = solver.step(eps, x)
+            del caches
+            latents = batch.numpy(x)
         # DPM-Solver++(2M) state after step k-1: its last data prediction, cut per request.
-        latents = x.float().cpu().numpy()
-        prev_x0 = scheduler.model_outputs[-1].float().cpu().numpy()
-        timesteps = tuple(int(t) for t in scheduler.timesteps)
+        prev_x0, lower_order_nums, step_index = solver.state()
         results, o = [], 0
-        for n in sizes:
+        for r in requests:
             results.append(CloudResult(
-                latents=np.ascontiguousarray(latents[o:o + n]), prev_x0=np.ascontiguousarray(prev_x0[o:o + n]),
-                lower_order_nums=int(scheduler.lower_order_nums), step_index=int(scheduler.step_index),
-                timesteps=timesteps))
-            o += n
+                latents=np.ascontiguousarray(latents[o:o + r.n]), prev_x0=np.ascontiguousarray(prev_x0[o:o + r.n]),
+                lower_order_nums=lower_order_nums, step_index=step_index, timesteps=solver.timesteps))
+            o += r.n
         return results
 
     def handle(self, request_bytes: bytes) -> bytes:
@@ -162,5 +179,5 @@ class CloudStepRunner:
         result = self.run(request)
         return encode_handoff(
             request, result.latents, result.prev_x0, lower_order_nums=result.lower_order_nums,
-            step_index=result.step_index, timesteps=result.timesteps, cloud_model=self.model.model_id,
+            step_index=result.step_index, timesteps=result.timesteps, cloud_model=self.engine.model_id,
         )

@@ -1,0 +1,126 @@
+"""The torch engine: step modes run by ``step_modes.run_mode`` on a loaded model, diffusers' DPM-Solver++."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from obclip.runtime.plan import PlannedStep
+from obclip.runtime.solver import SolverConfig, make_schedule
+
+from .models import TextToLatentModel
+from .modes import ModeSpec, TokenAlignment
+from .step_modes import AlignmentTensors, ModeInputs, processors_installed, run_mode
+
+
+def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSolverMultistepScheduler:
+    """diffusers' DPM-Solver++ for the model's scheduler config, checked against
+    the runtime's numpy schedule so the two sides cannot drift apart."""
+    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    ours = make_schedule(SolverConfig.from_scheduler_config(model.scheduler_config), num_inference_steps)
+    if not np.array_equal(scheduler.timesteps.numpy().astype(np.int64), ours.timesteps):
+        raise RuntimeError("diffusers and runtime.solver disagree on the timestep schedule for "
+                           f"{model.scheduler_config}; fix runtime/solver.py")
+    return scheduler
+
+
+@torch.no_grad()
+def guided_eps(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+               guidance_scale: float, step: PlannedStep | None = None) -> torch.Tensor:
+    """One plain classifier-free-guided UNet evaluation (diffusers' own forward) for a batch of latents.
+
+    Rows are [unconditional x N, conditional x N]. The reference hybrid run uses it.
+    """
+    latent_in = torch.cat([x, x])
+    eps = unet(latent_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+class TorchSolver:
+    def __init__(self, scheduler: DPMSolverMultistepScheduler):
+        if "sde" in str(scheduler.config.get("algorithm_type", "")):
+            raise ValueError("the cloud steps need a deterministic DPM-Solver++ (algorithm_type dpmsolver++)")
+        self.scheduler = scheduler
+        self.timesteps = tuple(int(t) for t in scheduler.timesteps)
+
+    def timestep(self, index: int) -> torch.Tensor:
+        return self.scheduler.timesteps[index]
+
+    def step(self, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = self.scheduler.timesteps[self.scheduler.step_index or 0]
+        return self.scheduler.step(eps, t, x).prev_sample
+
+    def state(self) -> tuple[np.ndarray, int, int]:
+        s = self.scheduler
+        return s.model_outputs[-1].float().cpu().numpy(), int(s.lower_order_nums), int(s.step_index)
+
+
+class TorchBatch:
+    def __init__(self, engine: TorchEngine, candidates: Sequence[Sequence[str]],
+                 alignments: Sequence[TokenAlignment | None], guidance_scale: float):
+        self.engine, self.candidates, self.guidance_scale = engine, candidates, float(guidance_scale)
+        self.alignments = alignments
+        self._installed: Any = None
+
+    def __enter__(self) -> TorchBatch:
+        model = self.engine.model
+        # One text-encoder call for every request: [cands of request 0, ..., cands of request R-1, ""].
+        self.sizes = tuple(len(c) for c in self.candidates)
+        with torch.no_grad():
+            emb = model.encode_prompts([c for cands in self.candidates for c in cands] + [""])
+        uncond, conds = emb[-1:], torch.split(emb[:-1], list(self.sizes))
+        self.text = torch.cat([t for c in conds for t in (uncond, c)])   # [empty, cands] per request
+        self.alignment = tuple(None if al is None else AlignmentTensors.partitioned(al, emb.device)
+                               for al in self.alignments)
+        self._installed = processors_installed(model.unet)
+        self._installed.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        installed, self._installed = self._installed, None
+        if installed is not None:
+            installed.__exit__(*exc)
+
+    def latents(self, z: np.ndarray) -> torch.Tensor:
+        unet = self.engine.model.unet
+        return torch.from_numpy(z).to(device=unet.device, dtype=unet.dtype)
+
+    @torch.no_grad()
+    def run(self, spec: ModeSpec, x: torch.Tensor, t: Any,
+            caches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        inputs = ModeInputs(x=x, timestep=t, text=self.text, guidance_scale=self.guidance_scale,
+                            sizes=self.sizes, alignment=self.alignment)
+        return run_mode(self.engine.model.unet, spec, inputs, caches)
+
+    def numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.float().cpu().numpy()
+
+
+class TorchEngine:
+    """A loaded ``TextToLatentModel`` as a step engine."""
+
+    def __init__(self, model: TextToLatentModel):
+        self.model = model
+        self.model_id = model.model_id
+        self.scheduler_config = model.scheduler_config
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.model.latent_shape(height, width)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        tok = self.model.tokenizer
+        return list(tok(list(texts), padding="max_length", max_length=tok.model_max_length,
+                        truncation=True).input_ids)
+
+    def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
+              guidance_scale: float) -> TorchBatch:
+        return TorchBatch(self, candidates, alignments, guidance_scale)
+
+    def solver(self, num_inference_steps: int) -> TorchSolver:
+        return TorchSolver(make_scheduler(self.model, num_inference_steps))
