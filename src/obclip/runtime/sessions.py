@@ -33,4 +33,5 @@ def run(session: ort.InferenceSession, output: str, **inputs: np.ndarray) -> np.
     names = {i.name for i in session.get_inputs()}
     if set(inputs) != names:
         raise ValueError(f"session expects inputs {sorted(names)}, got {sorted(inputs)}")
-    return session.run([output], inputs)[0]
+    out: np.ndarray = session.run([output], inputs)[0]
+    return out

@@ -1,0 +1,286 @@
+"""The onnxruntime engine: the exported step-mode graphs served without torch.
+
+    obclip-serve --backend onnxruntime --engines OUT/cloud [--providers cuda]
+
+Everything comes from the engines folder (``export/cloud_engines.py``): the
+text encoder graph, the tokenizer, one graph per step mode, and the shared
+UNet weights, which are read once (memory-mapped) and handed to every mode
+session (``SessionOptions.add_initializer``), so N mode graphs cost one copy
+of the weights. The solver is ``runtime/solver.py`` (numpy DPM-Solver++) and
+the noise ``runtime/noise.py``; the step loop is ``cloud/steps.py``'s, the
+same as for torch. The manifest is verified at start (hashes, paths, fields,
+export version) and a folder that does not match is refused, never rebuilt.
+
+A batch of several requests runs each request's rows through the graphs in
+turn (the graphs are traced for one request with a dynamic N); its caches are
+kept per request under ``r<i>/<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, ManifestMismatchError
+from obclip.runtime.solver import SolverConfig, initial_state, make_schedule, solver_step
+
+from .modes import ModeSpec, TokenAlignment
+
+# --providers: a short name -> onnxruntime's execution providers, best first.
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def resolve_providers(name: str) -> tuple[str, ...]:
+    if name not in PROVIDERS:
+        raise ValueError(f"--providers must be one of {sorted(PROVIDERS)}, got {name!r}")
+    wanted = PROVIDERS[name]
+    if wanted[0] not in ort.get_available_providers():
+        raise ValueError(f"onnxruntime here has no {wanted[0]} (available: {ort.get_available_providers()}); "
+                         "for cuda/tensorrt install obclip[cloud-gpu] (onnxruntime-gpu) instead of obclip[cloud-ort]")
+    return wanted
+
+
+class SharedWeights:
+    """The mode graphs' shared weights file, read once and given to every session by name."""
+
+    def __init__(self, path: Path, index: Mapping[str, Sequence[Any]]):
+        self.path = path
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        self.values: dict[str, Any] = {}
+        for name, (offset, dtype, shape) in index.items():
+            dt = np.dtype(dtype)
+            count = int(np.prod(shape)) if shape else 1
+            array = np.frombuffer(self._map, dtype=dt, count=count, offset=int(offset)).reshape(shape)
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+
+    def session(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                threads: int | None = None) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # Prepacked copies of the weights would be made per session; the shared buffer is the point.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        for name in _initializer_names(path) & set(self.values):
+            options.add_initializer(name, self.values[name])
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+
+
+def _initializer_names(path: Path) -> set[str]:
+    """Names of the external initializers of a graph written by share_weights: 'w.<hash>'."""
+    data = path.read_bytes()
+    names, i = set(), data.find(b"w.")
+    while i >= 0:
+        name = data[i:i + 26]
+        if len(name) == 26 and all(c in b"0123456789abcdef" for c in name[2:]):
+            names.add(name.decode())
+        i = data.find(b"w.", i + 1)
+    return names
+
+
+def _session(path: Path, providers: Sequence[str], threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+
+
+class NumpySolver:
+    """runtime.solver's DPM-Solver++(2M), stepping every row of the batch."""
+
+    def __init__(self, scheduler_config: Mapping, num_inference_steps: int):
+        self.config = SolverConfig.from_scheduler_config(scheduler_config)
+        self.schedule = make_schedule(self.config, num_inference_steps)
+        self.timesteps = tuple(int(t) for t in self.schedule.timesteps)
+        self._state = initial_state()
+
+    def timestep(self, index: int) -> int:
+        return self.timesteps[index]
+
+    def step(self, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        x, self._state = solver_step(self.schedule, self.config, self._state, eps, x)
+        return x
+
+    def state(self) -> tuple[np.ndarray, int, int]:
+        s = self._state
+        assert s.prev_x0 is not None, "no cloud step ran"
+        return s.prev_x0.astype(np.float32), s.lower_order_nums, s.step_index
+
+
+class OrtBatch:
+    def __init__(self, engine: OrtEngine, candidates: Sequence[Sequence[str]],
+                 alignments: Sequence[TokenAlignment | None], guidance_scale: float):
+        self.engine = engine
+        self.sizes = [len(c) for c in candidates]
+        texts = [[""] + list(c) for c in candidates]
+        emb = engine.encode([t for group in texts for t in group])
+        self.texts, o = [], 0
+        for n in self.sizes:
+            self.texts.append(emb[o:o + n + 1])
+            o += n + 1
+        self.alignments = []
+        for al, n in zip(alignments, self.sizes):
+            if al is None:
+                length = engine.manifest.text_max_length
+                self.alignments.append((np.tile(np.arange(length, dtype=np.int64), (n, 1)),
+                                        np.ones((n, length), np.float32)))
+            else:
+                self.alignments.append((np.asarray(al.columns, np.int64), np.asarray(al.weights, np.float32)))
+        self.guidance = np.array([guidance_scale], np.float32)
+
+    def __enter__(self) -> OrtBatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def latents(self, z: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(z, dtype=np.float32)
+
+    def numpy(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def run(self, spec: ModeSpec, x: np.ndarray, t: Any,
+            caches: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        engine = self.engine
+        graph = engine.mode(spec)
+        eps = np.empty_like(x)
+        writes: dict[str, Any] = {}
+        o = 0
+        for r, n in enumerate(self.sizes):
+            prefix = f"r{r}/"
+            feeds: dict[str, np.ndarray] = {
+                "sample": x[o:o + n], "timestep": np.array([t], np.float32), "text": self.texts[r],
+                "guidance_scale": self.guidance}
+            if spec.aligned:
+                feeds["align_cols"], feeds["align_weights"] = self.alignments[r]
+            if any(name.startswith("kv/") and prefix + name not in caches for name in graph.reads):
+                # cross_kv_once: the texts' K/V once per request, kept with the other caches.
+                kv = engine.cross_kv(self.texts[r])
+                writes.update({prefix + k: v for k, v in kv.items()})
+            for name in graph.reads:
+                value = caches.get(prefix + name)
+                feeds[name] = writes[prefix + name] if value is None else value
+            wanted = engine.inputs_of(graph.session)
+            outs = graph.session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+            names = [o_.name for o_ in graph.session.get_outputs()]
+            eps[o:o + n] = outs[names.index("eps")]
+            for name, value in zip(names, outs):
+                if name != "eps":
+                    writes[prefix + name] = value
+            o += n
+        return eps, writes
+
+
+class _Graph:
+    def __init__(self, session: ort.InferenceSession, reads: Sequence[str], writes: Sequence[str]):
+        self.session, self.reads, self.writes = session, tuple(reads), tuple(writes)
+
+
+class OrtEngine:
+    """An exported cloud engines folder as a step engine (torch-free)."""
+
+    def __init__(self, engines: str | Path, providers: str = "cpu", threads: int | None = None,
+                 model_id: str | None = None):
+        folder = Path(engines)
+        manifest = Manifest.load(folder)   # fields, paths and every file's hash
+        src = manifest.source or {}
+        if manifest.side != "cloud":
+            raise ManifestMismatchError(f"{folder} holds {manifest.side} engines; --engines needs the cloud "
+                                        "folder (OUT/cloud from python export/build_engines.py --cloud-model ...)")
+        if src.get("export_version") != EXPORT_VERSION:
+            raise ManifestMismatchError(f"{folder} was exported by export version {src.get('export_version')!r}, "
+                                        f"this runtime needs {EXPORT_VERSION}; re-export the cloud engines")
+        if model_id is not None and manifest.model_id != model_id:
+            raise ManifestMismatchError(f"{folder} was exported from {manifest.model_id!r}, not {model_id!r}; "
+                                        "re-export for this model")
+        if not manifest.modes:
+            raise ManifestMismatchError(f"{folder}/manifest.json lists no step modes; re-export the cloud engines")
+        self.manifest = manifest
+        self.model_id = manifest.model_id
+        self.scheduler_config = manifest.scheduler_config
+        self.text_max_length = manifest.text_max_length
+        self.vae_scale_factor = manifest.vae_scale_factor
+        self.default_image_size = manifest.default_image_size
+        self.latent_multiple = int(src.get("latent_multiple", 1))
+        self.providers = resolve_providers(providers)
+        self.tokenizer_json = (folder / manifest.tokenizer).read_text()
+        self._tok = Tokenizer.from_str(self.tokenizer_json)
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._text = _session(manifest.path_of("text_encoder"), self.providers, threads)
+        weights = folder / "unet" / "weights.bin"
+        index = json.loads((folder / "unet" / "weights.json").read_text())
+        self._weights = SharedWeights(weights, index)
+        self._graphs: dict[str, _Graph] = {}
+        for name, info in manifest.modes.items():
+            session = self._weights.session(manifest.path_of(info["component"]), self.providers, threads)
+            self._graphs[name] = _Graph(session, info.get("reads", ()), info.get("writes", ()))
+        self._cross_kv = None
+        if "unet/cross_kv" in manifest.components:
+            self._cross_kv = self._weights.session(manifest.path_of("unet/cross_kv"), self.providers, threads)
+        self._inputs: dict[int, set[str]] = {}
+
+    # -- what the step loop and the service ask --------------------------------------------------
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} must be a multiple of {f} (the VAE's downscale factor)")
+        h, w = height // f, width // f
+        m = self.latent_multiple
+        if h % m or w % m:
+            raise ValueError(f"image size {height}x{width}: the exported graphs need multiples of {m * f} px")
+        return (self.manifest.latent_channels, h, w)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(row) for row in self._ids(texts, truncate=True)]
+
+    def _ids(self, texts: Sequence[str], truncate: bool) -> np.ndarray:
+        n = self.text_max_length
+        ids = np.full((len(texts), n), self.manifest.pad_token_id, dtype=np.int64)
+        for row, text in enumerate(texts):
+            enc = self._tok.encode(text).ids
+            if len(enc) > n and not truncate:
+                raise ValueError(f"a prompt is {len(enc)} tokens, over the text encoder's limit of {n}; shorten it")
+            ids[row, :min(n, len(enc))] = enc[:n]
+        return ids
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        return self._text.run(["last_hidden_state"], {"input_ids": self._ids(prompts, truncate=False)})[0]
+
+    def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
+              guidance_scale: float) -> OrtBatch:
+        return OrtBatch(self, candidates, alignments, guidance_scale)
+
+    def solver(self, num_inference_steps: int) -> NumpySolver:
+        return NumpySolver(self.scheduler_config, num_inference_steps)
+
+    # -- graphs ------------------------------------------------------------------------------------
+    def mode(self, spec: ModeSpec) -> _Graph:
+        try:
+            return self._graphs[spec.name]
+        except KeyError:
+            raise ManifestError(f"the cloud engines in {self.manifest.root} have no graph for step mode "
+                                f"{spec.name!r} (they have {sorted(self._graphs)}); re-export with "
+                                "python export/build_engines.py --cloud-modes all") from None
+
+    def cross_kv(self, text: np.ndarray) -> dict[str, np.ndarray]:
+        if self._cross_kv is None:
+            raise ManifestError(f"the cloud engines in {self.manifest.root} have no cross_kv graph; re-export")
+        names = [o.name for o in self._cross_kv.get_outputs()]
+        return dict(zip(names, self._cross_kv.run(names, {"text": text})))
+
+    def inputs_of(self, session: ort.InferenceSession) -> set[str]:
+        key = id(session)
+        if key not in self._inputs:
+            self._inputs[key] = {i.name for i in session.get_inputs()}
+        return self._inputs[key]

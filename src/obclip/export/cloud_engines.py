@@ -1,0 +1,460 @@
+"""Export the cloud side: its text encoder and one ONNX graph per step mode, sharing one weights file.
+
+    python export/build_engines.py --cloud-model DIR --out OUT      # OUT/cloud/
+
+Every mode graph is ``cloud.step_modes.run_mode`` traced for one spec
+(``cloud.modes.ModeSpec``): the same definition the torch backend runs, so
+there is no second implementation to drift. Layout of ``OUT/cloud``::
+
+    manifest.json            side "cloud": components (every file hashed), the mode table
+    text_encoder/model.onnx  input_ids -> last_hidden_state, pooler_output
+    unet/<mode>.onnx         one graph per mode; every weight is external data in ...
+    unet/weights.bin         ... one file all mode graphs share (each tensor once, 4 KiB aligned)
+    unet/weights.json        canonical weight name -> offset, dtype, shape (so the runtime can
+                             hand onnxruntime one copy for every session)
+    unet/cross_kv.onnx       text -> kv/<module>.k|v (only if an exported mode projects K/V once)
+    tokenizer/tokenizer.json
+
+Mode graph inputs: ``sample`` [N, C, h, w], ``timestep`` [1] (float32),
+``text`` [N + 1, L, D] (the empty prompt, then the candidates),
+``guidance_scale`` [1], for batch reuse ``align_cols`` [N, L] (int64) and
+``align_weights`` [N, L], then the cache tensors it reads; outputs ``eps``
+[N, C, h, w] then the cache tensors it writes (names in ``cloud/modes.py``).
+N, h and w are dynamic (h and w multiples of the UNet's total upsampling).
+
+Exporter: the classic TorchScript one (``dynamo=False``), as for the device.
+The tracer specialises the Python control flow of a mode (which blocks run,
+which caches are read) exactly once per spec, which is what one graph per mode
+wants, and keeps the shape arithmetic dynamic; the dynamo exporter would need
+every data-independent branch rewritten and dynamic-shape constraints for N,
+h and w, for no gain in the graph.
+
+Each graph is run once in onnxruntime, loaded the way the runtime loads it
+(shared weights), against the torch definition on a random batch of another N
+and size than the traced one; the max abs difference is printed and recorded,
+and an export that differs by more than the tolerance is refused. The folder is
+built beside the target and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from obclip.cloud.models import TextToLatentModel, load_text_to_latent, model_schema
+from obclip.cloud.modes import ModeSpec, plan_specs
+from obclip.cloud.step_modes import AlignmentTensors, ModeInputs, cross_kv, processors_installed, run_mode
+from obclip.runtime.manifest import EXPORT_VERSION, Component, Manifest, ManifestError, sha256_file
+from obclip.runtime.plan import AccelerationConfig, SkipVariant, StepMode, preset
+
+OPSET = 17
+WEIGHTS = "unet/weights.bin"
+WEIGHTS_INDEX = "unet/weights.json"
+_ALIGN = 4096          # weight offsets, so onnxruntime can map them
+_MIN_SHARED = 1024     # bytes: smaller initializers (shapes, scalars) stay inside each graph
+
+
+def export_configs(which: str) -> list[AccelerationConfig]:
+    """The acceleration settings whose step modes are exported.
+
+    ``presets``: none-k<k>, paper-k5 and paper-k10, each with and without the exact
+    extras (alone and together). ``all`` adds DeepCache, block skip without the
+    attention cache, the attention cache without block skip, and no batch reuse."""
+    base = [AccelerationConfig.none(5), preset("paper-k5"), preset("paper-k10")]
+    if which == "all":
+        p = preset("paper-k10")
+        base += [p.replace(skip_variant=SkipVariant.DEEPCACHE), p.replace(attention_cache=False),
+                 p.replace(block_skip=False), p.replace(batch_reuse=False),
+                 p.replace(attention_cache=False, skip_variant=SkipVariant.DEEPCACHE)]
+    elif which != "presets":
+        raise ValueError(f"--modes must be presets or all, got {which!r}")
+    out = []
+    for c in base:
+        for kv, merge in ((False, False), (True, False), (False, True), (True, True)):
+            out.append(c.replace(cross_kv_once=kv, merge_step0_uncond=merge))
+    return out
+
+
+def export_specs(which: str) -> list[ModeSpec]:
+    specs: list[ModeSpec] = []
+    for c in export_configs(which):
+        for s in plan_specs(c, c.switch_step):
+            if s not in specs:
+                specs.append(s)
+    return specs
+
+
+def spec_to_dict(spec: ModeSpec) -> dict:
+    return {"mode": spec.mode.value, "skip_variant": spec.skip_variant.value,
+            "write_attention": spec.write_attention, "write_skip": spec.write_skip,
+            "cross_kv_once": spec.cross_kv_once, "merged": spec.merged}
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> ModeSpec:
+    return ModeSpec(StepMode(d["mode"]), SkipVariant(d["skip_variant"]), bool(d["write_attention"]),
+                    bool(d["write_skip"]), bool(d["cross_kv_once"]), bool(d["merged"]))
+
+
+# --- the traced modules ---------------------------------------------------------------
+
+
+class ModeGraph(torch.nn.Module):
+    """``run_mode`` for one spec and one request, with flat tensor inputs and outputs (what the exporter traces)."""
+
+    def __init__(self, unet: Any, spec: ModeSpec, reads: list[str], writes: list[str]):
+        super().__init__()
+        self.unet, self.spec, self.reads, self.writes = unet, spec, list(reads), list(writes)
+
+    def input_names(self) -> list[str]:
+        align = ["align_cols", "align_weights"] if self.spec.aligned else []
+        return ["sample", "timestep", "text", "guidance_scale", *align, *self.reads]
+
+    def output_names(self) -> list[str]:
+        return ["eps", *self.writes]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                guidance_scale: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        alignment = None
+        if self.spec.aligned:
+            alignment = (AlignmentTensors(cols=rest[0], weights=rest[1]),)
+            rest = rest[2:]
+        inputs = ModeInputs(x=sample, timestep=timestep, text=text, guidance_scale=guidance_scale,
+                            sizes=None, alignment=alignment)
+        eps, writes = run_mode(self.unet, self.spec, inputs, dict(zip(self.reads, rest)))
+        return (eps, *(writes[n] for n in self.writes))
+
+
+class CrossKVGraph(torch.nn.Module):
+    def __init__(self, unet: Any, names: list[str]):
+        super().__init__()
+        self.unet, self.names = unet, names
+
+    def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kv = cross_kv(self.unet, text)
+        return tuple(kv[n] for n in self.names)
+
+
+class _Recorder(dict):
+    """A cache mapping that records which names a mode reads."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.used.add(key)
+        return super().__getitem__(key)
+
+
+@dataclass
+class _Example:
+    """A random single-request batch and the caches every mode may read, at one N and latent size."""
+
+    inputs: ModeInputs
+    caches: dict[str, torch.Tensor]   # per skip variant: filled by a full step that writes everything
+    caches_dc: dict[str, torch.Tensor]
+    kv: dict[str, torch.Tensor]
+
+
+def _example(lm: TextToLatentModel, n: int, size: int, seed: int) -> _Example:
+    g = torch.Generator().manual_seed(seed)
+    unet = lm.unet
+    c, d, length = unet.config.in_channels, lm.text_encoder.config.hidden_size, lm.tokenizer.model_max_length
+    x = torch.randn(n, c, size, size, generator=g)
+    text = torch.randn(n + 1, length, d, generator=g)
+    cols = torch.arange(length).repeat(n, 1)
+    weights = torch.ones(n, length)
+    if n > 1:  # one shifted candidate, so the gathered map is exercised
+        cols[-1, 1:] = torch.arange(length - 1)
+        weights[-1, :2] = 0.5
+    inputs = ModeInputs(x=x, timestep=torch.tensor([601.0]), text=text, guidance_scale=torch.tensor([7.5]),
+                        sizes=None, alignment=(AlignmentTensors(cols, weights),))
+    with torch.no_grad():
+        caches = {}
+        for variant in SkipVariant:
+            writer = ModeSpec(StepMode.FULL, variant, write_attention=True, write_skip=True)
+            _, w = run_mode(unet, writer, ModeInputs(x=x * 0.9, timestep=torch.tensor([801.0]), text=text,
+                                                     guidance_scale=inputs.guidance_scale), {})
+            caches[variant] = w
+        kv = cross_kv(unet, text)
+    return _Example(inputs, caches[SkipVariant.FASTER_DIFFUSION], caches[SkipVariant.DEEPCACHE], kv)
+
+
+def _cache_pool(ex: _Example, spec: ModeSpec) -> dict[str, torch.Tensor]:
+    pool = dict(ex.caches_dc if spec.skip_variant is SkipVariant.DEEPCACHE else ex.caches)
+    if spec.cross_kv_once:
+        pool.update(ex.kv)
+    return pool
+
+
+def mode_io(unet: Any, spec: ModeSpec, ex: _Example) -> tuple[list[str], list[str]]:
+    """(cache names the spec reads, cache names it writes), by running it once."""
+    rec = _Recorder(_cache_pool(ex, spec))
+    with torch.no_grad():
+        _, writes = run_mode(unet, spec, ex.inputs, rec)
+    return sorted(rec.used), sorted(writes)
+
+
+def _feeds(graph: ModeGraph, ex: _Example) -> dict[str, torch.Tensor]:
+    i = ex.inputs
+    feeds = {"sample": i.x, "timestep": i.timestep, "text": i.text,
+             "guidance_scale": torch.as_tensor(i.guidance_scale, dtype=torch.float32)}
+    if graph.spec.aligned:
+        assert i.alignment is not None and i.alignment[0] is not None
+        feeds["align_cols"], feeds["align_weights"] = i.alignment[0].cols, i.alignment[0].weights
+    pool = _cache_pool(ex, graph.spec)
+    feeds.update({n: pool[n] for n in graph.reads})
+    return feeds
+
+
+def _dynamic_axes(names: Iterable[str], feeds: Mapping[str, torch.Tensor] | None = None) -> dict:
+    axes: dict[str, dict[int, str]] = {}
+    for name in names:
+        if name in ("sample", "eps"):
+            axes[name] = {0: "n", 2: "h", 3: "w"}
+        elif name in ("text",):
+            axes[name] = {0: "n_text"}
+        elif name in ("align_cols", "align_weights"):
+            axes[name] = {0: "n"}
+        elif name.startswith("kv/"):
+            axes[name] = {0: "n_text"}
+        elif name.startswith("attn/"):
+            axes[name] = {0: "rows", 1: f"{name}:len"}
+        elif name.startswith("skip/"):
+            axes[name] = {0: "rows", 2: f"{name}:h", 3: f"{name}:w"}
+    return axes
+
+
+def _trace(module: torch.nn.Module, feeds: Mapping[str, torch.Tensor], outputs: list[str], path: Path) -> float:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python branch on a shape; the check against torch is what counts.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(feeds.values()), str(path), input_names=list(feeds), output_names=outputs,
+                          dynamic_axes=_dynamic_axes([*feeds, *outputs]), opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    return time.perf_counter() - t0
+
+
+# --- one weights file for every graph ---------------------------------------------------
+
+
+def share_weights(graphs: Mapping[str, Path], folder: Path) -> dict[str, list]:
+    """Rewrite every graph so its large initializers are external data in one ``weights.bin``,
+    each distinct tensor stored once under a content-derived name; save the graphs as
+    ``folder/unet/<name>.onnx``. Returns the weights index (name -> [offset, dtype, shape])."""
+    index: dict[str, list] = {}
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    with open(folder / WEIGHTS, "wb") as out:
+        for name, src in graphs.items():
+            model = onnx.load(str(src))
+            rename: dict[str, str] = {}
+            keep = []
+            for init in model.graph.initializer:
+                array = numpy_helper.to_array(init)
+                data = np.ascontiguousarray(array).tobytes()
+                if len(data) < _MIN_SHARED:
+                    keep.append(init)
+                    continue
+                digest = hashlib.sha256(data + f"{array.dtype.str}{array.shape}".encode()).hexdigest()
+                canonical = f"w.{digest[:24]}"
+                rename[init.name] = canonical
+                if canonical not in index:
+                    pad = -out.tell() % _ALIGN
+                    out.write(b"\0" * pad)
+                    index[canonical] = [out.tell(), array.dtype.str, list(array.shape)]
+                    out.write(data)
+                if canonical in {i.name for i in keep}:
+                    continue   # the same tensor twice in one graph: one initializer
+                ext = numpy_helper.from_array(array, canonical)
+                ext.ClearField("raw_data")
+                ext.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", Path(WEIGHTS).name), ("offset", str(index[canonical][0])),
+                                   ("length", str(len(data)))):
+                    entry = ext.external_data.add()
+                    entry.key, entry.value = key, value
+                keep.append(ext)
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(keep)
+            for node in model.graph.node:
+                for i, inp in enumerate(node.input):
+                    if inp in rename:
+                        node.input[i] = rename[inp]
+            onnx.save(model, str(folder / "unet" / f"{name}.onnx"))
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, sort_keys=True))
+    return index
+
+
+# --- the export -----------------------------------------------------------------------
+
+
+def _rel_diff(got: list[np.ndarray], want: list[torch.Tensor]) -> float:
+    diff = max(float(np.abs(g.astype(np.float64) - w.double().numpy()).max()) for g, w in zip(got, want))
+    scale = max(1.0, max(float(w.abs().max()) for w in want))
+    return diff / scale
+
+
+def _latent_multiple(unet: Any) -> int:
+    return int(2 ** unet.num_upsamplers)
+
+
+def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec] = "presets",
+                        tolerance: float = 1e-4,
+                        precision: str = "fp32") -> Manifest:
+    """Export the cloud model at ``model`` into ``out``/cloud, atomically; graphs already exported
+    there for the same model files, precision and export version are reused, not re-traced."""
+    from .build_engines import _TextForExport, export_component, model_fingerprint
+
+    if precision != "fp32":
+        raise ValueError("only --cloud-precision fp32 is exported here; fp16 graphs need a GPU to check "
+                         "(see the engines section of README.md)")
+    lm = load_text_to_latent(model)
+    lm.unet.eval()
+    target = out / "cloud"
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(Path(model)) if Path(model).is_dir() else model
+    specs = export_specs(modes) if isinstance(modes, str) else list(modes)
+    previous = _reusable(target, fingerprint, precision)
+    needed = {s.name for s in specs} | ({"cross_kv"} if any(s.cross_kv_once for s in specs) else set())
+    if previous and needed <= set(previous):
+        print(f"cloud engines in {target} are up to date for {model}")
+        return Manifest.load(target)
+    work = Path(tempfile.mkdtemp(prefix=".cloud-", dir=out))
+    t_start = time.perf_counter()
+    try:
+        print(f"exporting cloud model {model} -> {target} ({len(specs)} step modes)")
+        g = torch.Generator().manual_seed(0)
+        length = lm.tokenizer.model_max_length
+        ids = lambda b: torch.randint(0, lm.text_encoder.config.vocab_size, (b, length), generator=g)  # noqa: E731
+        comps = {"text_encoder": export_component(
+            "text_encoder", _TextForExport(lm.text_encoder), {"input_ids": ids(1)},
+            ["last_hidden_state", "pooler_output"],
+            {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
+            work, {"input_ids": ids(3)}, tolerance)}
+        (work / "tokenizer").mkdir()
+        lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
+
+        m = _latent_multiple(lm.unet)
+        modes_table: dict[str, dict] = {}
+        traced: dict[str, Path] = {}
+        raw = work / ".raw"
+        with processors_installed(lm.unet):
+            trace_ex = _example(lm, 2, 2 * m, seed=1)
+            check_ex = _example(lm, 3, 3 * m, seed=2)
+            graphs = {}
+            for spec in specs:
+                reads, writes = mode_io(lm.unet, spec, trace_ex)
+                graphs[spec.name] = ModeGraph(lm.unet, spec, reads, writes)
+                modes_table[spec.name] = {"component": f"unet/{spec.name}", "spec": spec_to_dict(spec),
+                                          "reads": reads, "writes": writes}
+            kv_names = sorted(trace_ex.kv)
+            for name, graph in graphs.items():
+                if name in previous:
+                    traced[name] = previous[name]
+                    print(f"  {name:28s} up to date, reused")
+                    continue
+                secs = _trace(graph, _feeds(graph, trace_ex), graph.output_names(), raw / name / "model.onnx")
+                traced[name] = raw / name / "model.onnx"
+                print(f"  {name:28s} traced in {secs:5.1f} s")
+            if any(s.cross_kv_once for s in specs):
+                if "cross_kv" in previous:
+                    traced["cross_kv"] = previous["cross_kv"]
+                else:
+                    _trace(CrossKVGraph(lm.unet, kv_names), {"text": trace_ex.inputs.text}, kv_names,
+                           raw / "cross_kv" / "model.onnx")
+                    traced["cross_kv"] = raw / "cross_kv" / "model.onnx"
+
+            share_weights(traced, work)
+            shutil.rmtree(raw, ignore_errors=True)
+
+            # The check: the files as the runtime opens them, against the torch definition.
+            from obclip.cloud.engine_backend import SharedWeights
+
+            shared = SharedWeights(work / WEIGHTS, json.loads((work / WEIGHTS_INDEX).read_text()))
+            for name, graph in graphs.items():
+                path = work / "unet" / f"{name}.onnx"
+                session = shared.session(path)
+                feeds = _feeds(graph, check_ex)
+                with torch.no_grad():
+                    want = list(graph(*feeds.values()))
+                wanted_inputs = {i.name for i in session.get_inputs()}
+                got = session.run(graph.output_names(), {k: v.numpy() for k, v in feeds.items()
+                                                         if k in wanted_inputs})
+                diff = _rel_diff(got, want)
+                print(f"  {name:28s} onnxruntime vs torch max|a-b|/max(1,|b|) {diff:.2e}")
+                if not diff <= tolerance:
+                    raise RuntimeError(f"step mode {name}: the ONNX graph differs from torch by {diff:.3e} "
+                                       f"(> {tolerance:.1e}); the export is wrong, not saved")
+                comps[f"unet/{name}"] = Component(path=f"unet/{name}.onnx", format="onnx",
+                                                  inputs=tuple(graph.input_names()),
+                                                  outputs=tuple(graph.output_names()),
+                                                  sha256=sha256_file(path), check_max_abs_diff=diff)
+                modes_table[name]["check_rel_diff"] = diff
+            if "cross_kv" in traced:
+                path = work / "unet" / "cross_kv.onnx"
+                session = shared.session(path)
+                text = check_ex.inputs.text
+                got = session.run(kv_names, {"text": text.numpy()})
+                with torch.no_grad():
+                    want_kv = cross_kv(lm.unet, text)
+                diff = _rel_diff(got, [want_kv[n] for n in kv_names])
+                print(f"  {'cross_kv':28s} onnxruntime vs torch max|a-b|/max(1,|b|) {diff:.2e}")
+                if not diff <= tolerance:
+                    raise RuntimeError(f"cross_kv differs from torch by {diff:.3e}; the export is wrong, not saved")
+                comps["unet/cross_kv"] = Component(path="unet/cross_kv.onnx", format="onnx", inputs=("text",),
+                                                   outputs=tuple(kv_names), sha256=sha256_file(path),
+                                                   check_max_abs_diff=diff)
+            del shared
+
+        c = lm.latent_channels
+        manifest = Manifest(
+            side="cloud", model_id=str(model), components=comps, tokenizer="tokenizer/tokenizer.json",
+            text_max_length=int(length), pad_token_id=int(lm.tokenizer.pad_token_id),
+            latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
+            default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
+            schema=model_schema(model), modes=modes_table,
+            files={WEIGHTS: sha256_file(work / WEIGHTS), WEIGHTS_INDEX: sha256_file(work / WEIGHTS_INDEX)},
+            source={"model": str(model), "fingerprint": fingerprint, "precision": precision,
+                    "export_version": EXPORT_VERSION, "latent_multiple": m,
+                    "text_dim": int(lm.text_encoder.config.hidden_size)},
+        )
+        manifest.save(work)
+        if target.exists():
+            shutil.rmtree(target)
+        work.rename(target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    print(f"wrote {target / 'manifest.json'} ({size / 1e6:.1f} MB, {time.perf_counter() - t_start:.1f} s)")
+    return Manifest.load(target)
+
+
+def _reusable(target: Path, fingerprint: str, precision: str) -> dict[str, Path]:
+    """Graphs in an existing export of the same model files, precision and export version: name -> path."""
+    try:
+        m = Manifest.load(target)
+    except (ManifestError, OSError):
+        return {}
+    src = m.source or {}
+    if (m.side != "cloud" or src.get("fingerprint") != fingerprint or src.get("precision") != precision
+            or src.get("export_version") != EXPORT_VERSION):
+        return {}
+    out = {name: m.path_of(info["component"]) for name, info in m.modes.items()}
+    if "unet/cross_kv" in m.components:
+        out["cross_kv"] = m.path_of("unet/cross_kv")
+    return out
