@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=_D.device, help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default=_D.dtype, choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default float32)")
+    # backend (cloud engines issue)
+    p.add_argument("--backend", default=_D.backend, choices=["torch", "onnxruntime"],
+                   help="torch: run --model; onnxruntime: run the exported --engines folder, without torch "
+                        "(default %(default)s)")
+    p.add_argument("--engines", default=None,
+                   help="with --backend onnxruntime: the cloud engines folder (OUT/cloud of "
+                        "python export/build_engines.py --cloud-model ...)")
+    p.add_argument("--providers", default=_D.providers, choices=["cpu", "cuda", "tensorrt"],
+                   help="onnxruntime execution providers (cuda/tensorrt need onnxruntime-gpu; default %(default)s)")
     g = p.add_argument_group("limits (checked before any model work; a violation is a 4xx naming the limit)")
     g.add_argument("--max-candidates", type=int, default=_L.max_candidates, help="N (default %(default)s)")
     g.add_argument("--max-steps", type=int, default=_L.max_steps, help="T (default %(default)s)")
@@ -126,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         request_timeout_s=args.timeout, retry_after_s=args.retry_after, warmup=not args.no_warmup,
         torch_threads=args.torch_threads, log_prompts=args.log_prompts,
         batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows,
+        backend=args.backend, engines=args.engines, providers=args.providers,
     )
 
 

@@ -160,8 +160,16 @@ class ServiceConfig:
     cancel_on_disconnect: bool = True
     # Privacy hygiene: candidates are logged only with this set (debugging only).
     log_prompts: bool = False
+    # Backend (cloud engines issue): "torch" runs the model folder; "onnxruntime" the exported engines
+    # folder ``engines`` (OUT/cloud) without torch, on onnxruntime's ``providers`` (cpu, cuda, tensorrt).
+    backend: str = "torch"
+    engines: str | None = None
+    providers: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.backend not in ("torch", "onnxruntime") or (self.backend == "onnxruntime") != bool(self.engines):
+            raise ValueError(f"backend must be torch, or onnxruntime with an engines folder; got backend="
+                             f"{self.backend!r}, engines={self.engines!r}")
         if not isinstance(self.limits, RequestLimits):
             raise ValueError(f"limits must be a RequestLimits, got {type(self.limits).__name__}")
         if not isinstance(self.http, HttpLimits):
@@ -330,29 +338,42 @@ class Service:
     def _load(self) -> None:
         cfg = self.config
         try:
-            import torch
             from tokenizers import Tokenizer
 
-            from .models import load_text_to_latent, resolve_model_dir
             from .steps import CloudStepRunner
 
-            if cfg.torch_threads is not None:
-                torch.set_num_threads(cfg.torch_threads)
             t0 = time.perf_counter()
-            model_dir = resolve_model_dir(cfg.model, "cloud")
-            model = load_text_to_latent(model_dir, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+            # --- backend (cloud engines issue): torch on the model folder, or exported engines without torch
+            if cfg.backend == "onnxruntime":
+                from .engine_backend import OrtEngine
+
+                engine = OrtEngine(str(cfg.engines), providers=cfg.providers, threads=cfg.torch_threads)
+                model: Any = engine
+                tokenizer_json, context = engine.tokenizer_json, engine.text_max_length
+            else:
+                import torch
+
+                from .models import load_text_to_latent, resolve_model_dir
+
+                if cfg.torch_threads is not None:
+                    torch.set_num_threads(cfg.torch_threads)
+                model_dir = resolve_model_dir(cfg.model, "cloud")
+                model = load_text_to_latent(model_dir, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+                tokenizer_json = model.tokenizer.backend_tokenizer.to_str()
+                context = int(model.tokenizer.model_max_length)
+            # --- end backend
             # A tokenizer of its own for limit checks on the event loop: a tokenizers object is not
             # safe to use from two threads while the worker encodes.
-            tok = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+            tok = Tokenizer.from_str(tokenizer_json)
             tok.no_truncation()
             tok.no_padding()
             self._token_counter = lambda text: len(tok.encode(text).ids)
-            context = int(model.tokenizer.model_max_length)
             self._context = context
             self._latent_shape = model.latent_shape
             self.model, self.model_id = model, model.model_id
             self.limits = cfg.limits.for_model(model.default_image_size, model.latent_shape)
-            self.runner = CloudStepRunner(model, self.limits)
+            self.runner = (CloudStepRunner(engine=model, limits=self.limits) if cfg.backend == "onnxruntime"
+                           else CloudStepRunner(model, self.limits))
             log.info("model %s loaded on %s (%s) in %.1f s", model.model_id, cfg.device, cfg.dtype,
                      time.perf_counter() - t0)
             if cfg.warmup:
