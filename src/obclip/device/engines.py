@@ -9,18 +9,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 
 from obclip.runtime.manifest import Manifest
 from obclip.runtime.sessions import open_session, run
 
 from .tokenizer import ClipTokenizer
 
+# "auto" tries these in order, keeping those this onnxruntime build offers; CPU always comes last,
+# so nodes an accelerator cannot run fall back to it (onnxruntime assigns each node to the first
+# listed provider that runs it).
+PROVIDER_FALLBACK_ORDER = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider",
+                           "NnapiExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "directml": "DmlExecutionProvider", "dml": "DmlExecutionProvider",
+                    "coreml": "CoreMLExecutionProvider", "nnapi": "NnapiExecutionProvider",
+                    "xnnpack": "XnnpackExecutionProvider"}
+
+
+def resolve_providers(requested: tuple[str, ...] | str, available: list[str] | None = None) -> tuple[str, ...]:
+    """Provider names (full or short: "coreml", "cpu"...), or "auto", -> the list handed to onnxruntime,
+    CPU appended as the fallback. A provider this onnxruntime build lacks is a ValueError naming the fix."""
+    available = list(ort.get_available_providers()) if available is None else available
+    names = (requested,) if isinstance(requested, str) else tuple(requested)
+    if names == ("auto",):
+        return tuple(p for p in PROVIDER_FALLBACK_ORDER if p in available)
+    full = tuple(PROVIDER_ALIASES.get(n.lower(), n) for n in names)
+    missing = [n for n, f in zip(names, full) if f not in available]
+    if missing or not full:
+        raise ValueError(f"onnxruntime providers {missing or list(names)} are not available in this onnxruntime "
+                         f"build; it offers {available}. Install the build that has them (onnxruntime-gpu: CUDA, "
+                         "onnxruntime-directml: DirectML, onnxruntime-mobile/the iOS and Android packages: CoreML, "
+                         "NNAPI, XNNPACK) or use providers=\"auto\"")
+    return full if "CPUExecutionProvider" in full else (*full, "CPUExecutionProvider")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Which engines folder (one precision variant: device, device-fp16, device-int8) and how to run it."""
+
     engines_dir: str = "engines/device"           # folder holding manifest.json
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] | str = ("CPUExecutionProvider",)   # names, short names, or "auto"
     threads: int | None = None                    # onnxruntime intra-op threads (None = its default)
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r} must be a positive integer or None (onnxruntime's default)")
 
 
 class DeviceEngines:
@@ -29,9 +64,10 @@ class DeviceEngines:
         self.manifest = Manifest.load(config.engines_dir)
         m = self.manifest
         self.tokenizer = ClipTokenizer(m.root / m.tokenizer, m.text_max_length, m.pad_token_id)
-        self._text = open_session(m.path_of("text_encoder"), config.providers, config.threads)
-        self._unet = open_session(m.path_of("unet"), config.providers, config.threads)
-        self._vae = open_session(m.path_of("vae_decoder"), config.providers, config.threads)
+        self.providers = resolve_providers(config.providers)
+        self._text = open_session(m.path_of("text_encoder"), self.providers, config.threads)
+        self._unet = open_session(m.path_of("unet"), self.providers, config.threads)
+        self._vae = open_session(m.path_of("vae_decoder"), self.providers, config.threads)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latent shape for an image size, or a ValueError naming the sizes these engines run.
@@ -40,6 +76,15 @@ class DeviceEngines:
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"image size {height}x{width} must be a positive multiple of {f} "
                              "(the VAE's downscale factor)")
+        # Dynamic graphs: the range their manifest states (the size must fit the UNet's skip connections).
+        r = self.manifest.image_size
+        if r is not None:
+            lo, hi, mult = int(r["min"]), int(r["max"]), int(r["multiple"])
+            for side in (height, width):
+                if not lo <= side <= hi or side % mult:
+                    raise ValueError(f"image size {height}x{width}: these device engines ({self.config.engines_dir}) "
+                                     f"run heights and widths from {lo} to {hi} pixels in steps of {mult}; "
+                                     f"choose --size in that range (e.g. {self.manifest.default_image_size})")
         # A graph exported with fixed height/width runs only that size: read it from the graph itself.
         for session, what in ((self._unet, "UNet"), (self._vae, "VAE decoder")):
             dims = session.get_inputs()[0].shape[2:]

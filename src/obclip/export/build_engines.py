@@ -81,7 +81,7 @@ def _sha256(path: Path) -> str:
 
 def export_component(name: str, module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
                      dynamic_axes: dict, folder: Path, check_inputs: dict[str, torch.Tensor],
-                     tolerance: float) -> Component:
+                     tolerance: float, optimise: bool = False) -> Component:
     """torch.onnx export (classic TorchScript exporter), then check against torch in onnxruntime."""
     path = folder / name / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +94,9 @@ def export_component(name: str, module: torch.nn.Module, inputs: dict[str, torch
                           output_names=outputs, dynamic_axes=dynamic_axes, opset_version=OPSET,
                           dynamo=False, do_constant_folding=True)
     exported = time.perf_counter() - t0
+    if optimise:  # provider-independent graph optimisations, offline, so app start-up doesn't redo them
+        from obclip.export.device_variants import optimise_onnx
+        optimise_onnx(path)
 
     session = open_session(path)
     with torch.no_grad():
@@ -124,6 +127,11 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
         c, h, w = lm.latent_shape(lm.default_image_size, lm.default_image_size)
         g = torch.Generator().manual_seed(0)
         text_dim = lm.text_encoder.config.hidden_size
+        # Dynamic height/width: the check runs another (non-square) size than the export's.
+        from obclip.export.device_variants import image_size_range
+        size_range = image_size_range(lm.unet, lm.vae_scale_factor, lm.default_image_size)
+        m = size_range["multiple"] // lm.vae_scale_factor
+        hw = {0: "batch", 2: "height", 3: "width"}
 
         ids = lambda b: torch.randint(0, lm.text_encoder.config.vocab_size, (b, max_len), generator=g)  # noqa: E731
         comps = {
@@ -131,22 +139,25 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
                 "text_encoder", _TextForExport(lm.text_encoder), {"input_ids": ids(1)},
                 ["last_hidden_state", "pooler_output"],
                 {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
-                work, {"input_ids": ids(2)}, tolerance),
+                work, {"input_ids": ids(2)}, tolerance, optimise=True),
             "unet": export_component(
                 "unet", _UNetForExport(lm.unet),
                 {"sample": torch.randn(2, c, h, w, generator=g), "timestep": torch.tensor([981.0, 981.0]),
                  "encoder_hidden_states": torch.randn(2, max_len, text_dim, generator=g)},
                 ["out_sample"],
-                {"sample": {0: "batch"}, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-                 "out_sample": {0: "batch"}},
+                {"sample": hw, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+                 "out_sample": hw},
                 work,
-                {"sample": torch.randn(4, c, h, w, generator=g), "timestep": torch.tensor([501.0] * 4),
-                 "encoder_hidden_states": torch.randn(4, max_len, text_dim, generator=g)}, tolerance),
+                {"sample": torch.randn(4, c, h + m, w + 2 * m, generator=g), "timestep": torch.tensor([501.0] * 4),
+                 "encoder_hidden_states": torch.randn(4, max_len, text_dim, generator=g)}, tolerance, optimise=True),
             "vae_decoder": export_component(
                 "vae_decoder", _VaeDecoderForExport(vae), {"latent_sample": torch.randn(1, c, h, w, generator=g)},
-                ["sample"], {"latent_sample": {0: "batch"}, "sample": {0: "batch"}},
-                work, {"latent_sample": torch.randn(2, c, h, w, generator=g)}, tolerance),
+                ["sample"], {"latent_sample": hw, "sample": {0: "batch", 2: "image_height", 3: "image_width"}},
+                work, {"latent_sample": torch.randn(2, c, h + m, w + 2 * m, generator=g)}, tolerance, optimise=True),
         }
+        # External-data files beside each graph (large models), hashed in the manifest too.
+        files = {str(f.relative_to(work)): _sha256(f) for f in sorted(work.rglob("*"))
+                 if f.is_file() and f.name != "model.onnx"}
         (work / "tokenizer").mkdir()
         lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
         manifest = Manifest(
@@ -154,7 +165,7 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
             text_max_length=int(max_len), pad_token_id=int(lm.tokenizer.pad_token_id),
             latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
             default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
-            schema=model_schema(model),
+            schema=model_schema(model), files=files, precision="fp32", image_size=size_range,
         )
         manifest.save(work)
         if target.exists():
@@ -208,10 +219,16 @@ def main(argv=None) -> int:
                    help=f"output folder (default: $OBCLIP_HOME/engines, now {default_engines_root()})")
     p.add_argument("--tolerance", default=1e-3, type=float,
                    help="max abs ONNX-vs-torch difference allowed, relative to max(1, |output|)")
+    p.add_argument("--device-precision", default="fp32",
+                   help="comma-separated device variants to build: fp32 (always, <out>/device), fp16 "
+                        "(<out>/device-fp16), int8 (<out>/device-int8); each is checked against fp32")
     args = p.parse_args(argv)
     try:
         out = args.out if args.out is not None else default_engines_root()
+        from obclip.export.device_variants import build_device_variants, parse_precisions
+        precisions = parse_precisions(args.device_precision)
         build_device_engines(resolve_model_dir(args.device_model, "device"), out, args.tolerance)
+        build_device_variants(out / "device", [p for p in precisions if p != "fp32"], out)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,355 @@
+"""Device engine variants: fp16 and int8 folders built from the fp32 one, each checked against it.
+
+    python export/build_engines.py --device-precision fp16,int8
+
+writes, beside ``<out>/device`` (fp32), ``<out>/device-fp16`` and ``<out>/device-int8``: each a
+complete, self-contained engines folder (graphs, external data if any, tokenizer, manifest with
+every file hashed), so one variant's folder is all an app ships. The device runtime opens any of
+them the same way; only the folder (its manifest) differs.
+
+fp16: weights and compute in float16 (``onnxruntime.transformers.float16``), inputs and outputs
+kept float32, and the numerically sensitive ops in ``FP16_KEEP_FP32`` kept float32 (norms'
+variance, softmax, the timestep embedding's sin/cos/exp).  Providers without float16 kernels
+(onnxruntime's x86 CPU) run those nodes in float32 behind inserted casts: the folder is half the
+size there but not faster; CoreML, NNAPI, CUDA and DirectML run float16 natively.
+
+int8 (onnxruntime.quantization) is for the UNet, which runs every step; the two graphs that run
+once per image get the fp16 treatment (weights half size, no quantisation error):
+  UNet:         Conv, static QDQ (per-channel int8 weights, uint8 activations calibrated on the
+                fp32 UNet's own inputs recorded along real denoising trajectories, 99.999th
+                percentile ranges), then MatMul/Gemm with constant weights, dynamic (per-channel
+                int8 weights, activations quantised per call); attention-score MatMuls (two
+                activations), norms, softmax and everything else stay float32;
+  text encoder: fp16 (dynamic int8 MatMuls cost the trained mini model ~20 dB on some prompts);
+  VAE decoder:  fp16.
+
+Every variant is checked on real trajectories (device-only runs, the device pipeline's loop, same
+seeds, fp32 vs variant): final-latent difference and image PSNR go into the manifest's
+``variant_check``; for a trained model (``obclip_model.json`` says ``"weights": "trained"``) a
+variant whose mean PSNR over the check prompts is below ``PSNR_FLOOR`` is refused (the worst prompt
+is recorded too: one prompt can tip a trajectory into another mode); for random weights it is
+recorded only.
+
+All graphs get onnxruntime's provider-independent (BASIC) graph optimisations offline, saved, so
+app start-up doesn't redo them; provider-specific fusions (EXTENDED and up) are left to the
+session on the device, because a graph saved with them runs only on the provider that made them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from obclip.runtime.manifest import PRECISIONS, Manifest, sha256_file
+from obclip.runtime.sessions import open_session, run
+
+# ops kept float32 in the fp16 variant (on top of onnxruntime's default block list)
+FP16_KEEP_FP32 = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
+                  "ReduceMean", "Pow", "Sqrt", "Exp", "Sin", "Cos", "Erf", "Resize")
+PSNR_FLOOR = {"fp16": 30.0, "int8": 25.0}   # dB against fp32, enforced for trained models
+EXTERNAL_DATA_ABOVE = 256 << 20              # graphs larger than this keep weights in model.onnx.data
+INT8_OPS = {"unet": ("static QDQ: Conv (per-channel weights, percentile-calibrated activations)",
+                     "dynamic: MatMul, Gemm with constant weights (per-channel)"),
+            "text_encoder": ("fp16",), "vae_decoder": ("fp16",)}
+
+# Prompts for calibration and the check: the embedded model's vocabulary (coloured shapes); any
+# text encoder reads them, so random-weight models use them too.
+CHECK_PROMPTS = ("a large red circle on a white background", "a small blue square on a black background",
+                 "a green triangle", "a picture of a large yellow square", "a purple circle on a black background",
+                 "an orange triangle on a white background")
+
+
+@dataclass(frozen=True)
+class VariantCheck:
+    """How a variant is checked and calibrated: device-only runs of these prompts and seeds."""
+
+    prompts: tuple[str, ...] = CHECK_PROMPTS[:4]
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 1234
+    calibration_prompts: tuple[str, ...] = CHECK_PROMPTS[2:]  # int8: not the checked ones first
+    enforce: bool | None = None    # None: enforce PSNR_FLOOR exactly when the model is trained
+
+
+def parse_precisions(text: str) -> list[str]:
+    """"fp16,int8" -> ["fp32", "fp16", "int8"]: fp32 is always built (the others come from it)."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRECISIONS]
+    if bad or not names:
+        raise ValueError(f"--device-precision {text!r}: each must be one of {', '.join(PRECISIONS)}")
+    return ["fp32"] + [p for p in PRECISIONS[1:] if p in names]
+
+
+def variant_dir(out: Path, precision: str) -> Path:
+    return out / ("device" if precision == "fp32" else f"device-{precision}")
+
+
+def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
+    """Pixels the dynamic device graphs accept: multiples of the UNet's overall downsampling (its
+    skip connections must line up) times the VAE's, from half to twice the trained size."""
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1) * vae_scale
+    lo = max(multiple, (default // 2) // multiple * multiple)
+    hi = max(lo, (2 * default) // multiple * multiple)
+    return {"min": lo, "max": hi, "multiple": multiple}
+
+
+# --- graph optimisation -------------------------------------------------------------------
+
+
+def optimise_onnx(path: Path, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  external_above: int | None = None) -> None:
+    """Apply onnxruntime's graph optimisations at ``level`` and save the result over ``path``.
+    A graph (with its weights) above ``external_above`` bytes is saved as model.onnx + model.onnx.data."""
+    external_above = EXTERNAL_DATA_ABOVE if external_above is None else external_above
+    folder = path.parent
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    tmp = Path(tempfile.mkdtemp(prefix=".opt-", dir=folder))
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        options.optimized_model_filepath = str(tmp / path.name)
+        if size > external_above:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             path.name + ".data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        for f in folder.iterdir():  # the exporter's files (one per tensor for large models) go
+            if f.is_file():
+                f.unlink()
+        for f in tmp.iterdir():
+            f.rename(folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- conversions --------------------------------------------------------------------------
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() > EXTERNAL_DATA_ABOVE if model.ByteSize() < 2**31 - 1 else True
+    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load_model(str(src))
+    model = convert_float_to_float16(model, keep_io_types=True,
+                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32))
+    _save(model, dst)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over recorded UNet inputs."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def to_int8(name: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    """The int8 variant's graph for one component (see INT8_OPS)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if name != "unet":
+        to_fp16(src, dst)
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    big = sum(f.stat().st_size for f in src.parent.iterdir()) > EXTERNAL_DATA_ABOVE
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        stage = Path(tmp) / "conv_qdq.onnx"
+        quantize_static(str(src), str(stage), _Calibration(calibration),  # type: ignore[arg-type]
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Percentile, use_external_data_format=big)
+        quantize_dynamic(str(stage), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=big,
+                         extra_options={"MatMulConstBOnly": True})
+
+
+# --- trajectories: calibration and the check -----------------------------------------------
+
+
+class _DeviceRun:
+    """A device-only run of one engines folder, step for step as ``device/pipeline.py`` does it
+    (export may not import device/, so this is the same loop over the runtime's solver)."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        from obclip.runtime.solver import SolverConfig
+
+        self.m = m = Manifest.load(folder)
+        self.text, self.unet, self.vae = (open_session(m.path_of(n)) for n in ("text_encoder", "unet", "vae_decoder"))
+        self.tokenizer = Tokenizer.from_file(str(m.root / m.tokenizer))
+        self.solver = SolverConfig.from_scheduler_config(m.scheduler_config)
+
+    def ids(self, prompts: list[str]) -> np.ndarray:
+        ids = np.full((len(prompts), self.m.text_max_length), self.m.pad_token_id, np.int64)
+        for row, text in enumerate(prompts):
+            enc = self.tokenizer.encode(text).ids[: self.m.text_max_length]
+            ids[row, : len(enc)] = enc
+        return ids
+
+    def __call__(self, prompt: str, check: VariantCheck,
+                 record: list[dict[str, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(final latent [1, C, h, w], image uint8 [H, W, 3]); ``record`` collects the UNet's inputs."""
+        from obclip.runtime.noise import initial_noise
+        from obclip.runtime.solver import initial_state, make_schedule, solver_step
+
+        m, side = self.m, self.m.default_image_size // self.m.vae_scale_factor
+        text = run(self.text, "last_hidden_state", input_ids=self.ids(["", prompt]))
+        schedule = make_schedule(self.solver, check.steps)
+        x, state = initial_noise(check.seed, (1, m.latent_channels, side, side)), initial_state()
+        for t in schedule.timesteps:
+            feed = {"sample": np.concatenate([x, x]).astype(np.float32),
+                    "timestep": np.full((2,), float(t), np.float32), "encoder_hidden_states": text}
+            if record is not None:
+                record.append(feed)
+            out = run(self.unet, "out_sample", **feed)
+            eps = out[:1] + check.guidance_scale * (out[1:] - out[:1])
+            x, state = solver_step(schedule, self.solver, state, eps, x)
+        image = run(self.vae, "sample", latent_sample=(x / m.vae_scaling_factor).astype(np.float32))
+        image = np.clip(image / 2 + 0.5, 0.0, 1.0)[0].transpose(1, 2, 0)
+        return x, (image * 255).round().astype(np.uint8)
+
+
+def record_unet_inputs(fp32: Path, check: VariantCheck) -> list[dict[str, np.ndarray]]:
+    """The fp32 UNet's inputs at every step of device-only runs of the calibration prompts."""
+    feeds: list[dict[str, np.ndarray]] = []
+    runner = _DeviceRun(fp32)
+    for prompt in check.calibration_prompts:
+        runner(prompt, check, feeds)
+    return feeds
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def compare_variant(fp32: Path, variant: Path, check: VariantCheck) -> dict[str, Any]:
+    """Device-only runs of the check prompts on both folders, same seeds: latent and image agreement."""
+    ref, var = _DeviceRun(fp32), _DeviceRun(variant)
+    latent_diff, psnrs = [], []
+    for prompt in check.prompts:
+        (la, ia), (lb, ib) = ref(prompt, check), var(prompt, check)
+        latent_diff.append(float(np.abs(la - lb).max()))
+        psnrs.append(psnr(ia, ib))
+    finite = [p for p in psnrs if math.isfinite(p)]
+    return {"prompts": list(check.prompts), "steps": check.steps, "seed": check.seed,
+            "guidance_scale": check.guidance_scale,
+            "final_latent_max_abs_diff": max(latent_diff), "image_psnr_db": [round(p, 2) for p in finite],
+            "image_psnr_min_db": round(min(psnrs), 2) if finite else None,
+            "image_psnr_mean_db": round(float(np.mean(np.minimum(psnrs, 100.0))), 2)}
+
+
+def _is_trained(model_id: str) -> bool:
+    info = Path(model_id) / "obclip_model.json"
+    try:
+        return bool(json.loads(info.read_text()).get("weights") == "trained")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _component_diff(fp32: Manifest, variant: Path, name: str) -> float:
+    """Max abs difference of one component against its fp32 graph on one random input
+    (token ids for the text encoder; batch 2 at the default size; timestep 500)."""
+    c = fp32.components[name]
+    ref, var = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                for p in (fp32.root / c.path, variant / c.path))
+    rng = np.random.default_rng(0)
+    side = fp32.default_image_size // fp32.vae_scale_factor
+    feed = {}
+    for i in ref.get_inputs():
+        shape = [d if isinstance(d, int) else {"batch": 2}.get(d, side) for d in i.shape]
+        if "int" in i.type:
+            feed[i.name] = rng.integers(0, 1000, shape).astype(np.int64 if "64" in i.type else np.int32)
+        elif i.name == "timestep":
+            feed[i.name] = np.full(shape, 500.0, np.float32)
+        else:
+            feed[i.name] = rng.standard_normal(shape).astype(np.float32)
+    a, b = (s.run([c.outputs[0]], feed)[0] for s in (ref, var))
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+def build_device_variant(fp32_dir: Path, precision: str, out: Path,
+                         check: VariantCheck = VariantCheck()) -> Manifest:
+    """``out``/device-<precision> from the fp32 folder, atomically; refused (nothing written) when a
+    trained model's variant falls below its PSNR floor."""
+    if precision not in PRECISIONS[1:]:
+        raise ValueError(f"precision {precision!r}: build one of {PRECISIONS[1:]} from the fp32 folder")
+    base = Manifest.load(fp32_dir)
+    if base.precision != "fp32":
+        raise ValueError(f"{fp32_dir} holds {base.precision} engines; variants are built from the fp32 folder")
+    target = variant_dir(out, precision)
+    work = Path(tempfile.mkdtemp(prefix=f".device-{precision}-", dir=out))
+    try:
+        t0 = time.perf_counter()
+        print(f"building {precision} device engines from {fp32_dir} -> {target}")
+        calibration = record_unet_inputs(fp32_dir, check) if precision == "int8" else []
+        components = {}
+        for name, c in base.components.items():
+            src, dst = fp32_dir / c.path, work / c.path
+            if precision == "fp16":
+                to_fp16(src, dst)
+            else:
+                to_int8(name, src, dst, calibration)
+            optimise_onnx(dst)
+            components[name] = replace(c, sha256=sha256_file(dst), check_max_abs_diff=_component_diff(base, work, name))
+        shutil.copytree(fp32_dir / Path(base.tokenizer).parent, work / Path(base.tokenizer).parent)
+        files = {str(f.relative_to(work)): sha256_file(f) for f in sorted(work.rglob("*"))
+                 if f.is_file() and f.name != "model.onnx" and f.name != "manifest.json"}
+        manifest = replace(base, components=components, files=files, precision=precision, variant_check={},
+                           root=work)
+        manifest.save(work)
+        result = compare_variant(fp32_dir, work, check)
+        enforce = _is_trained(base.model_id) if check.enforce is None else check.enforce
+        floor = PSNR_FLOOR[precision]
+        result.update(precision=precision, psnr_floor_db=floor, enforced=enforce,
+                      quantised_ops=dict(INT8_OPS) if precision == "int8" else {},
+                      fp16_keep_fp32=list(FP16_KEEP_FP32) if precision == "fp16" else [],
+                      component_max_abs_diff={n: c.check_max_abs_diff for n, c in components.items()},
+                      build_seconds=round(time.perf_counter() - t0, 1))
+        mean = result["image_psnr_mean_db"]
+        print(f"  {precision}: final latent max abs diff {result['final_latent_max_abs_diff']:.3g}, image PSNR vs "
+              f"fp32 mean {mean} dB, worst {result['image_psnr_min_db']} dB (floor {floor} dB on the mean, "
+              f"{'enforced' if enforce else 'recorded only: random weights'})")
+        if enforce and mean < floor:
+            raise RuntimeError(f"the {precision} device engines reach only {mean} dB mean PSNR against fp32 "
+                               f"(floor {floor} dB) on a trained model: not written; ship the fp32 or another "
+                               "variant (--device-precision)")
+        replace(manifest, variant_check=result).save(work)
+        if target.exists():
+            shutil.rmtree(target)
+        work.rename(target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(f"wrote {target / 'manifest.json'}")
+    return Manifest.load(target)
+
+
+def build_device_variants(fp32_dir: Path, precisions: list[str], out: Path,
+                          check: VariantCheck = VariantCheck()) -> dict[str, Manifest]:
+    return {p: build_device_variant(fp32_dir, p, out, check) for p in precisions if p != "fp32"}
