@@ -71,14 +71,17 @@ class Hyper:
     """Everything that decides the trained weights. Step budgets are at
     --budget-scale 1; the scale multiplies them and nothing else.
 
-    Budgets come from step times measured with `--measure` on 2 otherwise
-    idle cores (AMD EPYC, torch 2.13): text-unet 1.50-1.57 s/step, distil
-    1.19-1.35, vae 0.24-0.26; encoding 11-12 ms/image; an evaluation 15-17 s
-    (text-unet) and 22-24 s (distil, two samplers). On a quiet machine the
-    whole text-unet step is ~0.9 s (UNet forward and backward ~90% of it,
-    `python -m mini.bench_step`); the rest of those 1.5 s, and far more on
-    cores shared with other jobs, was OpenMP threads spinning at barriers
-    (now passive, see the top of this file).
+    v1 budgets came from `--measure` on 2 cores (AMD EPYC, torch 2.13):
+    text-unet 1.50-1.57 s/step, distil 1.19-1.35, vae 0.24-0.26; encoding
+    11-12 ms/image; an evaluation 15-17 s (text-unet), 22-24 s (distil). On
+    a quiet machine the whole text-unet step is ~0.9 s (UNet forward and
+    backward ~90% of it, `python -m mini.bench_step`); the rest of those
+    1.5 s, and far more on cores shared with other jobs, was OpenMP threads
+    spinning at barriers (now passive, see the top of this file).
+
+    v2 (issue 14): v1's 2200 text-unet steps left the cloud model at 38%
+    joint accuracy with shape accuracy still rising, so 8000 steps with the
+    same recipe (warm-up + cosine, Min-SNR, EMA); evaluations every 500.
     """
 
     seed: int = 0
@@ -93,7 +96,7 @@ class Hyper:
     vae_kl_weight: float = 1e-6
 
     # text-unet
-    unet_steps: int = 2200
+    unet_steps: int = 8000
     batch: int = 64
     lr: float = 3e-4              # UNet and text encoder alike: the text side is the slow one to learn
     weight_decay: float = 0.01
@@ -112,7 +115,7 @@ class Hyper:
     kd_feat_weight: float = 1.0
 
     # evaluation: held-out prompts, DPM-Solver++ with guidance as the runtime does it
-    eval_every: int = 250         # ~6 min of training; evals cost ~4% (text-unet) / ~7% (distil)
+    eval_every: int = 500         # an eval is ~20 s on a quiet machine: a few % of the steps between evals
     eval_prompts: int = 36
     final_eval_prompts: int = 120
     sample_steps: int = 25
