@@ -47,8 +47,10 @@ from typing import Callable
 
 # libgomp's threads spin for a while at every barrier before sleeping. On 2
 # cores shared with other jobs a spinning thread takes the core the other
-# thread needs, and a text-unet step went from ~1 s to 3-20 s (mini.bench_step
-# measures it). Passive waiting must be chosen before torch loads libgomp;
+# thread needs: measured with mini.bench_step (nice 10, load average 5-7), the
+# whole text-unet step took a median 11.2 s with the default, 3.8 s passive
+# (and 2.7 s on one thread, no barriers at all; ~0.9 s on a quiet machine).
+# Passive waiting must be chosen before torch loads libgomp;
 # MINI_OMP_DEFAULTS=1 keeps libgomp's default (for that comparison).
 if "OMP_WAIT_POLICY" not in os.environ and not os.environ.get("MINI_OMP_DEFAULTS"):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -1148,6 +1150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="checkpoints, latents and log.jsonl")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES)
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every stage's step budget")
+    # Not part of the run's settings: a resumed run may use another count (on
+    # cores busy with other jobs one thread was faster than two, mini.bench_step).
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device (cpu; cuda works too)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
