@@ -19,7 +19,7 @@ deterministic (no subsampling, no randomness).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,11 +128,24 @@ def _get(attrs: Any, name: str):
     return attrs[name] if isinstance(attrs, Mapping) else getattr(attrs, name)
 
 
-def attribute_accuracy(images: Iterable[np.ndarray], attrs: Iterable[Any]) -> dict[str, float]:
-    """Share of images whose analysed colour / shape / both match the intended ones.
+def names_background(prompt: str) -> str | None:
+    """The background a prompt asks for ("... on a white background"), or None if it names none."""
+    words = prompt.lower().split()
+    for i, w in enumerate(words[:-1]):
+        if words[i + 1].startswith("background") and w in _BG_NAMES:
+            return w
+    return None
+
+
+def attribute_hits(images: Iterable[np.ndarray], attrs: Iterable[Any],
+                   prompts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Per image: does the analysed colour / shape / both / background match? Boolean arrays.
 
     attrs: ShapeAttrs or mappings with 'colour' and 'shape' (e.g. a candidate
-    set's assignments); 'background' is scored when every item has one.
+    set's assignments). 'background' is an array over the images whose prompt
+    names a background (a prompt that names none leaves the model free to
+    draw either); without prompts, over every image whose attrs carry one
+    (reading back real renders). It is absent when no image qualifies.
     """
     found = [analyse(im) for im in images]
     attrs = list(attrs)
@@ -140,14 +153,36 @@ def attribute_accuracy(images: Iterable[np.ndarray], attrs: Iterable[Any]) -> di
         raise ValueError(f"{len(found)} images but {len(attrs)} attribute sets")
     if not attrs:
         raise ValueError("no images to score")
+    if prompts is not None and len(prompts) != len(attrs):
+        raise ValueError(f"{len(prompts)} prompts but {len(attrs)} attribute sets")
     colour = np.array([f.colour == _get(a, "colour") for f, a in zip(found, attrs)])
     shape = np.array([f.shape == _get(a, "shape") for f, a in zip(found, attrs)])
-    out = {"colour": colour.mean(), "shape": shape.mean(), "both": (colour & shape).mean()}
-    try:
-        out["background"] = np.mean([f.background == _get(a, "background") for f, a in zip(found, attrs)])
-    except (KeyError, AttributeError):
-        pass
-    return {k: float(v) for k, v in out.items()}
+    out = {"colour": colour, "shape": shape, "both": colour & shape}
+    if prompts is not None:
+        asked = [names_background(p) for p in prompts]
+        bg = [f.background == b for f, b in zip(found, asked) if b is not None]
+    else:
+        try:
+            bg = [f.background == _get(a, "background") for f, a in zip(found, attrs)]
+        except (KeyError, AttributeError):
+            bg = []
+    if bg:
+        out["background"] = np.array(bg)
+    return out
+
+
+def attribute_accuracy(images: Iterable[np.ndarray], attrs: Iterable[Any],
+                       prompts: Sequence[str] | None = None) -> dict[str, float]:
+    """Share of images whose analysed colour / shape / both (/ background) match; see attribute_hits.
+
+    With prompts, 'background' is the share among the prompts that name one,
+    and 'background_n' says how many those are.
+    """
+    hits = attribute_hits(images, attrs, prompts)
+    out = {k: float(v.mean()) for k, v in hits.items()}
+    if prompts is not None:
+        out["background_n"] = float(len(hits.get("background", ())))
+    return out
 
 
 # --------------------------------------------------------------------------

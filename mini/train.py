@@ -1,7 +1,7 @@
 """Train ObCLIP-Mini: a small cloud/device text-to-image pair on the synthetic shapes data.
 
-    python -m mini.train --out models/obclip-mini --work .train            # every stage
-    python -m mini.train --out models/obclip-mini --work .train --stage distil
+    python -m mini.train --out src/obclip/models/obclip-mini --work .train            # every stage
+    python -m mini.train --out src/obclip/models/obclip-mini --work .train --stage distil
     python -m mini.train ... --budget-scale 0.01                           # smoke run
     python -m mini.train ... --set n_train=256 --set eval_prompts=4        # any Hyper field
 
@@ -45,9 +45,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# libgomp's threads spin for a while at every barrier before sleeping. On 2
+# cores shared with other jobs a spinning thread takes the core the other
+# thread needs: measured with mini.bench_step (nice 10, load average 5-7), the
+# whole text-unet step took a median 11.2 s with the default, 3.8 s passive
+# (and 2.7 s on one thread, no barriers at all; ~0.9 s on a quiet machine).
+# Passive waiting must be chosen before torch loads libgomp;
+# MINI_OMP_DEFAULTS=1 keeps libgomp's default (for that comparison).
+if "OMP_WAIT_POLICY" not in os.environ and not os.environ.get("MINI_OMP_DEFAULTS"):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 STAGES = ("vae", "text-unet", "distil", "package")
 CLOUD_SPEC, DEVICE_SPEC = "mini", "mini-small"
@@ -63,12 +73,17 @@ class Hyper:
     """Everything that decides the trained weights. Step budgets are at
     --budget-scale 1; the scale multiplies them and nothing else.
 
-    Budgets come from step times measured with `--measure` on 2 otherwise
-    idle cores (AMD EPYC, torch 2.13): text-unet 1.50-1.57 s/step, distil
-    1.19-1.35, vae 0.24-0.26; encoding 11-12 ms/image; an evaluation 15-17 s
-    (text-unet) and 22-24 s (distil, two samplers). That makes text-unet
-    ~60 min, distil ~27 min, vae ~11 min with encoding. Re-measure on the
-    machine that trains and adjust with --set *_steps=N if it differs much.
+    v1 budgets came from `--measure` on 2 cores (AMD EPYC, torch 2.13):
+    text-unet 1.50-1.57 s/step, distil 1.19-1.35, vae 0.24-0.26; encoding
+    11-12 ms/image; an evaluation 15-17 s (text-unet), 22-24 s (distil). On
+    a quiet machine the whole text-unet step is ~0.9 s (UNet forward and
+    backward ~90% of it, `python -m mini.bench_step`); the rest of those
+    1.5 s, and far more on cores shared with other jobs, was OpenMP threads
+    spinning at barriers (now passive, see the top of this file).
+
+    v2 (issue 14): v1's 2200 text-unet steps left the cloud model at 38%
+    joint accuracy with shape accuracy still rising, so 8000 steps with the
+    same recipe (warm-up + cosine, Min-SNR, EMA); evaluations every 500.
     """
 
     seed: int = 0
@@ -83,7 +98,7 @@ class Hyper:
     vae_kl_weight: float = 1e-6
 
     # text-unet
-    unet_steps: int = 2200
+    unet_steps: int = 8000
     batch: int = 64
     lr: float = 3e-4              # UNet and text encoder alike: the text side is the slow one to learn
     weight_decay: float = 0.01
@@ -102,7 +117,7 @@ class Hyper:
     kd_feat_weight: float = 1.0
 
     # evaluation: held-out prompts, DPM-Solver++ with guidance as the runtime does it
-    eval_every: int = 250         # ~6 min of training; evals cost ~4% (text-unet) / ~7% (distil)
+    eval_every: int = 500         # an eval is ~20 s on a quiet machine: a few % of the steps between evals
     eval_prompts: int = 36
     final_eval_prompts: int = 120
     sample_steps: int = 25
@@ -371,10 +386,11 @@ def eval_prompts(hp: Hyper, n: int):
     return captions, attrs, images
 
 
-def _accuracy(images: np.ndarray, attrs) -> dict:
+def _accuracy(images: np.ndarray, attrs, prompts: list[str] | None = None) -> dict:
+    """Analyser accuracies; with prompts, background only where the prompt names one."""
     from mini.analyser import attribute_accuracy
 
-    return {k: round(v, 4) for k, v in attribute_accuracy(images, attrs).items()}
+    return {k: round(v, 4) for k, v in attribute_accuracy(images, attrs, prompts).items()}
 
 
 def _to_float_images(images: np.ndarray) -> torch.Tensor:
@@ -528,13 +544,35 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 # --------------------------------------------------------------------------
 
 
-def stage_text_unet(run: Run) -> None:
+@dataclass
+class TextUnetTrainer:
+    """Stage text-unet's models, optimiser, EMAs and one optimisation step.
+
+    Built by text_unet_trainer(); mini.bench_step times this same step.
+    """
+
+    text: torch.nn.Module
+    unet: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ema_text: EMA
+    ema_unet: EMA
+    step: Callable[[int], dict]
+
+    def state(self) -> dict:
+        return {"text": self.text, "unet": self.unet, "opt": self.opt, "ema_text": self.ema_text,
+                "ema_unet": self.ema_unet}
+
+
+def _adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # fused: one kernel over all tensors instead of ~10 small ops per tensor;
+    # 14 ms instead of 40 ms per step for text encoder + cloud UNet on 2 threads.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def text_unet_trainer(run: Run, data: Latents, total: int) -> TextUnetTrainer:
     from obclip.cloud.models import build_text_encoder, build_unet
 
     hp, dev = run.hp, run.device
-    total = hp.steps("text-unet", run.scale)
-    vae = _load_vae(run)
-    data = Latents(run)
     ids = tokenize(clip_tokenizer(), data.captions)
     scheduler = _train_scheduler()
 
@@ -542,7 +580,7 @@ def stage_text_unet(run: Run) -> None:
     text = build_text_encoder("mini").to(dev).train()
     unet = build_unet(CLOUD_SPEC).to(dev).train()
     params = list(text.parameters()) + list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    opt = _adamw(params, hp.lr, hp.weight_decay)
     ema_text, ema_unet = EMA(text, hp.ema_decay), EMA(unet, hp.ema_decay)
 
     def step_fn(step: int) -> dict:
@@ -562,16 +600,26 @@ def stage_text_unet(run: Run) -> None:
         ema_unet.update(unet, step)
         return {"loss": loss.item(), "grad_norm": float(gnorm)}
 
+    return TextUnetTrainer(text, unet, opt, ema_text, ema_unet, step_fn)
+
+
+def stage_text_unet(run: Run) -> None:
+    hp, dev = run.hp, run.device
+    total = hp.steps("text-unet", run.scale)
+    vae = _load_vae(run)
+    data = Latents(run)
+    tr = text_unet_trainer(run, data, total)
+    text, unet, ema_text, ema_unet = tr.text, tr.unet, tr.ema_text, tr.ema_unet
+
     captions_e, attrs_e, _ = eval_prompts(hp, hp.eval_prompts)
 
     def eval_fn(step: int) -> dict:
         te, un = ema_text.averaged(text), ema_unet.averaged(unet)
         cond, uncond = _encode(te, captions_e, dev), _encode(te, [""], dev)
         images = sample(lambda i: un, cond, uncond, vae, hp, seed=hp.seed + 1)
-        return {"cloud": _accuracy(images, attrs_e)}
+        return {"cloud": _accuracy(images, attrs_e, captions_e)}
 
-    state = {"text": text, "unet": unet, "opt": opt, "ema_text": ema_text, "ema_unet": ema_unet}
-    seconds = train_loop(run, "text-unet", total, state, step_fn, eval_fn)
+    seconds = train_loop(run, "text-unet", total, tr.state(), tr.step, eval_fn)
     info = {"steps": total, "seconds": round(seconds, 1), "batch": hp.batch,
             "text_params": sum(p.numel() for p in text.parameters()),
             "unet_params": sum(p.numel() for p in unet.parameters())}
@@ -677,7 +725,7 @@ def stage_distil(run: Run) -> None:
     print(f"[distil] student initialised from the teacher: {init['copied']} of {init['student_tensors']} tensors "
           f"copied; teacher parts dropped: {', '.join(init['teacher_parts_dropped'])}", flush=True)
     student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=hp.distil_lr, weight_decay=hp.weight_decay)
+    opt = _adamw(student.parameters(), hp.distil_lr, hp.weight_decay)
     ema = EMA(student, hp.ema_decay)
     feats_t, feats_s = StageOutputs(teacher), StageOutputs(student)
 
@@ -708,9 +756,10 @@ def stage_distil(run: Run) -> None:
     def eval_fn(step: int) -> dict:
         s = ema.averaged(student)
         k = hp.switch_step
-        return {"device": _accuracy(sample(lambda i: s, cond, uncond, vae, hp, seed=hp.seed + 1), attrs_e),
+        return {"device": _accuracy(sample(lambda i: s, cond, uncond, vae, hp, seed=hp.seed + 1), attrs_e,
+                                    captions_e),
                 f"hybrid_k{k}": _accuracy(sample(lambda i: teacher if i < k else s, cond, uncond, vae, hp,
-                                                 seed=hp.seed + 1), attrs_e)}
+                                                 seed=hp.seed + 1), attrs_e, captions_e)}
 
     seconds = train_loop(run, "distil", total, {"student": student, "opt": opt, "ema": ema}, step_fn, eval_fn)
     info = {"steps": total, "seconds": round(seconds, 1), "batch": hp.batch,
@@ -751,7 +800,10 @@ def write_model_dir(out: Path, text, unet, vae, spec: str, hp: Hyper, provenance
     cfg = json.loads(cfg_path.read_text())
     cfg["dtype"] = "float32"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (out / "obclip_model.json").write_text(json.dumps({"spec": spec, "weights": "trained", **provenance}, indent=2))
+    # "schema": the attribute schema shipped with obclip that this model draws (the device and the
+    # main job use it by default for this model).
+    (out / "obclip_model.json").write_text(json.dumps({"spec": spec, "weights": "trained", "schema": "shapes",
+                                                       **provenance}, indent=2))
 
 
 def _dir_bytes(path: Path) -> int:
@@ -828,13 +880,15 @@ def stage_package(run: Run) -> None:
     from mini.shapes import make_dataset
 
     reference = make_dataset(hp.final_eval_prompts, seed=hp.seed + 1, split="heldout")[0]
-    final = {name: {**_accuracy(images, attrs), "mmd2": round(mmd2(images, real), 5)} for name, images in runs.items()}
-    final["real_renders"] = {**_accuracy(real, attrs), "mmd2": round(mmd2(reference, real), 5)}
-    packaging = {"cloud_fp32_weights": _accuracy(fp32_cloud, attrs),
+    final = {name: {**_accuracy(images, attrs, captions), "mmd2": round(mmd2(images, real), 5)}
+             for name, images in runs.items()}
+    final["real_renders"] = {**_accuracy(real, attrs, captions), "mmd2": round(mmd2(reference, real), 5)}
+    intervals = _final_intervals(runs, attrs, captions, hybrid=f"hybrid_k{k}")
+    packaging = {"cloud_fp32_weights": _accuracy(fp32_cloud, attrs, captions),
                  "max_abs_pixel_diff_vs_fp32": int(np.abs(runs["cloud"].astype(int) - fp32_cloud.astype(int)).max())}
     eval_s = time.perf_counter() - t0
     np.savez_compressed(run.stage_dir("package") / "samples.npz", captions=np.array(captions), **runs)
-    info = {"final_eval": final, "packaging_check": packaging, "eval_prompts": len(captions),
+    info = {"final_eval": final, "intervals": intervals, "packaging_check": packaging, "eval_prompts": len(captions),
             "eval_seconds": round(eval_s, 1), "bytes": sizes, "total_mb": round(total_mb, 2),
             "components": {role: _component_table(out / role) for role in ("cloud", "device")}}
     run.log(event="done", stage="package", **info)
@@ -856,8 +910,25 @@ def _last(records: list[dict], **match) -> dict:
     return hits[-1]
 
 
+def _final_intervals(runs: dict[str, np.ndarray], attrs, captions: list[str], hybrid: str) -> dict:
+    """Wilson 95% intervals of each model's joint (colour and shape) accuracy, and paired
+    bootstrap intervals of hybrid - cloud and device - cloud on the same prompts."""
+    from mini.analyser import attribute_hits
+    from mini.stats import paired_bootstrap, wilson_interval
+
+    both = {name: attribute_hits(images, attrs, captions)["both"] for name, images in runs.items()}
+    out = {"both_wilson95": {name: [round(v, 4) for v in wilson_interval(int(b.sum()), len(b))]
+                             for name, b in both.items()}}
+    for name in (hybrid, "device"):
+        d = paired_bootstrap(both[name], both["cloud"], seed=0)
+        out[f"both_{name}_minus_cloud"] = {"diff": round(d.diff, 4), "ci95": [round(d.lo, 4), round(d.hi, 4)],
+                                           "resamples": d.resamples}
+    return out
+
+
 def _fmt_acc(a: dict) -> str:
-    return " | ".join(f"{100 * a[k]:.1f}%" for k in ("colour", "shape", "both", "background"))
+    # background is scored only on prompts that name one: absent when none did.
+    return " | ".join(f"{100 * a[k]:.1f}%" if k in a else "-" for k in ("colour", "shape", "both", "background"))
 
 
 def model_card(run: Run, pkg: dict) -> str:
@@ -958,6 +1029,18 @@ def model_card(run: Run, pkg: dict) -> str:
     ]
     for name, a in pkg["final_eval"].items():
         lines.append(f"| {name} | {_fmt_acc(a)} | {a['mmd2']:.4f} |")
+    iv = pkg["intervals"]
+    n_bg = int(pkg["final_eval"]["cloud"].get("background_n", 0))
+    lines += [
+        "",
+        f"Background is scored only on the {n_bg} prompts that name one (the others leave it free). "
+        "Joint (colour and shape) accuracy with Wilson 95% intervals: "
+        + "; ".join(f"{name} {100 * pkg['final_eval'][name]['both']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+                    for name, (lo, hi) in iv["both_wilson95"].items()) + ".",
+        "Differences on the same prompts (paired bootstrap over prompts, 95%): "
+        + "; ".join(f"{key[5:-12]} - cloud {100 * d['diff']:+.1f} points [{100 * d['ci95'][0]:+.1f}, "
+                    f"{100 * d['ci95'][1]:+.1f}]" for key, d in iv.items() if key.endswith("_minus_cloud")) + ".",
+    ]
     pc = pkg["packaging_check"]
     lines += [
         "",
@@ -1071,6 +1154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="checkpoints, latents and log.jsonl")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES)
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every stage's step budget")
+    # Not part of the run's settings: a resumed run may use another count (on
+    # cores busy with other jobs one thread was faster than two, mini.bench_step).
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device (cpu; cuda works too)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -126,6 +126,18 @@ def test_model_card_is_filled_from_the_run(trained):
         assert re.search(rf"\| {stage} \| \d+ \|", card), stage
     assert "| text-unet | 12 |" in card
     assert "n/a" not in card
+    # Joint accuracy with Wilson intervals; hybrid and device against cloud on the same prompts.
+    iv = pkg["intervals"]
+    assert set(iv["both_wilson95"]) == {"cloud", "device", "hybrid_k10"}
+    for name, (lo, hi) in iv["both_wilson95"].items():
+        assert 0 <= lo <= pkg["final_eval"][name]["both"] <= hi <= 1
+        assert f"{name} {100 * pkg['final_eval'][name]['both']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" in card
+    d = iv["both_hybrid_k10_minus_cloud"]
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    assert f"hybrid_k10 - cloud {100 * d['diff']:+.1f} points" in card
+    # Background only where the prompt names one; real renders read back exactly.
+    assert pkg["final_eval"]["cloud"]["background_n"] <= 2
+    assert pkg["final_eval"]["real_renders"]["both"] == 1.0
 
 
 def test_work_folder_refuses_other_settings(trained, capsys):
