@@ -18,8 +18,13 @@ through ``AcceleratedUNet``, the solver, the copy of the result to host):
 All rows are measured in one run, interleaved: after a warm-up round of
 every request, each repeat runs every request once (round-robin, the
 starting request rotating per repeat so slow drift spreads evenly). Reported:
-the median, and the speed-ups median(ObCLIP, same N, the preset's k) / median(row) and
-median(vanilla OG, same N) / median(row).
+min and median, the speed-ups median(ObCLIP, same N, the preset's k) / median(row)
+(and the same with minima) and median(vanilla OG, same N) / median(row), and
+beside them each row's FLOPs ratio FLOPs(ObCLIP) / FLOPs(row), counted from the
+ops that run (benchmarks/flops.py's counter, the model's native size). A
+time ratio above its FLOPs ratio (by more than 5%) cannot come from the
+FLOPs saved and is flagged "noise": rerun with more --repeats on a quiet
+machine before quoting it.
 
 Models: on CPU the embedded mini model (or --cloud-model) with its text
 encoder; with --device cuda by default SD-v1.4's UNet config with random
@@ -29,13 +34,14 @@ encoder over N+1 prompts per request in a real server). Timing on CUDA uses
 CUDA events after a torch.cuda.synchronize(); the code path is otherwise the
 same as on CPU. Random weights do not change the work a step does.
 
-The paper's V100 seconds (METHOD.md) are printed in their own column as a
+The paper's V100 seconds (docs/method.md) are printed in their own column as a
 reference only: a different GPU, real weights and the paper's own code.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -147,8 +153,28 @@ def _timer(cuda: bool):
     return timed_cuda
 
 
+NOISE_TOLERANCE = 0.05  # a time ratio this far above its FLOPs ratio is flagged
+
+
+def row_flops(counter, model_name: str, row: Row, steps: int) -> float:
+    """FLOPs of one request of ``row`` (all its cloud steps), counted on the meta device."""
+    config = row.acceleration or AccelerationConfig.none(row.k)
+    setup, costs = counter.plan_steps(model_name, row.n, config, steps)
+    return float((setup + sum(b for _, b in costs)).flops)
+
+
+def flops_counter():
+    """benchmarks/flops.py's StepCounter (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("obclip_benchmark_flops", Path(__file__).with_name("flops.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module.StepCounter()
+
+
 def measure(runner, rows: list[Row], *, steps: int, size: int, repeats: int, warmup: int = 1,
-            cuda: bool = False, seed: int = SEED, guidance: float = GUIDANCE, progress=None) -> list[dict]:
+            cuda: bool = False, seed: int = SEED, guidance: float = GUIDANCE, progress=None,
+            flops: dict | None = None) -> list[dict]:
     """Time every distinct request of ``rows`` interleaved; one result per row with medians and speed-ups."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -173,12 +199,16 @@ def measure(runner, rows: list[Row], *, steps: int, size: int, repeats: int, war
             progress(f"repeat {rep + 1}/{repeats}: {time.perf_counter() - t0:.1f}s")
 
     med = {key: statistics.median(v) for key, v in times.items()}
+    low = {key: min(v) for key, v in times.items()}
     out = []
     for row in rows:
         m = med[row.key]
         # ObCLIP without acceleration at this row's N and its preset's k (vanilla OG rows too).
-        obclip = next((med[r.key] for r in rows if r.method == "obclip" and r.n == row.n and r.group == row.group
-                       and r.acceleration == AccelerationConfig.none(r.k)), None)
+        base = next((r.key for r in rows if r.method == "obclip" and r.n == row.n and r.group == row.group
+                     and r.acceleration == AccelerationConfig.none(r.k)), None)
+        obclip = None if base is None else med[base]
+        time_ratio = None if obclip is None or row.n == 1 else obclip / m
+        flops_ratio = None if flops is None or base is None or row.n == 1 else flops[base] / flops[row.key]
         vanilla = next((med[r.key] for r in rows if r.method == "vanilla-og" and r.n == row.n), None)
         paper_key = (row.label if row.method == "obclip" else row.method, row.n,
                      None if row.k == steps else row.k)
@@ -186,7 +216,12 @@ def measure(runner, rows: list[Row], *, steps: int, size: int, repeats: int, war
             "group": row.group, "label": row.label, "method": row.method, "n": row.n, "cloud_steps": row.k,
             "acceleration": None if row.acceleration is None else row.acceleration.to_dict(),
             "times_s": times[row.key], "median_s": m, "min_s": min(times[row.key]), "max_s": max(times[row.key]),
-            "speedup_vs_obclip": None if obclip is None or row.n == 1 else obclip / m,
+            "speedup_vs_obclip": time_ratio,
+            "speedup_vs_obclip_min": None if base is None or row.n == 1 else low[base] / low[row.key],
+            "flops": None if flops is None else flops[row.key],
+            "flops_ratio_vs_obclip": flops_ratio,
+            "noise": (time_ratio is not None and flops_ratio is not None
+                      and time_ratio > flops_ratio * (1 + NOISE_TOLERANCE)),
             "speedup_vs_vanilla": None if vanilla is None or row.n == 1 else vanilla / m,
             "paper_v100_s": PAPER_V100_S.get(paper_key) if steps == PAPER_T else None,
         })
@@ -236,16 +271,18 @@ def _x(v) -> str:
 
 def print_table(results: list[dict]) -> None:
     print(f"{'preset':<10} {'N':>2} {'row':<16} {'steps':>5} {'median s':>9} {'min s':>8} {'max s':>8} "
-          f"{'vs ObCLIP':>9} {'vs van.OG':>9} | {'paper V100 s (reference, not ours)':>34}")
+          f"{'vs ObCLIP':>9} {'(min)':>8} {'FLOPs':>8} {'':5} {'vs van.OG':>9} | {'paper V100 s (reference)':>24}")
     last = None
     for r in results:
         if last is not None and r["group"] != last:
             print()
         last = r["group"]
         paper = "" if r["paper_v100_s"] is None else f"{r['paper_v100_s']:.2f}"
+        flag = "noise" if r.get("noise") else ""
         print(f"{r['group']:<10} {r['n']:>2} {r['label']:<16} {r['cloud_steps']:>5} {r['median_s']:>9.4f} "
               f"{r['min_s']:>8.4f} {r['max_s']:>8.4f} {_x(r['speedup_vs_obclip']):>9} "
-              f"{_x(r['speedup_vs_vanilla']):>9} | {paper:>34}")
+              f"{_x(r.get('speedup_vs_obclip_min')):>8} {_x(r.get('flops_ratio_vs_obclip')):>8} {flag:5} "
+              f"{_x(r['speedup_vs_vanilla']):>9} | {paper:>24}")
 
 
 def main(argv=None) -> int:
@@ -261,7 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=PAPER_T, help="T")
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 6], help="candidate counts")
     p.add_argument("--presets", nargs="+", default=["paper-k5", "paper-k10"], choices=sorted(PRESETS))
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 3 on cpu, 10 on cuda)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 7 on cpu, 20 on cuda)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every request first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -284,7 +321,7 @@ def main(argv=None) -> int:
     model_name = args.model or ("sd-v1.4" if cuda else "mini")
     dtype_name = args.dtype or ("float16" if cuda else "float32")
     dtype = {"float32": torch.float32, "float16": torch.float16}[dtype_name]
-    repeats = args.repeats or (10 if cuda else 3)
+    repeats = args.repeats or (20 if cuda else 7)
     if model_name == "sd-v1.4" and not cuda:
         print("error: the full-size SD-v1.4 UNet is timed on cuda only (minutes per request on a CPU); "
               "use --device cuda, or --model mini on cpu", file=sys.stderr)
@@ -300,7 +337,7 @@ def main(argv=None) -> int:
     if model_name == "mini":
         model_dir = resolve_model_dir(args.cloud_model, "cloud")
         model = load_text_to_latent(model_dir, device=args.device, dtype=dtype)
-        weights = "random weights (embedded default)" if args.cloud_model is None else "as loaded"
+        weights = "trained weights (embedded default)" if args.cloud_model is None else "as loaded"
         text = "its CLIP text encoder (timed)"
     else:
         model = random_full_size_model(model_name, args.device, dtype)
@@ -312,9 +349,14 @@ def main(argv=None) -> int:
 
     rows = build_rows(args.presets, args.n, args.steps)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    # FLOPs of the named config at its native size (an arbitrary --cloud-model has no name to count).
+    flops = None
+    if args.cloud_model is None:
+        counter = flops_counter()
+        flops = {row.key: row_flops(counter, model_name, row, args.steps) for row in rows}
     t0 = time.perf_counter()
     results = measure(runner, rows, steps=args.steps, size=size, repeats=repeats, warmup=args.warmup,
-                      cuda=cuda, progress=log)
+                      cuda=cuda, progress=log, flops=flops)
     elapsed = time.perf_counter() - t0
 
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
@@ -336,11 +378,13 @@ def main(argv=None) -> int:
           "interleaved repeats")
     for n, acc in meta["presets"].items():
         print(f"# {n}: k={acc['switch_step']} r={acc['cache_step']} s={acc['skip_step']}")
-    print("# vs ObCLIP = median(ObCLIP, same N, preset's k) / median(row); vs van.OG = median(vanilla OG, same N) / "
-          "median(row); >1 is faster")
+    print("# vs ObCLIP = median(ObCLIP, same N, preset's k) / median(row), (min) the same with minima; FLOPs = "
+          "FLOPs(ObCLIP) / FLOPs(row), the most the time ratio can honestly be; 'noise': time ratio > FLOPs ratio "
+          f"+ {NOISE_TOLERANCE:.0%}; vs van.OG = median(vanilla OG, same N) / median(row); >1 is faster")
     if model_name == "mini" and args.device == "cpu":
         print("# the mini model is a CPU stand-in; its ratios are not the paper's GPU ratios")
-    print("# the paper column: METHOD.md's V100 numbers, a different GPU, model and code: reference only")
+    print("# the paper column: the paper's V100 numbers (docs/method.md), a different GPU, model and code: "
+          "reference only")
     print()
     print_table(results)
     print(f"\nmeasured in {elapsed:.1f}s (+{load_s:.1f}s loading)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from _bench import load_benchmark
@@ -98,3 +99,27 @@ def test_latency_cuda_fails_cleanly_without_a_gpu(capsys):
     assert latency.main(["--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert latency.main(["--model", "sd-v1.4"]) == 2
+
+
+def test_latency_flags_a_time_ratio_above_its_flops_ratio():
+    class SleepyRunner:  # ObCLIP (k=2) sleeps 40 ms, the accelerated row 10 ms: a 4x time ratio
+        def run(self, request):
+            time.sleep(0.01 if request.acceleration.attention_cache else 0.04)
+
+    plain = latency.Row("ObCLIP", "obclip", 2, 2, AccelerationConfig.none(2), "t")
+    fast = latency.Row("+ cache", "obclip", 2, 2, AccelerationConfig(2, 1, 2), "t")
+    for flops_fast, noise in ((50.0, True), (20.0, False)):  # FLOPs ratio 2x: noise; 5x: plausible
+        out = latency.measure(SleepyRunner(), [plain, fast], steps=3, size=64, repeats=3, warmup=0,
+                              flops={plain.key: 100.0, fast.key: flops_fast})
+        row = out[1]
+        assert row["flops_ratio_vs_obclip"] == 100.0 / flops_fast
+        assert row["speedup_vs_obclip"] > 3 and row["noise"] is noise
+        assert out[0]["noise"] is False
+
+
+def test_latency_counts_each_rows_flops(tmp_path):
+    counter = latency.flops_counter()
+    plain = latency.Row("ObCLIP", "obclip", 2, 2, AccelerationConfig.none(2), "t")
+    cached = latency.Row("+ cache", "obclip", 2, 2, AccelerationConfig(2, 1, 1), "t")
+    a, b = (latency.row_flops(counter, "mini-small", r, 3) for r in (plain, cached))
+    assert a > b > 0
