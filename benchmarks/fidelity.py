@@ -31,9 +31,9 @@ other candidates separately, so any unfairness between them is visible:
                     table's means and worst cases are PSNR of the mean / the
                     largest per-candidate MSE (so identical images average in)
 
-The numbers are properties of the models run: the embedded default pair has
-random weights, so they show numerical sensitivity of that network, not
-perceived quality. Pass a trained pair with --cloud-model/--device-model.
+The numbers are properties of the models run: by default the embedded
+ObCLIP-Mini pair (trained on synthetic shapes); pass another pair with
+--cloud-model/--device-model.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     engines_dir = _engines_dir(args)
     pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=engines_dir, threads=args.threads)))
     runner = CloudStepRunner(load_text_to_latent(cloud_dir))
-    weights = "random weights" if args.cloud_model is None else "as loaded"
+    weights = "trained weights (embedded ObCLIP-Mini)" if args.cloud_model is None else "as loaded"
     log = (lambda m: print(m, file=sys.stderr)) if args.json else None
 
     t0 = time.perf_counter()

@@ -5,8 +5,7 @@
 Runs each prompt twice through the split pipeline (fp32 and fp16 wire) with
 the same seed and prints handoff bytes per candidate, the final latent's max
 abs difference and the decoded image's PSNR (fp32 as reference). With no
-model named it uses the embedded default pair (random weights: the numbers
-then show numerical sensitivity, not perceived quality).
+model named it uses the embedded default pair (ObCLIP-Mini, trained).
 """
 
 from __future__ import annotations
