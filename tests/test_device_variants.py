@@ -134,3 +134,18 @@ def test_the_export_check_runs_the_pipelines_trajectory(engines_dir, device_pipe
         method=Method.DEVICE_ONLY, num_inference_steps=3, seed=5, guidance_scale=check.guidance_scale))
     np.testing.assert_array_equal(latent, result.latent)
     np.testing.assert_array_equal(image, result.image)
+
+
+def test_generate_takes_providers_threads_and_a_variant_folder(variants, tmp_path, capsys):
+    from PIL import Image
+
+    from obclip.device.generate import main
+
+    out, _ = variants
+    png = tmp_path / "x.png"
+    assert main(["a red circle", "--method", "device-only", "--engines", str(out / "device-int8"), "--steps", "2",
+                 "--size", "48", "--seed", "0", "--providers", "cpu", "--threads", "1", "--out", str(png)]) == 0
+    assert Image.open(png).size == (48, 48)
+    assert main(["a red circle", "--method", "device-only", "--engines", str(out / "device-fp16"),
+                 "--providers", "nnapi", "--out", str(png)]) == 2
+    assert "not available in this onnxruntime build" in capsys.readouterr().err

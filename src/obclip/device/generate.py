@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=os.environ.get("OBCLIP_SERVER"),
                    help="the service's base URL, e.g. http://127.0.0.1:8000 (default: $OBCLIP_SERVER)")
     p.add_argument("--engines", default=None, type=Path,
-                   help="device engines folder with manifest.json (default: $OBCLIP_HOME/engines/device)")
+                   help="device engines folder with manifest.json (default: $OBCLIP_HOME/engines/device); "
+                        "a variant's folder (engines/device-fp16, engines/device-int8) runs the same way")
+    p.add_argument("--providers", default="cpu",
+                   help="onnxruntime providers for the device engines, comma-separated, tried in order (cpu, "
+                        "coreml, nnapi, xnnpack, cuda, dml or full names), or 'auto': the first available of "
+                        "CUDA, DirectML, CoreML, NNAPI, XNNPACK, then CPU (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds for the whole call: connect, send, wait, download and retries (default %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries on connection errors and 503 (default %(default)s)")
@@ -54,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(engines_dir) / "manifest.json").is_file():
             raise ManifestError(f"no device engines at {engines_dir}: export them first "
                                 "(python export/build_engines.py [--device-model PATH]) or pass --engines")
-        pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
+        providers = "auto" if args.providers == "auto" else tuple(args.providers.split(","))
+        pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir), providers=providers,
+                                                             threads=args.threads)))
         client = ServiceClient(ClientConfig(args.server or "http://127.0.0.1", timeout_s=args.timeout,
                                             retries=args.retries))
         result = generate_image(args.prompt, client, pipeline, config, on_step=ProgressBar())
