@@ -30,15 +30,31 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / max(1.0, float(np.abs(b).max())))
 
 
+def write_narrow_sd(out: Path) -> Path:
+    """SD-v1.4's UNet topology (4 stages, 3 with cross-attention, mid block, 8 heads, 768-d text) at
+    channels (32, 64, 128, 128), with a 2-layer 768-d CLIP text tower: random weights, seconds to export."""
+    from obclip.cloud import models
+
+    models.UNET_CONFIGS["sd-v1.4-narrow"] = {**models.UNET_CONFIGS["sd-v1.4"], "block_out_channels": (32, 64, 128, 128)}
+    models.TEXT_CONFIGS["clip-l-2"] = {**models.TEXT_CONFIGS["clip-vit-l-14"], "num_hidden_layers": 2}
+    models.MODEL_SPECS["sd-v1.4-narrow"] = models.ModelSpec("sd-v1.4-narrow", "clip-l-2", "sd")
+    return models.write_random_model("sd-v1.4-narrow", out, seed=0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--engines", required=True, type=Path, help="the cloud engines folder (OUT/cloud)")
+    p.add_argument("--engines", type=Path, help="the cloud engines folder (OUT/cloud)")
     p.add_argument("--model", default=None, help="the cloud model folder they were exported from (default: embedded)")
     p.add_argument("--device-engines", default=None, type=Path,
                    help="device engines for the image check (default: the embedded pair's, exported on first use)")
     p.add_argument("--prompt", default="a red circle", help="(default %(default)s: N=18 candidates on the mini pair)")
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--write-narrow-sd", default=None, type=Path,
+                   help="only write a reduced-width SD-v1.4-shaped random model to this folder and exit")
     args = p.parse_args(argv)
+    if args.write_narrow_sd is not None:
+        print(write_narrow_sd(args.write_narrow_sd))
+        return 0
 
     from obclip.device.engines import DeviceEngines, EngineConfig
     from obclip.device.pipeline import DevicePipeline, GenerationConfig
@@ -49,7 +65,8 @@ def main(argv=None) -> int:
     device_dir = args.device_engines or ensure_default_engines()
     pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(device_dir))))
     worst = 0.0
-    print(f"{'preset':22s} {'latents':>9s} {'prev_x0':>9s} {'img max':>8s} {'img mean':>8s} {'torch s':>8s} {'ort s':>8s}")
+    print(f"{'preset':28s} {'latents':>9s} {'prev_x0':>9s} {'img max':>8s} {'img mean':>8s} "
+          f"{'torch s':>8s} {'ort s':>8s}")
     for name in PRESETS:
         for extras in (False, True):
             acc = preset(name)
@@ -70,7 +87,7 @@ def main(argv=None) -> int:
             diff = np.abs(images[0] - images[1])
             worst = max(worst, d_lat, d_x0)
             label = name + (" +extras" if extras else "") + f" N={n}"
-            print(f"{label:22s} {d_lat:9.2e} {d_x0:9.2e} {int(diff.max()):8d} {float(diff.mean()):8.3f} "
+            print(f"{label:28s} {d_lat:9.2e} {d_x0:9.2e} {int(diff.max()):8d} {float(diff.mean()):8.3f} "
                   f"{t1 - t0:8.2f} {t2 - t1:8.2f}")
     print(f"worst handoff difference {worst:.2e}")
     return 0

@@ -3,6 +3,7 @@
     python export/build_engines.py                      # embedded default model
     python export/build_engines.py --device-model PATH  # e.g. a BK-SDM-Small directory
     python -m obclip.export.build_engines ...           # the same, from an installed obclip
+    python export/build_engines.py --cloud-model DIR    # cloud engines only: <out>/cloud (export/cloud_engines.py)
 
 Writes ``<out>/device/`` (``<out>`` defaults to ``$OBCLIP_HOME/engines``): one ``model.onnx`` per
 component, ``tokenizer.json``
@@ -222,7 +223,13 @@ def main(argv=None) -> int:
     p.add_argument("--device-precision", default="fp32",
                    help="comma-separated device variants to build: fp32 (always, <out>/device), fp16 "
                         "(<out>/device-fp16), int8 (<out>/device-int8); each is checked against fp32")
+    from obclip.export.cloud_engines import add_cloud_arguments, export_cloud_cli  # cloud engines
+    add_cloud_arguments(p)
     args = p.parse_args(argv)
+    if args.cloud_model is not None or args.device_model is None:  # cloud engines: first, then the device's
+        rc = export_cloud_cli(args)
+        if rc or args.device_model is None and args.cloud_model is not None:
+            return rc
     try:
         out = args.out if args.out is not None else default_engines_root()
         from obclip.export.device_variants import build_device_variants, parse_precisions

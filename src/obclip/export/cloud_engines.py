@@ -208,6 +208,13 @@ def mode_io(unet: Any, spec: ModeSpec, ex: _Example) -> tuple[list[str], list[st
     return sorted(rec.used), sorted(writes)
 
 
+def _cache_shapes(unet: Any, spec: ModeSpec, ex: _Example, reads: list[str], writes: list[str]) -> dict:
+    pool = _cache_pool(ex, spec)
+    with torch.no_grad():
+        _, written = run_mode(unet, spec, ex.inputs, pool)
+    return {n: list((pool[n] if n in pool else written[n]).shape) for n in (*reads, *writes)}
+
+
 def _feeds(graph: ModeGraph, ex: _Example) -> dict[str, torch.Tensor]:
     i = ex.inputs
     feeds = {"sample": i.x, "timestep": i.timestep, "text": i.text,
@@ -360,7 +367,9 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                 reads, writes = mode_io(lm.unet, spec, trace_ex)
                 graphs[spec.name] = ModeGraph(lm.unet, spec, reads, writes)
                 modes_table[spec.name] = {"component": f"unet/{spec.name}", "spec": spec_to_dict(spec),
-                                          "reads": reads, "writes": writes}
+                                          "reads": reads, "writes": writes,
+                                          # cache shapes at the traced N and size (TensorRT profiles scale them)
+                                          "shapes": _cache_shapes(lm.unet, spec, trace_ex, reads, writes)}
             kv_names = sorted(trace_ex.kv)
             for name, graph in graphs.items():
                 if name in previous:
@@ -429,7 +438,7 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
             schema=model_schema(model), modes=modes_table,
             files={WEIGHTS: sha256_file(work / WEIGHTS), WEIGHTS_INDEX: sha256_file(work / WEIGHTS_INDEX)},
             source={"model": str(model), "fingerprint": fingerprint, "precision": precision,
-                    "export_version": EXPORT_VERSION, "latent_multiple": m,
+                    "export_version": EXPORT_VERSION, "latent_multiple": m, "trace_n": 2, "trace_latent": 2 * m,
                     "text_dim": int(lm.text_encoder.config.hidden_size)},
         )
         manifest.save(work)
@@ -458,3 +467,44 @@ def _reusable(target: Path, fingerprint: str, precision: str) -> dict[str, Path]
     if "unet/cross_kv" in m.components:
         out["cross_kv"] = m.path_of("unet/cross_kv")
     return out
+
+
+# --- command line (build_engines.py hands these flags over) -------------------------------------
+
+
+def add_cloud_arguments(p: Any) -> None:
+    g = p.add_argument_group("cloud engines (OUT/cloud; without --cloud-model or --device-model both sides of "
+                             "the embedded pair are exported)")
+    g.add_argument("--cloud-model", default=None,
+                   help="cloud model: a diffusers-layout directory (exports OUT/cloud)")
+    g.add_argument("--cloud-modes", default="presets", choices=["presets", "all"],
+                   help="step modes to export: those of none-k*, paper-k5, paper-k10 with and without the exact "
+                        "extras (presets), or also DeepCache and every switch combination (all)")
+    g.add_argument("--cloud-precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp32: OUT/cloud; fp16 also OUT/cloud-fp16 (not built here yet: needs a GPU to check)")
+    g.add_argument("--cloud-tolerance", default=1e-4, type=float,
+                   help="max |onnxruntime - torch| / max(1, |torch|) per graph (default %(default)s)")
+    g.add_argument("--tensorrt", action="store_true",
+                   help="also build TensorRT engines for the cloud graphs (needs tensorrt and a GPU)")
+
+
+def export_cloud_cli(args: Any) -> int:
+    import sys
+
+    from obclip.cloud.models import resolve_model_dir
+    from obclip.runtime.locations import default_engines_root
+
+    out = args.out if args.out is not None else default_engines_root()
+    try:
+        model = resolve_model_dir(args.cloud_model, "cloud")
+        build_cloud_engines(model, out, modes=args.cloud_modes, tolerance=args.cloud_tolerance)
+        if args.cloud_precision == "fp16":
+            raise ValueError("--cloud-precision fp16 is not built yet (OUT/cloud was written); see README, Engines")
+        if args.tensorrt:
+            from .tensorrt import build_cloud_tensorrt
+
+            build_cloud_tensorrt(out / "cloud")
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
