@@ -348,6 +348,6 @@ def test_device_sends_the_acceleration_and_the_request_stays_oblivious(device_pi
     result = device_pipeline.generate("a photo of an old man", cloud_runner.handle, config)
     assert result.image.shape == (64, 64, 3)
     with pytest.raises(ValueError, match="the acceleration is for k=5 cloud steps but method obclip runs k=3"):
-        GenerationConfig(switch_step=3, acceleration="paper-k5")
+        GenerationConfig(switch_step=3, acceleration=preset("paper-k5"))
     with pytest.raises(ValueError, match="device-only run sends nothing"):
-        GenerationConfig(method="device-only", acceleration="paper-k5")
+        GenerationConfig(method="device-only", acceleration=preset("paper-k5"))

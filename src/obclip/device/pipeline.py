@@ -14,6 +14,7 @@ options fixed before the real value is looked at.
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from enum import Enum
 import numpy as np
 
 from obclip.runtime.noise import initial_noise
-from obclip.runtime.plan import AccelerationConfig, make_plan, preset
+from obclip.runtime.plan import AccelerationConfig, make_plan
 from obclip.runtime.protocol import Handoff, ProtocolError, StepsRequest, decode_handoff
 from obclip.runtime.solver import Schedule, SolverConfig, SolverState, initial_state, make_schedule, solver_step
 
@@ -62,29 +63,25 @@ class GenerationConfig:
     seed: int | None = None                  # None: a fresh random seed per request
     wire_dtype: str = "float32"              # "float16" halves the handoff
     transform: TransformConfig = field(default_factory=TransformConfig)
-    # Server-side accelerations the cloud should use: a preset name ("paper-k5",
-    # "paper-k10"), a runtime.plan.AccelerationConfig, or None for full steps.
-    acceleration: AccelerationConfig | str | None = None
+    # Server-side accelerations the cloud should use: runtime.plan.preset("paper-k10") or
+    # another AccelerationConfig; None: every cloud step a full pass.
+    acceleration: AccelerationConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
-        if isinstance(self.acceleration, str):
-            object.__setattr__(self, "acceleration", preset(self.acceleration))
         acc = self.acceleration
         if acc is not None and not isinstance(acc, AccelerationConfig):
-            raise ValueError(f"acceleration must be a preset name or an AccelerationConfig, got {acc!r}")
-        if self.switch_step is None:
-            object.__setattr__(self, "switch_step", acc.switch_step if acc is not None else 10)
+            raise ValueError(f"acceleration must be an AccelerationConfig (e.g. preset('paper-k10')), got {acc!r}")
         if acc is not None:
             if self.method is Method.DEVICE_ONLY:
                 raise ValueError("a device-only run sends nothing to the cloud; drop the acceleration")
             if acc.switch_step != self.k:
                 raise ValueError(f"the acceleration is for k={acc.switch_step} cloud steps but method "
                                  f"{self.method.value} runs k={self.k}; choose one for k={self.k}")
-        if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.switch_step <= self.num_inference_steps:
-            raise ValueError(f"switch_step k={self.switch_step} must be in 0..T={self.num_inference_steps}")
+        if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.k <= self.num_inference_steps:
+            raise ValueError(f"switch_step k={self.k} must be in 0..T={self.num_inference_steps}")
 
     @property
     def k(self) -> int:
@@ -93,7 +90,9 @@ class GenerationConfig:
             return self.num_inference_steps
         if self.method is Method.DEVICE_ONLY:
             return 0
-        return self.switch_step
+        if self.switch_step is not None:
+            return self.switch_step
+        return self.acceleration.switch_step if self.acceleration is not None else 10
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class GenerationResult:
     bytes_sent: int
     bytes_received: int
 
-    def save_png(self, path) -> None:
+    def save_png(self, path: str | os.PathLike[str]) -> None:
         from PIL import Image
 
         Image.fromarray(self.image).save(path, format="PNG")
