@@ -237,7 +237,7 @@ def _from_dict(d: Any, path: Path, folder: Path) -> Manifest:
     if unknown:
         raise _fail(path, f"unknown fields {sorted(unknown)}")
     side = d.get("side")
-    if side not in Manifest.REQUIRED:
+    if not isinstance(side, str) or side not in Manifest.REQUIRED:
         raise _fail(path, f"side must be one of {sorted(Manifest.REQUIRED)}, got {side!r}")
     comps = _dict(d, "components", path)
     components = {}
