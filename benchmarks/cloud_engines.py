@@ -49,6 +49,7 @@ def main(argv=None) -> int:
                    help="device engines for the image check (default: the embedded pair's, exported on first use)")
     p.add_argument("--prompt", default="a red circle", help="(default %(default)s: N=18 candidates on the mini pair)")
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated (default %(default)s)")
     p.add_argument("--write-narrow-sd", default=None, type=Path,
                    help="only write a reduced-width SD-v1.4-shaped random model to this folder and exit")
     args = p.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     worst = 0.0
     print(f"{'preset':28s} {'latents':>9s} {'prev_x0':>9s} {'img max':>8s} {'img mean':>8s} "
           f"{'torch s':>8s} {'ort s':>8s}")
-    for name in PRESETS:
+    for name in args.presets.split(","):
         for extras in (False, True):
             acc = preset(name)
             if extras:
