@@ -30,11 +30,11 @@ def test_one_shared_noise_for_every_candidate(cloud_runner):
 
 def test_limits_are_checked_before_any_model_work(cloud_model):
     runner = CloudStepRunner(cloud_model, RequestLimits(max_candidates=2, max_steps=50, max_image_size=128))
-    with pytest.raises(ValueError, match="N=3 candidates, over the server's cap of 2"):
+    with pytest.raises(LimitExceeded, match="candidates N is 3, over the server's limit max_candidates=2"):
         runner.run(request())
-    with pytest.raises(ValueError, match="over the limit 50"):
+    with pytest.raises(LimitExceeded, match="is 60, over the server's limit max_steps=50"):
         runner.run(request(candidates=CANDIDATES[:2], num_inference_steps=60))
-    with pytest.raises(ValueError, match="over the limit 128"):
+    with pytest.raises(LimitExceeded, match="is 256, over the server's limit max_image_size=128"):
         runner.run(request(candidates=CANDIDATES[:2], height=256, width=256))
 
 
