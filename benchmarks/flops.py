@@ -22,7 +22,7 @@ Two conventions, in T = 1e12:
               attention matmuls included, device rows too.
 Norms, softmax and elementwise ops are in neither.
 
-Only the paper's own numbers (METHOD.md, "The paper's numbers") are
+Only the paper's own numbers (docs/method.md, section 6) are
 hard-coded, as references.
 """
 
@@ -42,7 +42,7 @@ from obclip.runtime.plan import PRESETS, AccelerationConfig, PlannedStep, make_p
 
 TERA = 1e12
 
-# --- the paper's numbers (METHOD.md), and nothing else --------------------------
+# --- the paper's numbers (docs/method.md), and nothing else ----------------------
 
 # Per UNet pass at 512 px, batch 1, in G MACs, with the convention the paper
 # uses for that model: SD-v1.4 "paper" (one attention matmul), BK-SDM
@@ -354,7 +354,7 @@ def format_table(result: dict) -> str:
     w("  MAC(paper): multiply-adds of conv + linear + ONE attention matmul (= half of all attention-matmul")
     w("              MACs); device (BK-SDM) rows: conv + linear only, the paper's device convention")
     w("  FLOP(all):  2 FLOPs per multiply-add, every conv and matmul, BOTH attention matmuls (device rows too)")
-    w("  units: T = 1e12; paper = METHOD.md's table; ratio = MAC(paper) / paper;"
+    w("  units: T = 1e12; paper = the table in docs/method.md; ratio = MAC(paper) / paper;"
       f" unaccelerated rows must be within {UNACCELERATED_TOLERANCE:.0%}")
     w("")
     w(f"{'per UNet pass, batch 1':<24} {'MAC(paper) G':>12} {'no-attn G':>10} {'all MAC G':>10} {'FLOP G':>8}"

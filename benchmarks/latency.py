@@ -57,7 +57,7 @@ from obclip.runtime.plan import PRESETS, AccelerationConfig, preset
 SEED = 1234
 GUIDANCE = 7.5
 PAPER_T = 25
-# METHOD.md, "The paper's numbers": server latency on one V100, seconds. Reference only.
+# docs/method.md, section 6: server latency on one V100, seconds. Reference only.
 PAPER_V100_S = {
     ("cloud-only", 1, None): 1.28,
     ("hybrid-sd", 1, 5): 0.30, ("hybrid-sd", 1, 10): 0.51,

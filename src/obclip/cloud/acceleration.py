@@ -1,4 +1,4 @@
-"""Server-side acceleration of the cloud steps, per request or batch (METHOD.md, "Server-side acceleration").
+"""Server-side acceleration of the cloud steps, per request or batch (docs/method.md, section 4).
 
 The modes themselves (full, batch reuse = the paper's Algorithm 2, attention
 cache, both block-skip variants, cache + skip, the exact extras) are defined

@@ -1,4 +1,4 @@
-"""One definition of each cloud step mode: a pure function of tensors (METHOD.md, "Server-side acceleration").
+"""One definition of each cloud step mode: a pure function of tensors (docs/method.md, section 4).
 
     eps, writes = run_mode(unet, spec, inputs, caches)
 
