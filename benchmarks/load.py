@@ -126,7 +126,7 @@ def run_load(args, window_ms: float, bodies: list[bytes]) -> dict:
                 with lock:
                     latencies.append(dt)
                     sent[0] += len(body)
-                    received[0] += len(data)
+                    received[0] += data.wire_size
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client_loop) for _ in range(args.clients)]

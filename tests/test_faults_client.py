@@ -94,6 +94,16 @@ class Hostile:
             try:
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
+                # Read the body too: closing a socket with unread bytes sends RST, and the client
+                # would see a reset connection instead of the answer this server means to give.
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    body += chunk
                 self.behave(conn, self.stop)
             except OSError:
                 pass
