@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from obclip.cloud.models import from_pretrained, load_text_to_latent, model_schema, resolve_model_dir
+from obclip.export.staging import staged_folder
 from obclip.runtime.locations import default_engines_root
 from obclip.runtime.manifest import Component, Manifest, ManifestError
 from obclip.runtime.sessions import open_session
@@ -121,8 +120,7 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
     vae = from_pretrained(AutoencoderKL, model, "vae").eval()
     target = out / "device"
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".device-", dir=out))
-    try:
+    with staged_folder(target) as work:
         print(f"exporting device model {model} -> {target}")
         max_len = lm.tokenizer.model_max_length
         c, h, w = lm.latent_shape(lm.default_image_size, lm.default_image_size)
@@ -169,12 +167,6 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
             schema=model_schema(model), files=files, precision="fp32", image_size=size_range,
         )
         manifest.save(work)
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     print(f"wrote {target / 'manifest.json'}")
     return Manifest.load(target)
 

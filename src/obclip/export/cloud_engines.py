@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,6 +56,7 @@ from onnx import numpy_helper
 from obclip.cloud.models import TextToLatentModel, load_text_to_latent, model_schema
 from obclip.cloud.modes import ModeSpec, plan_specs
 from obclip.cloud.step_modes import AlignmentTensors, ModeInputs, cross_kv, processors_installed, run_mode
+from obclip.export.staging import staged_folder
 from obclip.runtime.manifest import EXPORT_VERSION, Component, Manifest, ManifestError, sha256_file
 from obclip.runtime.plan import AccelerationConfig, SkipVariant, StepMode, preset
 
@@ -340,9 +340,8 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
     if previous and needed <= set(previous):
         print(f"cloud engines in {target} are up to date for {model}")
         return Manifest.load(target)
-    work = Path(tempfile.mkdtemp(prefix=".cloud-", dir=out))
     t_start = time.perf_counter()
-    try:
+    with staged_folder(target) as work:
         print(f"exporting cloud model {model} -> {target} ({len(specs)} step modes)")
         g = torch.Generator().manual_seed(0)
         length = lm.tokenizer.model_max_length
@@ -442,12 +441,6 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                     "text_dim": int(lm.text_encoder.config.hidden_size)},
         )
         manifest.save(work)
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     print(f"wrote {target / 'manifest.json'} ({size / 1e6:.1f} MB, {time.perf_counter() - t_start:.1f} s)")
     return Manifest.load(target)

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from obclip.export.staging import staged_folder
 from obclip.runtime.manifest import PRECISIONS, Manifest, sha256_file
 from obclip.runtime.sessions import open_session, run
 
@@ -303,8 +304,7 @@ def build_device_variant(fp32_dir: Path, precision: str, out: Path,
     if base.precision != "fp32":
         raise ValueError(f"{fp32_dir} holds {base.precision} engines; variants are built from the fp32 folder")
     target = variant_dir(out, precision)
-    work = Path(tempfile.mkdtemp(prefix=f".device-{precision}-", dir=out))
-    try:
+    with staged_folder(target) as work:
         t0 = time.perf_counter()
         print(f"building {precision} device engines from {fp32_dir} -> {target}")
         calibration = record_unet_inputs(fp32_dir, check) if precision == "int8" else []
@@ -340,12 +340,6 @@ def build_device_variant(fp32_dir: Path, precision: str, out: Path,
                                f"(floor {floor} dB) on a trained model: not written; ship the fp32 or another "
                                "variant (--device-precision)")
         replace(manifest, variant_check=result).save(work)
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     print(f"wrote {target / 'manifest.json'}")
     return Manifest.load(target)
 
