@@ -19,17 +19,17 @@ import torch
 
 from obclip.runtime.plan import AccelerationConfig, PlannedStep
 
-from .modes import ATTN, TokenAlignment, align_token_ids, mode_spec
+from .modes import ATTN, TokenAlignment, align_tokens, mode_spec, text_tokens
 from .step_modes import AlignmentTensors, ModeInputs, _Layout, processors_installed, run_mode
 
 __all__ = ["AcceleratedUNet", "TokenAlignment", "token_alignment"]
 
 
 def token_alignment(tokenizer: Any, candidates: Sequence[str]) -> TokenAlignment:
-    """Align every candidate's token positions to candidate 0's (``modes.align_token_ids``)."""
-    length = tokenizer.model_max_length
-    ids = tokenizer(list(candidates), padding="max_length", max_length=length, truncation=True).input_ids
-    return align_token_ids(ids)
+    """Align every candidate's tokens to candidate 0's, word by word (``modes.align_tokens``);
+    ``tokenizer`` is a transformers fast tokenizer."""
+    return align_tokens(text_tokens(tokenizer.backend_tokenizer, candidates, tokenizer.model_max_length,
+                                    tokenizer.pad_token_id))
 
 
 class _BatchView:
@@ -76,8 +76,8 @@ class AcceleratedUNet:
             if c.ndim != 3 or u.shape != (1, *c.shape[1:]) or c.shape[1:] != conds[0].shape[1:]:
                 raise ValueError(f"cond must be [N, L, D] and uncond [1, L, D], got {tuple(c.shape)} and "
                                  f"{tuple(u.shape)}")
-            if al is not None and len(al.columns) != c.shape[0]:
-                raise ValueError(f"alignment is for {len(al.columns)} candidates, the request has {c.shape[0]}")
+            if al is not None and len(al.starts) != c.shape[0]:
+                raise ValueError(f"alignment is for {len(al.starts)} candidates, the request has {c.shape[0]}")
         self.unet = unet
         self.config = config or AccelerationConfig.none(0)
         self.sizes = tuple(int(c.shape[0]) for c in conds)

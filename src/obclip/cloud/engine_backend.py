@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, ManifestMismatchError
 from obclip.runtime.solver import SolverConfig, initial_state, make_schedule, solver_step
 
-from .modes import ModeSpec, TokenAlignment
+from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
 
 # --providers: a short name -> onnxruntime's execution providers, best first.
 PROVIDERS = {
@@ -135,14 +135,15 @@ class OrtBatch:
         for n in self.sizes:
             self.texts.append(emb[o:o + n + 1])
             o += n + 1
-        self.alignments = []
+        self.alignments: list[dict[str, np.ndarray]] = []
         for al, n in zip(alignments, self.sizes):
-            if al is None:
-                length = engine.manifest.text_max_length
-                self.alignments.append((np.tile(np.arange(length, dtype=np.int64), (n, 1)),
-                                        np.ones((n, length), np.float32)))
+            if al is None:  # every candidate reads the pivot's map as it is
+                starts = np.tile(np.arange(engine.manifest.text_max_length, dtype=np.int64), (n, 1))
+                tables = (starts, starts + 1, np.ones(starts.shape, np.float32))
             else:
-                self.alignments.append((np.asarray(al.columns, np.int64), np.asarray(al.weights, np.float32)))
+                tables = (np.asarray(al.starts, np.int64), np.asarray(al.stops, np.int64),
+                          np.asarray(al.weights, np.float32))
+            self.alignments.append(dict(zip(ALIGN_INPUTS, tables)))
         self.guidance = np.array([guidance_scale], np.float32)
 
     def __enter__(self) -> OrtBatch:
@@ -170,7 +171,7 @@ class OrtBatch:
                 "sample": x[o:o + n], "timestep": np.array([t], np.float32), "text": self.texts[r],
                 "guidance_scale": self.guidance}
             if spec.aligned:
-                feeds["align_cols"], feeds["align_weights"] = self.alignments[r]
+                feeds.update(self.alignments[r])
             if any(name.startswith("kv/") and prefix + name not in caches for name in graph.reads):
                 # cross_kv_once: the texts' K/V once per request, kept with the other caches.
                 kv = engine.cross_kv(self.texts[r])
@@ -253,21 +254,21 @@ class OrtEngine:
             raise ValueError(f"image size {height}x{width}: the exported graphs need multiples of {m * f} px")
         return (self.manifest.latent_channels, h, w)
 
-    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [list(row) for row in self._ids(texts, truncate=True)]
+    def text_tokens(self, texts: Sequence[str]) -> list[TextTokens]:
+        return text_tokens(self._tok, texts, self.text_max_length, self.manifest.pad_token_id)
 
-    def _ids(self, texts: Sequence[str], truncate: bool) -> np.ndarray:
+    def _ids(self, texts: Sequence[str]) -> np.ndarray:
         n = self.text_max_length
         ids = np.full((len(texts), n), self.manifest.pad_token_id, dtype=np.int64)
         for row, text in enumerate(texts):
             enc = self._tok.encode(text).ids
-            if len(enc) > n and not truncate:
+            if len(enc) > n:
                 raise ValueError(f"a prompt is {len(enc)} tokens, over the text encoder's limit of {n}; shorten it")
-            ids[row, :min(n, len(enc))] = enc[:n]
+            ids[row, :len(enc)] = enc
         return ids
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        return self._text.run(["last_hidden_state"], {"input_ids": self._ids(prompts, truncate=False)})[0]
+        return self._text.run(["last_hidden_state"], {"input_ids": self._ids(prompts)})[0]
 
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
               guidance_scale: float) -> OrtBatch:

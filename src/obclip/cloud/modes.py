@@ -19,55 +19,146 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from obclip.runtime.plan import AccelerationConfig, SkipVariant, StepMode
 
 # --- cross-attention token alignment -----------------------------------------
 
+# The exported reuse graphs' alignment inputs, each [N, L]: the pivot key columns
+# [start, stop) a candidate token reads, and the share of their weight it gets.
+ALIGN_INPUTS = ("align_starts", "align_stops", "align_weights")
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """One text as the text encoder sees it, padded to its context length: the token ids,
+    the pre-tokenizer word each token belongs to (None for BOS, EOS and padding) and each
+    token's character span in the text."""
+
+    ids: tuple[int, ...]
+    words: tuple[int | None, ...]
+    spans: tuple[tuple[int, int], ...]
+
+
+def text_tokens(tokenizer: Any, texts: Sequence[str], length: int, pad_id: int) -> list[TextTokens]:
+    """Tokenize with a ``tokenizers.Tokenizer`` (BOS/EOS added by its post-processor), cut to
+    ``length`` and padded with ``pad_id``: the ids are exactly what the text encoder reads."""
+    out = []
+    for enc in tokenizer.encode_batch(list(texts)):
+        ids, words, spans = list(enc.ids[:length]), list(enc.word_ids[:length]), list(enc.offsets[:length])
+        pad = length - len(ids)
+        out.append(TextTokens(tuple(ids) + (pad_id,) * pad, tuple(words) + (None,) * pad,
+                              tuple(map(tuple, spans)) + ((0, 0),) * pad))  # type: ignore[arg-type]
+    return out
+
 
 @dataclass(frozen=True)
 class TokenAlignment:
-    """Where each candidate's text tokens sit in the pivot's (candidate 0's).
+    """Where each candidate's tokens read the pivot's (candidate 0's) cross-attention map.
 
-    ``columns[i][j]`` is the pivot key column that candidate i's token j reads
-    its attention weight from; ``weights[i][j]`` divides a pivot column's weight
-    among the candidate tokens that share it. Candidates whose tokens line up
-    one to one with the pivot's (same length attribute words) are identity and
-    use the pivot's map as it is.
+    Candidate i's token j reads the sum of the pivot's key columns
+    ``starts[i][j] <= c < stops[i][j]`` (a whole word of the pivot), scaled by
+    ``weights[i][j]``, which splits that word's weight among the candidate tokens
+    reading it; each query row is then renormalised to sum to 1. Candidates whose
+    tokens line up one to one with the pivot's are identity and use its map as it is.
     """
 
-    columns: tuple[tuple[int, ...], ...]
+    starts: tuple[tuple[int, ...], ...]
+    stops: tuple[tuple[int, ...], ...]
     weights: tuple[tuple[float, ...], ...]
     identity: tuple[bool, ...]
 
 
-def align_token_ids(ids: Sequence[Sequence[int]]) -> TokenAlignment:
-    """Align every candidate's padded token ids to candidate 0's.
+@dataclass(frozen=True)
+class _Unit:
+    key: tuple              # what makes two units equal: their token ids
+    start: int              # token positions [start, stop)
+    stop: int
+    group: int              # the whitespace-separated word it belongs to
 
-    Same words map to the same column; a differing span (an attribute value,
-    "old" vs "middle-aged") maps proportionally onto the pivot's span; tokens
-    the pivot lacks entirely read the column before them. A pivot column that
-    no candidate token reads is dropped, and the gathered map is renormalised
-    so each row still sums to 1.
+
+def _units(text: TextTokens) -> list[_Unit]:
+    """A text as pre-tokenizer words (special tokens one unit each), each tagged with its
+    whitespace word: "middle-aged" is three pre-tokenizer words and one whitespace word."""
+    units: list[_Unit] = []
+    group, prev_end = -1, None
+    j = 0
+    while j < len(text.ids):
+        w = text.words[j]
+        stop = j + 1
+        if w is not None:
+            while stop < len(text.ids) and text.words[stop] == w:
+                stop += 1
+        begins = text.spans[j][0]
+        if w is None or prev_end is None or begins != prev_end:
+            group += 1
+        prev_end = None if w is None else text.spans[stop - 1][1]
+        key = ("word", *text.ids[j:stop]) if w is not None else ("special", text.ids[j])
+        units.append(_Unit(key, j, stop, group))
+        j = stop
+    return units
+
+
+def _groups(units: Sequence[_Unit]) -> list[tuple[int, int]]:
+    """Token ranges of the whitespace words in a run of units, in order."""
+    out: list[tuple[int, int]] = []
+    last = None
+    for u in units:
+        if u.group == last:
+            out[-1] = (out[-1][0], u.stop)
+        else:
+            out.append((u.start, u.stop))
+            last = u.group
+    return out
+
+
+def align_tokens(texts: Sequence[TextTokens]) -> TokenAlignment:
+    """Align every candidate to candidate 0 (the pivot), word by word.
+
+    Words (the tokenizer's pre-tokenizer words, mapped to token positions) are
+    matched with difflib; equal words read the pivot's tokens one to one. In a
+    differing span ("young man" vs "middle-aged woman"), whitespace words pair up in
+    order when both sides have as many (else each candidate word reads the pivot
+    words its proportional position overlaps), and every token of a candidate word
+    reads the sum of its pivot word's columns, so a 3-token value against a 1-token
+    one (or the reverse) loses none of the word's weight. Words the pivot lacks read
+    the token before them; pivot words no candidate token reads are dropped (the
+    renormalisation absorbs them).
     """
-    pivot = list(ids[0])
-    columns, weights, identity = [], [], []
-    for cand_ids in ids:
-        cand = list(cand_ids)
-        col = [0] * len(cand)
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, pivot, cand, autojunk=False).get_opcodes():
-            for j in range(j1, j2):
-                if tag == "equal":
-                    col[j] = i1 + (j - j1)
-                elif tag == "replace":
-                    col[j] = i1 + (j - j1) * (i2 - i1) // (j2 - j1)
-                elif tag == "insert":
-                    col[j] = max(i1 - 1, 0)
-        share = {c: col.count(c) for c in set(col)}
-        columns.append(tuple(col))
-        weights.append(tuple(1.0 / share[c] for c in col))
-        identity.append(col == list(range(len(cand))))
-    return TokenAlignment(tuple(columns), tuple(weights), tuple(identity))
+    pivot = _units(texts[0])
+    starts, stops, weights, identity = [], [], [], []
+    for text in texts:
+        cand = _units(text)
+        ranges: list[tuple[int, int]] = [(j, j + 1) for j in range(len(text.ids))]
+        matcher = difflib.SequenceMatcher(None, [u.key for u in pivot], [u.key for u in cand], autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag == "equal":
+                for p, c in zip(pivot[i1:i2], cand[j1:j2]):
+                    for off in range(c.stop - c.start):
+                        ranges[c.start + off] = (p.start + off, p.start + off + 1)
+            elif tag == "insert":
+                before = max(pivot[i1].start - 1, 0) if i1 < len(pivot) else pivot[-1].stop - 1
+                for c in cand[j1:j2]:
+                    for j in range(c.start, c.stop):
+                        ranges[j] = (before, before + 1)
+            elif tag == "replace":
+                p_words, c_words = _groups(pivot[i1:i2]), _groups(cand[j1:j2])
+                P, C = len(p_words), len(c_words)
+                for g, (c0, c1) in enumerate(c_words):
+                    if P == C:
+                        first, last = g, g
+                    else:  # the pivot words under this candidate word's share of the span
+                        first, last = g * P // C, max(-(-(g + 1) * P // C) - 1, g * P // C)
+                    for j in range(c0, c1):
+                        ranges[j] = (p_words[first][0], p_words[last][1])
+            # "delete": pivot words the candidate lacks are read by no one
+        share = {r: ranges.count(r) for r in set(ranges)}
+        starts.append(tuple(a for a, _ in ranges))
+        stops.append(tuple(b for _, b in ranges))
+        weights.append(tuple(1.0 / share[r] for r in ranges))
+        identity.append(ranges == [(j, j + 1) for j in range(len(text.ids))])
+    return TokenAlignment(tuple(starts), tuple(stops), tuple(weights), tuple(identity))
 
 
 # --- step modes ------------------------------------------------------------------

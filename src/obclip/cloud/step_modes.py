@@ -57,11 +57,13 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class AlignmentTensors:
-    """One request's token alignment as tensors. ``cols``/``weights`` [n, L] for the rows that read
-    the pivot's cross-attention map through the alignment: all N candidates when ``other`` is None
-    (what the graphs get), else the rows ``other``, while the rows ``same`` use the map as it is."""
+    """One request's token alignment as tensors (``modes.TokenAlignment``). ``starts``/``stops``/``weights``
+    [n, L] for the rows that read the pivot's cross-attention map through the alignment: all N
+    candidates when ``other`` is None (what the graphs get), else the rows ``other``, while the rows
+    ``same`` use the map as it is."""
 
-    cols: Tensor
+    starts: Tensor
+    stops: Tensor
     weights: Tensor
     same: Tensor | None = None
     other: Tensor | None = None
@@ -73,15 +75,20 @@ class AlignmentTensors:
             return None
         same = [i for i, ident in enumerate(al.identity) if ident]
         other = [i for i, ident in enumerate(al.identity) if not ident]
-        return cls(cols=torch.tensor([al.columns[i] for i in other], dtype=torch.long, device=device),
-                   weights=torch.tensor([al.weights[i] for i in other], dtype=torch.float32, device=device),
+
+        def rows(table: Any, dtype: torch.dtype) -> Tensor:
+            return torch.tensor([table[i] for i in other], dtype=dtype, device=device)
+
+        return cls(starts=rows(al.starts, torch.long), stops=rows(al.stops, torch.long),
+                   weights=rows(al.weights, torch.float32),
                    same=torch.tensor(same, dtype=torch.long, device=device),
                    other=torch.tensor(other, dtype=torch.long, device=device))
 
     @classmethod
     def full(cls, al: TokenAlignment, device: Any = None) -> AlignmentTensors:
-        """Every candidate through the alignment (identity rows read columns 0..L-1 with weight 1)."""
-        return cls(cols=torch.tensor(al.columns, dtype=torch.long, device=device),
+        """Every candidate through the alignment (identity rows read [j, j+1) with weight 1)."""
+        return cls(starts=torch.tensor(al.starts, dtype=torch.long, device=device),
+                   stops=torch.tensor(al.stops, dtype=torch.long, device=device),
                    weights=torch.tensor(al.weights, dtype=torch.float32, device=device))
 
 
@@ -211,13 +218,18 @@ def _shared_map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tens
     return out[0].unflatten(-1, (-1, d)).permute(2, 0, 1, 3)
 
 
-def _gathered_map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, cols: Tensor, weights: Tensor) -> Tensor:
-    """The pivot's map [H, Lq, Lk] read at each row's aligned columns (cols, weights [n, L]), renormalised, x v."""
+def _gathered_map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, starts: Tensor, stops: Tensor,
+                            weights: Tensor) -> Tensor:
+    """The pivot's map [H, Lq, Lk] read through an alignment: each row's token j gets the sum of the
+    pivot columns [starts, stops) x weights ([n, L] each), renormalised, x v."""
     pivot_map = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)   # [H, Lq, Lk]
-    m = pivot_map[..., cols].permute(2, 0, 1, 3)                                     # [n, H, Lq, L]
-    m = m * weights.to(m.dtype)[:, None, None, :]
+    # Column sums over ranges as differences of a running sum (float32: the differences of
+    # numbers near 1 keep ~1e-7 absolute error, also when the graph itself runs in fp16).
+    running = F.pad(torch.cumsum(pivot_map.float(), dim=-1), (1, 0))                 # [H, Lq, Lk + 1]
+    m = (running[..., stops] - running[..., starts]).permute(2, 0, 1, 3)             # [n, H, Lq, L]
+    m = m * weights.float()[:, None, None, :]
     m = m / m.sum(dim=-1, keepdim=True)
-    return torch.matmul(m, v)
+    return torch.matmul(m.to(v.dtype), v)
 
 
 def _aligned_cross(q: Tensor, k: Tensor, v: Tensor, scale: float, al: AlignmentTensors | None) -> Tensor:
@@ -225,13 +237,13 @@ def _aligned_cross(q: Tensor, k: Tensor, v: Tensor, scale: float, al: AlignmentT
     if al is None:
         return _shared_map_attention(q, k, v, scale)
     if al.other is None:
-        return _gathered_map_attention(q, k, v, scale, al.cols, al.weights)
+        return _gathered_map_attention(q, k, v, scale, al.starts, al.stops, al.weights)
     assert al.same is not None
     out = torch.empty(v.shape[0], *q.shape[:2], v.shape[-1], dtype=v.dtype, device=v.device)
     if len(al.same):  # tokens line up with the pivot's: its map as it is
         out.index_copy_(0, al.same, _shared_map_attention(q, k, v.index_select(0, al.same), scale))
     out.index_copy_(0, al.other, _gathered_map_attention(q, k, v.index_select(0, al.other), scale,
-                                                         al.cols, al.weights))
+                                                         al.starts, al.stops, al.weights))
     return out
 
 

@@ -34,7 +34,7 @@ from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import AccelerationConfig, PlannedStep, make_plan
 from obclip.runtime.protocol import RequestLimits, StepsRequest, encode_handoff
 
-from .modes import ModeSpec, TokenAlignment, align_token_ids, mode_spec
+from .modes import ModeSpec, TextTokens, TokenAlignment, align_tokens, mode_spec
 
 # The request fields a batch must share (wire_dtype only changes the encoding of the answer).
 BATCH_FIELDS = ("num_inference_steps", "switch_step", "height", "width", "guidance_scale", "acceleration")
@@ -69,8 +69,8 @@ class Engine(Protocol):
     scheduler_config: dict
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]: ...
-    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Padded token ids (the text encoder's context length), for token alignment."""
+    def text_tokens(self, texts: Sequence[str]) -> list[TextTokens]:
+        """The texts as the text encoder reads them (ids, words, spans), for token alignment."""
         ...
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
               guidance_scale: float) -> EngineBatch: ...
@@ -143,7 +143,7 @@ class CloudStepRunner:
         plan = make_plan(first.num_inference_steps, first.switch_step, acceleration)
         solver = engine.solver(first.num_inference_steps)
         # Batch reuse reads the pivot's cross-attention map at each candidate's token positions.
-        alignments = [align_token_ids(engine.token_ids(r.candidates)) if acceleration.batch_reuse else None
+        alignments = [align_tokens(engine.text_tokens(r.candidates)) if acceleration.batch_reuse else None
                       for r in requests]
         # One shared noise for every candidate of a request: the server's view must
         # not depend on which one is real, and the device can draw the same z_T.

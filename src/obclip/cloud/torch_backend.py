@@ -13,7 +13,7 @@ from obclip.runtime.plan import PlannedStep
 from obclip.runtime.solver import SolverConfig, make_schedule
 
 from .models import TextToLatentModel
-from .modes import ModeSpec, TokenAlignment
+from .modes import ModeSpec, TextTokens, TokenAlignment, text_tokens
 from .step_modes import AlignmentTensors, ModeInputs, processors_installed, run_mode
 
 
@@ -113,10 +113,9 @@ class TorchEngine:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return self.model.latent_shape(height, width)
 
-    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    def text_tokens(self, texts: Sequence[str]) -> list[TextTokens]:
         tok = self.model.tokenizer
-        return list(tok(list(texts), padding="max_length", max_length=tok.model_max_length,
-                        truncation=True).input_ids)
+        return text_tokens(tok.backend_tokenizer, texts, tok.model_max_length, tok.pad_token_id)
 
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
               guidance_scale: float) -> TorchBatch:

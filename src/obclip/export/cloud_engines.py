@@ -17,8 +17,8 @@ there is no second implementation to drift. Layout of ``OUT/cloud``::
 
 Mode graph inputs: ``sample`` [N, C, h, w], ``timestep`` [1] (float32),
 ``text`` [N + 1, L, D] (the empty prompt, then the candidates),
-``guidance_scale`` [1], for batch reuse ``align_cols`` [N, L] (int64) and
-``align_weights`` [N, L], then the cache tensors it reads; outputs ``eps``
+``guidance_scale`` [1], for batch reuse ``align_starts``, ``align_stops`` [N, L]
+(int64) and ``align_weights`` [N, L] (``modes.TokenAlignment``), then the cache tensors it reads; outputs ``eps``
 [N, C, h, w] then the cache tensors it writes (names in ``cloud/modes.py``).
 N, h and w are dynamic (h and w multiples of the UNet's total upsampling).
 
@@ -54,7 +54,7 @@ import torch
 from onnx import numpy_helper
 
 from obclip.cloud.models import TextToLatentModel, load_text_to_latent, model_schema
-from obclip.cloud.modes import ModeSpec, plan_specs
+from obclip.cloud.modes import ALIGN_INPUTS, ModeSpec, plan_specs
 from obclip.cloud.step_modes import AlignmentTensors, ModeInputs, cross_kv, processors_installed, run_mode
 from obclip.export.staging import staged_folder
 from obclip.runtime.manifest import EXPORT_VERSION, Component, Manifest, ManifestError, sha256_file
@@ -119,7 +119,7 @@ class ModeGraph(torch.nn.Module):
         self.unet, self.spec, self.reads, self.writes = unet, spec, list(reads), list(writes)
 
     def input_names(self) -> list[str]:
-        align = ["align_cols", "align_weights"] if self.spec.aligned else []
+        align = list(ALIGN_INPUTS) if self.spec.aligned else []
         return ["sample", "timestep", "text", "guidance_scale", *align, *self.reads]
 
     def output_names(self) -> list[str]:
@@ -129,8 +129,8 @@ class ModeGraph(torch.nn.Module):
                 guidance_scale: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         alignment = None
         if self.spec.aligned:
-            alignment = (AlignmentTensors(cols=rest[0], weights=rest[1]),)
-            rest = rest[2:]
+            alignment = (AlignmentTensors(*rest[:len(ALIGN_INPUTS)]),)
+            rest = rest[len(ALIGN_INPUTS):]
         inputs = ModeInputs(x=sample, timestep=timestep, text=text, guidance_scale=guidance_scale,
                             sizes=None, alignment=alignment)
         eps, writes = run_mode(self.unet, self.spec, inputs, dict(zip(self.reads, rest)))
@@ -175,13 +175,16 @@ def _example(lm: TextToLatentModel, n: int, size: int, seed: int) -> _Example:
     c, d, length = unet.config.in_channels, lm.text_encoder.config.hidden_size, lm.tokenizer.model_max_length
     x = torch.randn(n, c, size, size, generator=g)
     text = torch.randn(n + 1, length, d, generator=g)
-    cols = torch.arange(length).repeat(n, 1)
+    starts = torch.arange(length).repeat(n, 1)
+    stops = starts + 1
     weights = torch.ones(n, length)
-    if n > 1:  # one shifted candidate, so the gathered map is exercised
-        cols[-1, 1:] = torch.arange(length - 1)
-        weights[-1, :2] = 0.5
+    if n > 1:  # one candidate reading a 3-column word and one sharing a column, so the sums are exercised
+        stops[-1, 1] = 4
+        starts[-1, 2:] = torch.arange(3, length + 1).clamp(max=length - 1)
+        stops[-1, 2:] = starts[-1, 2:] + 1
+        weights[-1, -2:] = 0.5
     inputs = ModeInputs(x=x, timestep=torch.tensor([601.0]), text=text, guidance_scale=torch.tensor([7.5]),
-                        sizes=None, alignment=(AlignmentTensors(cols, weights),))
+                        sizes=None, alignment=(AlignmentTensors(starts, stops, weights),))
     with torch.no_grad():
         caches = {}
         for variant in SkipVariant:
@@ -221,7 +224,8 @@ def _feeds(graph: ModeGraph, ex: _Example) -> dict[str, torch.Tensor]:
              "guidance_scale": torch.as_tensor(i.guidance_scale, dtype=torch.float32)}
     if graph.spec.aligned:
         assert i.alignment is not None and i.alignment[0] is not None
-        feeds["align_cols"], feeds["align_weights"] = i.alignment[0].cols, i.alignment[0].weights
+        al = i.alignment[0]
+        feeds.update(zip(ALIGN_INPUTS, (al.starts, al.stops, al.weights)))
     pool = _cache_pool(ex, graph.spec)
     feeds.update({n: pool[n] for n in graph.reads})
     return feeds
@@ -234,7 +238,7 @@ def _dynamic_axes(names: Iterable[str], feeds: Mapping[str, torch.Tensor] | None
             axes[name] = {0: "n", 2: "h", 3: "w"}
         elif name in ("text",):
             axes[name] = {0: "n_text"}
-        elif name in ("align_cols", "align_weights"):
+        elif name in ALIGN_INPUTS:
             axes[name] = {0: "n"}
         elif name.startswith("kv/"):
             axes[name] = {0: "n_text"}

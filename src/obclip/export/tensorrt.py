@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from obclip.cloud.modes import ALIGN_INPUTS
 from obclip.runtime.manifest import Manifest
 from obclip.runtime.protocol import RequestLimits
 
@@ -118,7 +119,8 @@ def profile_shapes(manifest: Manifest, mode: str, rng: ProfileRange) -> dict[str
     out["text"] = at(lambda n, side: (n + 1, length, dim))
     out["guidance_scale"] = ((1,), (1,), (1,))
     if info["spec"]["mode"] == "reuse":
-        out["align_cols"] = out["align_weights"] = at(lambda n, side: (n, length))
+        for name in ALIGN_INPUTS:
+            out[name] = at(lambda n, side: (n, length))
     for name in info["reads"]:
         traced = info["shapes"][name]
         out[name] = at(lambda n, side, name=name, traced=traced: _scaled(name, traced, n, side, trace_n,

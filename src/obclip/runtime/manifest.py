@@ -30,7 +30,7 @@ JSON = dict[str, Any]
 
 MANIFEST_FORMAT = "obclip.manifest.v1"
 MANIFEST_NAME = "manifest.json"
-EXPORT_VERSION = 1        # bump when the exported graphs' contract changes: old cloud engines are refused
+EXPORT_VERSION = 2        # bump when the exported graphs' contract changes: old cloud engines are refused
 _REEXPORT = "rerun export: python export/build_engines.py"
 
 
