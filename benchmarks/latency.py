@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py [--device cpu|cuda] [--dtype float32|float16] [--model mini|sd-v1.4]
                                  [--repeats R] [--n 2 4 6] [--presets paper-k5 paper-k10] [--json]
+                                 [--backend torch onnxruntime --engines OUT/cloud]
 
 Rows (one request each, timed around ``CloudStepRunner.run``, the server's
 whole request: prompt encoding, shared noise, the plan's cloud steps
@@ -33,6 +34,14 @@ place of the CLIP text encoder (not timed: about one pass of a 123 M-parameter
 encoder over N+1 prompts per request in a real server). Timing on CUDA uses
 CUDA events after a torch.cuda.synchronize(); the code path is otherwise the
 same as on CPU. Random weights do not change the work a step does.
+
+Backends: ``--backend torch onnxruntime`` times every request on both (the
+torch model and the exported cloud engines in ``--engines``, the same model
+exported with ``python export/build_engines.py --cloud-model DIR --cloud-modes
+all``), interleaved in the same rounds; the column "vs torch" is
+median(torch, same request) / median(row). For a mid-size SD-v1.4-shaped UNet
+on CPU: ``python benchmarks/cloud_engines.py --write-narrow-sd DIR``, export
+DIR, then ``--cloud-model DIR --engines OUT/cloud``.
 
 The paper's V100 seconds (docs/method.md) are printed in their own column as a
 reference only: a different GPU, real weights and the paper's own code.
@@ -172,59 +181,73 @@ def flops_counter():
     return module.StepCounter()
 
 
-def measure(runner, rows: list[Row], *, steps: int, size: int, repeats: int, warmup: int = 1,
+def measure(runners, rows: list[Row], *, steps: int, size: int, repeats: int, warmup: int = 1,
             cuda: bool = False, seed: int = SEED, guidance: float = GUIDANCE, progress=None,
             flops: dict | None = None) -> list[dict]:
-    """Time every distinct request of ``rows`` interleaved; one result per row with medians and speed-ups."""
+    """Time every distinct request of ``rows`` on every runner, interleaved; one result per (runner, row)
+    with medians and speed-ups. ``runners``: a CloudStepRunner, or {backend name: runner}."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    jobs: dict[tuple, object] = {}
+    if not isinstance(runners, dict):
+        runners = {"torch": runners}
+    requests: dict[tuple, object] = {}
     for row in rows:
-        if row.key not in jobs:
-            jobs[row.key] = make_request(row, steps, size, seed, guidance)
-    keys = list(jobs)
+        if row.key not in requests:
+            requests[row.key] = make_request(row, steps, size, seed, guidance)
+    jobs = [(backend, key) for key in requests for backend in runners]   # a request's backends side by side
     timed = _timer(cuda)
+
+    def run(job: tuple) -> None:
+        backend, key = job
+        runners[backend].run(requests[key])
+
     for w in range(warmup):
-        for key in keys:
-            runner.run(jobs[key])
+        for job in jobs:
+            run(job)
         if progress:
             progress(f"warm-up round {w + 1}/{warmup} done")
-    times: dict[tuple, list[float]] = {key: [] for key in keys}
+    times: dict[tuple, list[float]] = {job: [] for job in jobs}
     for rep in range(repeats):
         t0 = time.perf_counter()
-        start = rep % len(keys)
-        for key in keys[start:] + keys[:start]:
-            times[key].append(timed(lambda key=key: runner.run(jobs[key])))
+        start = rep % len(jobs)
+        for job in jobs[start:] + jobs[:start]:
+            times[job].append(timed(lambda job=job: run(job)))
         if progress:
             progress(f"repeat {rep + 1}/{repeats}: {time.perf_counter() - t0:.1f}s")
 
-    med = {key: statistics.median(v) for key, v in times.items()}
-    low = {key: min(v) for key, v in times.items()}
+    med = {job: statistics.median(v) for job, v in times.items()}
+    low = {job: min(v) for job, v in times.items()}
     out = []
-    for row in rows:
-        m = med[row.key]
-        # ObCLIP without acceleration at this row's N and its preset's k (vanilla OG rows too).
-        base = next((r.key for r in rows if r.method == "obclip" and r.n == row.n and r.group == row.group
-                     and r.acceleration == AccelerationConfig.none(r.k)), None)
-        obclip = None if base is None else med[base]
-        time_ratio = None if obclip is None or row.n == 1 else obclip / m
-        flops_ratio = None if flops is None or base is None or row.n == 1 else flops[base] / flops[row.key]
-        vanilla = next((med[r.key] for r in rows if r.method == "vanilla-og" and r.n == row.n), None)
-        paper_key = (row.label if row.method == "obclip" else row.method, row.n,
-                     None if row.k == steps else row.k)
-        out.append({
-            "group": row.group, "label": row.label, "method": row.method, "n": row.n, "cloud_steps": row.k,
-            "acceleration": None if row.acceleration is None else row.acceleration.to_dict(),
-            "times_s": times[row.key], "median_s": m, "min_s": min(times[row.key]), "max_s": max(times[row.key]),
-            "speedup_vs_obclip": time_ratio,
-            "speedup_vs_obclip_min": None if base is None or row.n == 1 else low[base] / low[row.key],
-            "flops": None if flops is None else flops[row.key],
-            "flops_ratio_vs_obclip": flops_ratio,
-            "noise": (time_ratio is not None and flops_ratio is not None
-                      and time_ratio > flops_ratio * (1 + NOISE_TOLERANCE)),
-            "speedup_vs_vanilla": None if vanilla is None or row.n == 1 else vanilla / m,
-            "paper_v100_s": PAPER_V100_S.get(paper_key) if steps == PAPER_T else None,
-        })
+    for backend in runners:
+        for row in rows:
+            job = (backend, row.key)
+            m = med[job]
+            # ObCLIP without acceleration at this row's N and its preset's k (vanilla OG rows too).
+            base = next((r.key for r in rows if r.method == "obclip" and r.n == row.n and r.group == row.group
+                         and r.acceleration == AccelerationConfig.none(r.k)), None)
+            obclip = None if base is None else med[(backend, base)]
+            time_ratio = None if obclip is None or row.n == 1 else obclip / m
+            flops_ratio = None if flops is None or base is None or row.n == 1 else flops[base] / flops[row.key]
+            vanilla = next((med[(backend, r.key)] for r in rows if r.method == "vanilla-og" and r.n == row.n), None)
+            torch_m = med.get(("torch", row.key)) if backend != "torch" else None
+            paper_key = (row.label if row.method == "obclip" else row.method, row.n,
+                         None if row.k == steps else row.k)
+            out.append({
+                "backend": backend, "group": row.group, "label": row.label, "method": row.method, "n": row.n,
+                "cloud_steps": row.k,
+                "acceleration": None if row.acceleration is None else row.acceleration.to_dict(),
+                "times_s": times[job], "median_s": m, "min_s": low[job], "max_s": max(times[job]),
+                "speedup_vs_obclip": time_ratio,
+                "speedup_vs_obclip_min": None if base is None or row.n == 1 else low[(backend, base)] / low[job],
+                "flops": None if flops is None else flops[row.key],
+                "flops_ratio_vs_obclip": flops_ratio,
+                "noise": (time_ratio is not None and flops_ratio is not None
+                          and time_ratio > flops_ratio * (1 + NOISE_TOLERANCE)),
+                "speedup_vs_vanilla": None if vanilla is None or row.n == 1 else vanilla / m,
+                "speedup_vs_torch": None if torch_m is None else torch_m / m,
+                "speedup_vs_torch_min": None if torch_m is None else low[("torch", row.key)] / low[job],
+                "paper_v100_s": PAPER_V100_S.get(paper_key) if steps == PAPER_T else None,
+            })
     return out
 
 
@@ -270,19 +293,25 @@ def _x(v) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"{'preset':<10} {'N':>2} {'row':<16} {'steps':>5} {'median s':>9} {'min s':>8} {'max s':>8} "
-          f"{'vs ObCLIP':>9} {'(min)':>8} {'FLOPs':>8} {'':5} {'vs van.OG':>9} | {'paper V100 s (reference)':>24}")
+    versus_torch = any(r.get("speedup_vs_torch") is not None for r in results)
+    torch_head = f" {'vs torch':>8} {'(min)':>8}" if versus_torch else ""
+    print(f"{'backend':<11} {'preset':<10} {'N':>2} {'row':<16} {'steps':>5} {'median s':>9} {'min s':>8} "
+          f"{'max s':>8} {'vs ObCLIP':>9} {'(min)':>8} {'FLOPs':>8} {'':5} {'vs van.OG':>9}{torch_head} | "
+          f"{'paper V100 s (reference)':>24}")
     last = None
     for r in results:
-        if last is not None and r["group"] != last:
+        here = (r.get("backend"), r["group"])
+        if last is not None and here != last:
             print()
-        last = r["group"]
+        last = here
         paper = "" if r["paper_v100_s"] is None else f"{r['paper_v100_s']:.2f}"
         flag = "noise" if r.get("noise") else ""
-        print(f"{r['group']:<10} {r['n']:>2} {r['label']:<16} {r['cloud_steps']:>5} {r['median_s']:>9.4f} "
-              f"{r['min_s']:>8.4f} {r['max_s']:>8.4f} {_x(r['speedup_vs_obclip']):>9} "
+        torch_cols = (f" {_x(r.get('speedup_vs_torch')):>8} {_x(r.get('speedup_vs_torch_min')):>8}"
+                      if versus_torch else "")
+        print(f"{r.get('backend', 'torch'):<11} {r['group']:<10} {r['n']:>2} {r['label']:<16} {r['cloud_steps']:>5} "
+              f"{r['median_s']:>9.4f} {r['min_s']:>8.4f} {r['max_s']:>8.4f} {_x(r['speedup_vs_obclip']):>9} "
               f"{_x(r.get('speedup_vs_obclip_min')):>8} {_x(r.get('flops_ratio_vs_obclip')):>8} {flag:5} "
-              f"{_x(r['speedup_vs_vanilla']):>9} | {paper:>24}")
+              f"{_x(r['speedup_vs_vanilla']):>9}{torch_cols} | {paper:>24}")
 
 
 def main(argv=None) -> int:
@@ -300,11 +329,21 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=["paper-k5", "paper-k10"], choices=sorted(PRESETS))
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 7 on cpu, 20 on cuda)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every request first")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch, and onnxruntime's intra-op pool)")
+    p.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
+                   help="step engines to time side by side (default: torch)")
+    p.add_argument("--engines", default=None, type=Path,
+                   help="with --backend onnxruntime: the cloud engines folder exported from the same model "
+                        "(python export/build_engines.py --cloud-model DIR --cloud-modes all)")
+    p.add_argument("--providers", default="cpu", help="onnxruntime execution providers (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", default=None, help="also write the JSON object to this file")
     args = p.parse_args(argv)
 
+    if "onnxruntime" in args.backend and args.engines is None:
+        print("error: --backend onnxruntime needs --engines OUT/cloud (python export/build_engines.py "
+              "--cloud-model DIR --cloud-modes all --out OUT)", file=sys.stderr)
+        return 2
     too_big = [n for n in args.presets if preset(n).switch_step > args.steps]
     if too_big:
         print(f"error: --steps {args.steps} is below the switch point k of {too_big}; use T >= k", file=sys.stderr)
@@ -343,7 +382,22 @@ def main(argv=None) -> int:
         model = random_full_size_model(model_name, args.device, dtype)
         model_dir, weights = model.model_id, "random weights"
         text = "random [N+1, 77, 768] embedding (text encoder not timed)"
-    runner = CloudStepRunner(model)
+    runners = {}
+    for backend in dict.fromkeys(args.backend):
+        if backend == "torch":
+            runners[backend] = CloudStepRunner(model)
+        else:
+            from obclip.cloud.engine_backend import OrtEngine
+
+            engine = OrtEngine(args.engines, providers=args.providers, threads=args.threads)
+            if model_name == "mini" and "torch" in args.backend:  # side by side only on the same weights
+                from obclip.export.build_engines import model_fingerprint
+
+                if (engine.manifest.source or {}).get("fingerprint") != model_fingerprint(Path(model_dir)):
+                    print(f"error: the engines in {args.engines} were not exported from {model_dir}; export "
+                          "it: python export/build_engines.py --cloud-model DIR --cloud-modes all", file=sys.stderr)
+                    return 2
+            runners[backend] = CloudStepRunner(engine=engine)
     size = args.size or model.default_image_size
     load_s = time.perf_counter() - t_load
 
@@ -355,7 +409,7 @@ def main(argv=None) -> int:
         counter = flops_counter()
         flops = {row.key: row_flops(counter, model_name, row, args.steps) for row in rows}
     t0 = time.perf_counter()
-    results = measure(runner, rows, steps=args.steps, size=size, repeats=repeats, warmup=args.warmup,
+    results = measure(runners, rows, steps=args.steps, size=size, repeats=repeats, warmup=args.warmup,
                       cuda=cuda, progress=log, flops=flops)
     elapsed = time.perf_counter() - t0
 
@@ -364,7 +418,8 @@ def main(argv=None) -> int:
             "model_dir": str(model_dir), "weights": weights, "text": text, "image_size": size, "T": args.steps,
             "guidance": GUIDANCE, "seed": SEED, "repeats": repeats, "warmup": args.warmup,
             "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "load_s": load_s, "elapsed_s": elapsed,
+            "load_s": load_s, "elapsed_s": elapsed, "backends": list(runners),
+            "engines": None if args.engines is None else str(args.engines),
             "presets": {n: preset(n).to_dict() for n in args.presets}}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
@@ -373,6 +428,11 @@ def main(argv=None) -> int:
         return 0
     print(f"# server wall time per request, ours: {model_name} ({weights}) on {args.device} ({device_name}), "
           f"{dtype_name}, {size} px, T={args.steps}, guidance {GUIDANCE}")
+    if "onnxruntime" in runners:
+        import onnxruntime
+
+        print(f"# onnxruntime {onnxruntime.__version__} ({args.providers}) on the cloud engines in {args.engines}; "
+              "vs torch = median(torch, same request) / median(row)")
     print(f"# text: {text}; torch {torch.__version__}, {args.threads} CPU thread(s) of {os.cpu_count()}; "
           f"{'CUDA events' if cuda else 'perf_counter'}; {args.warmup} warm-up round(s), median of {repeats} "
           "interleaved repeats")

@@ -123,3 +123,24 @@ def test_latency_counts_each_rows_flops(tmp_path):
     cached = latency.Row("+ cache", "obclip", 2, 2, AccelerationConfig(2, 1, 1), "t")
     a, b = (latency.row_flops(counter, "mini-small", r, 3) for r in (plain, cached))
     assert a > b > 0
+
+
+def test_latency_times_both_backends_side_by_side(cloud_runner):
+    """Two runners (here: two torch runners under different names, the onnxruntime one needs an export)
+    are timed in the same rounds, each row once per backend, with the ratio to the torch row."""
+    from obclip.cloud.steps import CloudStepRunner
+
+    rows = [latency.Row("ObCLIP", "obclip", 2, 2, AccelerationConfig.none(2), "t")]
+    size = cloud_runner.model.default_image_size
+    other = CloudStepRunner(cloud_runner.model)
+    out = latency.measure({"torch": cloud_runner, "onnxruntime": other}, rows, steps=3, size=size, repeats=2,
+                          warmup=0)
+    assert [(r["backend"], r["label"]) for r in out] == [("torch", "ObCLIP"), ("onnxruntime", "ObCLIP")]
+    assert out[0]["speedup_vs_torch"] is None
+    assert out[1]["speedup_vs_torch"] == pytest.approx(out[0]["median_s"] / out[1]["median_s"])
+    assert all(len(r["times_s"]) == 2 for r in out)
+
+
+def test_latency_onnxruntime_needs_engines(capsys):
+    assert latency.main(["--backend", "onnxruntime"]) == 2
+    assert "--engines" in capsys.readouterr().err
