@@ -60,3 +60,29 @@ def test_candidates_run_from_the_unpacked_wheel_away_from_the_checkout(wheel, tm
     assert Path(first).resolve().is_relative_to(site.resolve())  # not the checkout's src/
     result = json.loads(rest)
     assert len(result["candidates"]) == 6
+
+
+def test_the_onnx_runtime_is_a_per_target_extra(wheel):
+    """Exactly one of onnxruntime / onnxruntime-gpu: neither is a base dependency, each is its own extra."""
+    names = zipfile.ZipFile(wheel).namelist()
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    runtime = [r for r in requires if r.lower().startswith("onnxruntime")]
+    assert runtime and all("extra ==" in r for r in runtime), runtime
+    assert any(r.startswith("onnxruntime>=") and 'extra == "cpu"' in r for r in runtime)
+    assert any(r.startswith("onnxruntime-gpu") and 'extra == "gpu"' in r for r in runtime)
+    assert not any(r.startswith("onnxruntime-gpu") and 'extra == "gpu"' not in r for r in runtime)
+
+
+def test_a_doubled_onnx_runtime_is_named_with_its_fix():
+    from obclip.runtime.sessions import doubled_runtime_message, installed_runtimes
+
+    assert installed_runtimes(["numpy", "onnxruntime"]) == ["onnxruntime"]
+    both = installed_runtimes(["onnxruntime_gpu", "Onnxruntime", "torch"])
+    assert both == ["onnxruntime", "onnxruntime-gpu"]
+    message = doubled_runtime_message(both)
+    assert message is not None and "pip uninstall -y onnxruntime onnxruntime-gpu" in message
+    assert "obclip[gpu]" in message
+    assert doubled_runtime_message(["onnxruntime"]) is None
+    # this environment (the CI's) has exactly one
+    assert len(installed_runtimes()) == 1

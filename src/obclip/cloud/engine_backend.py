@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, ManifestMismatchError
+from obclip.runtime.sessions import ort
 from obclip.runtime.solver import SolverConfig, initial_state, make_schedule, solver_step
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
@@ -46,7 +46,8 @@ def resolve_providers(name: str) -> tuple[str, ...]:
     wanted = PROVIDERS[name]
     if wanted[0] not in ort.get_available_providers():
         raise ValueError(f"onnxruntime here has no {wanted[0]} (available: {ort.get_available_providers()}); "
-                         "for cuda/tensorrt install obclip[cloud-gpu] (onnxruntime-gpu) instead of obclip[cloud-ort]")
+                         "for cuda/tensorrt: pip uninstall -y onnxruntime && "
+                         "pip install 'obclip[gpu]' (onnxruntime-gpu)")
     return wanted
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
 from obclip.runtime.manifest import Manifest
-from obclip.runtime.sessions import open_session, run
+from obclip.runtime.sessions import open_session, ort, run
 
 from .tokenizer import ClipTokenizer
 
@@ -38,7 +37,8 @@ def resolve_providers(requested: tuple[str, ...] | str, available: list[str] | N
     missing = [n for n, f in zip(names, full) if f not in available]
     if missing or not full:
         raise ValueError(f"onnxruntime providers {missing or list(names)} are not available in this onnxruntime "
-                         f"build; it offers {available}. Install the build that has them (onnxruntime-gpu: CUDA, "
+                         f"build; it offers {available}. Install the build that has them instead of this one "
+                         "(obclip[gpu], i.e. onnxruntime-gpu: CUDA, "
                          "onnxruntime-directml: DirectML, onnxruntime-mobile/the iOS and Android packages: CoreML, "
                          "NNAPI, XNNPACK) or use providers=\"auto\"")
     return full if "CPUExecutionProvider" in full else (*full, "CPUExecutionProvider")

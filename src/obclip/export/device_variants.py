@@ -47,11 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from obclip.export.staging import staged_folder
 from obclip.runtime.manifest import PRECISIONS, Manifest, sha256_file
-from obclip.runtime.sessions import open_session, run
+from obclip.runtime.sessions import open_session, ort, run
 
 # ops kept float32 in the fp16 variant (on top of onnxruntime's default block list)
 FP16_KEEP_FP32 = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",

@@ -1,12 +1,56 @@
-"""Thin onnxruntime helpers: open a session with clear errors, run it by name."""
+"""Thin onnxruntime helpers: open a session with clear errors, run it by name.
+
+Every obclip module takes onnxruntime from here (``from obclip.runtime.sessions import ort``), so a
+missing or doubled runtime is reported once, with the fix. The runtime is a per-target extra (as
+optimum does it): ``obclip[cpu]`` brings ``onnxruntime``, ``obclip[gpu]`` brings ``onnxruntime-gpu``
+(CUDA and TensorRT providers). The two install the same ``onnxruntime`` module and must not sit
+side by side.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+__all__ = ["RUNTIME_MISSING", "available_providers", "doubled_runtime_message", "installed_runtimes",
+           "open_session", "ort", "run"]
+
+# Distributions that each install the ``onnxruntime`` module.
+RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                         "onnxruntime-qnn", "onnxruntime-silicon")
+RUNTIME_MISSING = ("onnxruntime is not installed: pip install 'obclip[cpu]' (CPU), or 'obclip[gpu]' "
+                   "(onnxruntime-gpu: CUDA and TensorRT providers), never both")
+
+
+def installed_runtimes(names: Iterable[str] | None = None) -> list[str]:
+    """The onnxruntime distributions installed (``names``: the installed distribution names, for tests)."""
+    if names is None:
+        names = (d.metadata["Name"] or "" for d in metadata.distributions())
+    found = {n.lower().replace("_", "-") for n in names}
+    return [d for d in RUNTIME_DISTRIBUTIONS if d in found]
+
+
+def doubled_runtime_message(runtimes: Sequence[str]) -> str | None:
+    """What to tell a user with more than one onnxruntime distribution installed (None: fine)."""
+    if len(runtimes) < 2:
+        return None
+    keep = "gpu" if "onnxruntime-gpu" in runtimes else "cpu"
+    return (f"{' and '.join(runtimes)} are installed together; they overwrite each other's onnxruntime module. "
+            f"Keep one: pip uninstall -y {' '.join(runtimes)} && pip install 'obclip[{keep}]'")
+
+
+try:
+    import onnxruntime as ort
+except ImportError as e:  # pragma: no cover - exercised in a venv without the extra
+    raise ImportError(RUNTIME_MISSING) from e
+
+_doubled = doubled_runtime_message(installed_runtimes())
+if _doubled:
+    warnings.warn(_doubled, RuntimeWarning, stacklevel=2)
 
 
 def available_providers() -> list[str]:
@@ -21,7 +65,8 @@ def open_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProv
     missing = [p for p in providers if p not in ort.get_available_providers()]
     if missing:
         raise ValueError(f"onnxruntime providers {missing} are not available here; available: "
-                         f"{ort.get_available_providers()} (install onnxruntime-gpu for CUDAExecutionProvider)")
+                         f"{ort.get_available_providers()} (for CUDA/TensorRT: pip uninstall -y onnxruntime && "
+                         "pip install 'obclip[gpu]')")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
