@@ -217,13 +217,55 @@ def _finish_all(pipeline, prepared, handoff: bytes, config, real_image: np.ndarr
 # --------------------------------------------------------------------------
 
 
-def _accuracy(images, attrs) -> dict | None:
-    from mini.analyser import attribute_accuracy
+ATTRIBUTES = ("colour", "shape", "both")
+BOOTSTRAP_RESAMPLES = 10000
 
+
+def _hits(images, attrs) -> dict[str, np.ndarray] | None:
+    """Per image: colour / shape / both read back right (mini/analyser.py's attribute_hits), bool arrays."""
+    from mini.analyser import attribute_hits
+
+    attrs = list(attrs)
     if len(attrs) == 0:
         return None
-    acc = attribute_accuracy(list(images), list(attrs))
-    return {k: acc[k] for k in ("colour", "shape", "both")}
+    hits = attribute_hits(list(images), attrs)
+    return {k: np.asarray(hits[k], bool) for k in ATTRIBUTES}
+
+
+def _accuracy_of(hits: dict | None) -> dict | None:
+    return None if hits is None else {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def _wilson(hits) -> list[float]:
+    from mini.stats import wilson_interval
+
+    hits = np.asarray(hits, bool)
+    return list(wilson_interval(int(hits.sum()), len(hits)))
+
+
+def _ci_of(hits: dict | None) -> dict | None:
+    """Wilson 95% interval of each accuracy (images scored independently)."""
+    return None if hits is None else {k: _wilson(v) for k, v in hits.items()}
+
+
+def _accuracy(images, attrs) -> dict | None:
+    return _accuracy_of(_hits(images, attrs))
+
+
+def _scored(images, attrs) -> dict:
+    """accuracy, its Wilson 95% interval, and the per-image hits (kept for exact pairing)."""
+    hits = _hits(images, attrs)
+    return {"accuracy": _accuracy_of(hits), "accuracy_ci": _ci_of(hits),
+            "hits": None if hits is None else {k: v.tolist() for k, v in hits.items()}}
+
+
+def _paired(a, b, level: float = 0.95) -> dict:
+    """Paired bootstrap of mean(a) - mean(b) over the same prompts (mini/stats.py), as a dict."""
+    from mini.stats import paired_bootstrap
+
+    d = paired_bootstrap(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                         resamples=BOOTSTRAP_RESAMPLES, level=level)
+    return {"diff": d.diff, "lo": d.lo, "hi": d.hi, "n": d.n, "resamples": d.resamples, "level": level}
 
 
 def _mmd2(images: np.ndarray, reference: np.ndarray) -> float | None:
@@ -232,20 +274,35 @@ def _mmd2(images: np.ndarray, reference: np.ndarray) -> float | None:
     return float(mmd2(images, reference)) if len(images) >= 2 and len(reference) >= 2 else None
 
 
+def reference_key(spec: MethodSpec, specs: list[MethodSpec]) -> str | None:
+    """The row a row's "both" is compared with: accelerated ObCLIP -> exact ObCLIP at the same k;
+    exact ObCLIP and Hybrid SD -> cloud-only; others (and a reference not run) -> None."""
+    if spec.is_obclip and spec.acceleration is not None:
+        want = [m for m in specs if m.is_obclip and m.acceleration is None and m.k == spec.k]
+    elif spec.is_obclip or spec.method == "hybrid-sd":
+        want = [m for m in specs if m.method == "cloud-only"]
+    else:
+        return None
+    return want[0].key if want else None
+
+
 def summarize(records: list[dict], attrs, renders: np.ndarray, reference: np.ndarray) -> dict:
-    """Table rows (no images): accuracy, MMD^2, seconds; pivot splits for the ObCLIP rows."""
+    """Table rows (no images): accuracy with Wilson 95% intervals and per-prompt hits, the paired
+    bootstrap difference of "both" against the row's reference (``reference_key``), MMD^2, seconds;
+    pivot splits for the ObCLIP rows."""
     attrs = list(attrs)
     rows = [{"key": "real", "label": "Real renders (reference)", "method": "real", "k": None, "accel": "-",
-             "n": len(attrs), "accuracy": _accuracy(renders, attrs), "mmd2": _mmd2(renders, reference),
+             "n": len(attrs), **_scored(renders, attrs), "mmd2": _mmd2(renders, reference),
              "seconds_per_image": None}]
     splits = []
+    specs = [rec["spec"] for rec in records]
     for rec in records:
         spec = rec["spec"]
         rows.append({
             "key": spec.key, "label": spec.label, "method": spec.method, "k": spec.cloud_steps(rec["steps"]),
             "accel": spec.accel,
             "acceleration": spec.acceleration.to_dict() if spec.acceleration else None, "n": len(attrs),
-            "accuracy": _accuracy(rec["images"], attrs), "mmd2": _mmd2(rec["images"], reference),
+            **_scored(rec["images"], attrs), "mmd2": _mmd2(rec["images"], reference),
             "seconds_per_image": float(np.mean(rec["seconds"])),
             "cloud_seconds_per_image": float(np.mean(rec["cloud_seconds"])),
             "n_candidates": sorted(set(rec["n_candidates"])),
@@ -254,29 +311,60 @@ def summarize(records: list[dict], attrs, renders: np.ndarray, reference: np.nda
             continue
         pivot = [i for i, r in enumerate(rec["real_index"]) if r == 0]
         others = [i for i, r in enumerate(rec["real_index"]) if r != 0]
+
+        def part(idx: list[int], rec: dict = rec) -> dict:
+            hits = _hits(rec["images"][idx], [attrs[i] for i in idx])
+            return {"prompts": len(idx), "accuracy": _accuracy_of(hits), "accuracy_ci": _ci_of(hits)}
+
         split = {"key": spec.key, "label": spec.label, "k": spec.k, "accel": spec.accel,
                  "batch_reuse": bool(spec.acceleration and spec.acceleration.batch_reuse),
-                 "by_real_index": {
-                     "pivot": {"prompts": len(pivot), "accuracy": _accuracy(rec["images"][pivot],
-                                                                             [attrs[i] for i in pivot])},
-                     "others": {"prompts": len(others), "accuracy": _accuracy(rec["images"][others],
-                                                                               [attrs[i] for i in others])}}}
+                 "by_real_index": {"pivot": part(pivot), "others": part(others)}}
         if "candidates" in rec:
             per_index = []
             n = min(len(c["assignments"]) for c in rec["candidates"])
             for j in range(n):
                 per_index.append(_accuracy([c["images"][j] for c in rec["candidates"]],
                                            [c["assignments"][j] for c in rec["candidates"]]))
+            pivot_hits = _hits([c["images"][0] for c in rec["candidates"]],
+                               [c["assignments"][0] for c in rec["candidates"]])
             others_imgs = [c["images"][j] for c in rec["candidates"] for j in range(1, len(c["assignments"]))]
             others_asg = [c["assignments"][j] for c in rec["candidates"] for j in range(1, len(c["assignments"]))]
+            others_hits = _hits(others_imgs, others_asg)
             split["all_candidates"] = {
-                "pivot": {"images": len(rec["candidates"]), "accuracy": per_index[0]},
-                "others": {"images": len(others_imgs), "accuracy": _accuracy(others_imgs, others_asg)},
+                "pivot": {"images": len(rec["candidates"]), "accuracy": _accuracy_of(pivot_hits),
+                          "accuracy_ci": _ci_of(pivot_hits)},
+                # Wilson over images: candidates of one prompt share a trajectory, so this is optimistic.
+                "others": {"images": len(others_imgs), "accuracy": _accuracy_of(others_hits),
+                           "accuracy_ci": _ci_of(others_hits)},
                 "per_index": per_index,
                 "pivot_assignment": rec["candidates"][0]["assignments"][0],
             }
         splits.append(split)
-    return {"rows": rows, "pivot_split": splits}
+
+    by_key = {r["key"]: r for r in rows}
+    for row, spec in zip(rows[1:], specs):
+        ref = reference_key(spec, specs)
+        if spec.is_obclip or spec.method == "hybrid-sd":
+            row["reference"] = ref
+            row["vs_reference"] = (None if ref is None or row["hits"] is None else
+                                   {"metric": "both", **_paired(row["hits"]["both"], by_key[ref]["hits"]["both"])})
+    return {"rows": rows, "pivot_split": splits, "resolution": resolution(rows)}
+
+
+def resolution(rows: list[dict]) -> dict:
+    """What the sample can resolve: n, the Wilson half-widths of "both" at the observed rates, and the
+    widths of the paired bootstrap intervals of the differences (in accuracy units, 0..1)."""
+    n = max((r["n"] for r in rows), default=0)
+    halves = [(r["accuracy_ci"]["both"][1] - r["accuracy_ci"]["both"][0]) / 2 for r in rows
+              if r.get("accuracy_ci") and r["key"] != "real"]
+    widths = [r["vs_reference"]["hi"] - r["vs_reference"]["lo"] for r in rows if r.get("vs_reference")]
+    from mini.stats import wilson_interval
+
+    lo, hi = wilson_interval(n // 2, n) if n else (0.0, 0.0)
+    return {"n": n, "one_prompt": 1 / n if n else None,
+            "wilson_half_width_both": [min(halves), max(halves)] if halves else None,
+            "wilson_half_width_at_50": (hi - lo) / 2,
+            "paired_interval_width": [min(widths), max(widths)] if widths else None}
 
 
 # --------------------------------------------------------------------------
@@ -315,18 +403,67 @@ def header_lines(meta: dict) -> list[str]:
     return lines
 
 
+def _ci_pct(acc: dict | None, ci: dict | None, key: str) -> str:
+    """'45.0 [32.1, 58.6]': accuracy and its 95% interval in percent."""
+    if acc is None:
+        return "-"
+    if not ci:
+        return _pct(acc, key)
+    return f"{100 * acc[key]:.1f} [{100 * ci[key][0]:.1f}, {100 * ci[key][1]:.1f}]"
+
+
+def _diff_pct(d: dict | None) -> str:
+    """'-3.3 [-10.0, +3.3]': a paired difference in points with its interval."""
+    if d is None:
+        return "-"
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
+def _span(pair, scale: float = 100) -> str:
+    return "-" if not pair else (f"{scale * pair[0]:.1f}" if abs(pair[0] - pair[1]) < 1e-12
+                                 else f"{scale * pair[0]:.1f}-{scale * pair[1]:.1f}")
+
+
+def resolution_lines(res: dict) -> list[str]:
+    n = res["n"]
+    if not n:
+        return []
+    return [
+        f"Sample: n = {n} prompts per row, the same prompts and seeds for every row (one prompt = "
+        f"{100 / n:.1f} points). Intervals: Wilson 95% for each accuracy; paired bootstrap 95% "
+        f"({BOOTSTRAP_RESAMPLES} resamples of the prompts, both rows resampled together) for Δ both, the "
+        "difference to the row's reference (accelerated ObCLIP: exact ObCLIP at the same k; exact ObCLIP "
+        "and Hybrid SD: cloud only; the reference is named in the JSON's `reference`).",
+        "",
+        f"What n = {n} resolves: the Wilson half-width of 'both' at the observed rates is "
+        f"{_span(res['wilson_half_width_both'])} points ({100 * res['wilson_half_width_at_50']:.1f} at 50%), so "
+        "two unpaired rows must differ by about twice that to be told apart; paired, the bootstrap intervals "
+        f"of Δ both are {_span(res['paired_interval_width'])} points wide, so a paired difference smaller than "
+        "about half that width (or any whose interval contains 0) is not resolved. A 95% interval of a "
+        "difference of 0 does not show that two rows are equal, only that the sample cannot separate them.",
+    ]
+
+
 def markdown(summary: dict, meta: dict) -> str:
     lines = header_lines(meta) + ["",
-             "| method | k | accel | colour % | shape % | both % | MMD² | seconds/image |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| method | k | accel | colour % [95% CI] | shape % [95% CI] | both % [95% CI] | Δ both vs ref "
+             "[95% CI] | MMD² | seconds/image |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         k = "-" if r["k"] is None else r["k"]
-        a = r["accuracy"]
-        lines.append(f"| {r['label']} | {k} | {r['accel']} | {_pct(a, 'colour')} | {_pct(a, 'shape')} | "
-                     f"{_pct(a, 'both')} | {_num(r['mmd2'], '.4f')} | {_num(r['seconds_per_image'], '.2f')} |")
+        a, ci = r["accuracy"], r.get("accuracy_ci")
+        ref = r.get("vs_reference")
+        diff = "-" if "reference" not in r else (
+            f"{_diff_pct(ref)} vs {r['reference']}" if ref else "reference not run")
+        lines.append(f"| {r['label']} | {k} | {r['accel']} | {_ci_pct(a, ci, 'colour')} | "
+                     f"{_ci_pct(a, ci, 'shape')} | {_ci_pct(a, ci, 'both')} | {diff} | "
+                     f"{_num(r['mmd2'], '.4f')} | {_num(r['seconds_per_image'], '.2f')} |")
+    if summary.get("resolution"):
+        lines += [""] + resolution_lines(summary["resolution"])
     if summary["pivot_split"]:
-        lines += ["", "Pivot vs non-pivot (ObCLIP): accuracy (both %) when the prompt's real candidate is the "
-                      "pivot (candidate 0) vs any other; batch reuse broadcasts the pivot's attention maps.", ""]
+        lines += ["", "Pivot vs non-pivot (ObCLIP): accuracy (both %, Wilson 95%) when the prompt's real "
+                      "candidate is the pivot (candidate 0) vs any other; batch reuse broadcasts the pivot's "
+                      "attention maps.", ""]
         has_all = any("all_candidates" in s for s in summary["pivot_split"])
         head = "| method | k | accel | real = pivot: prompts | both % | real ≠ pivot: prompts | both % |"
         rule = "|---|---:|---|---:|---:|---:|---:|"
@@ -336,13 +473,19 @@ def markdown(summary: dict, meta: dict) -> str:
         lines += [head, rule]
         for s in summary["pivot_split"]:
             p, o = s["by_real_index"]["pivot"], s["by_real_index"]["others"]
-            line = (f"| {s['label']} | {s['k']} | {s['accel']} | {p['prompts']} | {_pct(p['accuracy'], 'both')} | "
-                    f"{o['prompts']} | {_pct(o['accuracy'], 'both')} |")
+            line = (f"| {s['label']} | {s['k']} | {s['accel']} | {p['prompts']} | "
+                    f"{_ci_pct(p['accuracy'], p.get('accuracy_ci'), 'both')} | "
+                    f"{o['prompts']} | {_ci_pct(o['accuracy'], o.get('accuracy_ci'), 'both')} |")
             if has_all:
                 ac = s.get("all_candidates")
-                line += (f" {_pct(ac['pivot']['accuracy'], 'both')} | {_pct(ac['others']['accuracy'], 'both')} |"
+                line += (f" {_ci_pct(ac['pivot']['accuracy'], ac['pivot'].get('accuracy_ci'), 'both')} | "
+                         f"{_ci_pct(ac['others']['accuracy'], ac['others'].get('accuracy_ci'), 'both')} |"
                          if ac else " - | - |")
             lines.append(line)
+        if has_all:
+            lines += ["", "The 'others' interval counts every non-pivot image as independent; candidates of "
+                          "one prompt share the cloud's trajectory, so it is optimistic (the sweep, --sweep, "
+                          "resamples prompts instead)."]
     return "\n".join(lines) + "\n"
 
 

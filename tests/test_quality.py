@@ -38,6 +38,64 @@ def test_default_methods_are_the_table_rows():
     assert m["obclip-k5"].acceleration is None  # exact
 
 
+def _check_intervals(rows, records, attrs):
+    """Every accuracy has its Wilson interval, computed from the kept per-prompt hits."""
+    from mini.analyser import analyse
+    from mini.stats import wilson_interval
+
+    for key, rec in zip(list(rows)[1:], records):
+        row = rows[key]
+        got = [analyse(im) for im in rec["images"]]
+        colour = [g.colour == a.colour for g, a in zip(got, attrs)]
+        shape = [g.shape == a.shape for g, a in zip(got, attrs)]
+        both = [c and s for c, s in zip(colour, shape)]
+        assert row["hits"] == {"colour": colour, "shape": shape, "both": both}
+        for name, hits in row["hits"].items():
+            assert row["accuracy"][name] == sum(hits) / 2
+            assert row["accuracy_ci"][name] == pytest.approx(list(wilson_interval(sum(hits), 2)))
+    assert "reference" not in rows["device-only"]
+    # Hybrid is paired against cloud-only (not run here); the accelerated ObCLIP row against exact ObCLIP.
+    assert rows["hybrid-k2"]["reference"] is None and rows["hybrid-k2"]["vs_reference"] is None
+    assert rows["obclip-k2-paper"]["reference"] is None  # obclip-k2 (exact) not run in this test
+
+
+def test_paired_reference_rows():
+    specs = quality.default_methods(TINY)
+    ref = {m.key: quality.reference_key(m, specs) for m in specs}
+    assert ref["obclip-k2-paper"] == ref["obclip-k2-cache"] == "obclip-k2"
+    assert ref["obclip-k2"] == ref["hybrid-k2"] == "cloud-only"
+    assert ref["cloud-only"] is None and ref["device-only"] is None
+
+
+def test_summary_pairs_against_the_reference():
+    """Hand-built records: hits, Wilson intervals and the paired bootstrap of 'both' against the reference."""
+    from mini.stats import paired_bootstrap, wilson_interval
+
+    captions, attrs, renders = quality.heldout_prompts(4)
+    blank = np.full_like(renders[0], 255)
+    specs = {m.key: m for m in quality.default_methods(TINY)}
+
+    def rec(key, images):
+        return {"spec": specs[key], "steps": 4, "images": np.stack(images), "seconds": [0.1] * 4,
+                "cloud_seconds": [0.0] * 4, "real_index": [1] * 4, "n_candidates": [18] * 4}
+
+    cloud = rec("cloud-only", list(renders))                       # all right
+    exact = rec("obclip-k2", [renders[0], renders[1], renders[2], blank])  # 3 of 4
+    again = rec("obclip-k2-paper", list(exact["images"]))          # identical to the exact run
+    summary = quality.summarize([cloud, exact, again], attrs, renders, renders)
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert rows["obclip-k2"]["accuracy"]["both"] == 0.75
+    assert rows["obclip-k2"]["accuracy_ci"]["both"] == pytest.approx(list(wilson_interval(3, 4)))
+    assert rows["obclip-k2"]["reference"] == "cloud-only"
+    d = rows["obclip-k2"]["vs_reference"]
+    want = paired_bootstrap([1, 1, 1, 0], [1, 1, 1, 1], resamples=quality.BOOTSTRAP_RESAMPLES)
+    assert (d["diff"], d["lo"], d["hi"]) == pytest.approx((want.diff, want.lo, want.hi)) and d["diff"] == -0.25
+    same = rows["obclip-k2-paper"]["vs_reference"]
+    assert rows["obclip-k2-paper"]["reference"] == "obclip-k2" and same["diff"] == same["lo"] == same["hi"] == 0
+    res = summary["resolution"]
+    assert res["n"] == 4 and res["paired_interval_width"][0] == 0.0
+
+
 def test_quality_loop_summary_and_files(cloud_runner, device_pipeline, tmp_path):
     captions, attrs, renders = quality.heldout_prompts(2)
     reference = quality.reference_renders(2)
@@ -67,6 +125,7 @@ def test_quality_loop_summary_and_files(cloud_runner, device_pipeline, tmp_path)
     for r in rows.values():
         assert _in_unit(r["accuracy"]) and r["mmd2"] is not None
     assert rows["device-only"]["k"] == 0 and rows["hybrid-k2"]["k"] == 2
+    _check_intervals(rows, records, attrs)
 
     (split,) = summary["pivot_split"]
     assert split["key"] == "obclip-k2-paper" and split["batch_reuse"]
@@ -85,7 +144,9 @@ def test_quality_loop_summary_and_files(cloud_runner, device_pipeline, tmp_path)
             "machine": "test"}
     paths = quality.write_outputs(tmp_path / "q", summary, meta, records, captions, attrs, renders)
     md = paths["markdown"].read_text()
-    assert "| method | k | accel | colour % | shape % | both % | MMD² | seconds/image |" in md
+    assert ("| method | k | accel | colour % [95% CI] | shape % [95% CI] | both % [95% CI] | Δ both vs ref "
+            "[95% CI] | MMD² | seconds/image |") in md
+    assert "Sample: n = 2 prompts per row" in md and "What n = 2 resolves" in md
     assert "WARNING" in md and "real = pivot" in md and md.count("\n| ObCLIP |") == 2
     doc = json.loads(paths["json"].read_text())
     assert len(doc["per_prompt"]) == 2 and set(doc["per_prompt"][0]["methods"]) == {m.key for m in methods}
