@@ -838,6 +838,7 @@ def run_sweep(cloud, pipeline, configs: list[SweepConfig], captions: list[str], 
 
 
 def _sweep_result(results: list[dict], skipped: list[dict], k: int) -> dict:
+    results = [dict(r) for r in results]  # a snapshot: checkpoints keep what was done when they were taken
     front = pareto_front([(r["paper_tmacs"], r["non_pivot"]["accuracy"]) for r in results])
     paper = PRESETS.get(PAPER_PRESETS.get(k, ""))
     for r, on in zip(results, front):
