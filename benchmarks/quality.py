@@ -719,7 +719,7 @@ def sweep_costs(configs: list[SweepConfig], k: int, cost=None, log=None) -> tupl
         try:
             costs[c.name] = cost(c.acceleration or AccelerationConfig.none(k))
         except (ValueError, RuntimeError, NotImplementedError) as e:
-            if c.is_exact:
+            if c.acceleration is None:
                 raise
             skipped.append({"name": c.name, "fields": c.acceleration.to_dict(), "reason": f"cost: {e}"})
             if log:
@@ -821,9 +821,11 @@ def run_sweep(cloud, pipeline, configs: list[SweepConfig], captions: list[str], 
                              seed=seed, all_candidates=True)
         scores = score_sweep_record(rec, attrs, reference, exact)
         images = scores.pop("_candidate_images")
-        if exact is None:
+        if exact_images is None:
             exact, exact_images = scores, images
-        scores["mmd2_vs_exact"] = None if c.is_exact else _mmd2(images, exact_images)
+            scores["mmd2_vs_exact"] = None  # the reference itself
+        else:
+            scores["mmd2_vs_exact"] = _mmd2(images, exact_images)
         results.append({"name": c.name, "aliases": list(c.aliases), "exact": c.is_exact,
                         "acceleration": c.acceleration.to_dict() if c.acceleration else None,
                         **costs[c.name], **scores})
