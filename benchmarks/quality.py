@@ -903,8 +903,10 @@ def sweep_markdown(result: dict, meta: dict) -> str:
     lines += ["", f"Sample: {n_prompts} prompts; the pivot's Wilson half-width at the exact run's rate is "
                   f"{50 * (exact['pivot']['ci'][1] - exact['pivot']['ci'][0]):.1f} points, the non-pivot "
                   f"interval {50 * (exact['non_pivot']['ci'][1] - exact['non_pivot']['ci'][0]):.1f}; paired Δ "
-                  f"intervals are {_span([min(widths), max(widths)] if widths else None)} points wide. A loss "
-                  "bound is what the sample rules out, not what the configuration costs in quality."]
+                  f"intervals are {_span([min(widths), max(widths)] if widths else None)} points wide. 'loss ≤ X': "
+                  "with 95% confidence this configuration loses at most X points of non-pivot accuracy to the "
+                  "exact run; a large X says the sample cannot vouch for the configuration, not that it loses "
+                  "that much."]
     if result["skipped"]:
         lines += ["", f"Skipped ({len(result['skipped'])}):", ""]
         lines += [f"- `{s['name']}`: {s['reason']}" for s in result["skipped"]]
