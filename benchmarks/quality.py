@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--cloud-model DIR] [--device-model DIR] [--engines DIR] [--prompts N]
                                  [--steps 25] [--guidance 7.5] [--methods KEY ...] [--all-candidates]
                                  [--out docs/quality] [--json]
+    python benchmarks/quality.py --sweep benchmarks/sweeps/issue16.json [--sweep-k 10] [--sweep-list] ...
 
 Prompts: the captions of the first N samples of
 ``mini.shapes.make_dataset(N, seed=0, split="heldout")`` (never trained on),
@@ -38,9 +39,31 @@ coarse; --all-candidates also finishes every candidate of each ObCLIP request
 on the device as if it were the real one (scored against its own attributes),
 which gives pivot vs non-pivot over all 18 candidates (~3x the device work).
 
+Uncertainty: every accuracy comes with its Wilson 95% interval, and each
+ObCLIP and Hybrid SD row with the paired bootstrap interval (prompts
+resampled, mini/stats.py) of its "both" accuracy minus its reference's:
+accelerated ObCLIP against exact ObCLIP at the same k, exact ObCLIP and Hybrid
+SD against cloud-only. The per-prompt hits behind them are in the JSON.
+
 Writes <out>/quality.md (the table), quality.json and quality_grid.png
 (rows: methods, columns: the first prompts). Deterministic for fixed models,
 engines and arguments, except the seconds.
+
+--sweep FILE runs acceleration configurations instead of the table (see
+expand_sweep for the file: entries and/or grids of AccelerationConfig fields,
+anything AccelerationConfig.from_dict accepts; invalid combinations are
+skipped with the reason). The exact run (every cloud step a full pass) is
+always run first, as the reference. Every configuration runs at k = --sweep-k
+on the same prompts and seeds with every candidate finished on the device (as
+--all-candidates), and gets: its server cost in T MACs (SD-v1.4, N = 6,
+T = 25, counted by benchmarks/flops.py, independent of the mini models);
+"both" accuracy on the pivot (Wilson 95%) and on the non-pivot candidates
+(bootstrap over prompts, 95%); the paired difference to the exact run on the
+non-pivot candidates (prompt x candidate pairs, prompts resampled with all
+their candidates) with the one-sided 95% bound of the loss; MMD^2 against the
+real renders and against the exact run's images; the Pareto front (non-pivot
+accuracy up, T MACs down). Writes <out>/sweep.md, sweep.json, sweep.png, and
+rewrites sweep.md/json after every configuration while it runs.
 """
 
 from __future__ import annotations
@@ -631,7 +654,8 @@ def expand_sweep(doc, k: int = 10) -> tuple[list[SweepConfig], list[dict]]:
     """
     entries = doc if isinstance(doc, list) else [doc]
     exact = AccelerationConfig.none(k)
-    found: dict[AccelerationConfig | None, list[str]] = {None: [EXACT_NAME]}
+    # Keyed by the canonical JSON of the fields: a field added later need not be hashable.
+    found: dict[str | None, tuple[AccelerationConfig | None, list[str]]] = {None: (None, [EXACT_NAME])}
     skipped: list[dict] = []
     names: set[str] = {EXACT_NAME}
 
@@ -656,7 +680,8 @@ def expand_sweep(doc, k: int = 10) -> tuple[list[SweepConfig], list[dict]]:
             if cfg == exact:
                 cfg = None
         if name != EXACT_NAME or cfg is not None:
-            found.setdefault(cfg, []).append(name)
+            key = None if cfg is None else json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+            found.setdefault(key, (cfg, []))[1].append(name)
 
     for entry in entries:
         if not isinstance(entry, dict):
@@ -674,7 +699,7 @@ def expand_sweep(doc, k: int = 10) -> tuple[list[SweepConfig], list[dict]]:
                 raise ValueError(f"a sweep entry needs a name, got {entry!r}")
             exact_entry = entry.get("acceleration") is None and entry.get("preset") is None
             add(entry["name"], None if exact_entry else _sweep_fields(entry, k))
-    configs = [SweepConfig(ns[0], cfg, tuple(ns[1:])) for cfg, ns in found.items()]
+    configs = [SweepConfig(ns[0], cfg, tuple(ns[1:])) for cfg, ns in found.values()]
     return configs, skipped
 
 
