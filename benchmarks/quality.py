@@ -461,7 +461,8 @@ def resolution_lines(res: dict) -> list[str]:
         "",
         f"What n = {n} resolves: the Wilson half-width of 'both' at the observed rates is "
         f"{_span(res['wilson_half_width_both'])} points ({100 * res['wilson_half_width_at_50']:.1f} at 50%), so "
-        "two unpaired rows must differ by about twice that to be told apart; paired, the bootstrap intervals "
+        "two rows compared unpaired must differ by about √2 times that (more where the rates are near 50%) "
+        "to be told apart; paired, the bootstrap intervals "
         f"of Δ both are {_span(res['paired_interval_width'])} points wide, so a paired difference smaller than "
         "about half that width (or any whose interval contains 0) is not resolved. A 95% interval of a "
         "difference of 0 does not show that two rows are equal, only that the sample cannot separate them.",
