@@ -242,6 +242,7 @@ def _finish_all(pipeline, prepared, handoff: bytes, config, real_image: np.ndarr
 
 
 ATTRIBUTES = ("colour", "shape", "both")
+FEW_PROMPTS = 20  # below this, bootstrap intervals are flagged as not meaningful
 BOOTSTRAP_RESAMPLES = 10000
 
 
@@ -452,7 +453,10 @@ def resolution_lines(res: dict) -> list[str]:
     n = res["n"]
     if not n:
         return []
-    return [
+    few = [] if n >= FEW_PROMPTS else [
+        "", f"> With {n} prompts the paired bootstrap intervals are too narrow to mean anything (a percentile "
+            "bootstrap only sees the variation between the prompts it has); the Wilson intervals still hold."]
+    return few + [
         f"Sample: n = {n} prompts per row, the same prompts and seeds for every row (one prompt = "
         f"{100 / n:.1f} points). Intervals: Wilson 95% for each accuracy; paired bootstrap 95% "
         f"({BOOTSTRAP_RESAMPLES} resamples of the prompts, both rows resampled together) for Δ both, the "
@@ -926,6 +930,10 @@ def sweep_markdown(result: dict, meta: dict) -> str:
             f"{_num(r['mmd2_renders'], '.4f')} | {_num(r['mmd2_vs_exact'], '.4f')} | "
             f"{r['seconds_per_request']:.2f} | {'●' if r['pareto'] else ''} |")
     widths = [r["vs_exact_non_pivot"]["hi"] - r["vs_exact_non_pivot"]["lo"] for r in rows if not r["exact"]]
+    if n_prompts < FEW_PROMPTS:
+        lines += ["", f"> With {n_prompts} prompts the bootstrap intervals are too narrow to mean anything: a "
+                      "percentile bootstrap only sees the variation between the prompts it has (with 1-2 "
+                      "prompts often none). Use them from about 20 prompts on."]
     lines += ["", f"Sample: {n_prompts} prompts; the pivot's Wilson half-width at the exact run's rate is "
                   f"{50 * (exact['pivot']['ci'][1] - exact['pivot']['ci'][0]):.1f} points, the non-pivot "
                   f"interval {50 * (exact['non_pivot']['ci'][1] - exact['non_pivot']['ci'][0]):.1f}; paired Δ "
@@ -938,6 +946,17 @@ def sweep_markdown(result: dict, meta: dict) -> str:
         lines += [f"- `{s['name']}`: {s['reason']}" for s in result["skipped"]]
     lines += ["", "Every configuration's fields are in sweep.json (`acceleration`)."]
     return "\n".join(lines) + "\n"
+
+
+# Display only (plot labels): shorter words for the fields a grid usually varies.
+_SHORT = (("skip_variant=", ""), ("cache_step", "r"), ("skip_step", "s"), ("faster-diffusion", "FD"),
+          ("deepcache", "DC"), ("batch_reuse", "reuse"))
+
+
+def _short(name: str) -> str:
+    for long, short in _SHORT:
+        name = name.replace(long, short)
+    return name
 
 
 def plot_sweep(result: dict, path: Path) -> bool:
@@ -960,13 +979,16 @@ def plot_sweep(result: dict, path: Path) -> bool:
     ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o", color="0.6", ecolor="0.85", ms=4, label="configuration")
     order = np.argsort(x[front])
     ax.plot(x[front][order], y[front][order], "-o", color="tab:red", ms=6, label="Pareto front")
+    n_labels = 0
     for r, xi, yi in zip(rows, x, y):
         if r["exact"] or r.get("paper_preset"):
             ax.annotate("exact" if r["exact"] else f"{r['name']} (paper)", (xi, yi), textcoords="offset points",
                         xytext=(6, 6), fontsize=9, weight="bold")
             ax.plot([xi], [yi], "s", color="tab:blue" if r["exact"] else "tab:green", ms=8)
         elif r["pareto"]:
-            ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(6, -10), fontsize=7)
+            n_labels += 1
+            ax.annotate(_short(r["name"]), (xi, yi), textcoords="offset points",
+                        xytext=(6, -12 if n_labels % 2 else 8), fontsize=7, color="tab:red")
     ax.set_xlabel(f"server T MACs per request ({SWEEP_COST_MODEL}, N={SWEEP_COST_N}, k={result['k']}, "
                   f"T={SWEEP_COST_T}, paper convention)")
     ax.set_ylabel("non-pivot 'both' accuracy % (95% CI, by prompt)")
