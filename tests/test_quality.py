@@ -205,6 +205,9 @@ def test_sweep_grid_expands_and_skips_invalid_combinations():
     _, skipped = quality.expand_sweep([{"name": "k5", "acceleration": {"switch_step": 5, "cache_step": 3,
                                                                        "skip_step": 3}}], k=2)
     assert "--sweep-k" in skipped[0]["reason"]
+    # A file may be one grid object; the exact run is added anyway.
+    configs, skipped = quality.expand_sweep({"base": {"cache_step": 1}, "grid": {"skip_step": [0, 1]}}, k=2)
+    assert [c.name for c in configs] == ["exact", "skip_step=1"] and "r <= skip point s" in skipped[0]["reason"]
     with pytest.raises(ValueError, match="used twice"):
         quality.expand_sweep([{"name": "a", "acceleration": None}, {"name": "a", "acceleration": None}], k=2)
 
