@@ -158,20 +158,25 @@ def test_the_service_serves_cloud_fp16(folders, check):
     """obclip-serve --backend onnxruntime --engines OUT/cloud-fp16: the weights mapped once, float16,
     and a request answered close to the fp32 folder's answer."""
     from obclip.cloud.engine_backend import OrtEngine
-    from obclip.cloud.service import Service, ServiceConfig
+    from obclip.cloud.serve import build_parser, checked_config
+    from obclip.cloud.service import Service
     from obclip.cloud.steps import CloudStepRunner
     from obclip.runtime.protocol import decode_handoff
 
     fp32, fp16 = folders
-    service = Service(ServiceConfig(backend="onnxruntime", engines=str(fp16)))
-    service.start().result()
-    assert service.state == "ready", service.load_error
-    engine = service.runner.engine
-    assert engine.manifest.precision == "fp16" and engine._weights.path == fp16 / "unet" / "weights.bin"
-    assert {v.data_type() for v in engine._weights.values.values()} == {"tensor(float16)"}
-    request = StepsRequest(("a photo of a cat", "a photo of a dog"), 1, 10, 5, 7.5, 64, 64,
-                           acceleration=preset("paper-k5"))
-    got = decode_handoff(service.runner.handle(request.to_bytes()), request, (4, 16, 16))
+    config = checked_config(build_parser().parse_args(["--backend", "onnxruntime", "--engines", str(fp16)]))
+    service = Service(config)
+    try:
+        service.start().result()
+        assert service.state == "ready", service.load_error
+        engine = service.runner.engine
+        assert engine.manifest.precision == "fp16" and engine._weights.path == fp16 / "unet" / "weights.bin"
+        assert {v.data_type() for v in engine._weights.values.values()} == {"tensor(float16)"}
+        request = StepsRequest(("a photo of a cat", "a photo of a dog"), 1, 10, 5, 7.5, 64, 64,
+                               acceleration=preset("paper-k5"))
+        got = decode_handoff(service.runner.handle(request.to_bytes()), request, (4, 16, 16))
+    finally:
+        service.close()
     want = CloudStepRunner(engine=OrtEngine(fp32)).run(request)
     rel = float(np.abs(got.latents - want.latents).max() / max(1.0, float(np.abs(want.latents).max())))
     assert 0 < rel <= check.latent_tolerance

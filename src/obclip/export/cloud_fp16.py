@@ -256,14 +256,18 @@ def compare_runs(fp32_dir: Path, fp16: Path, check: CloudFp16Check) -> dict[str,
             continue
         request = StepsRequest(tuple(check.prompts), check.seed, check.steps, cfg.switch_step,
                                check.guidance_scale, size, size, acceleration=cfg)
-        t0 = time.perf_counter()
-        ref, got = (r.run(request) for r in runners)
+        answers, seconds = [], []
+        for r in runners:
+            t0 = time.perf_counter()
+            answers.append(r.run(request))
+            seconds.append(round(time.perf_counter() - t0, 2))
+        ref, got = answers
         diff = np.abs(got.latents.astype(np.float64) - ref.latents)
         result[name] = {"cloud_steps": cfg.switch_step, "latent_max_abs_diff": float(diff.max()),
                         "latent_mean_abs_diff": float(diff.mean()),
                         "latent_rel_diff": _rel([got.latents], [ref.latents]),
                         "prev_x0_rel_diff": _rel([got.prev_x0], [ref.prev_x0]),
-                        "seconds": round(time.perf_counter() - t0, 1)}
+                        "seconds": {"fp32": seconds[0], "fp16": seconds[1]}}
     return result
 
 
@@ -342,7 +346,8 @@ def build_cloud_fp16(fp32_dir: Path, out: Path | None = None, check: CloudFp16Ch
             else:
                 print(f"  {name}: {r['cloud_steps']} cloud steps, {len(check.prompts)} prompts: latent max abs diff "
                       f"{r['latent_max_abs_diff']:.3g} (relative {r['latent_rel_diff']:.2e}), mean abs diff "
-                      f"{r['latent_mean_abs_diff']:.3g}")
+                      f"{r['latent_mean_abs_diff']:.3g}; run {r['seconds']['fp32']} s fp32, {r['seconds']['fp16']} s "
+                      "fp16 (onnxruntime CPU)")
         size = lambda f: sum(p.stat().st_size for p in f.rglob("*") if p.is_file())  # noqa: E731
         result = {"precision": "fp16", "fp16_keep_fp32": list(CLOUD_FP16_KEEP_FP32), **asdict(check),
                   "graph_rel_diff": diffs, "runs": runs, "convert_seconds": round(converted, 1),
