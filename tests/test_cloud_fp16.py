@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from obclip.cloud.modes import ModeSpec, plan_specs
-from obclip.runtime.manifest import Manifest, ManifestHashError
+from obclip.runtime.manifest import Manifest, ManifestHashError, ManifestMissingError
 from obclip.runtime.plan import preset
 from obclip.runtime.protocol import StepsRequest
 
@@ -139,6 +139,8 @@ def test_a_failed_check_leaves_nothing(folders, check, tmp_path):
     with pytest.raises(RuntimeError, match="differ from fp32 by more than"):
         build_cloud_fp16(fp32, tmp_path, strict)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ManifestMissingError, match=f"build the engines first: .* --out {tmp_path}$"):
+        Manifest.load(tmp_path / "cloud-fp16")
 
 
 def test_a_tampered_fp16_folder_is_refused_at_start(folders, tmp_path):
