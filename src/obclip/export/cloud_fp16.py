@@ -145,9 +145,10 @@ def convert_graph(src: Path, dst: Path) -> None:
     """One fp32 cloud graph (its weights read from beside it) as float16 (see the module docstring)."""
     import onnx
 
-    model = onnx.load_model(str(src))
-    range_sums = range_sum_nodes(model)
-    model = fp16_model(model, CLOUD_FP16_KEEP_FP32, range_sums)
+    range_sums = range_sum_nodes(onnx.load_model(str(src), load_external_data=False))
+    # By path: the converter's shape inference then works past protobuf's 2 GB (an SD-size mode graph
+    # is 3.4 GB in fp32); it writes a temporary copy of the graph beside ``src`` for that.
+    model = fp16_model(str(src), CLOUD_FP16_KEEP_FP32, range_sums)
     fp32_nodes = set(range_sums) | {n.name for n in model.graph.node if n.op_type in CLOUD_FP16_KEEP_FP32}
     drop_fp16_round_trips(model, fp32_nodes)
     save_onnx(model, dst)

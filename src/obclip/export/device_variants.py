@@ -148,7 +148,8 @@ def save_onnx(model: Any, path: Path) -> None:
 
 
 def fp16_model(model: Any, keep_fp32: Iterable[str] = FP16_KEEP_FP32, keep_nodes: Iterable[str] = ()) -> Any:
-    """An fp32 ONNX model with float16 weights and compute: graph inputs and outputs stay float32, and
+    """An fp32 ONNX model (a ModelProto, or a path, which lets shape inference pass protobuf's 2 GB)
+    with float16 weights and compute: graph inputs and outputs stay float32, and
     the ops in ``keep_fp32`` (on top of onnxruntime's default block list) and the nodes named in
     ``keep_nodes`` stay float32 behind casts. The device fp16/int8 variants and the cloud fp16
     folder (``export/cloud_fp16.py``) all convert with this."""
