@@ -39,14 +39,17 @@ from the same fp32 manifest with the same conversion and check:
 
 Tolerances: float16 rounds to 2^-11 (~4.9e-4) relative; a UNet graph is dozens of float16
 matmuls/convs whose rounding errors add up (the norms and softmax kept float32), and a mode graph's
-output is the guided eps, where guidance multiplies the (cond - uncond) error by 7.5. One graph is
-held to 2e-2 relative to its output scale (~40 float16 roundings): measured at most 4.8e-3 on the
-trained embedded model and 9.3e-3 on the random-weight test model (its ``full`` graph), while a
-broken conversion (an overflow to inf, a sensitive op left in float16, a wrong cast) is orders of
-magnitude off. The k-step trajectory, where the solver feeds each step's error into the next, is
-held to 5e-2 relative on the handed-off latents: measured 3.8e-3 (embedded, paper-k10, 3 prompts)
-and 1.0e-2 against torch at N = 18, T = 25 (``benchmarks/cloud_engines.py``). For scale: the
-device fp16 variant is held to 30 dB image PSNR (trained models), about 3% of the pixel range RMS.
+output is the guided eps, where guidance multiplies the (cond - uncond) error by 7.5. Measured per
+graph: at most 4.8e-3 on the trained embedded model, 9.3e-3 on the random-weight test model and
+1.4e-2 on a random-weight SD-v1.4-shaped model (``benchmarks/cloud_engines.py --write-narrow-sd``;
+the ``full`` graphs are the worst). One graph is held to 5e-2 (~100 float16 roundings, 3.5x the
+worst measured): the check is there to refuse a broken conversion (an overflow to inf or NaN, a
+wrong cast, a mis-wired graph: errors of order 1), not to rank precision choices, which are fixed by
+construction above (and tested structurally). The k-step trajectory, where the solver feeds each
+step's error into the next, is held to 5e-2 relative on the handed-off latents: measured 3.8e-3
+(embedded, paper-k10, 3 prompts), 1.3e-3 (narrow SD, 256 px), and 1.0e-2 against torch at N = 18,
+T = 25 (``benchmarks/cloud_engines.py --engines OUT/cloud-fp16``). For scale: the device fp16
+variant is held to 30 dB image PSNR (trained models), about 3% of the pixel range RMS.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from obclip.export.staging import staged_folder
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, sha256_file
 
 CLOUD_FP16_KEEP_FP32 = (*FP16_KEEP_FP32, "CumSum")
-GRAPH_TOLERANCE = 2e-2     # per graph: max |fp16 - fp32| / max(1, |fp32|)
+GRAPH_TOLERANCE = 5e-2     # per graph: max |fp16 - fp32| / max(1, |fp32|)
 LATENT_TOLERANCE = 5e-2    # end to end: the handed-off latents, same measure
 CONVERSION_VERSION = 1     # bump when the conversion changes: an older cloud-fp16 folder is rebuilt
 
