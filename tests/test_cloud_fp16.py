@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +216,25 @@ def test_fp16_is_built_from_the_fp32_folder_only(folders, tmp_path):
     with pytest.raises(ValueError, match="built from the fp32 cloud folder"):
         build_cloud_fp16(folders[1], tmp_path)
     assert not (tmp_path / "cloud-fp16").exists()
+
+
+def test_the_cli_builds_cloud_fp16_from_cloud_and_hands_it_to_tensorrt(folders, model_dirs, tmp_path, monkeypatch,
+                                                                       capsys):
+    """build_engines.py --cloud-model M --out OUT --cloud-precision fp16 --tensorrt: OUT/cloud, then
+    OUT/cloud-fp16 from it (default check), then TensorRT from OUT/cloud-fp16."""
+    import obclip.export.cloud_engines as ce
+    import obclip.export.tensorrt as trt
+    from obclip.export.build_engines import main
+
+    shutil.copytree(folders[0], tmp_path / "cloud")   # the fp32 export itself is test_cloud_engines' subject
+    monkeypatch.setattr(ce, "build_cloud_engines", lambda model, out, **kw: Manifest.load(out / "cloud"))
+    handed: list[Path] = []
+    monkeypatch.setattr(trt, "build_cloud_tensorrt", lambda engines: handed.append(engines) or {})
+    rc = main(["--cloud-model", str(model_dirs[0]), "--out", str(tmp_path), "--cloud-precision", "fp16",
+               "--tensorrt"])
+    out = capsys.readouterr().out
+    assert rc == 0 and handed == [tmp_path / "cloud-fp16"]
+    m = Manifest.load(tmp_path / "cloud-fp16")
+    assert m.precision == "fp16" and m.variant_check["runs"]["none-k10"]["cloud_steps"] == 10
+    assert "skipped" in m.variant_check["runs"]["paper-k10"]   # the folder has no cache.ws.fd graph
+    assert "none-k10: 10 cloud steps" in out
