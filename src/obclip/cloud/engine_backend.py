@@ -1,6 +1,7 @@
 """The onnxruntime engine: the exported step-mode graphs served without torch.
 
     obclip-serve --backend onnxruntime --engines OUT/cloud [--providers cuda]
+    obclip-serve --backend onnxruntime --engines OUT/cloud-fp16 --providers cuda   # float16 graphs
 
 Everything comes from the engines folder (``export/cloud_engines.py``): the
 text encoder graph, the tokenizer, one graph per step mode, and the shared
@@ -10,6 +11,9 @@ of the weights. The solver is ``runtime/solver.py`` (numpy DPM-Solver++) and
 the noise ``runtime/noise.py``; the step loop is ``cloud/steps.py``'s, the
 same as for torch. The manifest is verified at start (hashes, paths, fields,
 export version) and a folder that does not match is refused, never rebuilt.
+An fp16 folder (``export/cloud_fp16.py``) is served the same way: same layout,
+float32 inputs and outputs, its one weights file holding float16 tensors (on
+the CPU provider, which has few float16 kernels, onnxruntime inserts casts).
 
 A batch of several requests runs each request's rows through the graphs in
 turn (the graphs are traced for one request with a dynamic N); its caches are

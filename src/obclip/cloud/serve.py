@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: run --model; onnxruntime: run the exported --engines folder, without torch "
                         "(default %(default)s)")
     p.add_argument("--engines", default=None,
-                   help="with --backend onnxruntime: the cloud engines folder (OUT/cloud of "
-                        "python export/build_engines.py --cloud-model ...)")
+                   help="with --backend onnxruntime: the cloud engines folder: OUT/cloud (fp32) or OUT/cloud-fp16 "
+                        "(float16, for --providers cuda/tensorrt; ... --cloud-precision fp16) of "
+                        "python export/build_engines.py --cloud-model ...")
     p.add_argument("--providers", default=_D.providers, choices=["cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution providers (cuda/tensorrt need onnxruntime-gpu; default %(default)s)")
     g = p.add_argument_group("limits (checked before any model work; a violation is a 4xx naming the limit)")

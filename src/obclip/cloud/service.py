@@ -161,7 +161,8 @@ class ServiceConfig:
     # Privacy hygiene: candidates are logged only with this set (debugging only).
     log_prompts: bool = False
     # Backend (cloud engines issue): "torch" runs the model folder; "onnxruntime" the exported engines
-    # folder ``engines`` (OUT/cloud) without torch, on onnxruntime's ``providers`` (cpu, cuda, tensorrt).
+    # folder ``engines`` (OUT/cloud, or OUT/cloud-fp16) without torch, on onnxruntime's ``providers``
+    # (cpu, cuda, tensorrt).
     backend: str = "torch"
     engines: str | None = None
     providers: str = "cpu"

@@ -4,6 +4,7 @@
     python export/build_engines.py --device-model PATH  # e.g. a BK-SDM-Small directory
     python -m obclip.export.build_engines ...           # the same, from an installed obclip
     python export/build_engines.py --cloud-model DIR    # cloud engines only: <out>/cloud (export/cloud_engines.py)
+    python export/build_engines.py --cloud-model DIR --cloud-precision fp16  # + <out>/cloud-fp16 (cloud_fp16.py)
 
 Writes ``<out>/device/`` (``<out>`` defaults to ``$OBCLIP_HOME/engines``): one ``model.onnx`` per
 component, ``tokenizer.json``

@@ -1,6 +1,7 @@
 """Export the cloud side: its text encoder and one ONNX graph per step mode, sharing one weights file.
 
     python export/build_engines.py --cloud-model DIR --out OUT      # OUT/cloud/
+    ... --cloud-precision fp16                                      # also OUT/cloud-fp16/ (export/cloud_fp16.py)
 
 Every mode graph is ``cloud.step_modes.run_mode`` traced for one spec
 (``cloud.modes.ModeSpec``): the same definition the torch backend runs, so
@@ -331,8 +332,8 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
     from .build_engines import _TextForExport, export_component, model_fingerprint
 
     if precision != "fp32":
-        raise ValueError("only --cloud-precision fp32 is exported here; fp16 graphs need a GPU to check "
-                         "(see the engines section of README.md)")
+        raise ValueError("the cloud model is traced in fp32 only; the fp16 folder is converted from it: "
+                         "export.cloud_fp16.build_cloud_fp16 (--cloud-precision fp16)")
     lm = load_text_to_latent(model)
     lm.unet.eval()
     target = out / "cloud"
@@ -478,11 +479,14 @@ def add_cloud_arguments(p: Any) -> None:
                    help="step modes to export: those of none-k*, paper-k5, paper-k10 with and without the exact "
                         "extras (presets), or also DeepCache and every switch combination (all)")
     g.add_argument("--cloud-precision", default="fp32", choices=["fp32", "fp16"],
-                   help="fp32: OUT/cloud; fp16 also OUT/cloud-fp16 (not built here yet: needs a GPU to check)")
+                   help="fp32: OUT/cloud; fp16: also OUT/cloud-fp16, converted from OUT/cloud (float16 weights "
+                        "and compute, float32 inputs/outputs) and checked against it, graph by graph and "
+                        "end to end (for --providers cuda or --tensorrt)")
     g.add_argument("--cloud-tolerance", default=1e-4, type=float,
                    help="max |onnxruntime - torch| / max(1, |torch|) per graph (default %(default)s)")
     g.add_argument("--tensorrt", action="store_true",
-                   help="also build TensorRT engines for the cloud graphs (needs tensorrt and a GPU)")
+                   help="also build TensorRT engines for the cloud graphs, from OUT/cloud-fp16 with "
+                        "--cloud-precision fp16, else OUT/cloud (needs tensorrt and a GPU)")
 
 
 def export_cloud_cli(args: Any) -> int:
@@ -495,12 +499,15 @@ def export_cloud_cli(args: Any) -> int:
     try:
         model = resolve_model_dir(args.cloud_model, "cloud")
         build_cloud_engines(model, out, modes=args.cloud_modes, tolerance=args.cloud_tolerance)
+        engines = out / "cloud"
         if args.cloud_precision == "fp16":
-            raise ValueError("--cloud-precision fp16 is not built yet (OUT/cloud was written); see README, Engines")
+            from .cloud_fp16 import build_cloud_fp16
+
+            engines = build_cloud_fp16(out / "cloud", out).root
         if args.tensorrt:
             from .tensorrt import build_cloud_tensorrt
 
-            build_cloud_tensorrt(out / "cloud")
+            build_cloud_tensorrt(engines)
     except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def optimise_onnx(path: Path, level: ort.GraphOptimizationLevel = ort.GraphOptim
 # --- conversions --------------------------------------------------------------------------
 
 
-def _save(model: Any, path: Path) -> None:
+def save_onnx(model: Any, path: Path) -> None:
+    """Save a graph: weights inline, or in ``<name>.data`` beside it when large."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,14 +146,22 @@ def _save(model: Any, path: Path) -> None:
                     location=path.name + ".data")
 
 
-def to_fp16(src: Path, dst: Path) -> None:
-    import onnx
+def fp16_model(model: Any, keep_fp32: Iterable[str] = FP16_KEEP_FP32, keep_nodes: Iterable[str] = ()) -> Any:
+    """An fp32 ONNX model (a ModelProto, or a path, which lets shape inference pass protobuf's 2 GB)
+    with float16 weights and compute: graph inputs and outputs stay float32, and
+    the ops in ``keep_fp32`` (on top of onnxruntime's default block list) and the nodes named in
+    ``keep_nodes`` stay float32 behind casts. The device fp16/int8 variants and the cloud fp16
+    folder (``export/cloud_fp16.py``) all convert with this."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load_model(str(src))
-    model = convert_float_to_float16(model, keep_io_types=True,
-                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32))
-    _save(model, dst)
+    return convert_float_to_float16(model, keep_io_types=True, node_block_list=list(keep_nodes),
+                                    op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32))
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+
+    save_onnx(fp16_model(onnx.load_model(str(src))), dst)
 
 
 class _Calibration:

@@ -8,10 +8,12 @@ optimisation profile per graph spanning what the service admits (N from 1 to
 ``max_image_size``), a timing cache persisted beside the engines, and an
 engine cache whose key is (ONNX file hash, TensorRT version, GPU name,
 precision, profile): change any of them and the engine is rebuilt, nothing
-else is. Layout::
+else is. The precision is the folder's (its manifest's ``precision``): give it
+``OUT/cloud-fp16`` (``--cloud-precision fp16``, export/cloud_fp16.py) for fp16
+engines, ``OUT/cloud`` for fp32 ones. Layout::
 
-    OUT/cloud/tensorrt/timing.cache
-    OUT/cloud/tensorrt/<mode>.<key[:16]>.plan
+    OUT/cloud[-fp16]/tensorrt/timing.cache
+    OUT/cloud[-fp16]/tensorrt/<mode>.<key[:16]>.plan
 
 Where the library or a GPU is missing, ``require_tensorrt`` raises one clear
 line naming what is missing; everything else here (profiles, keys, layout)
@@ -170,11 +172,17 @@ def build_engine(trt: Any, onnx_path: Path, shapes: Mapping[str, tuple[Shape, Sh
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def build_cloud_tensorrt(engines: Path, limits: RequestLimits = RequestLimits(), precision: str = "fp32") -> dict:
-    """TensorRT engines for every mode graph of a cloud engines folder, reusing cached ones; returns
-    mode -> engine file. Refuses (one line) without TensorRT or a GPU."""
-    trt = require_tensorrt()
+def build_cloud_tensorrt(engines: Path, limits: RequestLimits = RequestLimits(), precision: str | None = None) -> dict:
+    """TensorRT engines for every mode graph of a cloud engines folder (OUT/cloud or OUT/cloud-fp16),
+    reusing cached ones; returns mode -> engine file. ``precision`` defaults to the folder's (its
+    manifest's); a different one is refused. Refuses (one line) without TensorRT or a GPU."""
     manifest = Manifest.load(engines)
+    if precision is None:
+        precision = manifest.precision
+    elif precision != manifest.precision:
+        raise ValueError(f"{engines} holds {manifest.precision} graphs, not {precision}: the strongly typed "
+                         "network takes the graphs' types; build from OUT/cloud-fp16 for fp16 engines")
+    trt = require_tensorrt()
     gpu = gpu_name() or ""
     rng = ProfileRange.from_limits(limits, manifest)
     built = {}

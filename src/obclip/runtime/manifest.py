@@ -126,9 +126,9 @@ class Manifest:
         folder = Path(folder)
         path = folder / MANIFEST_NAME
         if not path.is_file():
+            out = folder.parent if folder.name.split("-")[0] in ("device", "cloud") else folder  # also cloud-fp16
             raise ManifestMissingError(f"no {MANIFEST_NAME} in {folder}; build the engines first: "
-                                       "python export/build_engines.py --out "
-                                       f"{folder.parent if folder.name in ('device', 'cloud') else folder}")
+                                       f"python export/build_engines.py --out {out}")
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
