@@ -199,10 +199,9 @@ def _batch(m: Manifest, n: int, side: int, rng: np.random.Generator) -> dict[str
 
 def compare_graphs(fp32_dir: Path, fp16: Path, n: int = 3, seed: int = 0) -> dict[str, float]:
     """Component name -> max |fp16 - fp32| / max(1, |fp32|) over its outputs, on one random batch."""
-    import onnxruntime as ort
-
     from obclip.cloud.engine_backend import SharedWeights
     from obclip.export.tensorrt import _scaled
+    from obclip.runtime.sessions import ort
 
     a, b = Manifest.load(fp32_dir), Manifest.load(fp16)
     src = a.source or {}
