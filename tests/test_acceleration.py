@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from obclip.cloud.acceleration import AcceleratedUNet, token_alignment
 from obclip.cloud.flops import EXTRA_FORMULAS
 from obclip.cloud.models import build_unet, load_clip_tokenizer
+from obclip.cloud.modes import ModeSpec, mode_spec
 from obclip.cloud.steps import CloudStepRunner, guided_eps
 from obclip.runtime.plan import (
     CLOUD,
@@ -101,6 +102,49 @@ def test_switches_and_refresh_choose_the_modes():
     assert modes[5] is StepMode.CACHE and modes[7] is StepMode.CACHE_SKIP and modes[9] is StepMode.CACHE_SKIP
 
 
+def test_refresh_in_reuse_mode_is_a_batch_reused_step_that_fills_every_cache():
+    base = preset("paper-k10").replace(refresh_every=2)
+    reuse = base.replace(refresh_mode="reuse")
+    full_modes = [s.mode for s in make_plan(25, 10, base).cloud_steps]
+    reuse_modes = [s.mode for s in make_plan(25, 10, reuse).cloud_steps]
+    assert [i for i, m in enumerate(full_modes) if m != reuse_modes[i]] == [6, 8]
+    assert reuse_modes[6] is reuse_modes[8] is StepMode.REUSE and full_modes[6] is StepMode.FULL
+    # the refresh step writes every cache, like a reuse step before r: one graph for both
+    assert mode_spec(reuse, 6) == mode_spec(reuse, 0) == ModeSpec(StepMode.REUSE, write_attention=True,
+                                                                  write_skip=True)
+    assert mode_spec(base, 6) == ModeSpec(StepMode.FULL, write_attention=True, write_skip=True)
+    # a reuse refresh needs the token alignment even without batch reuse before r
+    assert not base.replace(batch_reuse=False).reuses_attention
+    assert reuse.replace(batch_reuse=False).reuses_attention
+    assert not reuse.replace(batch_reuse=False, refresh_every=20).reuses_attention   # no refresh before k
+
+
+def test_new_fields_round_trip_and_are_left_out_of_the_wire_at_their_default():
+    for config in (preset("paper-k10").replace(refresh_every=2, refresh_mode="reuse"), preset("paper-k10")):
+        assert AccelerationConfig.from_dict(config.to_dict()) == config
+    assert "refresh_mode" not in preset("paper-k10").to_dict()
+    assert preset("paper-k10").replace(refresh_every=2, refresh_mode="reuse").to_dict()["refresh_mode"] == "reuse"
+
+
+def test_a_reuse_refresh_refills_every_cache(unets, inputs):
+    """After a reuse refresh at x_b, a cached + skipped step at x_b returns the refresh's eps exactly;
+    without the refresh it reads the caches of x_a and differs."""
+    unet = unets["mini"]
+    cond, uncond, x_a = inputs
+    x_b = x_a + 0.5
+    config = AccelerationConfig(5, 1, 1, refresh_every=2, refresh_mode="reuse")
+    modes = [config.mode(i) for i in range(5)]
+    assert modes == [StepMode.REUSE, StepMode.CACHE_SKIP, StepMode.CACHE_SKIP, StepMode.REUSE, StepMode.CACHE_SKIP]
+    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        eps = [acc.guided_eps(x_a if i < 3 else x_b, torch.tensor(500), step(i, m)) for i, m in enumerate(modes)]
+    assert torch.equal(eps[3], eps[4])
+    no_refresh = config.replace(refresh_every=0, refresh_mode="full")
+    with AcceleratedUNet(unet, no_refresh, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        other = [acc.guided_eps(x_a if i < 3 else x_b, torch.tensor(500), step(i, no_refresh.mode(i)))
+                 for i in range(5)]
+    assert not torch.allclose(other[4], eps[4])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(switch_step=5, cache_step=4, skip_step=3), "r <= skip point s <= switch point k"),
     (dict(switch_step=5, cache_step=3, skip_step=6), "r <= skip point s <= switch point k"),
@@ -111,6 +155,9 @@ def test_switches_and_refresh_choose_the_modes():
     (dict(switch_step=5, cache_step=3, skip_step=3, skip_variant="magic"), "skip_variant 'magic' must be one of"),
     (dict(switch_step=5, cache_step=3, skip_step=3, batch_reuse=1), "batch_reuse must be true or false"),
     (dict(switch_step=5.0, cache_step=3, skip_step=3), "switch_step must be an int"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, refresh_every=1, refresh_mode="half"),
+     "refresh_mode 'half' must be one of"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, refresh_mode="reuse"), "needs refresh_every >= 1"),
 ])
 def test_invalid_configurations_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

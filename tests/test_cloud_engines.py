@@ -29,7 +29,9 @@ from obclip.runtime.protocol import RequestLimits, StepsRequest
 
 EXTRAS = preset("paper-k5").replace(cross_kv_once=True, merge_step0_uncond=True)
 CONFIGS = {"none-k5": None, "paper-k5": preset("paper-k5"), "paper-k5+extras": EXTRAS,
-           "deepcache": preset("paper-k5").replace(skip_variant="deepcache")}
+           "deepcache": preset("paper-k5").replace(skip_variant="deepcache"),
+           # step 4 is a refresh in reuse mode (modes R R R X R)
+           "refresh-reuse": preset("paper-k5").replace(refresh_every=1, refresh_mode="reuse")}
 
 
 def _specs() -> list[ModeSpec]:

@@ -219,3 +219,36 @@ def test_benchmark_memo_agrees_with_running_every_step():
     (memo, memo_passes), (every, every_passes) = totals
     assert memo == every
     assert (memo_passes, every_passes) == (3 + 4, 4 + 4)
+
+
+def _config_costs(bench, *configs, n=3, model="mini"):
+    """Per-step paper MACs (G) and total (T) of each config, counted by the benchmark on a meta UNet."""
+    result = bench.compute(model, devices=(), presets=(), ns=(n,), num_steps=10,
+                           configs=[(str(i), c) for i, c in enumerate(configs)])
+    assert result["problems"] == []
+    return [([s["paper_macs_G"] for s in e["steps"]], e["paper_tmacs"]) for e in result["configs"]]
+
+
+def test_benchmark_counts_any_config_given_as_json(capsys):
+    bench = _load_benchmark()
+    label, config = bench.parse_config('k4={"switch_step": 4, "cache_step": 2, "skip_step": 3}')
+    assert (label, config) == ("k4", AccelerationConfig(4, 2, 3))
+    assert bench.parse_config('{"switch_step": 4, "cache_step": 2, "skip_step": 3}')[1] == config
+    with pytest.raises(ValueError, match="unknown fields"):
+        bench.parse_config('{"switch_step": 4, "cache_step": 2, "skip_step": 3, "fast": true}')
+    assert bench.main(["--json", "--presets", "--cloud", "mini", "--devices", "mini-small", "--n", "3",
+                       "--steps", "10", "--config", 'k4={"switch_step": 4, "cache_step": 2, "skip_step": 3}']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["presets"] == [] and [(e["label"], e["n"]) for e in out["configs"]] == [("k4", 3)]
+    assert [s["spec"] for s in out["configs"][0]["steps"]] == ["reuse.wa.ws.fd"] * 2 + ["cache.ws.fd",
+                                                                                         "cache-skip.fd"]
+
+
+def test_a_reuse_refresh_costs_a_reuse_step():
+    bench = _load_benchmark()
+    base = AccelerationConfig(6, 2, 3, refresh_every=2)
+    (full_steps, full_total), (reuse_steps, reuse_total) = _config_costs(bench, base,
+                                                                         base.replace(refresh_mode="reuse"))
+    assert reuse_steps[4] == reuse_steps[0] < full_steps[4]     # step 4 = r + 2: the refresh
+    assert reuse_total < full_total
+    assert reuse_steps[:4] + reuse_steps[5:] == full_steps[:4] + full_steps[5:]

@@ -12,7 +12,8 @@ here too, per cloud step i, from one ``AccelerationConfig``:
     i <  r                  batch-reused attention (pivot's maps, every row's values)
     r <= i                  attention cache (self- and cross-attention outputs reused)
     s <= i                  block skip (cached encoder features, only the up blocks run)
-    i = r + m * refresh     a full step that refreshes every cache (m >= 1; off by default)
+    i = r + m * refresh     a refresh step that refills every cache (m >= 1; off by default): a full
+                            pass, or with refresh_mode "reuse" a batch-reused one
 
 Device steps are always full passes of the small model.
 """
@@ -63,6 +64,13 @@ class SkipVariant(str, Enum):
     DEEPCACHE = "deepcache"
 
 
+class RefreshMode(str, Enum):
+    """What a refresh step (``refresh_every``) runs; either way it refills every cache."""
+
+    FULL = "full"     # a plain full pass
+    REUSE = "reuse"   # batch-reused attention (pivot's maps x every row's values)
+
+
 def _require_int(name: str, value: object) -> int:
     # bool is an int subclass; a True step count is a bug, not 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -94,6 +102,7 @@ class AccelerationConfig:
     block_skip: bool = True
     cross_kv_once: bool = False      # exact: cross-attention K/V once per request, on unique texts
     merge_step0_uncond: bool = False  # exact: at step 0 the N unconditional rows are one row
+    refresh_mode: RefreshMode = RefreshMode.FULL   # what a refresh step runs (both refill every cache)
 
     def __post_init__(self) -> None:
         for name in ("switch_step", "cache_step", "skip_step", "refresh_every"):
@@ -105,6 +114,11 @@ class AccelerationConfig:
         except ValueError:
             raise ValueError(f"skip_variant {self.skip_variant!r} must be one of "
                              f"{[v.value for v in SkipVariant]}") from None
+        try:
+            object.__setattr__(self, "refresh_mode", RefreshMode(self.refresh_mode))
+        except ValueError:
+            raise ValueError(f"refresh_mode {self.refresh_mode!r} must be one of "
+                             f"{[v.value for v in RefreshMode]}") from None
         k, r, s = self.switch_step, self.cache_step, self.skip_step
         if min(k, r, s, self.refresh_every) < 0:
             raise ValueError(f"k={k}, r={r}, s={s}, refresh_every={self.refresh_every} must all be >= 0")
@@ -115,6 +129,9 @@ class AccelerationConfig:
             raise ValueError("attention_cache needs cache_step r >= 1: step 0 has no cached attention to reuse")
         if self.block_skip and s == 0 and k > 0:
             raise ValueError("block_skip needs skip_step s >= 1: step 0 has no cached encoder features")
+        if self.refresh_mode is not RefreshMode.FULL and not self.refresh_every:
+            raise ValueError(f"refresh_mode {self.refresh_mode.value!r} needs refresh_every >= 1 "
+                             "(with refresh_every=0 no step refreshes)")
 
     @classmethod
     def none(cls, switch_step: int) -> AccelerationConfig:
@@ -126,6 +143,11 @@ class AccelerationConfig:
     def exact_only(self) -> bool:
         return not (self.batch_reuse or self.attention_cache or self.block_skip)
 
+    @property
+    def reuses_attention(self) -> bool:
+        """Whether some cloud step runs batch-reused attention (and so needs the token alignment)."""
+        return any(self.mode(i).batch_reuse for i in range(self.switch_step))
+
     def replace(self, **changes: Any) -> AccelerationConfig:
         return dataclasses.replace(self, **changes)
 
@@ -135,7 +157,8 @@ class AccelerationConfig:
         if i < r:
             return StepMode.REUSE if self.batch_reuse else StepMode.FULL
         if self.refresh_every and i > r and (i - r) % self.refresh_every == 0:
-            return StepMode.FULL  # refresh: recompute everything, refill every cache
+            # refresh: recompute everything, refill every cache
+            return StepMode.REUSE if self.refresh_mode is RefreshMode.REUSE else StepMode.FULL
         cached = self.attention_cache
         skipped = self.block_skip and i >= s
         if cached and skipped:
@@ -147,8 +170,15 @@ class AccelerationConfig:
         return StepMode.FULL
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field; the fields added after the paper presets only when they differ from their
+        default, so a config that does not use them has the same request bytes as before."""
         d = dataclasses.asdict(self)
-        d["skip_variant"] = self.skip_variant.value
+        for name, value in d.items():
+            if isinstance(value, Enum):
+                d[name] = value.value
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -164,6 +194,9 @@ class AccelerationConfig:
             raise ValueError(f"acceleration is missing fields {sorted(missing)}")
         return cls(**d)
 
+
+# Fields that to_dict leaves out at their default value (wire compatibility with older peers).
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"refresh_mode": RefreshMode.FULL.value}
 
 # The paper's two server settings (T = 25, DPM-Solver): batch reuse before r,
 # attention cache from r, block skip from s, no refresh inside the cloud steps.
