@@ -126,6 +126,102 @@ def test_new_fields_round_trip_and_are_left_out_of_the_wire_at_their_default():
     assert preset("paper-k10").replace(refresh_every=2, refresh_mode="reuse").to_dict()["refresh_mode"] == "reuse"
 
 
+def test_frozen_guidance_marks_the_steps_that_skip_the_unconditional_rows():
+    base = preset("paper-k10")   # R R R R C C X X X X
+    skip, cached = base.replace(frozen_guidance="skip"), base.replace(frozen_guidance="cached")
+    assert [mode_spec(skip, i).frozen_guidance for i in range(10)] == [False] * 6 + [True] * 4
+    assert [mode_spec(cached, i).frozen_guidance for i in range(10)] == [False] * 4 + [True] * 6
+    # every step that computes both halves stores the residual; no step does without the option
+    assert [mode_spec(skip, i).write_residual for i in range(10)] == [True] * 6 + [False] * 4
+    assert not any(mode_spec(base, i).write_residual or mode_spec(base, i).frozen_guidance for i in range(10))
+    assert mode_spec(skip, 6).name == "cache-skip.fd.fg" and mode_spec(skip, 0).name == "reuse.wa.ws.fd.wr"
+    for config in (skip, cached):
+        assert AccelerationConfig.from_dict(config.to_dict()) == config
+    assert "frozen_guidance" not in base.to_dict()
+
+
+def _cache_readers_and_writers(config):
+    """Per step: (frozen, families it reads, families it writes), from its ModeSpec."""
+    out = []
+    for i in range(config.switch_step):
+        spec = mode_spec(config, i)
+        m = spec.mode
+        reads = {"attn"} if m.attention_cached else set()
+        reads |= {"skip"} if m.blocks_skipped else set()
+        writes = {"attn"} if spec.write_attention and not m.attention_cached else set()
+        writes |= {"skip"} if spec.write_skip and not m.blocks_skipped else set()
+        reads |= {"residual"} if spec.frozen_guidance else set()
+        writes |= {"residual"} if spec.write_residual else set()
+        out.append((spec.frozen_guidance, reads, writes))
+    return out
+
+
+@pytest.mark.parametrize("frozen", ["skip", "cached"])
+def test_only_frozen_steps_read_what_a_frozen_step_wrote(frozen):
+    """A frozen step writes its caches with its conditional rows in both halves; that is only right
+    if no step that evaluates the unconditional rows reads them. Checked over every small plan."""
+    checked = 0
+    for k in range(1, 9):
+        for r in range(1, k + 1):
+            for s in range(r, k + 1):
+                for refresh in range(0, 3):
+                    for cache, skip in ((True, True), (True, False), (False, True)):
+                        try:
+                            config = AccelerationConfig(k, r, s, refresh_every=refresh, attention_cache=cache,
+                                                        block_skip=skip, frozen_guidance=frozen)
+                        except ValueError:
+                            continue
+                        writer: dict[str, bool] = {}
+                        for i, (is_frozen, reads, writes) in enumerate(_cache_readers_and_writers(config)):
+                            for family in reads:
+                                assert family in writer, (config, i, family)
+                                assert is_frozen or not writer[family], (config, i, family)
+                            for family in writes:
+                                writer[family] = is_frozen
+                        checked += 1
+    assert checked > 100
+
+
+def test_frozen_guidance_halves_the_rows_and_uses_the_last_residual(unets, inputs):
+    unet = unets["mini"]
+    cond, uncond, x = inputs
+    plain = AccelerationConfig(5, 1, 1, batch_reuse=False, attention_cache=False)
+    frozen = plain.replace(frozen_guidance="skip")
+    modes = [StepMode.FULL, StepMode.SKIP]
+    # same x and t as the step that stored the residual: the frozen step equals it to float rounding
+    ref, ref_skip = run_steps(unet, plain, inputs, modes)
+    full, frozen_skip = run_steps(unet, frozen, inputs, modes)
+    assert torch.equal(ref, full) and torch.equal(ref, ref_skip)
+    assert torch.allclose(frozen_skip, ref_skip, atol=1e-4, rtol=1e-4)
+    # the conditional rows only: exactly half of the skip step's work
+    c_plain, c_frozen = counted(unet, plain, inputs, modes), counted(unet, frozen, inputs, modes)
+    assert c_frozen[0].get_total_flops() == c_plain[0].get_total_flops()
+    assert 2 * c_frozen[1].get_total_flops() == c_plain[1].get_total_flops() > 0
+    # the residual is eps_uncond - eps_cond of the last step that computed both, per candidate
+    g = torch.Generator().manual_seed(5)
+    x2 = x + torch.randn(x.shape, generator=g)
+    with AcceleratedUNet(unet, frozen, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        acc.guided_eps(x, torch.tensor(500), step(0, StepMode.FULL))
+        first = acc.caches["guid/residual"]
+        acc.guided_eps(x2, torch.tensor(400), step(1, StepMode.FULL))
+        second = acc.caches["guid/residual"]
+        eps = acc.guided_eps(x2, torch.tensor(400), step(2, StepMode.SKIP))
+        assert acc.caches["guid/residual"] is second     # a frozen step does not overwrite it
+    with AcceleratedUNet(unet, plain, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        acc.guided_eps(x2, torch.tensor(400), step(0, StepMode.FULL))
+        want = acc.guided_eps(x2, torch.tensor(400), step(1, StepMode.SKIP))
+    assert first.shape == second.shape == x.shape and not torch.allclose(first, second)
+    assert torch.allclose(eps, want, atol=1e-4, rtol=1e-4)
+    # N rows through the UNet instead of 2N
+    rows: list[int] = []
+    hook = unet.conv_out.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    try:
+        run_steps(unet, frozen, inputs, modes)
+    finally:
+        hook.remove()
+    assert rows == [2 * N, N]
+
+
 def test_a_reuse_refresh_refills_every_cache(unets, inputs):
     """After a reuse refresh at x_b, a cached + skipped step at x_b returns the refresh's eps exactly;
     without the refresh it reads the caches of x_a and differs."""
@@ -158,6 +254,11 @@ def test_a_reuse_refresh_refills_every_cache(unets, inputs):
     (dict(switch_step=5, cache_step=3, skip_step=3, refresh_every=1, refresh_mode="half"),
      "refresh_mode 'half' must be one of"),
     (dict(switch_step=5, cache_step=3, skip_step=3, refresh_mode="reuse"), "needs refresh_every >= 1"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, frozen_guidance="always"), "frozen_guidance 'always' must be"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, frozen_guidance="skip", block_skip=False),
+     "frozen_guidance 'skip' needs block_skip"),
+    (dict(switch_step=5, cache_step=5, skip_step=5, frozen_guidance="cached", block_skip=False,
+          attention_cache=False), "frozen_guidance 'cached' needs attention_cache or block_skip"),
 ])
 def test_invalid_configurations_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

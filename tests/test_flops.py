@@ -252,3 +252,13 @@ def test_a_reuse_refresh_costs_a_reuse_step():
     assert reuse_steps[4] == reuse_steps[0] < full_steps[4]     # step 4 = r + 2: the refresh
     assert reuse_total < full_total
     assert reuse_steps[:4] + reuse_steps[5:] == full_steps[:4] + full_steps[5:]
+
+
+def test_frozen_guidance_halves_the_frozen_steps():
+    bench = _load_benchmark()
+    base = AccelerationConfig(6, 2, 4)   # R R C C X X
+    (plain, plain_total), (skip, _), (cached, cached_total) = _config_costs(
+        bench, base, base.replace(frozen_guidance="skip"), base.replace(frozen_guidance="cached"))
+    assert skip[:4] == plain[:4] and skip[4:] == [g / 2 for g in plain[4:]]
+    assert cached[:2] == plain[:2] and cached[2:] == [g / 2 for g in plain[2:]]
+    assert cached_total < plain_total

@@ -9,9 +9,10 @@ the step fills, the block-skip variant, the exact extras). The torch path
 runs a spec on tensors; the exporter writes one ONNX graph per spec a preset
 needs, named ``spec.name``.
 
-Caches are named tensors (``attn/<module>``, ``skip/...``, ``kv/<module>.k|v``),
-always in the full row layout of the request ([uncond x N, cond x N]), except
-``kv/*``, which hold the projections of the unique texts ([empty, cand_0, ...]).
+Caches are named tensors (``attn/<module>``, ``skip/...``, ``kv/<module>.k|v``,
+``guid/residual``), always in the full row layout of the request ([uncond x N,
+cond x N]), except ``kv/*``, which hold the projections of the unique texts
+([empty, cand_0, ...]), and ``guid/residual``, one row per candidate.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from obclip.runtime.plan import AccelerationConfig, SkipVariant, StepMode
+from obclip.runtime.plan import AccelerationConfig, FrozenGuidance, SkipVariant, StepMode
 
 # --- cross-attention token alignment -----------------------------------------
 
@@ -84,6 +85,8 @@ class ModeSpec:
     write_skip: bool = False        # store the encoder features its skip variant reuses (block skip on)
     cross_kv_once: bool = False     # cross-attention K/V of the unique texts come from kv/* (exact)
     merged: bool = False            # step 0 with merge_step0_uncond: one unconditional row (exact)
+    frozen_guidance: bool = False   # conditional rows only; eps_uncond = eps_cond + guid/residual
+    write_residual: bool = False    # store guid/residual = eps_uncond - eps_cond (frozen guidance on)
 
     @property
     def name(self) -> str:
@@ -99,6 +102,10 @@ class ModeSpec:
             parts.append("kv")
         if self.merged:
             parts.append("m")
+        if self.frozen_guidance:
+            parts.append("fg")
+        if self.write_residual:
+            parts.append("wr")
         return ".".join(parts)
 
     @property
@@ -115,6 +122,7 @@ def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | No
     mode = config.mode(index) if mode is None else mode
     # The variant only changes steps that skip or fill the skip cache; normalise it otherwise.
     variant = config.skip_variant if config.block_skip else SkipVariant.FASTER_DIFFUSION
+    frozen = config.guidance_frozen(mode)
     return ModeSpec(
         mode=mode, skip_variant=variant,
         write_attention=config.attention_cache and not mode.attention_cached,
@@ -122,6 +130,8 @@ def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | No
         # A step whose attention is all cached projects no text: the flag would not change its graph.
         cross_kv_once=config.cross_kv_once and not mode.attention_cached,
         merged=config.merge_step0_uncond and index == 0,
+        frozen_guidance=frozen,
+        write_residual=config.frozen_guidance is not FrozenGuidance.OFF and not frozen,
     )
 
 
@@ -141,6 +151,7 @@ SKIP_RES = "skip/res."   # skip/res.<i>: Faster Diffusion's cached down-block sk
 SKIP_MID = "skip/mid"    # Faster Diffusion: the mid block's output
 SKIP_UP = "skip/up_input"   # DeepCache: the last up block's input
 KV = "kv/"            # kv/<attention module>.k | .v | .k_pivots: cross-attention projections of the texts
+RESIDUAL = "guid/residual"   # frozen guidance: eps_uncond - eps_cond per candidate [N, C, h, w]
 
 
 def is_kv(name: str) -> bool:

@@ -24,6 +24,12 @@ The modes:
                 conv_in, the first down block and the last up block run
     CACHE_SKIP  both
 
+A frozen-guidance step (``spec.frozen_guidance``) runs the conditional rows only,
+[cond x N]: its unconditional eps is eps_cond + ``guid/residual``, which every
+step that evaluates both halves stores when the option is on (``write_residual``).
+It reads the conditional half of the caches, and writes its rows into both
+halves of a cache it fills (only frozen steps read those; docs/method.md 7.7).
+
 Row layout: [unconditional x N, conditional x N], the two guidance groups;
 candidate 0 is the pivot. Merged (step 0 with ``merge_step0_uncond``):
 [unconditional x 1, conditional x N] (all N latents are z_T then). Caches are
@@ -50,7 +56,7 @@ import torch.nn.functional as F
 
 from obclip.runtime.plan import SkipVariant
 
-from .modes import ATTN, KV, SKIP_MID, SKIP_RES, SKIP_UP, ModeSpec, TokenAlignment
+from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, ModeSpec, TokenAlignment
 
 Tensor = torch.Tensor
 
@@ -107,11 +113,14 @@ class _Layout:
     """Rows of one step, per request and guidance half. With one request every op is a
     slice from the start or end, a chunk or an expand, so traced graphs keep N dynamic."""
 
-    def __init__(self, sizes: tuple[int, ...] | None, merged: bool, x: Tensor):
+    def __init__(self, sizes: tuple[int, ...] | None, merged: bool, x: Tensor, cond_only: bool = False):
+        if merged and cond_only:
+            raise ValueError("a step cannot both merge its unconditional rows and leave them out")
         self.one = sizes is None or len(sizes) == 1
         self.sizes = sizes if sizes is not None else (int(x.shape[0]),)
         self.n_x = x.shape[0]   # traced when exporting
         self.merged = merged
+        self.cond_only = cond_only   # frozen guidance: the conditional rows only
         self.r = len(self.sizes)
         offs = [0]
         for n in self.sizes:
@@ -120,6 +129,8 @@ class _Layout:
         self.t_off = tuple(o + i for i, o in enumerate(self.c_off))     # its empty prompt among the texts
 
     def unet_rows(self, x: Tensor) -> Tensor:
+        if self.cond_only:
+            return x
         if not self.merged:
             return torch.cat([x, x])
         if self.one:
@@ -128,6 +139,8 @@ class _Layout:
 
     def text_rows(self, t: Tensor) -> Tensor:
         """A per-text tensor ([empty, cands] per request) -> one row per UNet row."""
+        if self.cond_only:
+            return t[1:] if self.one else torch.cat([t[a + 1:a + 1 + n] for a, n in zip(self.t_off, self.sizes)])
         if self.one:
             return t if self.merged else torch.cat([_rows(t[:1], self.n_x), t[1:]])
         uncond = [t[a:a + 1] if self.merged else _rows(t[a:a + 1], n)
@@ -148,6 +161,9 @@ class _Layout:
 
     def groups(self, t: Tensor) -> list[tuple[Tensor, int, bool]]:
         """(rows, request, conditional) of every guidance group, in row order; a group's first row is its pivot."""
+        if self.cond_only:
+            return [(t, 0, True)] if self.one else [(t[o:o + n], r, True)
+                                                    for r, (o, n) in enumerate(zip(self.c_off, self.sizes))]
         if self.one:
             u, c = (t[:1], t[1:]) if self.merged else t.chunk(2)
             return [(u, 0, False), (c, 0, True)]
@@ -160,22 +176,36 @@ class _Layout:
         return [(g, r, False) for r, g in enumerate(uncond)] + [(g, r, True) for r, g in enumerate(cond)]
 
     def to_full(self, t: Tensor) -> Tensor:
-        """A merged step's rows in the full layout, so caches have one shape."""
+        """A merged step's rows in the full layout, so caches have one shape. A conditional-only
+        step's rows go into both halves: only conditional-only steps read what it writes."""
+        if self.cond_only:
+            return torch.cat([t, t])
         if not self.merged:
             return t
         if self.one:
             return torch.cat([_rows(t[:1], self.n_x), t[1:]])
         return torch.cat([_rows(t[i:i + 1], n) for i, n in enumerate(self.sizes)] + [t[self.r:]])
 
-    def guide(self, eps: Tensor, scale: float | Tensor) -> Tensor:
+    def from_full(self, t: Tensor) -> Tensor:
+        """A cache in the full layout -> this step's rows of it."""
+        if not self.cond_only:
+            return t
+        return t.chunk(2)[1] if self.one else t[sum(self.sizes):]
+
+    def halves(self, eps: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(unconditional, conditional) eps of the candidates; a conditional-only step's
+        unconditional eps is its conditional eps plus the frozen guidance residual."""
+        if self.cond_only:
+            assert residual is not None
+            return eps + residual, eps
         if not self.merged:
             eps_u, eps_c = eps.chunk(2)
-        elif self.one:
-            eps_u, eps_c = eps[:1], eps[1:]   # broadcast over the candidates
-        else:
-            eps_u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
-            eps_c = eps[self.r:]
-        return eps_u + scale * (eps_c - eps_u)
+            return eps_u, eps_c
+        if self.one:
+            return eps[:1], eps[1:]   # broadcast over the candidates
+        eps_u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
+        return eps_u, eps[self.r:]
+
 
     def request_rows(self, r: int) -> tuple[slice, slice]:
         """Request r's unconditional and conditional rows in the full layout (what caches hold)."""
@@ -269,7 +299,7 @@ class _Pass:
 
     def attention(self, name: str, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None) -> Tensor:
         if self.spec.mode.attention_cached:
-            return self.read(ATTN + name, "the cached output of")
+            return self.layout.from_full(self.read(ATTN + name, "the cached output of"))
         if self.spec.mode.batch_reuse:
             out = self._reuse(name, attn, hidden_states, encoder_hidden_states)
         else:
@@ -413,15 +443,18 @@ def run_mode(unet: Any, spec: ModeSpec, inputs: ModeInputs,
     if slot is None:
         with processors_installed(unet):
             return run_mode(unet, spec, inputs, caches)
-    layout = _Layout(inputs.sizes, spec.merged, inputs.x)
+    layout = _Layout(inputs.sizes, spec.merged, inputs.x, cond_only=spec.frozen_guidance)
     writes: dict[str, Tensor] = {}
-    slot.current = _Pass(spec, layout, inputs, caches, writes)
+    slot.current = p = _Pass(spec, layout, inputs, caches, writes)
     try:
-        eps = _unet_pass(unet, spec, slot.current, layout.unet_rows(inputs.x), inputs.timestep,
-                         layout.text_rows(inputs.text))
+        eps = _unet_pass(unet, spec, p, layout.unet_rows(inputs.x), inputs.timestep, layout.text_rows(inputs.text))
+        residual = p.read(RESIDUAL, "the guidance residual") if spec.frozen_guidance else None
     finally:
         slot.current = None
-    return layout.guide(eps, inputs.guidance_scale), writes
+    eps_u, eps_c = layout.halves(eps, residual)
+    if spec.write_residual:
+        writes[RESIDUAL] = eps_u - eps_c
+    return eps_u + inputs.guidance_scale * (eps_c - eps_u), writes
 
 
 def cross_kv(unet: Any, text: Tensor) -> dict[str, Tensor]:
@@ -459,15 +492,16 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
     res: tuple[Tensor, ...]
     if skipped and variant is SkipVariant.FASTER_DIFFUSION:
         # The current latent does not enter the UNet on this step.
-        h = p.read(SKIP_MID, "the encoder features")
-        res = tuple(p.read(f"{SKIP_RES}{i}", "the encoder features") for i in range(skip_res_count(unet)))
+        h = p.layout.from_full(p.read(SKIP_MID, "the encoder features"))
+        res = tuple(p.layout.from_full(p.read(f"{SKIP_RES}{i}", "the encoder features"))
+                    for i in range(skip_res_count(unet)))
     elif skipped:  # DeepCache
         # Only the shallow branch sees the latent: conv_in, the first down
         # block's resnets/attentions (its downsampler output feeds nothing
         # that runs), then the last up block on the cached deep features.
         h0 = unet.conv_in(sample)
         res = (h0,) + _run_down_block(unet.down_blocks[0], h0, emb, text, downsample=False)
-        h = p.read(SKIP_UP, "the encoder features")
+        h = p.layout.from_full(p.read(SKIP_UP, "the encoder features"))
         first_up = len(unet.up_blocks) - 1
     else:
         h = unet.conv_in(sample)

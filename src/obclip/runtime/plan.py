@@ -15,6 +15,9 @@ here too, per cloud step i, from one ``AccelerationConfig``:
     i = r + m * refresh     a refresh step that refills every cache (m >= 1; off by default): a full
                             pass, or with refresh_mode "reuse" a batch-reused one
 
+frozen_guidance ("skip" or "cached", off by default) makes the block-skip
+steps (or every step that reads a cache) evaluate the conditional rows only.
+
 Device steps are always full passes of the small model.
 """
 
@@ -71,6 +74,23 @@ class RefreshMode(str, Enum):
     REUSE = "reuse"   # batch-reused attention (pivot's maps x every row's values)
 
 
+class FrozenGuidance(str, Enum):
+    """Which steps evaluate the conditional rows only (FasterCache-style frozen guidance residual):
+    their unconditional eps is their conditional eps plus R = eps_uncond - eps_cond per candidate,
+    stored by the last step that computed both."""
+
+    OFF = "off"
+    SKIP = "skip"       # block-skip steps (SKIP, CACHE_SKIP)
+    CACHED = "cached"   # every step that reads a cache: attention-cache and block-skip steps
+
+    def covers(self, mode: StepMode) -> bool:
+        if self is FrozenGuidance.SKIP:
+            return mode.blocks_skipped
+        if self is FrozenGuidance.CACHED:
+            return mode.attention_cached or mode.blocks_skipped
+        return False
+
+
 def _require_int(name: str, value: object) -> int:
     # bool is an int subclass; a True step count is a bug, not 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -103,6 +123,7 @@ class AccelerationConfig:
     cross_kv_once: bool = False      # exact: cross-attention K/V once per request, on unique texts
     merge_step0_uncond: bool = False  # exact: at step 0 the N unconditional rows are one row
     refresh_mode: RefreshMode = RefreshMode.FULL   # what a refresh step runs (both refill every cache)
+    frozen_guidance: FrozenGuidance = FrozenGuidance.OFF  # steps that skip the unconditional rows
 
     def __post_init__(self) -> None:
         for name in ("switch_step", "cache_step", "skip_step", "refresh_every"):
@@ -114,11 +135,12 @@ class AccelerationConfig:
         except ValueError:
             raise ValueError(f"skip_variant {self.skip_variant!r} must be one of "
                              f"{[v.value for v in SkipVariant]}") from None
-        try:
-            object.__setattr__(self, "refresh_mode", RefreshMode(self.refresh_mode))
-        except ValueError:
-            raise ValueError(f"refresh_mode {self.refresh_mode!r} must be one of "
-                             f"{[v.value for v in RefreshMode]}") from None
+        for name, kind in (("refresh_mode", RefreshMode), ("frozen_guidance", FrozenGuidance)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be one of "
+                                 f"{[v.value for v in kind]}") from None
         k, r, s = self.switch_step, self.cache_step, self.skip_step
         if min(k, r, s, self.refresh_every) < 0:
             raise ValueError(f"k={k}, r={r}, s={s}, refresh_every={self.refresh_every} must all be >= 0")
@@ -132,6 +154,11 @@ class AccelerationConfig:
         if self.refresh_mode is not RefreshMode.FULL and not self.refresh_every:
             raise ValueError(f"refresh_mode {self.refresh_mode.value!r} needs refresh_every >= 1 "
                              "(with refresh_every=0 no step refreshes)")
+        if self.frozen_guidance is FrozenGuidance.SKIP and not self.block_skip:
+            raise ValueError("frozen_guidance 'skip' needs block_skip: it freezes the guidance on block-skip steps")
+        if self.frozen_guidance is FrozenGuidance.CACHED and not (self.attention_cache or self.block_skip):
+            raise ValueError("frozen_guidance 'cached' needs attention_cache or block_skip: it freezes the "
+                             "guidance on the steps that read a cache")
 
     @classmethod
     def none(cls, switch_step: int) -> AccelerationConfig:
@@ -169,6 +196,10 @@ class AccelerationConfig:
             return StepMode.SKIP
         return StepMode.FULL
 
+    def guidance_frozen(self, mode: StepMode) -> bool:
+        """Whether a step of this mode evaluates the conditional rows only (frozen guidance residual)."""
+        return self.frozen_guidance.covers(mode)
+
     def to_dict(self) -> dict[str, Any]:
         """Every field; the fields added after the paper presets only when they differ from their
         default, so a config that does not use them has the same request bytes as before."""
@@ -196,7 +227,8 @@ class AccelerationConfig:
 
 
 # Fields that to_dict leaves out at their default value (wire compatibility with older peers).
-_OMITTED_AT_DEFAULT: dict[str, Any] = {"refresh_mode": RefreshMode.FULL.value}
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"refresh_mode": RefreshMode.FULL.value,
+                                       "frozen_guidance": FrozenGuidance.OFF.value}
 
 # The paper's two server settings (T = 25, DPM-Solver): batch reuse before r,
 # attention cache from r, block skip from s, no refresh inside the cloud steps.
