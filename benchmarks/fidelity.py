@@ -59,7 +59,7 @@ PROMPTS = [
 ]
 SEED = 1234
 MODE_LETTERS = {StepMode.FULL: "F", StepMode.REUSE: "R", StepMode.CACHE: "C", StepMode.SKIP: "S",
-                StepMode.CACHE_SKIP: "X"}
+                StepMode.CACHE_SKIP: "X", StepMode.PIVOT: "P"}
 
 
 def settings_for(acc: AccelerationConfig) -> list[tuple[str, AccelerationConfig]]:

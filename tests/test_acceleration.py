@@ -8,6 +8,7 @@ after the step that filled it: nothing at all).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -222,6 +223,56 @@ def test_frozen_guidance_halves_the_rows_and_uses_the_last_residual(unets, input
     assert rows == [2 * N, N]
 
 
+def test_pivot_only_steps_and_the_merged_step_on_the_plan():
+    config = preset("paper-k10").replace(pivot_only_steps=1, merge_step0_uncond=True, cross_kv_once=True)
+    modes = [s.mode for s in make_plan(25, 10, config).cloud_steps]
+    assert modes[0] is StepMode.PIVOT and modes[1:4] == [StepMode.REUSE] * 3
+    assert config.merged_step == 1 and preset("paper-k10").replace(merge_step0_uncond=True).merged_step == 0
+    specs = [mode_spec(config, i) for i in range(10)]
+    assert [s.merged for s in specs] == [False, True] + [False] * 8
+    # the pivot step writes no cache (steps over every candidate rewrite them all before r and s)
+    assert specs[0] == ModeSpec(StepMode.PIVOT, cross_kv_once=True) and specs[0].name == "pivot.kv"
+    assert specs[1].name == "reuse.wa.ws.fd.kv.m"
+    assert AccelerationConfig.from_dict(config.to_dict()) == config
+    assert "pivot_only_steps" not in preset("paper-k10").to_dict()
+    # every step on the pivot: nothing is merged (no step evaluates every candidate)
+    everything = AccelerationConfig.none(3).replace(pivot_only_steps=3, merge_step0_uncond=True)
+    assert everything.merged_step is None and not any(mode_spec(everything, i).merged for i in range(3))
+
+
+def test_a_pivot_only_step_runs_candidate_0_and_gives_every_candidate_its_eps(unets, inputs):
+    unet = unets["mini"]
+    cond, uncond, x0 = inputs
+    x = x0[:1].repeat(N, 1, 1, 1)   # one shared z_T
+    config = AccelerationConfig(3, 2, 2, pivot_only_steps=1, attention_cache=False, block_skip=False)
+    (eps,) = run_steps(unet, config, (cond, uncond, x), [StepMode.PIVOT], x=x)
+    assert all(torch.equal(eps[i], eps[0]) for i in range(N))
+    ref = guided_eps(unet, x[:1], torch.tensor(500), cond[:1], uncond, G)
+    assert torch.allclose(eps[:1], ref, atol=1e-4, rtol=1e-4)
+    (pivot,) = counted(unet, config, (cond, uncond, x), [StepMode.PIVOT])
+    (one,) = counted(unet, config, (cond, uncond, x), [StepMode.FULL], n=1)
+    (full,) = counted(unet, config, (cond, uncond, x), [StepMode.FULL])
+    assert pivot.get_total_flops() == one.get_total_flops() < full.get_total_flops()
+
+
+def test_pivot_only_steps_keep_the_latents_identical_and_the_merge_after_them_is_exact(cloud_runner):
+    cands = ("a photo of an old man", "a photo of a middle-aged man", "a photo of a young man")
+    base = AccelerationConfig(5, 2, 3, cross_kv_once=True)
+
+    def run(config):
+        return cloud_runner.run(StepsRequest(cands, 7, 10, 5, 7.5, 64, 64, acceleration=config))
+
+    # every cloud step on the pivot: the N latents stay bit-identical
+    same = run(AccelerationConfig.none(5).replace(pivot_only_steps=5))
+    assert all(np.array_equal(same.latents[i], same.latents[0]) for i in range(len(cands)))
+    plain = run(base.replace(pivot_only_steps=1))
+    merged = run(base.replace(pivot_only_steps=1, merge_step0_uncond=True))
+    err = np.abs(merged.latents - plain.latents).max() / np.abs(plain.latents).max()
+    assert err <= 1e-5
+    # after the pivot step every candidate's own text takes over
+    assert not np.allclose(plain.latents[1], plain.latents[0])
+
+
 def test_a_reuse_refresh_refills_every_cache(unets, inputs):
     """After a reuse refresh at x_b, a cached + skipped step at x_b returns the refresh's eps exactly;
     without the refresh it reads the caches of x_a and differs."""
@@ -259,6 +310,12 @@ def test_a_reuse_refresh_refills_every_cache(unets, inputs):
      "frozen_guidance 'skip' needs block_skip"),
     (dict(switch_step=5, cache_step=5, skip_step=5, frozen_guidance="cached", block_skip=False,
           attention_cache=False), "frozen_guidance 'cached' needs attention_cache or block_skip"),
+    (dict(switch_step=5, cache_step=5, skip_step=5, pivot_only_steps=6, attention_cache=False, block_skip=False),
+     r"pivot_only_steps p=6 must be in \[0, switch point k=5\]"),
+    (dict(switch_step=5, cache_step=2, skip_step=3, pivot_only_steps=2), "pivot_only_steps p=2 must be < cache_step"),
+    (dict(switch_step=5, cache_step=2, skip_step=3, pivot_only_steps=3, attention_cache=False),
+     "pivot_only_steps p=3 must be < skip_step s=3"),
+    (dict(switch_step=5, cache_step=2, skip_step=3, pivot_only_steps=True), "pivot_only_steps must be an int"),
 ])
 def test_invalid_configurations_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

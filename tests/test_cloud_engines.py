@@ -35,7 +35,10 @@ CONFIGS = {"none-k5": None, "paper-k5": preset("paper-k5"), "paper-k5+extras": E
            # frozen guidance on every cached step (R R C X X: the C step writes the skip cache from
            # its conditional rows), and on DeepCache's skip steps
            "frozen-cached": AccelerationConfig(5, 2, 3, frozen_guidance="cached"),
-           "frozen-skip-deepcache": preset("paper-k5").replace(skip_variant="deepcache", frozen_guidance="skip")}
+           "frozen-skip-deepcache": preset("paper-k5").replace(skip_variant="deepcache", frozen_guidance="skip"),
+           # step 0 on the pivot only, step 1 merged (P R C X X)
+           "pivot-merged": AccelerationConfig(5, 2, 3, pivot_only_steps=1, merge_step0_uncond=True,
+                                              frozen_guidance="cached")}
 
 
 def _specs() -> list[ModeSpec]:

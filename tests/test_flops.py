@@ -262,3 +262,14 @@ def test_frozen_guidance_halves_the_frozen_steps():
     assert skip[:4] == plain[:4] and skip[4:] == [g / 2 for g in plain[4:]]
     assert cached[:2] == plain[:2] and cached[2:] == [g / 2 for g in plain[2:]]
     assert cached_total < plain_total
+
+
+def test_pivot_only_steps_cost_one_candidate_and_the_merge_moves_to_step_p():
+    bench = _load_benchmark()
+    n = 3
+    base = AccelerationConfig(6, 3, 4, merge_step0_uncond=True)      # R R R C X X
+    (plain, plain_total), (pivot, pivot_total) = _config_costs(bench, base, base.replace(pivot_only_steps=1), n=n)
+    one_candidate = bench.StepCounter().plain_step("mini", 1).paper_macs / 1e9
+    assert pivot[0] == pytest.approx(one_candidate)
+    assert pivot[1] == plain[0] < plain[2]               # step 1 is the merged one now
+    assert pivot[2:] == plain[2:] and pivot_total < plain_total

@@ -84,7 +84,7 @@ class ModeSpec:
     write_attention: bool = False   # store every attention output it computes (attention cache on)
     write_skip: bool = False        # store the encoder features its skip variant reuses (block skip on)
     cross_kv_once: bool = False     # cross-attention K/V of the unique texts come from kv/* (exact)
-    merged: bool = False            # step 0 with merge_step0_uncond: one unconditional row (exact)
+    merged: bool = False            # merge_step0_uncond's step (p): one unconditional row (exact)
     frozen_guidance: bool = False   # conditional rows only; eps_uncond = eps_cond + guid/residual
     write_residual: bool = False    # store guid/residual = eps_uncond - eps_cond (frozen guidance on)
 
@@ -123,15 +123,18 @@ def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | No
     # The variant only changes steps that skip or fill the skip cache; normalise it otherwise.
     variant = config.skip_variant if config.block_skip else SkipVariant.FASTER_DIFFUSION
     frozen = config.guidance_frozen(mode)
+    # A pivot-only step writes no cache: every cache is rewritten by a step over all candidates before
+    # anything reads it (AccelerationConfig checks p < r, p < s).
+    pivot = mode is StepMode.PIVOT
     return ModeSpec(
         mode=mode, skip_variant=variant,
-        write_attention=config.attention_cache and not mode.attention_cached,
-        write_skip=config.block_skip and not mode.blocks_skipped,
+        write_attention=config.attention_cache and not mode.attention_cached and not pivot,
+        write_skip=config.block_skip and not mode.blocks_skipped and not pivot,
         # A step whose attention is all cached projects no text: the flag would not change its graph.
         cross_kv_once=config.cross_kv_once and not mode.attention_cached,
-        merged=config.merge_step0_uncond and index == 0,
+        merged=index == config.merged_step and not pivot and not frozen,
         frozen_guidance=frozen,
-        write_residual=config.frozen_guidance is not FrozenGuidance.OFF and not frozen,
+        write_residual=config.frozen_guidance is not FrozenGuidance.OFF and not frozen and not pivot,
     )
 
 

@@ -23,6 +23,8 @@ The modes:
                 outputs come from ``skip/*``; only the up blocks and head run. DeepCache: only
                 conv_in, the first down block and the last up block run
     CACHE_SKIP  both
+    PIVOT       candidate 0 only: rows [uncond of candidate 0, cond of candidate 0] per request, its
+                guided eps for every candidate (their latents are identical then); writes no cache
 
 A frozen-guidance step (``spec.frozen_guidance``) runs the conditional rows only,
 [cond x N]: its unconditional eps is eps_cond + ``guid/residual``, which every
@@ -31,8 +33,8 @@ It reads the conditional half of the caches, and writes its rows into both
 halves of a cache it fills (only frozen steps read those; docs/method.md 7.7).
 
 Row layout: [unconditional x N, conditional x N], the two guidance groups;
-candidate 0 is the pivot. Merged (step 0 with ``merge_step0_uncond``):
-[unconditional x 1, conditional x N] (all N latents are z_T then). Caches are
+candidate 0 is the pivot. Merged (step p = ``pivot_only_steps`` with ``merge_step0_uncond``):
+[unconditional x 1, conditional x N] (all N latents are still z_T's then). Caches are
 always stored in the full 2N layout. A batch of requests (``inputs.sizes``)
 concatenates them per guidance half: [uncond of request 0, ..., of R-1, cond
 of request 0, ...]; groups, pivots, alignment and texts are per request, and a
@@ -54,7 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from obclip.runtime.plan import SkipVariant
+from obclip.runtime.plan import SkipVariant, StepMode
 
 from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, ModeSpec, TokenAlignment
 
@@ -113,14 +115,16 @@ class _Layout:
     """Rows of one step, per request and guidance half. With one request every op is a
     slice from the start or end, a chunk or an expand, so traced graphs keep N dynamic."""
 
-    def __init__(self, sizes: tuple[int, ...] | None, merged: bool, x: Tensor, cond_only: bool = False):
-        if merged and cond_only:
-            raise ValueError("a step cannot both merge its unconditional rows and leave them out")
+    def __init__(self, sizes: tuple[int, ...] | None, merged: bool, x: Tensor, cond_only: bool = False,
+                 pivot_only: bool = False):
+        if merged + cond_only + pivot_only > 1:
+            raise ValueError("a step's rows are merged, conditional-only or pivot-only, not several of them")
         self.one = sizes is None or len(sizes) == 1
         self.sizes = sizes if sizes is not None else (int(x.shape[0]),)
         self.n_x = x.shape[0]   # traced when exporting
         self.merged = merged
         self.cond_only = cond_only   # frozen guidance: the conditional rows only
+        self.pivot_only = pivot_only  # pivot-only step: candidate 0's two rows per request
         self.r = len(self.sizes)
         offs = [0]
         for n in self.sizes:
@@ -131,6 +135,9 @@ class _Layout:
     def unet_rows(self, x: Tensor) -> Tensor:
         if self.cond_only:
             return x
+        if self.pivot_only:
+            pivots = x[:1] if self.one else torch.cat([x[o:o + 1] for o in self.c_off])
+            return torch.cat([pivots, pivots])
         if not self.merged:
             return torch.cat([x, x])
         if self.one:
@@ -141,6 +148,8 @@ class _Layout:
         """A per-text tensor ([empty, cands] per request) -> one row per UNet row."""
         if self.cond_only:
             return t[1:] if self.one else torch.cat([t[a + 1:a + 1 + n] for a, n in zip(self.t_off, self.sizes)])
+        if self.pivot_only:
+            return self.pivot_texts(t)
         if self.one:
             return t if self.merged else torch.cat([_rows(t[:1], self.n_x), t[1:]])
         uncond = [t[a:a + 1] if self.merged else _rows(t[a:a + 1], n)
@@ -164,6 +173,8 @@ class _Layout:
         if self.cond_only:
             return [(t, 0, True)] if self.one else [(t[o:o + n], r, True)
                                                     for r, (o, n) in enumerate(zip(self.c_off, self.sizes))]
+        if self.pivot_only:
+            return [(t[i:i + 1], i % self.r, i >= self.r) for i in range(2 * self.r)]
         if self.one:
             u, c = (t[:1], t[1:]) if self.merged else t.chunk(2)
             return [(u, 0, False), (c, 0, True)]
@@ -180,6 +191,8 @@ class _Layout:
         step's rows go into both halves: only conditional-only steps read what it writes."""
         if self.cond_only:
             return torch.cat([t, t])
+        if self.pivot_only:
+            raise RuntimeError("a pivot-only step writes no cache")
         if not self.merged:
             return t
         if self.one:
@@ -198,6 +211,12 @@ class _Layout:
         if self.cond_only:
             assert residual is not None
             return eps + residual, eps
+        if self.pivot_only:   # every candidate gets its pivot's eps
+            if self.one:
+                return _rows(eps[:1], self.n_x), _rows(eps[1:2], self.n_x)
+            u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
+            c = torch.cat([_rows(eps[self.r + i:self.r + i + 1], n) for i, n in enumerate(self.sizes)])
+            return u, c
         if not self.merged:
             eps_u, eps_c = eps.chunk(2)
             return eps_u, eps_c
@@ -443,7 +462,8 @@ def run_mode(unet: Any, spec: ModeSpec, inputs: ModeInputs,
     if slot is None:
         with processors_installed(unet):
             return run_mode(unet, spec, inputs, caches)
-    layout = _Layout(inputs.sizes, spec.merged, inputs.x, cond_only=spec.frozen_guidance)
+    layout = _Layout(inputs.sizes, spec.merged, inputs.x, cond_only=spec.frozen_guidance,
+                     pivot_only=spec.mode is StepMode.PIVOT)
     writes: dict[str, Tensor] = {}
     slot.current = p = _Pass(spec, layout, inputs, caches, writes)
     try:

@@ -17,6 +17,8 @@ here too, per cloud step i, from one ``AccelerationConfig``:
 
 frozen_guidance ("skip" or "cached", off by default) makes the block-skip
 steps (or every step that reads a cache) evaluate the conditional rows only.
+pivot_only_steps p (0 by default) makes steps i < p evaluate candidate 0 only
+(mode PIVOT); with merge_step0_uncond, step p runs its unconditional rows as one.
 
 Device steps are always full passes of the small model.
 """
@@ -37,6 +39,7 @@ class StepMode(str, Enum):
     """How a step evaluates the UNet."""
 
     FULL = "full"              # a plain UNet pass (also a cache refresh)
+    PIVOT = "pivot"            # candidate 0 only (one unconditional + one conditional row), its eps for all
     REUSE = "reuse"            # batch-reused attention: pivot's maps x every row's values
     CACHE = "cache"            # attention modules return their cached outputs
     SKIP = "skip"              # cached encoder features; attention in the up blocks computed
@@ -121,12 +124,13 @@ class AccelerationConfig:
     attention_cache: bool = True
     block_skip: bool = True
     cross_kv_once: bool = False      # exact: cross-attention K/V once per request, on unique texts
-    merge_step0_uncond: bool = False  # exact: at step 0 the N unconditional rows are one row
+    merge_step0_uncond: bool = False  # exact: at step p (0 by default) the N unconditional rows are one row
     refresh_mode: RefreshMode = RefreshMode.FULL   # what a refresh step runs (both refill every cache)
     frozen_guidance: FrozenGuidance = FrozenGuidance.OFF  # steps that skip the unconditional rows
+    pivot_only_steps: int = 0        # p: steps 0..p-1 evaluate candidate 0 only, every candidate gets its eps
 
     def __post_init__(self) -> None:
-        for name in ("switch_step", "cache_step", "skip_step", "refresh_every"):
+        for name in ("switch_step", "cache_step", "skip_step", "refresh_every", "pivot_only_steps"):
             object.__setattr__(self, name, _require_int(name, getattr(self, name)))
         for name in ("batch_reuse", "attention_cache", "block_skip", "cross_kv_once", "merge_step0_uncond"):
             _require_bool(name, getattr(self, name))
@@ -151,6 +155,16 @@ class AccelerationConfig:
             raise ValueError("attention_cache needs cache_step r >= 1: step 0 has no cached attention to reuse")
         if self.block_skip and s == 0 and k > 0:
             raise ValueError("block_skip needs skip_step s >= 1: step 0 has no cached encoder features")
+        p = self.pivot_only_steps
+        if not 0 <= p <= k:
+            raise ValueError(f"pivot_only_steps p={p} must be in [0, switch point k={k}]")
+        # A step that reads a cache must read what a step over every candidate wrote, not the pivot's.
+        if p and self.attention_cache and r < k and p >= r:
+            raise ValueError(f"pivot_only_steps p={p} must be < cache_step r={r}: the attention cache read from "
+                             "step r on must come from a step that evaluated every candidate")
+        if p and self.block_skip and s < k and p >= s:
+            raise ValueError(f"pivot_only_steps p={p} must be < skip_step s={s}: the encoder features read from "
+                             "step s on must come from a step that evaluated every candidate")
         if self.refresh_mode is not RefreshMode.FULL and not self.refresh_every:
             raise ValueError(f"refresh_mode {self.refresh_mode.value!r} needs refresh_every >= 1 "
                              "(with refresh_every=0 no step refreshes)")
@@ -181,6 +195,8 @@ class AccelerationConfig:
     def mode(self, i: int) -> StepMode:
         """The mode of cloud step i (0 <= i < k)."""
         r, s = self.cache_step, self.skip_step
+        if i < self.pivot_only_steps:
+            return StepMode.PIVOT
         if i < r:
             return StepMode.REUSE if self.batch_reuse else StepMode.FULL
         if self.refresh_every and i > r and (i - r) % self.refresh_every == 0:
@@ -195,6 +211,13 @@ class AccelerationConfig:
         if skipped:
             return StepMode.SKIP
         return StepMode.FULL
+
+    @property
+    def merged_step(self) -> int | None:
+        """The step whose N unconditional rows run as one (``merge_step0_uncond``): the first that evaluates
+        every candidate, p = pivot_only_steps, whose latents are all still z_T's; None if none is."""
+        p = self.pivot_only_steps
+        return p if self.merge_step0_uncond and p < self.switch_step else None
 
     def guidance_frozen(self, mode: StepMode) -> bool:
         """Whether a step of this mode evaluates the conditional rows only (frozen guidance residual)."""
@@ -228,7 +251,7 @@ class AccelerationConfig:
 
 # Fields that to_dict leaves out at their default value (wire compatibility with older peers).
 _OMITTED_AT_DEFAULT: dict[str, Any] = {"refresh_mode": RefreshMode.FULL.value,
-                                       "frozen_guidance": FrozenGuidance.OFF.value}
+                                       "frozen_guidance": FrozenGuidance.OFF.value, "pivot_only_steps": 0}
 
 # The paper's two server settings (T = 25, DPM-Solver): batch reuse before r,
 # attention cache from r, block skip from s, no refresh inside the cloud steps.
