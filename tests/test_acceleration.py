@@ -374,7 +374,8 @@ def test_a_cache_read_right_after_the_fill_changes_nothing(unets, inputs, name, 
 
 
 @pytest.mark.parametrize("variant, latent_enters", [(SkipVariant.FASTER_DIFFUSION, False),
-                                                    (SkipVariant.DEEPCACHE, True)])
+                                                    (SkipVariant.DEEPCACHE, True),
+                                                    (SkipVariant.DEEPCACHE_SHALLOW, True)])
 def test_block_skip_variants_differ_in_whether_the_latent_enters(unets, inputs, variant, latent_enters):
     unet = unets["mini"]
     cond, uncond, x = inputs
@@ -416,6 +417,43 @@ def test_block_skip_really_skips_the_encoder(unets, inputs):
     dc = fd.replace(skip_variant=SkipVariant.DEEPCACHE)
     assert _blocks_run(unet, dc, inputs, [StepMode.FULL, StepMode.SKIP]) == {"conv_in", "down_blocks.0",
                                                                               f"up_blocks.{len(ups) - 1}"}
+
+
+def _layers_run(unet, config, inputs, modes):
+    """Which resnets (block kind, block, layer) ran at the last step, and conv_in / mid."""
+    ran: set = set()
+    hooks = []
+    for kind in ("down_blocks", "up_blocks"):
+        for i, b in enumerate(getattr(unet, kind)):
+            for j, r in enumerate(b.resnets):
+                hooks.append(r.register_forward_pre_hook(lambda mod, args, key=(kind, i, j): ran.add(key)))
+    hooks.append(unet.conv_in.register_forward_pre_hook(lambda mod, args: ran.add("conv_in")))
+    try:
+        cond, uncond, x = inputs
+        with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+            for i, m in enumerate(modes):
+                ran.clear()
+                acc.guided_eps(x, torch.tensor(500), step(i, m))
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran
+
+
+def test_deepcache_shallowest_branch_runs_the_first_and_last_layers_only(unets, inputs):
+    unet = unets["mini"]
+    last = len(unet.up_blocks) - 1
+    n_up = len(unet.up_blocks[last].resnets)
+    shallow = AccelerationConfig(5, 1, 1, batch_reuse=False, attention_cache=False, skip_variant="deepcache-shallow")
+    assert _layers_run(unet, shallow, inputs, [StepMode.FULL, StepMode.SKIP]) == {
+        "conv_in", ("down_blocks", 0, 0), ("up_blocks", last, n_up - 2), ("up_blocks", last, n_up - 1)}
+    deep = _layers_run(unet, shallow.replace(skip_variant="deepcache"), inputs, [StepMode.FULL, StepMode.SKIP])
+    assert ("down_blocks", 0, 1) in deep and ("up_blocks", last, 0) in deep
+    # the cheapest skip step of the three (Faster Diffusion runs every up block)
+    costs = {v: counted(unet, shallow.replace(skip_variant=v), inputs, [StepMode.FULL, StepMode.SKIP])[1]
+             .get_total_flops() for v in SkipVariant}
+    assert costs[SkipVariant.DEEPCACHE_SHALLOW] < costs[SkipVariant.DEEPCACHE] < costs[SkipVariant.FASTER_DIFFUSION]
+    assert mode_spec(shallow, 1).name == "skip.dcs" and mode_spec(shallow, 0).name == "full.ws.dcs"
 
 
 def test_attention_cache_runs_no_attention_and_saves_flops(unets, inputs):

@@ -38,7 +38,8 @@ CONFIGS = {"none-k5": None, "paper-k5": preset("paper-k5"), "paper-k5+extras": E
            "frozen-skip-deepcache": preset("paper-k5").replace(skip_variant="deepcache", frozen_guidance="skip"),
            # step 0 on the pivot only, step 1 merged (P R C X X)
            "pivot-merged": AccelerationConfig(5, 2, 3, pivot_only_steps=1, merge_step0_uncond=True,
-                                              frozen_guidance="cached")}
+                                              frozen_guidance="cached"),
+           "deepcache-shallow": preset("paper-k5").replace(skip_variant="deepcache-shallow")}
 
 
 def _specs() -> list[ModeSpec]:

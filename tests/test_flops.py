@@ -273,3 +273,12 @@ def test_pivot_only_steps_cost_one_candidate_and_the_merge_moves_to_step_p():
     assert pivot[0] == pytest.approx(one_candidate)
     assert pivot[1] == plain[0] < plain[2]               # step 1 is the merged one now
     assert pivot[2:] == plain[2:] and pivot_total < plain_total
+
+
+def test_deepcache_shallowest_branch_is_the_cheapest_skip_step():
+    bench = _load_benchmark()
+    base = AccelerationConfig(4, 2, 2)   # R R X X
+    (fd, _), (dc, _), (dcs, _) = _config_costs(bench, *(base.replace(skip_variant=v) for v in
+                                                        ("faster-diffusion", "deepcache", "deepcache-shallow")))
+    assert fd[:2] == dc[:2] == dcs[:2]       # the steps that fill the caches cost the same
+    assert dcs[2] < dc[2] < fd[2] and dcs[3] == dcs[2]

@@ -97,7 +97,7 @@ class ModeSpec:
         if self.write_skip:
             parts.append("ws")
         if self.mode.blocks_skipped or self.write_skip:
-            parts.append("fd" if self.skip_variant is SkipVariant.FASTER_DIFFUSION else "dc")
+            parts.append(_VARIANT_TAGS[self.skip_variant])
         if self.cross_kv_once:
             parts.append("kv")
         if self.merged:
@@ -112,6 +112,9 @@ class ModeSpec:
     def aligned(self) -> bool:
         """Reads the token-alignment tensors (batch reuse's cross-attention)."""
         return self.mode.batch_reuse
+
+
+_VARIANT_TAGS = {SkipVariant.FASTER_DIFFUSION: "fd", SkipVariant.DEEPCACHE: "dc", SkipVariant.DEEPCACHE_SHALLOW: "dcs"}
 
 
 def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | None = None) -> ModeSpec:
@@ -153,6 +156,8 @@ ATTN = "attn/"        # attn/<attention module>: its output [2N, Lq, C]
 SKIP_RES = "skip/res."   # skip/res.<i>: Faster Diffusion's cached down-block skip features [2N, C, h, w]
 SKIP_MID = "skip/mid"    # Faster Diffusion: the mid block's output
 SKIP_UP = "skip/up_input"   # DeepCache: the last up block's input
+SKIP_UP_SHALLOW = "skip/up_shallow_input"   # DeepCache's shallowest branch: the input of the last up
+                                            # block's second-to-last layer
 KV = "kv/"            # kv/<attention module>.k | .v | .k_pivots: cross-attention projections of the texts
 RESIDUAL = "guid/residual"   # frozen guidance: eps_uncond - eps_cond per candidate [N, C, h, w]
 

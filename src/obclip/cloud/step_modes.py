@@ -21,7 +21,9 @@ The modes:
     CACHE       attention modules return ``attn/<module>`` from the cache
     SKIP        Faster Diffusion: the encoder (conv_in, down blocks, mid block) is not run, its
                 outputs come from ``skip/*``; only the up blocks and head run. DeepCache: only
-                conv_in, the first down block and the last up block run
+                conv_in, the first down block and the last up block run. DeepCache's shallowest
+                branch: conv_in, the first down block's first layer, the last up block's last two
+                layers (on ``skip/up_shallow_input``) and the head
     CACHE_SKIP  both
     PIVOT       candidate 0 only: rows [uncond of candidate 0, cond of candidate 0] per request, its
                 guided eps for every candidate (their latents are identical then); writes no cache
@@ -58,7 +60,7 @@ import torch.nn.functional as F
 
 from obclip.runtime.plan import SkipVariant, StepMode
 
-from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, ModeSpec, TokenAlignment
+from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, SKIP_UP_SHALLOW, ModeSpec, TokenAlignment
 
 Tensor = torch.Tensor
 
@@ -515,6 +517,13 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
         h = p.layout.from_full(p.read(SKIP_MID, "the encoder features"))
         res = tuple(p.layout.from_full(p.read(f"{SKIP_RES}{i}", "the encoder features"))
                     for i in range(skip_res_count(unet)))
+    elif skipped and variant is SkipVariant.DEEPCACHE_SHALLOW:
+        # conv_in and the first down block's first layer; the last up block's last two layers
+        # consume their outputs (in the full UNet too) on top of the cached input.
+        h0 = unet.conv_in(sample)
+        res = (h0,) + _run_down_block(unet.down_blocks[0], h0, emb, text, downsample=False, layers=1)
+        h = p.layout.from_full(p.read(SKIP_UP_SHALLOW, "the encoder features"))
+        first_up = len(unet.up_blocks) - 1
     elif skipped:  # DeepCache
         # Only the shallow branch sees the latent: conv_in, the first down
         # block's resnets/attentions (its downsampler output feeds nothing
@@ -546,6 +555,9 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
     for i in range(first_up, len(unet.up_blocks)):
         block = unet.up_blocks[i]
         n_res = len(block.resnets)
+        if i == last and variant is SkipVariant.DEEPCACHE_SHALLOW and (skipped or spec.write_skip):
+            h = _run_shallow_up_block(p, block, h, res, emb, text, skipped)
+            continue
         res_samples, res = res[-n_res:], res[:-n_res]
         if i == last and not skipped and spec.write_skip and variant is SkipVariant.DEEPCACHE:
             p.writes[SKIP_UP] = p.layout.to_full(h)
@@ -562,11 +574,35 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
     return unet.conv_out(h)
 
 
-def _run_down_block(block: Any, h: Tensor, emb: Tensor, text: Tensor, downsample: bool) -> tuple[Tensor, ...]:
-    """A down block's skip features; its downsampler only when asked."""
+def _run_shallow_up_block(p: _Pass, block: Any, h: Tensor, res: tuple[Tensor, ...], emb: Tensor, text: Tensor,
+                          skipped: bool) -> Tensor:
+    """The last up block written out (CrossAttnUpBlock2D / UpBlock2D.forward, no upsampler) for
+    DeepCache's shallowest branch: a skip step runs its last two layers on the cached input of the
+    first of them; a step that fills the cache runs every layer and stores that input."""
+    n = len(block.resnets)
+    if n < 2 or getattr(block, "upsamplers", None) is not None:
+        raise ValueError("skip_variant 'deepcache-shallow' needs a last up block of >= 2 layers and no "
+                         f"upsampler; this UNet's has {n} layers")
+    start = n - 2
+    attentions = getattr(block, "attentions", None) or [None] * n
+    for j in range(start if skipped else 0, n):
+        if j == start and not skipped:
+            p.writes[SKIP_UP_SHALLOW] = p.layout.to_full(h)
+        h = torch.cat([h, res[-1]], dim=1)
+        res = res[:-1]
+        h = block.resnets[j](h, emb)
+        if attentions[j] is not None:
+            h = attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
+    return h
+
+
+def _run_down_block(block: Any, h: Tensor, emb: Tensor, text: Tensor, downsample: bool,
+                    layers: int | None = None) -> tuple[Tensor, ...]:
+    """A down block's skip features (of its first ``layers`` layers, default all); its downsampler only
+    when asked."""
     outputs: tuple[Tensor, ...] = ()
     attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-    for resnet, attn in zip(block.resnets, attentions):
+    for resnet, attn in list(zip(block.resnets, attentions))[:layers]:
         h = resnet(h, emb)
         if attn is not None:
             h = attn(h, encoder_hidden_states=text, return_dict=False)[0]

@@ -38,6 +38,7 @@ built beside the target and moved into place at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -73,7 +74,8 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     ``presets``: none-k<k>, paper-k5 and paper-k10, each with and without the exact
     extras (alone and together). ``all`` adds DeepCache, block skip without the
     attention cache, the attention cache without block skip, no batch reuse, and the
-    further options of docs/method.md 7.7 (refresh in reuse mode, frozen guidance)."""
+    further options of docs/method.md 7.7 (refresh in reuse mode, frozen guidance, DeepCache's
+    shallowest branch, a pivot-only step 0)."""
     base = [AccelerationConfig.none(5), preset("paper-k5"), preset("paper-k10")]
     if which == "all":
         p = preset("paper-k10")
@@ -82,7 +84,10 @@ def export_configs(which: str) -> list[AccelerationConfig]:
                  p.replace(attention_cache=False, skip_variant=SkipVariant.DEEPCACHE),
                  p.replace(refresh_every=2, refresh_mode="reuse"), p.replace(frozen_guidance="skip"),
                  p.replace(frozen_guidance="cached"),
-                 p.replace(skip_variant=SkipVariant.DEEPCACHE, frozen_guidance="skip")]
+                 p.replace(skip_variant=SkipVariant.DEEPCACHE, frozen_guidance="skip"),
+                 p.replace(skip_variant=SkipVariant.DEEPCACHE_SHALLOW),
+                 p.replace(skip_variant=SkipVariant.DEEPCACHE_SHALLOW, attention_cache=False),
+                 p.replace(pivot_only_steps=1)]
     elif which != "presets":
         raise ValueError(f"--modes must be presets or all, got {which!r}")
     out = []
@@ -175,6 +180,7 @@ class _Example:
     caches: dict[str, torch.Tensor]   # per skip variant: filled by a full step that writes everything
     caches_dc: dict[str, torch.Tensor]
     kv: dict[str, torch.Tensor]
+    caches_dcs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _example(lm: TextToLatentModel, n: int, size: int, seed: int) -> _Example:
@@ -198,11 +204,13 @@ def _example(lm: TextToLatentModel, n: int, size: int, seed: int) -> _Example:
                                                      guidance_scale=inputs.guidance_scale), {})
             caches[variant] = w
         kv = cross_kv(unet, text)
-    return _Example(inputs, caches[SkipVariant.FASTER_DIFFUSION], caches[SkipVariant.DEEPCACHE], kv)
+    return _Example(inputs, caches[SkipVariant.FASTER_DIFFUSION], caches[SkipVariant.DEEPCACHE], kv,
+                    caches[SkipVariant.DEEPCACHE_SHALLOW])
 
 
 def _cache_pool(ex: _Example, spec: ModeSpec) -> dict[str, torch.Tensor]:
-    pool = dict(ex.caches_dc if spec.skip_variant is SkipVariant.DEEPCACHE else ex.caches)
+    pool = dict({SkipVariant.DEEPCACHE: ex.caches_dc,
+                 SkipVariant.DEEPCACHE_SHALLOW: ex.caches_dcs}.get(spec.skip_variant, ex.caches))
     if spec.cross_kv_once:
         pool.update(ex.kv)
     return pool

@@ -68,6 +68,11 @@ class SkipVariant(str, Enum):
     # DeepCache: conv_in, the first down block and the last up block run on the
     # current latent; the input of the last up block comes from the cache.
     DEEPCACHE = "deepcache"
+    # DeepCache's shallowest branch (its cache_block_id = cache_layer_id = 0): conv_in, the first
+    # layer (resnet + attention) of the first down block, the last two layers of the last up block
+    # (the ones whose skip inputs are that layer's output and conv_in's) and the output head; the
+    # input of the first of those two layers comes from the cache.
+    DEEPCACHE_SHALLOW = "deepcache-shallow"
 
 
 class RefreshMode(str, Enum):
