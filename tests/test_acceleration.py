@@ -235,6 +235,8 @@ def test_pivot_only_steps_and_the_merged_step_on_the_plan():
     assert specs[1].name == "reuse.wa.ws.fd.kv.m"
     assert AccelerationConfig.from_dict(config.to_dict()) == config
     assert "pivot_only_steps" not in preset("paper-k10").to_dict()
+    # one spec (one graph name) for a pivot step whatever the skip variant
+    assert mode_spec(config.replace(skip_variant="deepcache"), 0) == specs[0]
     # every step on the pivot: nothing is merged (no step evaluates every candidate)
     everything = AccelerationConfig.none(3).replace(pivot_only_steps=3, merge_step0_uncond=True)
     assert everything.merged_step is None and not any(mode_spec(everything, i).merged for i in range(3))

@@ -123,3 +123,15 @@ def test_latency_counts_each_rows_flops(tmp_path):
     cached = latency.Row("+ cache", "obclip", 2, 2, AccelerationConfig(2, 1, 1), "t")
     a, b = (latency.row_flops(counter, "mini-small", r, 3) for r in (plain, cached))
     assert a > b > 0
+
+
+def test_fidelity_new_options_are_opt_in_and_only_where_valid():
+    from obclip.runtime.plan import preset
+
+    base = [label for label, _ in fidelity.settings_for(preset("paper-k10"))]
+    extra = dict(fidelity.settings_for(preset("paper-k10"), new_options=True))
+    assert set(extra) - set(base) == {label for label, _ in fidelity.NEW_OPTIONS}
+    assert extra["preset pivot=1 + merge"].pivot_only_steps == 1
+    # k=3, r=1: no room for a pivot-only step before r
+    tiny = [label for label, _ in fidelity.settings_for(TINY["tiny"], new_options=True)]
+    assert "preset pivot=1 + merge" not in tiny and "preset frozen=skip" in tiny

@@ -124,7 +124,8 @@ def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | No
         return ModeSpec(mode or StepMode.FULL)
     mode = config.mode(index) if mode is None else mode
     # The variant only changes steps that skip or fill the skip cache; normalise it otherwise.
-    variant = config.skip_variant if config.block_skip else SkipVariant.FASTER_DIFFUSION
+    # (A pivot-only step neither skips nor fills the skip cache.)
+    variant = config.skip_variant if config.block_skip and mode is not StepMode.PIVOT else SkipVariant.FASTER_DIFFUSION
     frozen = config.guidance_frozen(mode)
     # A pivot-only step writes no cache: every cache is rewritten by a step over all candidates before
     # anything reads it (AccelerationConfig checks p < r, p < s).
