@@ -8,8 +8,8 @@ full-size UNets run on the meta device (shapes only, no arithmetic): plain
 guided passes for the baselines, and every kind of cloud step of an ObCLIP
 plan run through ``cloud.acceleration.AcceleratedUNet`` in plan order. A
 step's cost depends only on its ``ModeSpec`` (``cloud.modes.mode_spec``) and
-N (and on being step 0 when ``cross_kv_once`` projects the texts there), so
-each (configuration, N, spec, step-0) cost is counted once, by running that step
+N (and, with ``cross_kv_once``, on which text projections earlier steps left), so
+each (configuration, N, spec, projections) cost is counted once, by running that step
 of a plan on an AcceleratedUNet whose earlier steps filled its caches, and
 reused for the other steps with the same key; steps whose cost is already
 known are not run. ``--exhaustive`` runs every cloud step of every plan and
@@ -98,9 +98,26 @@ def variant_config(variant: str, preset: AccelerationConfig) -> AccelerationConf
 
 # --- counting -------------------------------------------------------------------
 
-def _step0_matters(config: AccelerationConfig) -> bool:
-    """Whether step 0 can cost differently from a later step of the same spec (it projects the texts)."""
-    return config.cross_kv_once
+def _kv_before(config: AccelerationConfig, index: int) -> tuple[bool, ...] | None:
+    """With ``cross_kv_once``, which text projections earlier steps left: values, the pivots' keys,
+    every text's keys for every module (a pass over the whole UNet), for the modules a block-skip
+    step runs. A step projects what it needs and lacks, so its cost depends on them. None without
+    the option."""
+    if not config.cross_kv_once:
+        return None
+    values = pivot_keys = keys = skip_keys = False
+    for i in range(index):
+        spec = mode_spec(config, i)
+        if not spec.cross_kv_once:
+            continue
+        values = True
+        if spec.mode.batch_reuse:
+            pivot_keys = True
+        elif spec.mode.blocks_skipped:
+            skip_keys = True
+        else:
+            keys = True
+    return values, pivot_keys or keys, keys, skip_keys
 
 
 def _cost_flags(config: AccelerationConfig) -> tuple:
@@ -123,7 +140,7 @@ class StepCounter:
     exhaustive: bool = False
     unets: dict = field(default_factory=dict)
     plain: dict = field(default_factory=dict)        # (model, n) -> FlopBreakdown of one guided step
-    steps: dict = field(default_factory=dict)        # (model, n, flags, spec, step0) -> FlopBreakdown
+    steps: dict = field(default_factory=dict)        # (model, n, flags, spec, kv before) -> FlopBreakdown
     setup: dict = field(default_factory=dict)        # (model, n, flags) -> FlopBreakdown of entering
     passes: int = 0                                  # UNet passes actually run
 
@@ -158,7 +175,7 @@ class StepCounter:
 
     def _key(self, name, n, config, step: PlannedStep):
         return (name, n, _cost_flags(config), mode_spec(config, step.index, step.mode),
-                step.index == 0 and _step0_matters(config))
+                _kv_before(config, step.index))
 
     def plan_steps(self, name: str, n: int, config: AccelerationConfig, num_steps: int
                    ) -> tuple[FlopBreakdown, list[tuple[PlannedStep, FlopBreakdown]]]:

@@ -282,3 +282,16 @@ def test_deepcache_shallowest_branch_is_the_cheapest_skip_step():
                                                         ("faster-diffusion", "deepcache", "deepcache-shallow")))
     assert fd[:2] == dc[:2] == dcs[:2]       # the steps that fill the caches cost the same
     assert dcs[2] < dc[2] < fd[2] and dcs[3] == dcs[2]
+
+
+@pytest.mark.parametrize("config", [
+    # a full refresh after reuse steps projects every text's keys (the reuse steps projected the pivots')
+    AccelerationConfig(8, 3, 4, cross_kv_once=True, refresh_every=2),
+    AccelerationConfig(8, 3, 4, cross_kv_once=True, refresh_every=3, attention_cache=False),
+    AccelerationConfig(8, 3, 4, cross_kv_once=True, merge_step0_uncond=True, pivot_only_steps=2, refresh_every=2,
+                       refresh_mode="reuse", frozen_guidance="cached", skip_variant="deepcache-shallow"),
+])
+def test_benchmark_memo_holds_for_the_new_options_and_text_projections(config):
+    bench = _load_benchmark()
+    counted = [bench.StepCounter(exhaustive=e).plan_steps("mini-small", 3, config, 10) for e in (False, True)]
+    assert counted[0] == counted[1]
