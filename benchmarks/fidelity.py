@@ -59,12 +59,30 @@ PROMPTS = [
 ]
 SEED = 1234
 MODE_LETTERS = {StepMode.FULL: "F", StepMode.REUSE: "R", StepMode.CACHE: "C", StepMode.SKIP: "S",
-                StepMode.CACHE_SKIP: "X"}
+                StepMode.CACHE_SKIP: "X", StepMode.PIVOT: "P"}
 
 
-def settings_for(acc: AccelerationConfig) -> list[tuple[str, AccelerationConfig]]:
+# The further options of docs/method.md 7.7 on top of a preset (--new-options); those a preset's
+# k, r, s do not admit (e.g. a pivot-only step needs r >= 2) are left out.
+NEW_OPTIONS = (
+    ("preset refresh=2 reuse", dict(refresh_every=2, refresh_mode="reuse")),
+    ("preset frozen=skip", dict(frozen_guidance="skip")),
+    ("preset frozen=cached", dict(frozen_guidance="cached")),
+    ("preset pivot=1 + merge", dict(pivot_only_steps=1, merge_step0_uncond=True)),
+    ("preset DeepC shallow", dict(skip_variant=SkipVariant.DEEPCACHE_SHALLOW)),
+)
+
+
+def settings_for(acc: AccelerationConfig, new_options: bool = False) -> list[tuple[str, AccelerationConfig]]:
     """The settings compared against the exact run for one preset (same k, r, s)."""
     k = acc.switch_step
+    extra = []
+    if new_options:
+        for label, changes in NEW_OPTIONS:
+            try:
+                extra.append((label, acc.replace(**changes)))
+            except ValueError:
+                pass
     return [
         ("reuse only", acc.replace(attention_cache=False, block_skip=False, batch_reuse=True)),
         ("cache only", acc.replace(batch_reuse=False, attention_cache=True, block_skip=False)),
@@ -75,7 +93,7 @@ def settings_for(acc: AccelerationConfig) -> list[tuple[str, AccelerationConfig]
         ("preset", acc),
         ("preset refresh=2", acc.replace(refresh_every=2)),
         ("exact extras", AccelerationConfig.none(k).replace(cross_kv_once=True, merge_step0_uncond=True)),
-    ]
+    ] + extra
 
 
 def modes_string(acc: AccelerationConfig, steps: int) -> str:
@@ -124,7 +142,7 @@ def _split_run(runner, pipeline, prompt: str, steps: int, acc: AccelerationConfi
 
 def measure(runner, pipeline, prompts=PROMPTS, steps: int = 25, presets=("paper-k5", "paper-k10"),
             seed: int = SEED, guidance: float = 7.5, size: int | None = None, decode: bool = True,
-            progress=None) -> dict:
+            progress=None, new_options: bool = False) -> dict:
     """Every setting of every preset on every prompt; one record per (setting, prompt, candidate).
 
     ``presets``: names (runtime.plan.preset) or {name: AccelerationConfig}.
@@ -136,7 +154,7 @@ def measure(runner, pipeline, prompts=PROMPTS, steps: int = 25, presets=("paper-
         k = acc.switch_step
         exact = AccelerationConfig.none(k)
         preset_modes = modes_string(acc, steps)
-        for label, cfg in settings_for(acc):
+        for label, cfg in settings_for(acc, new_options):
             m = modes_string(cfg, steps)
             # refresh_every only adds full steps; none may fall inside k (paper-k5: r=3, k=5).
             same = label == "preset refresh=2" and m == preset_modes
@@ -148,7 +166,7 @@ def measure(runner, pipeline, prompts=PROMPTS, steps: int = 25, presets=("paper-
             t0 = time.perf_counter()
             cands, ref, ref_finals, ref_images = _split_run(runner, pipeline, prompt, steps, exact, s, guidance,
                                                             size, decode)
-            for label, cfg in settings_for(acc):
+            for label, cfg in settings_for(acc, new_options):
                 _, got, finals, images = _split_run(runner, pipeline, prompt, steps, cfg, s, guidance, size,
                                                     decode)
                 for i, cand in enumerate(cands):
@@ -284,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-decode", action="store_true", help="skip the device steps' VAE decode (no PSNR)")
     p.add_argument("--per-candidate", action="store_true", help="also print every candidate index")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--new-options", action="store_true",
+                   help="also run the further options of docs/method.md 7.7 on each preset")
     args = p.parse_args(argv)
 
     too_big = [n for n in args.presets if preset(n).switch_step > args.steps]
@@ -308,7 +328,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     result = measure(runner, pipeline, args.prompts, args.steps, args.presets, args.seed, args.guidance,
-                     args.size, decode=not args.no_decode, progress=log)
+                     args.size, decode=not args.no_decode, progress=log, new_options=args.new_options)
     elapsed = time.perf_counter() - t0
     rows = summarize(result)
     meta = {"cloud_model": cloud_dir, "engines": engines_dir, "T": args.steps, "guidance": args.guidance,

@@ -1,14 +1,15 @@
 """Server FLOPs of ObCLIP against the paper's table, counted from the ops that run.
 
     python benchmarks/flops.py [--json] [--plot PATH.png] [--n 2 4 6 30] [--exhaustive]
+                               [--presets NAME ...] [--config LABEL='{"switch_step": 10, ...}' ...]
 
 Every number is counted by ``cloud.flops`` (torch's FlopCounterMode) while
 full-size UNets run on the meta device (shapes only, no arithmetic): plain
 guided passes for the baselines, and every kind of cloud step of an ObCLIP
 plan run through ``cloud.acceleration.AcceleratedUNet`` in plan order. A
-step's cost depends only on its mode and N (and on being step 0 when step 0
-is special: ``merge_step0_uncond`` or ``cross_kv_once``), so each
-(configuration, N, mode, step-0) cost is counted once, by running that step
+step's cost depends only on its ``ModeSpec`` (``cloud.modes.mode_spec``) and
+N (and, with ``cross_kv_once``, on which text projections earlier steps left), so
+each (configuration, N, spec, projections) cost is counted once, by running that step
 of a plan on an AcceleratedUNet whose earlier steps filled its caches, and
 reused for the other steps with the same key; steps whose cost is already
 known are not run. ``--exhaustive`` runs every cloud step of every plan and
@@ -21,6 +22,11 @@ Two conventions, in T = 1e12:
   FLOP(all)   2 FLOPs per multiply-add, every convolution and matmul, both
               attention matmuls included, device rows too.
 Norms, softmax and elementwise ops are in neither.
+
+``--config`` adds any acceleration setting (an ``AccelerationConfig`` as JSON,
+optionally ``LABEL=`` before it): its server cost at every ``--n`` is printed
+after the presets and listed under ``configs`` in ``--json``. ``--presets``
+with no name leaves the preset tables out.
 
 Only the paper's own numbers (docs/method.md, section 6) are
 hard-coded, as references.
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from obclip.cloud.flops import FlopBreakdown, FlopCounter, meta_unet
+from obclip.cloud.modes import mode_spec
 from obclip.runtime.plan import PRESETS, AccelerationConfig, PlannedStep, make_plan
 
 TERA = 1e12
@@ -91,9 +98,26 @@ def variant_config(variant: str, preset: AccelerationConfig) -> AccelerationConf
 
 # --- counting -------------------------------------------------------------------
 
-def _step0_matters(config: AccelerationConfig) -> bool:
-    """Whether step 0 can cost differently from a later step of the same mode."""
-    return config.merge_step0_uncond or config.cross_kv_once
+def _kv_before(config: AccelerationConfig, index: int) -> tuple[bool, ...] | None:
+    """With ``cross_kv_once``, which text projections earlier steps left: values, the pivots' keys,
+    every text's keys for every module (a pass over the whole UNet), for the modules a block-skip
+    step runs. A step projects what it needs and lacks, so its cost depends on them. None without
+    the option."""
+    if not config.cross_kv_once:
+        return None
+    values = pivot_keys = keys = skip_keys = False
+    for i in range(index):
+        spec = mode_spec(config, i)
+        if not spec.cross_kv_once:
+            continue
+        values = True
+        if spec.mode.batch_reuse:
+            pivot_keys = True
+        elif spec.mode.blocks_skipped:
+            skip_keys = True
+        else:
+            keys = True
+    return values, pivot_keys or keys, keys, skip_keys
 
 
 def _cost_flags(config: AccelerationConfig) -> tuple:
@@ -116,7 +140,7 @@ class StepCounter:
     exhaustive: bool = False
     unets: dict = field(default_factory=dict)
     plain: dict = field(default_factory=dict)        # (model, n) -> FlopBreakdown of one guided step
-    steps: dict = field(default_factory=dict)        # (model, n, flags, mode, step0) -> FlopBreakdown
+    steps: dict = field(default_factory=dict)        # (model, n, flags, spec, kv before) -> FlopBreakdown
     setup: dict = field(default_factory=dict)        # (model, n, flags) -> FlopBreakdown of entering
     passes: int = 0                                  # UNet passes actually run
 
@@ -150,7 +174,8 @@ class StepCounter:
         return self.plain[key]
 
     def _key(self, name, n, config, step: PlannedStep):
-        return (name, n, _cost_flags(config), step.mode, step.index == 0 and _step0_matters(config))
+        return (name, n, _cost_flags(config), mode_spec(config, step.index, step.mode),
+                _kv_before(config, step.index))
 
     def plan_steps(self, name: str, n: int, config: AccelerationConfig, num_steps: int
                    ) -> tuple[FlopBreakdown, list[tuple[PlannedStep, FlopBreakdown]]]:
@@ -242,8 +267,10 @@ def _device(b: FlopBreakdown) -> tuple[float, float]:
 
 def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), presets=("paper-k5", "paper-k10"),
             ns=(2, 4, 6, 30), num_steps: int = 25, variants=VARIANTS, exhaustive: bool = False,
-            counter: StepCounter | None = None) -> dict:
-    """Count everything and lay out the table. Returns a JSON-able dict."""
+            counter: StepCounter | None = None, configs=()) -> dict:
+    """Count everything and lay out the table. Returns a JSON-able dict.
+
+    ``configs``: extra (label, AccelerationConfig) pairs whose server cost is counted at every N."""
     started = time.perf_counter()
     c = counter or StepCounter(exhaustive=exhaustive)
     per_pass = {}
@@ -323,6 +350,18 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
                 "paper_tmacs": server_cost.paper_macs / 1e12, "tflops": server_cost.flops / 1e12,
                 "hybrid_sd_paper_tmacs": hybrid.paper_macs / 1e12,
                 "ratio_to_hybrid_sd": server_cost.paper_macs / hybrid.paper_macs})
+    config_costs = []
+    for label, config in configs:
+        for n in ns:
+            setup, costs = c.plan_steps(cloud, n, config, num_steps)
+            server_cost = setup + sum(b for _, b in costs)
+            hybrid = cloud1 * config.switch_step
+            config_costs.append({
+                "label": label, "n": n, "k": config.switch_step, "T": num_steps, "cloud": cloud,
+                "config": config.to_dict(), "paper_tmacs": server_cost.paper_macs / 1e12,
+                "tflops": server_cost.flops / 1e12, "ratio_to_hybrid_sd": server_cost.paper_macs / hybrid.paper_macs,
+                "steps": [{"index": st.index, "mode": st.mode.value, "spec": mode_spec(config, st.index).name,
+                           "paper_macs_G": b.paper_macs / 1e9} for st, b in costs]})
     off = [(b["preset"], b["N"], r["key"]) for b in blocks for r in b["rows"] if r["check"] == "OFF"]
     per_pass_off = [name for name, p in per_pass.items()
                     if p["ratio"] is not None and abs(p["ratio"] - 1) > UNACCELERATED_TOLERANCE]
@@ -333,6 +372,8 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
         "per_pass": per_pass,
         # Named presets x N: "paper_tmacs" is the server cost in 1e12 multiply-adds, paper convention.
         "presets": preset_costs,
+        # --config settings x N, same units.
+        "configs": config_costs,
         "blocks": blocks,
         "per_step": per_step,
         # Unaccelerated rows off the paper by more than 1%, and disagreements between code paths.
@@ -385,6 +426,12 @@ def format_table(result: dict) -> str:
         for i in range(len(next(iter(steps.values())))):
             cells = [f"{steps[v][i]['mode']:>10} {steps[v][i]['paper_macs'] / 1e9:>11.1f}" for v in steps]
             w(f"{i:>4} " + " ".join(cells))
+    for cfg in result.get("configs", []):
+        w("")
+        w(f"== config {cfg['label']}: N={cfg['n']}, T={cfg['T']}: server {cfg['paper_tmacs']:.2f} T MAC(paper), "
+          f"{cfg['tflops']:.2f} T FLOP(all), {cfg['ratio_to_hybrid_sd']:.2f}x Hybrid SD ==")
+        w(f"   {json.dumps(cfg['config'], sort_keys=True)}")
+        w("   " + "  ".join(f"{st['index']}:{st['spec']} {st['paper_macs_G']:.0f}G" for st in cfg["steps"]))
     w("")
     problems = result["problems"]
     w(f"{result['unet_passes_run']} UNet passes counted on the meta device in {result['seconds']:.1f} s; "
@@ -423,21 +470,40 @@ def plot(result: dict, path: str) -> bool:
     return True
 
 
+def parse_config(text: str) -> tuple[str, AccelerationConfig]:
+    """``[LABEL=]JSON`` -> (label, config); the label defaults to the JSON itself."""
+    label, sep, body = text.partition("=")
+    if not sep or label.lstrip().startswith("{"):
+        label, body = text, text
+    try:
+        d = json.loads(body)
+    except ValueError as e:
+        raise ValueError(f"--config {text!r} is not JSON: {e}") from None
+    return label.strip(), AccelerationConfig.from_dict(d)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument("--plot", metavar="PATH.png", help="per-step FLOPs plot (needs matplotlib)")
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 6, 30])
-    p.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS),
-                   help="named presets to count (default: all of them)")
+    p.add_argument("--presets", nargs="*", default=sorted(PRESETS), choices=sorted(PRESETS),
+                   help="named presets to count (default: all of them; none: only the --config ones)")
+    p.add_argument("--config", action="append", default=[], metavar="[LABEL=]JSON",
+                   help="an acceleration setting (AccelerationConfig fields as JSON) to count at every --n; "
+                        "repeatable")
     p.add_argument("--devices", nargs="+", default=["bk-sdm-small", "bk-sdm-tiny"])
     p.add_argument("--cloud", default="sd-v1.4")
     p.add_argument("--steps", type=int, default=25, help="T")
     p.add_argument("--exhaustive", action="store_true",
                    help="run every cloud step of every plan (slower) and check the per-mode memo")
     args = p.parse_args(argv)
+    try:
+        configs = [parse_config(text) for text in args.config]
+    except ValueError as e:
+        p.error(str(e))
     result = compute(args.cloud, tuple(args.devices), tuple(args.presets), tuple(args.n), args.steps,
-                     exhaustive=args.exhaustive)
+                     exhaustive=args.exhaustive, configs=configs)
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:

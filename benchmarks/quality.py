@@ -1096,6 +1096,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-list", action="store_true",
                    help="with --sweep: expand the file, count every configuration's server cost, print them "
                         "and the skipped ones, and stop (no generation)")
+    p.add_argument("--config", action="append", default=[], metavar="LABEL=JSON",
+                   help="an extra ObCLIP row with this acceleration (AccelerationConfig fields as JSON, "
+                        "e.g. the options of docs/method.md 7.7); repeatable")
     args = p.parse_args(argv)
 
     if args.prompts < 1:
@@ -1124,6 +1127,14 @@ def main(argv=None) -> int:
             return 0
         sweep = (configs, costs, skipped)
     methods = [m for m in default_methods() if m.key in args.methods]
+    for text in args.config:
+        label, _, body = text.partition("=")
+        try:
+            cfg = AccelerationConfig.from_dict(json.loads(body))
+        except ValueError as e:
+            print(f"error: --config {text!r}: {e}", file=sys.stderr)
+            return 2
+        methods.append(MethodSpec(f"obclip-{label}", "ObCLIP", "obclip", cfg.switch_step, label, cfg))
     too_big = [m.key for m in methods if m.cloud_steps(args.steps) > args.steps]
     if too_big and sweep is None:
         print(f"error: --steps {args.steps} is below the switch point k of {too_big}; use T >= k", file=sys.stderr)

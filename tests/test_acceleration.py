@@ -8,6 +8,7 @@ after the step that filled it: nothing at all).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -15,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from obclip.cloud.acceleration import AcceleratedUNet
 from obclip.cloud.flops import EXTRA_FORMULAS
 from obclip.cloud.models import build_unet
+from obclip.cloud.modes import ModeSpec, mode_spec
 from obclip.cloud.steps import CloudStepRunner, guided_eps
 from obclip.runtime.plan import (
     CLOUD,
@@ -101,6 +103,197 @@ def test_switches_and_refresh_choose_the_modes():
     assert modes[5] is StepMode.CACHE and modes[7] is StepMode.CACHE_SKIP and modes[9] is StepMode.CACHE_SKIP
 
 
+def test_refresh_in_reuse_mode_is_a_batch_reused_step_that_fills_every_cache():
+    base = preset("paper-k10").replace(refresh_every=2)
+    reuse = base.replace(refresh_mode="reuse")
+    full_modes = [s.mode for s in make_plan(25, 10, base).cloud_steps]
+    reuse_modes = [s.mode for s in make_plan(25, 10, reuse).cloud_steps]
+    assert [i for i, m in enumerate(full_modes) if m != reuse_modes[i]] == [6, 8]
+    assert reuse_modes[6] is reuse_modes[8] is StepMode.REUSE and full_modes[6] is StepMode.FULL
+    # the refresh step writes every cache, like a reuse step before r: one graph for both
+    assert mode_spec(reuse, 6) == mode_spec(reuse, 0) == ModeSpec(StepMode.REUSE, write_attention=True,
+                                                                  write_skip=True)
+    assert mode_spec(base, 6) == ModeSpec(StepMode.FULL, write_attention=True, write_skip=True)
+    # a reuse refresh needs the token alignment even without batch reuse before r
+    assert not base.replace(batch_reuse=False).reuses_attention
+    assert reuse.replace(batch_reuse=False).reuses_attention
+    assert not reuse.replace(batch_reuse=False, refresh_every=20).reuses_attention   # no refresh before k
+
+
+def test_new_fields_round_trip_and_are_left_out_of_the_wire_at_their_default():
+    for config in (preset("paper-k10").replace(refresh_every=2, refresh_mode="reuse"), preset("paper-k10")):
+        assert AccelerationConfig.from_dict(config.to_dict()) == config
+    assert "refresh_mode" not in preset("paper-k10").to_dict()
+    assert preset("paper-k10").replace(refresh_every=2, refresh_mode="reuse").to_dict()["refresh_mode"] == "reuse"
+
+
+def test_frozen_guidance_marks_the_steps_that_skip_the_unconditional_rows():
+    base = preset("paper-k10")   # R R R R C C X X X X
+    skip, cached = base.replace(frozen_guidance="skip"), base.replace(frozen_guidance="cached")
+    assert [mode_spec(skip, i).frozen_guidance for i in range(10)] == [False] * 6 + [True] * 4
+    assert [mode_spec(cached, i).frozen_guidance for i in range(10)] == [False] * 4 + [True] * 6
+    # every step that computes both halves stores the residual; no step does without the option
+    assert [mode_spec(skip, i).write_residual for i in range(10)] == [True] * 6 + [False] * 4
+    assert not any(mode_spec(base, i).write_residual or mode_spec(base, i).frozen_guidance for i in range(10))
+    assert mode_spec(skip, 6).name == "cache-skip.fd.fg" and mode_spec(skip, 0).name == "reuse.wa.ws.fd.wr"
+    for config in (skip, cached):
+        assert AccelerationConfig.from_dict(config.to_dict()) == config
+    assert "frozen_guidance" not in base.to_dict()
+
+
+def _cache_readers_and_writers(config):
+    """Per step: (frozen, families it reads, families it writes), from its ModeSpec."""
+    out = []
+    for i in range(config.switch_step):
+        spec = mode_spec(config, i)
+        m = spec.mode
+        reads = {"attn"} if m.attention_cached else set()
+        reads |= {"skip"} if m.blocks_skipped else set()
+        writes = {"attn"} if spec.write_attention and not m.attention_cached else set()
+        writes |= {"skip"} if spec.write_skip and not m.blocks_skipped else set()
+        reads |= {"residual"} if spec.frozen_guidance else set()
+        writes |= {"residual"} if spec.write_residual else set()
+        out.append((spec.frozen_guidance, reads, writes))
+    return out
+
+
+@pytest.mark.parametrize("frozen", ["skip", "cached"])
+def test_only_frozen_steps_read_what_a_frozen_step_wrote(frozen):
+    """A frozen step writes its caches with its conditional rows in both halves; that is only right
+    if no step that evaluates the unconditional rows reads them. Checked over every small plan."""
+    checked = 0
+    for k in range(1, 9):
+        for r in range(1, k + 1):
+            for s in range(r, k + 1):
+                for refresh in range(0, 3):
+                    for cache, skip in ((True, True), (True, False), (False, True)):
+                        try:
+                            config = AccelerationConfig(k, r, s, refresh_every=refresh, attention_cache=cache,
+                                                        block_skip=skip, frozen_guidance=frozen)
+                        except ValueError:
+                            continue
+                        writer: dict[str, bool] = {}
+                        for i, (is_frozen, reads, writes) in enumerate(_cache_readers_and_writers(config)):
+                            for family in reads:
+                                assert family in writer, (config, i, family)
+                                assert is_frozen or not writer[family], (config, i, family)
+                            for family in writes:
+                                writer[family] = is_frozen
+                        checked += 1
+    assert checked > 100
+
+
+def test_frozen_guidance_halves_the_rows_and_uses_the_last_residual(unets, inputs):
+    unet = unets["mini"]
+    cond, uncond, x = inputs
+    plain = AccelerationConfig(5, 1, 1, batch_reuse=False, attention_cache=False)
+    frozen = plain.replace(frozen_guidance="skip")
+    modes = [StepMode.FULL, StepMode.SKIP]
+    # same x and t as the step that stored the residual: the frozen step equals it to float rounding
+    ref, ref_skip = run_steps(unet, plain, inputs, modes)
+    full, frozen_skip = run_steps(unet, frozen, inputs, modes)
+    assert torch.equal(ref, full) and torch.equal(ref, ref_skip)
+    assert torch.allclose(frozen_skip, ref_skip, atol=1e-4, rtol=1e-4)
+    # the conditional rows only: exactly half of the skip step's work
+    c_plain, c_frozen = counted(unet, plain, inputs, modes), counted(unet, frozen, inputs, modes)
+    assert c_frozen[0].get_total_flops() == c_plain[0].get_total_flops()
+    assert 2 * c_frozen[1].get_total_flops() == c_plain[1].get_total_flops() > 0
+    # the residual is eps_uncond - eps_cond of the last step that computed both, per candidate
+    g = torch.Generator().manual_seed(5)
+    x2 = x + torch.randn(x.shape, generator=g)
+    with AcceleratedUNet(unet, frozen, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        acc.guided_eps(x, torch.tensor(500), step(0, StepMode.FULL))
+        first = acc.caches["guid/residual"]
+        acc.guided_eps(x2, torch.tensor(400), step(1, StepMode.FULL))
+        second = acc.caches["guid/residual"]
+        eps = acc.guided_eps(x2, torch.tensor(400), step(2, StepMode.SKIP))
+        assert acc.caches["guid/residual"] is second     # a frozen step does not overwrite it
+    with AcceleratedUNet(unet, plain, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        acc.guided_eps(x2, torch.tensor(400), step(0, StepMode.FULL))
+        want = acc.guided_eps(x2, torch.tensor(400), step(1, StepMode.SKIP))
+    assert first.shape == second.shape == x.shape and not torch.allclose(first, second)
+    assert torch.allclose(eps, want, atol=1e-4, rtol=1e-4)
+    # N rows through the UNet instead of 2N
+    rows: list[int] = []
+    hook = unet.conv_out.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    try:
+        run_steps(unet, frozen, inputs, modes)
+    finally:
+        hook.remove()
+    assert rows == [2 * N, N]
+
+
+def test_pivot_only_steps_and_the_merged_step_on_the_plan():
+    config = preset("paper-k10").replace(pivot_only_steps=1, merge_step0_uncond=True, cross_kv_once=True)
+    modes = [s.mode for s in make_plan(25, 10, config).cloud_steps]
+    assert modes[0] is StepMode.PIVOT and modes[1:4] == [StepMode.REUSE] * 3
+    assert config.merged_step == 1 and preset("paper-k10").replace(merge_step0_uncond=True).merged_step == 0
+    specs = [mode_spec(config, i) for i in range(10)]
+    assert [s.merged for s in specs] == [False, True] + [False] * 8
+    # the pivot step writes no cache (steps over every candidate rewrite them all before r and s)
+    assert specs[0] == ModeSpec(StepMode.PIVOT, cross_kv_once=True) and specs[0].name == "pivot.kv"
+    assert specs[1].name == "reuse.wa.ws.fd.kv.m"
+    assert AccelerationConfig.from_dict(config.to_dict()) == config
+    assert "pivot_only_steps" not in preset("paper-k10").to_dict()
+    # one spec (one graph name) for a pivot step whatever the skip variant
+    assert mode_spec(config.replace(skip_variant="deepcache"), 0) == specs[0]
+    # every step on the pivot: nothing is merged (no step evaluates every candidate)
+    everything = AccelerationConfig.none(3).replace(pivot_only_steps=3, merge_step0_uncond=True)
+    assert everything.merged_step is None and not any(mode_spec(everything, i).merged for i in range(3))
+
+
+def test_a_pivot_only_step_runs_candidate_0_and_gives_every_candidate_its_eps(unets, inputs):
+    unet = unets["mini"]
+    cond, uncond, x0 = inputs
+    x = x0[:1].repeat(N, 1, 1, 1)   # one shared z_T
+    config = AccelerationConfig(3, 2, 2, pivot_only_steps=1, attention_cache=False, block_skip=False)
+    (eps,) = run_steps(unet, config, (cond, uncond, x), [StepMode.PIVOT], x=x)
+    assert all(torch.equal(eps[i], eps[0]) for i in range(N))
+    ref = guided_eps(unet, x[:1], torch.tensor(500), cond[:1], uncond, G)
+    assert torch.allclose(eps[:1], ref, atol=1e-4, rtol=1e-4)
+    (pivot,) = counted(unet, config, (cond, uncond, x), [StepMode.PIVOT])
+    (one,) = counted(unet, config, (cond, uncond, x), [StepMode.FULL], n=1)
+    (full,) = counted(unet, config, (cond, uncond, x), [StepMode.FULL])
+    assert pivot.get_total_flops() == one.get_total_flops() < full.get_total_flops()
+
+
+def test_pivot_only_steps_keep_the_latents_identical_and_the_merge_after_them_is_exact(cloud_runner):
+    cands = ("a photo of an old man", "a photo of a middle-aged man", "a photo of a young man")
+    base = AccelerationConfig(5, 2, 3, cross_kv_once=True)
+
+    def run(config):
+        return cloud_runner.run(StepsRequest(cands, 7, 10, 5, 7.5, 64, 64, acceleration=config))
+
+    # every cloud step on the pivot: the N latents stay bit-identical
+    same = run(AccelerationConfig.none(5).replace(pivot_only_steps=5))
+    assert all(np.array_equal(same.latents[i], same.latents[0]) for i in range(len(cands)))
+    plain = run(base.replace(pivot_only_steps=1))
+    merged = run(base.replace(pivot_only_steps=1, merge_step0_uncond=True))
+    err = np.abs(merged.latents - plain.latents).max() / np.abs(plain.latents).max()
+    assert err <= 1e-5
+    # after the pivot step every candidate's own text takes over
+    assert not np.allclose(plain.latents[1], plain.latents[0])
+
+
+def test_a_reuse_refresh_refills_every_cache(unets, inputs):
+    """After a reuse refresh at x_b, a cached + skipped step at x_b returns the refresh's eps exactly;
+    without the refresh it reads the caches of x_a and differs."""
+    unet = unets["mini"]
+    cond, uncond, x_a = inputs
+    x_b = x_a + 0.5
+    config = AccelerationConfig(5, 1, 1, refresh_every=2, refresh_mode="reuse")
+    modes = [config.mode(i) for i in range(5)]
+    assert modes == [StepMode.REUSE, StepMode.CACHE_SKIP, StepMode.CACHE_SKIP, StepMode.REUSE, StepMode.CACHE_SKIP]
+    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        eps = [acc.guided_eps(x_a if i < 3 else x_b, torch.tensor(500), step(i, m)) for i, m in enumerate(modes)]
+    assert torch.equal(eps[3], eps[4])
+    no_refresh = config.replace(refresh_every=0, refresh_mode="full")
+    with AcceleratedUNet(unet, no_refresh, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        other = [acc.guided_eps(x_a if i < 3 else x_b, torch.tensor(500), step(i, no_refresh.mode(i)))
+                 for i in range(5)]
+    assert not torch.allclose(other[4], eps[4])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(switch_step=5, cache_step=4, skip_step=3), "r <= skip point s <= switch point k"),
     (dict(switch_step=5, cache_step=3, skip_step=6), "r <= skip point s <= switch point k"),
@@ -111,6 +304,20 @@ def test_switches_and_refresh_choose_the_modes():
     (dict(switch_step=5, cache_step=3, skip_step=3, skip_variant="magic"), "skip_variant 'magic' must be one of"),
     (dict(switch_step=5, cache_step=3, skip_step=3, batch_reuse=1), "batch_reuse must be true or false"),
     (dict(switch_step=5.0, cache_step=3, skip_step=3), "switch_step must be an int"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, refresh_every=1, refresh_mode="half"),
+     "refresh_mode 'half' must be one of"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, refresh_mode="reuse"), "needs refresh_every >= 1"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, frozen_guidance="always"), "frozen_guidance 'always' must be"),
+    (dict(switch_step=5, cache_step=3, skip_step=3, frozen_guidance="skip", block_skip=False),
+     "frozen_guidance 'skip' needs block_skip"),
+    (dict(switch_step=5, cache_step=5, skip_step=5, frozen_guidance="cached", block_skip=False,
+          attention_cache=False), "frozen_guidance 'cached' needs attention_cache or block_skip"),
+    (dict(switch_step=5, cache_step=5, skip_step=5, pivot_only_steps=6, attention_cache=False, block_skip=False),
+     r"pivot_only_steps p=6 must be in \[0, switch point k=5\]"),
+    (dict(switch_step=5, cache_step=2, skip_step=3, pivot_only_steps=2), "pivot_only_steps p=2 must be < cache_step"),
+    (dict(switch_step=5, cache_step=2, skip_step=3, pivot_only_steps=3, attention_cache=False),
+     "pivot_only_steps p=3 must be < skip_step s=3"),
+    (dict(switch_step=5, cache_step=2, skip_step=3, pivot_only_steps=True), "pivot_only_steps must be an int"),
 ])
 def test_invalid_configurations_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -169,7 +376,8 @@ def test_a_cache_read_right_after_the_fill_changes_nothing(unets, inputs, name, 
 
 
 @pytest.mark.parametrize("variant, latent_enters", [(SkipVariant.FASTER_DIFFUSION, False),
-                                                    (SkipVariant.DEEPCACHE, True)])
+                                                    (SkipVariant.DEEPCACHE, True),
+                                                    (SkipVariant.DEEPCACHE_SHALLOW, True)])
 def test_block_skip_variants_differ_in_whether_the_latent_enters(unets, inputs, variant, latent_enters):
     unet = unets["mini"]
     cond, uncond, x = inputs
@@ -211,6 +419,43 @@ def test_block_skip_really_skips_the_encoder(unets, inputs):
     dc = fd.replace(skip_variant=SkipVariant.DEEPCACHE)
     assert _blocks_run(unet, dc, inputs, [StepMode.FULL, StepMode.SKIP]) == {"conv_in", "down_blocks.0",
                                                                               f"up_blocks.{len(ups) - 1}"}
+
+
+def _layers_run(unet, config, inputs, modes):
+    """Which resnets (block kind, block, layer) ran at the last step, and conv_in / mid."""
+    ran: set = set()
+    hooks = []
+    for kind in ("down_blocks", "up_blocks"):
+        for i, b in enumerate(getattr(unet, kind)):
+            for j, r in enumerate(b.resnets):
+                hooks.append(r.register_forward_pre_hook(lambda mod, args, key=(kind, i, j): ran.add(key)))
+    hooks.append(unet.conv_in.register_forward_pre_hook(lambda mod, args: ran.add("conv_in")))
+    try:
+        cond, uncond, x = inputs
+        with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+            for i, m in enumerate(modes):
+                ran.clear()
+                acc.guided_eps(x, torch.tensor(500), step(i, m))
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran
+
+
+def test_deepcache_shallowest_branch_runs_the_first_and_last_layers_only(unets, inputs):
+    unet = unets["mini"]
+    last = len(unet.up_blocks) - 1
+    n_up = len(unet.up_blocks[last].resnets)
+    shallow = AccelerationConfig(5, 1, 1, batch_reuse=False, attention_cache=False, skip_variant="deepcache-shallow")
+    assert _layers_run(unet, shallow, inputs, [StepMode.FULL, StepMode.SKIP]) == {
+        "conv_in", ("down_blocks", 0, 0), ("up_blocks", last, n_up - 2), ("up_blocks", last, n_up - 1)}
+    deep = _layers_run(unet, shallow.replace(skip_variant="deepcache"), inputs, [StepMode.FULL, StepMode.SKIP])
+    assert ("down_blocks", 0, 1) in deep and ("up_blocks", last, 0) in deep
+    # the cheapest skip step of the three (Faster Diffusion runs every up block)
+    costs = {v: counted(unet, shallow.replace(skip_variant=v), inputs, [StepMode.FULL, StepMode.SKIP])[1]
+             .get_total_flops() for v in SkipVariant}
+    assert costs[SkipVariant.DEEPCACHE_SHALLOW] < costs[SkipVariant.DEEPCACHE] < costs[SkipVariant.FASTER_DIFFUSION]
+    assert mode_spec(shallow, 1).name == "skip.dcs" and mode_spec(shallow, 0).name == "full.ws.dcs"
 
 
 def test_attention_cache_runs_no_attention_and_saves_flops(unets, inputs):

@@ -45,7 +45,11 @@ def _assert_same(batched, alone, tol):
     preset("paper-k5"),
     AccelerationConfig(5, 2, 3, cross_kv_once=True, merge_step0_uncond=True),
     AccelerationConfig(5, 2, 3, skip_variant="deepcache", cross_kv_once=True),
-], ids=["exact", "exact-extras", "paper-k5", "reuse-extras", "deepcache"])
+    AccelerationConfig(5, 2, 3, frozen_guidance="cached", cross_kv_once=True, merge_step0_uncond=True),
+    AccelerationConfig(5, 2, 3, pivot_only_steps=1, cross_kv_once=True, merge_step0_uncond=True),
+    AccelerationConfig(5, 2, 3, skip_variant="deepcache-shallow", frozen_guidance="cached"),
+], ids=["exact", "exact-extras", "paper-k5", "reuse-extras", "deepcache", "frozen-cached", "pivot-merged",
+        "shallow-frozen"])
 def test_run_batch_equals_each_request_alone(cloud_runner, acceleration):
     requests = _requests(acceleration)
     alone = [cloud_runner.run(r) for r in requests]

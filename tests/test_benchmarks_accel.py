@@ -144,3 +144,15 @@ def test_latency_times_both_backends_side_by_side(cloud_runner):
 def test_latency_onnxruntime_needs_engines(capsys):
     assert latency.main(["--backend", "onnxruntime"]) == 2
     assert "--engines" in capsys.readouterr().err
+
+
+def test_fidelity_new_options_are_opt_in_and_only_where_valid():
+    from obclip.runtime.plan import preset
+
+    base = [label for label, _ in fidelity.settings_for(preset("paper-k10"))]
+    extra = dict(fidelity.settings_for(preset("paper-k10"), new_options=True))
+    assert set(extra) - set(base) == {label for label, _ in fidelity.NEW_OPTIONS}
+    assert extra["preset pivot=1 + merge"].pivot_only_steps == 1
+    # k=3, r=1: no room for a pivot-only step before r
+    tiny = [label for label, _ in fidelity.settings_for(TINY["tiny"], new_options=True)]
+    assert "preset pivot=1 + merge" not in tiny and "preset frozen=skip" in tiny

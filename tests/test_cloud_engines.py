@@ -29,7 +29,17 @@ from obclip.runtime.protocol import RequestLimits, StepsRequest
 
 EXTRAS = preset("paper-k5").replace(cross_kv_once=True, merge_step0_uncond=True)
 CONFIGS = {"none-k5": None, "paper-k5": preset("paper-k5"), "paper-k5+extras": EXTRAS,
-           "deepcache": preset("paper-k5").replace(skip_variant="deepcache")}
+           "deepcache": preset("paper-k5").replace(skip_variant="deepcache"),
+           # step 4 is a refresh in reuse mode (modes R R R X R)
+           "refresh-reuse": preset("paper-k5").replace(refresh_every=1, refresh_mode="reuse"),
+           # frozen guidance on every cached step (R R C X X: the C step writes the skip cache from
+           # its conditional rows), and on DeepCache's skip steps
+           "frozen-cached": AccelerationConfig(5, 2, 3, frozen_guidance="cached"),
+           "frozen-skip-deepcache": preset("paper-k5").replace(skip_variant="deepcache", frozen_guidance="skip"),
+           # step 0 on the pivot only, step 1 merged (P R C X X)
+           "pivot-merged": AccelerationConfig(5, 2, 3, pivot_only_steps=1, merge_step0_uncond=True,
+                                              frozen_guidance="cached"),
+           "deepcache-shallow": preset("paper-k5").replace(skip_variant="deepcache-shallow")}
 
 
 def _specs() -> list[ModeSpec]:
@@ -78,6 +88,8 @@ def test_each_step_of_a_preset_has_one_spec_named_for_its_graph():
     assert plan_specs(None, 5) == [ModeSpec(StepMode.FULL)] == plan_specs(AccelerationConfig.none(5), 5)
     # a step whose attention is all cached projects no text: cross_kv_once does not change its graph
     assert mode_spec(EXTRAS, 4) == mode_spec(preset("paper-k5"), 4)
+    assert [s.name for s in plan_specs(CONFIGS["frozen-cached"], 5)] == ["reuse.wa.ws.fd.wr", "cache.ws.fd.fg",
+                                                                         "cache-skip.fd.fg"]
 
 
 # --- onnxruntime vs torch -------------------------------------------------------------------

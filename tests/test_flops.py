@@ -219,3 +219,79 @@ def test_benchmark_memo_agrees_with_running_every_step():
     (memo, memo_passes), (every, every_passes) = totals
     assert memo == every
     assert (memo_passes, every_passes) == (3 + 4, 4 + 4)
+
+
+def _config_costs(bench, *configs, n=3, model="mini"):
+    """Per-step paper MACs (G) and total (T) of each config, counted by the benchmark on a meta UNet."""
+    result = bench.compute(model, devices=(), presets=(), ns=(n,), num_steps=10,
+                           configs=[(str(i), c) for i, c in enumerate(configs)])
+    assert result["problems"] == []
+    return [([s["paper_macs_G"] for s in e["steps"]], e["paper_tmacs"]) for e in result["configs"]]
+
+
+def test_benchmark_counts_any_config_given_as_json(capsys):
+    bench = _load_benchmark()
+    label, config = bench.parse_config('k4={"switch_step": 4, "cache_step": 2, "skip_step": 3}')
+    assert (label, config) == ("k4", AccelerationConfig(4, 2, 3))
+    assert bench.parse_config('{"switch_step": 4, "cache_step": 2, "skip_step": 3}')[1] == config
+    with pytest.raises(ValueError, match="unknown fields"):
+        bench.parse_config('{"switch_step": 4, "cache_step": 2, "skip_step": 3, "fast": true}')
+    assert bench.main(["--json", "--presets", "--cloud", "mini", "--devices", "mini-small", "--n", "3",
+                       "--steps", "10", "--config", 'k4={"switch_step": 4, "cache_step": 2, "skip_step": 3}']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["presets"] == [] and [(e["label"], e["n"]) for e in out["configs"]] == [("k4", 3)]
+    assert [s["spec"] for s in out["configs"][0]["steps"]] == ["reuse.wa.ws.fd"] * 2 + ["cache.ws.fd",
+                                                                                         "cache-skip.fd"]
+
+
+def test_a_reuse_refresh_costs_a_reuse_step():
+    bench = _load_benchmark()
+    base = AccelerationConfig(6, 2, 3, refresh_every=2)
+    (full_steps, full_total), (reuse_steps, reuse_total) = _config_costs(bench, base,
+                                                                         base.replace(refresh_mode="reuse"))
+    assert reuse_steps[4] == reuse_steps[0] < full_steps[4]     # step 4 = r + 2: the refresh
+    assert reuse_total < full_total
+    assert reuse_steps[:4] + reuse_steps[5:] == full_steps[:4] + full_steps[5:]
+
+
+def test_frozen_guidance_halves_the_frozen_steps():
+    bench = _load_benchmark()
+    base = AccelerationConfig(6, 2, 4)   # R R C C X X
+    (plain, plain_total), (skip, _), (cached, cached_total) = _config_costs(
+        bench, base, base.replace(frozen_guidance="skip"), base.replace(frozen_guidance="cached"))
+    assert skip[:4] == plain[:4] and skip[4:] == [g / 2 for g in plain[4:]]
+    assert cached[:2] == plain[:2] and cached[2:] == [g / 2 for g in plain[2:]]
+    assert cached_total < plain_total
+
+
+def test_pivot_only_steps_cost_one_candidate_and_the_merge_moves_to_step_p():
+    bench = _load_benchmark()
+    n = 3
+    base = AccelerationConfig(6, 3, 4, merge_step0_uncond=True)      # R R R C X X
+    (plain, plain_total), (pivot, pivot_total) = _config_costs(bench, base, base.replace(pivot_only_steps=1), n=n)
+    one_candidate = bench.StepCounter().plain_step("mini", 1).paper_macs / 1e9
+    assert pivot[0] == pytest.approx(one_candidate)
+    assert pivot[1] == plain[0] < plain[2]               # step 1 is the merged one now
+    assert pivot[2:] == plain[2:] and pivot_total < plain_total
+
+
+def test_deepcache_shallowest_branch_is_the_cheapest_skip_step():
+    bench = _load_benchmark()
+    base = AccelerationConfig(4, 2, 2)   # R R X X
+    (fd, _), (dc, _), (dcs, _) = _config_costs(bench, *(base.replace(skip_variant=v) for v in
+                                                        ("faster-diffusion", "deepcache", "deepcache-shallow")))
+    assert fd[:2] == dc[:2] == dcs[:2]       # the steps that fill the caches cost the same
+    assert dcs[2] < dc[2] < fd[2] and dcs[3] == dcs[2]
+
+
+@pytest.mark.parametrize("config", [
+    # a full refresh after reuse steps projects every text's keys (the reuse steps projected the pivots')
+    AccelerationConfig(8, 3, 4, cross_kv_once=True, refresh_every=2),
+    AccelerationConfig(8, 3, 4, cross_kv_once=True, refresh_every=3, attention_cache=False),
+    AccelerationConfig(8, 3, 4, cross_kv_once=True, merge_step0_uncond=True, pivot_only_steps=2, refresh_every=2,
+                       refresh_mode="reuse", frozen_guidance="cached", skip_variant="deepcache-shallow"),
+])
+def test_benchmark_memo_holds_for_the_new_options_and_text_projections(config):
+    bench = _load_benchmark()
+    counted = [bench.StepCounter(exhaustive=e).plan_steps("mini-small", 3, config, 10) for e in (False, True)]
+    assert counted[0] == counted[1]

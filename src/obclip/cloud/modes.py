@@ -9,9 +9,10 @@ the step fills, the block-skip variant, the exact extras). The torch path
 runs a spec on tensors; the exporter writes one ONNX graph per spec a preset
 needs, named ``spec.name``.
 
-Caches are named tensors (``attn/<module>``, ``skip/...``, ``kv/<module>.k|v``),
-always in the full row layout of the request ([uncond x N, cond x N]), except
-``kv/*``, which hold the projections of the unique texts ([empty, cand_0, ...]).
+Caches are named tensors (``attn/<module>``, ``skip/...``, ``kv/<module>.k|v``,
+``guid/residual``), always in the full row layout of the request ([uncond x N,
+cond x N]), except ``kv/*``, which hold the projections of the unique texts
+([empty, cand_0, ...]), and ``guid/residual``, one row per candidate.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from obclip.runtime.plan import AccelerationConfig, SkipVariant, StepMode
+from obclip.runtime.plan import AccelerationConfig, FrozenGuidance, SkipVariant, StepMode
 
 # --- cross-attention token alignment -----------------------------------------
 
@@ -174,7 +175,9 @@ class ModeSpec:
     write_attention: bool = False   # store every attention output it computes (attention cache on)
     write_skip: bool = False        # store the encoder features its skip variant reuses (block skip on)
     cross_kv_once: bool = False     # cross-attention K/V of the unique texts come from kv/* (exact)
-    merged: bool = False            # step 0 with merge_step0_uncond: one unconditional row (exact)
+    merged: bool = False            # merge_step0_uncond's step (p): one unconditional row (exact)
+    frozen_guidance: bool = False   # conditional rows only; eps_uncond = eps_cond + guid/residual
+    write_residual: bool = False    # store guid/residual = eps_uncond - eps_cond (frozen guidance on)
 
     @property
     def name(self) -> str:
@@ -185,17 +188,24 @@ class ModeSpec:
         if self.write_skip:
             parts.append("ws")
         if self.mode.blocks_skipped or self.write_skip:
-            parts.append("fd" if self.skip_variant is SkipVariant.FASTER_DIFFUSION else "dc")
+            parts.append(_VARIANT_TAGS[self.skip_variant])
         if self.cross_kv_once:
             parts.append("kv")
         if self.merged:
             parts.append("m")
+        if self.frozen_guidance:
+            parts.append("fg")
+        if self.write_residual:
+            parts.append("wr")
         return ".".join(parts)
 
     @property
     def aligned(self) -> bool:
         """Reads the token-alignment tensors (batch reuse's cross-attention)."""
         return self.mode.batch_reuse
+
+
+_VARIANT_TAGS = {SkipVariant.FASTER_DIFFUSION: "fd", SkipVariant.DEEPCACHE: "dc", SkipVariant.DEEPCACHE_SHALLOW: "dcs"}
 
 
 def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | None = None) -> ModeSpec:
@@ -205,14 +215,21 @@ def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | No
         return ModeSpec(mode or StepMode.FULL)
     mode = config.mode(index) if mode is None else mode
     # The variant only changes steps that skip or fill the skip cache; normalise it otherwise.
-    variant = config.skip_variant if config.block_skip else SkipVariant.FASTER_DIFFUSION
+    # (A pivot-only step neither skips nor fills the skip cache.)
+    variant = config.skip_variant if config.block_skip and mode is not StepMode.PIVOT else SkipVariant.FASTER_DIFFUSION
+    frozen = config.guidance_frozen(mode)
+    # A pivot-only step writes no cache: every cache is rewritten by a step over all candidates before
+    # anything reads it (AccelerationConfig checks p < r, p < s).
+    pivot = mode is StepMode.PIVOT
     return ModeSpec(
         mode=mode, skip_variant=variant,
-        write_attention=config.attention_cache and not mode.attention_cached,
-        write_skip=config.block_skip and not mode.blocks_skipped,
+        write_attention=config.attention_cache and not mode.attention_cached and not pivot,
+        write_skip=config.block_skip and not mode.blocks_skipped and not pivot,
         # A step whose attention is all cached projects no text: the flag would not change its graph.
         cross_kv_once=config.cross_kv_once and not mode.attention_cached,
-        merged=config.merge_step0_uncond and index == 0,
+        merged=index == config.merged_step and not pivot and not frozen,
+        frozen_guidance=frozen,
+        write_residual=config.frozen_guidance is not FrozenGuidance.OFF and not frozen and not pivot,
     )
 
 
@@ -231,7 +248,10 @@ ATTN = "attn/"        # attn/<attention module>: its output [2N, Lq, C]
 SKIP_RES = "skip/res."   # skip/res.<i>: Faster Diffusion's cached down-block skip features [2N, C, h, w]
 SKIP_MID = "skip/mid"    # Faster Diffusion: the mid block's output
 SKIP_UP = "skip/up_input"   # DeepCache: the last up block's input
+SKIP_UP_SHALLOW = "skip/up_shallow_input"   # DeepCache's shallowest branch: the input of the last up
+                                            # block's second-to-last layer
 KV = "kv/"            # kv/<attention module>.k | .v | .k_pivots: cross-attention projections of the texts
+RESIDUAL = "guid/residual"   # frozen guidance: eps_uncond - eps_cond per candidate [N, C, h, w]
 
 
 def is_kv(name: str) -> bool:

@@ -21,12 +21,22 @@ The modes:
     CACHE       attention modules return ``attn/<module>`` from the cache
     SKIP        Faster Diffusion: the encoder (conv_in, down blocks, mid block) is not run, its
                 outputs come from ``skip/*``; only the up blocks and head run. DeepCache: only
-                conv_in, the first down block and the last up block run
+                conv_in, the first down block and the last up block run. DeepCache's shallowest
+                branch: conv_in, the first down block's first layer, the last up block's last two
+                layers (on ``skip/up_shallow_input``) and the head
     CACHE_SKIP  both
+    PIVOT       candidate 0 only: rows [uncond of candidate 0, cond of candidate 0] per request, its
+                guided eps for every candidate (their latents are identical then); writes no cache
+
+A frozen-guidance step (``spec.frozen_guidance``) runs the conditional rows only,
+[cond x N]: its unconditional eps is eps_cond + ``guid/residual``, which every
+step that evaluates both halves stores when the option is on (``write_residual``).
+It reads the conditional half of the caches, and writes its rows into both
+halves of a cache it fills (only frozen steps read those; docs/method.md 7.7).
 
 Row layout: [unconditional x N, conditional x N], the two guidance groups;
-candidate 0 is the pivot. Merged (step 0 with ``merge_step0_uncond``):
-[unconditional x 1, conditional x N] (all N latents are z_T then). Caches are
+candidate 0 is the pivot. Merged (step p = ``pivot_only_steps`` with ``merge_step0_uncond``):
+[unconditional x 1, conditional x N] (all N latents are still z_T's then). Caches are
 always stored in the full 2N layout. A batch of requests (``inputs.sizes``)
 concatenates them per guidance half: [uncond of request 0, ..., of R-1, cond
 of request 0, ...]; groups, pivots, alignment and texts are per request, and a
@@ -48,9 +58,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from obclip.runtime.plan import SkipVariant
+from obclip.runtime.plan import SkipVariant, StepMode
 
-from .modes import ATTN, KV, SKIP_MID, SKIP_RES, SKIP_UP, ModeSpec, TokenAlignment
+from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, SKIP_UP_SHALLOW, ModeSpec, TokenAlignment
 
 Tensor = torch.Tensor
 
@@ -114,11 +124,16 @@ class _Layout:
     """Rows of one step, per request and guidance half. With one request every op is a
     slice from the start or end, a chunk or an expand, so traced graphs keep N dynamic."""
 
-    def __init__(self, sizes: tuple[int, ...] | None, merged: bool, x: Tensor):
+    def __init__(self, sizes: tuple[int, ...] | None, merged: bool, x: Tensor, cond_only: bool = False,
+                 pivot_only: bool = False):
+        if merged + cond_only + pivot_only > 1:
+            raise ValueError("a step's rows are merged, conditional-only or pivot-only, not several of them")
         self.one = sizes is None or len(sizes) == 1
         self.sizes = sizes if sizes is not None else (int(x.shape[0]),)
         self.n_x = x.shape[0]   # traced when exporting
         self.merged = merged
+        self.cond_only = cond_only   # frozen guidance: the conditional rows only
+        self.pivot_only = pivot_only  # pivot-only step: candidate 0's two rows per request
         self.r = len(self.sizes)
         offs = [0]
         for n in self.sizes:
@@ -127,6 +142,11 @@ class _Layout:
         self.t_off = tuple(o + i for i, o in enumerate(self.c_off))     # its empty prompt among the texts
 
     def unet_rows(self, x: Tensor) -> Tensor:
+        if self.cond_only:
+            return x
+        if self.pivot_only:
+            pivots = x[:1] if self.one else torch.cat([x[o:o + 1] for o in self.c_off])
+            return torch.cat([pivots, pivots])
         if not self.merged:
             return torch.cat([x, x])
         if self.one:
@@ -135,6 +155,10 @@ class _Layout:
 
     def text_rows(self, t: Tensor) -> Tensor:
         """A per-text tensor ([empty, cands] per request) -> one row per UNet row."""
+        if self.cond_only:
+            return t[1:] if self.one else torch.cat([t[a + 1:a + 1 + n] for a, n in zip(self.t_off, self.sizes)])
+        if self.pivot_only:
+            return self.pivot_texts(t)
         if self.one:
             return t if self.merged else torch.cat([_rows(t[:1], self.n_x), t[1:]])
         uncond = [t[a:a + 1] if self.merged else _rows(t[a:a + 1], n)
@@ -155,6 +179,11 @@ class _Layout:
 
     def groups(self, t: Tensor) -> list[tuple[Tensor, int, bool]]:
         """(rows, request, conditional) of every guidance group, in row order; a group's first row is its pivot."""
+        if self.cond_only:
+            return [(t, 0, True)] if self.one else [(t[o:o + n], r, True)
+                                                    for r, (o, n) in enumerate(zip(self.c_off, self.sizes))]
+        if self.pivot_only:
+            return [(t[i:i + 1], i % self.r, i >= self.r) for i in range(2 * self.r)]
         if self.one:
             u, c = (t[:1], t[1:]) if self.merged else t.chunk(2)
             return [(u, 0, False), (c, 0, True)]
@@ -167,22 +196,44 @@ class _Layout:
         return [(g, r, False) for r, g in enumerate(uncond)] + [(g, r, True) for r, g in enumerate(cond)]
 
     def to_full(self, t: Tensor) -> Tensor:
-        """A merged step's rows in the full layout, so caches have one shape."""
+        """A merged step's rows in the full layout, so caches have one shape. A conditional-only
+        step's rows go into both halves: only conditional-only steps read what it writes."""
+        if self.cond_only:
+            return torch.cat([t, t])
+        if self.pivot_only:
+            raise RuntimeError("a pivot-only step writes no cache")
         if not self.merged:
             return t
         if self.one:
             return torch.cat([_rows(t[:1], self.n_x), t[1:]])
         return torch.cat([_rows(t[i:i + 1], n) for i, n in enumerate(self.sizes)] + [t[self.r:]])
 
-    def guide(self, eps: Tensor, scale: float | Tensor) -> Tensor:
+    def from_full(self, t: Tensor) -> Tensor:
+        """A cache in the full layout -> this step's rows of it."""
+        if not self.cond_only:
+            return t
+        return t.chunk(2)[1] if self.one else t[sum(self.sizes):]
+
+    def halves(self, eps: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(unconditional, conditional) eps of the candidates; a conditional-only step's
+        unconditional eps is its conditional eps plus the frozen guidance residual."""
+        if self.cond_only:
+            assert residual is not None
+            return eps + residual, eps
+        if self.pivot_only:   # every candidate gets its pivot's eps
+            if self.one:
+                return _rows(eps[:1], self.n_x), _rows(eps[1:2], self.n_x)
+            u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
+            c = torch.cat([_rows(eps[self.r + i:self.r + i + 1], n) for i, n in enumerate(self.sizes)])
+            return u, c
         if not self.merged:
             eps_u, eps_c = eps.chunk(2)
-        elif self.one:
-            eps_u, eps_c = eps[:1], eps[1:]   # broadcast over the candidates
-        else:
-            eps_u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
-            eps_c = eps[self.r:]
-        return eps_u + scale * (eps_c - eps_u)
+            return eps_u, eps_c
+        if self.one:
+            return eps[:1], eps[1:]   # broadcast over the candidates
+        eps_u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
+        return eps_u, eps[self.r:]
+
 
     def request_rows(self, r: int) -> tuple[slice, slice]:
         """Request r's unconditional and conditional rows in the full layout (what caches hold)."""
@@ -281,7 +332,7 @@ class _Pass:
 
     def attention(self, name: str, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None) -> Tensor:
         if self.spec.mode.attention_cached:
-            return self.read(ATTN + name, "the cached output of")
+            return self.layout.from_full(self.read(ATTN + name, "the cached output of"))
         if self.spec.mode.batch_reuse:
             out = self._reuse(name, attn, hidden_states, encoder_hidden_states)
         else:
@@ -425,15 +476,19 @@ def run_mode(unet: Any, spec: ModeSpec, inputs: ModeInputs,
     if slot is None:
         with processors_installed(unet):
             return run_mode(unet, spec, inputs, caches)
-    layout = _Layout(inputs.sizes, spec.merged, inputs.x)
+    layout = _Layout(inputs.sizes, spec.merged, inputs.x, cond_only=spec.frozen_guidance,
+                     pivot_only=spec.mode is StepMode.PIVOT)
     writes: dict[str, Tensor] = {}
-    slot.current = _Pass(spec, layout, inputs, caches, writes)
+    slot.current = p = _Pass(spec, layout, inputs, caches, writes)
     try:
-        eps = _unet_pass(unet, spec, slot.current, layout.unet_rows(inputs.x), inputs.timestep,
-                         layout.text_rows(inputs.text))
+        eps = _unet_pass(unet, spec, p, layout.unet_rows(inputs.x), inputs.timestep, layout.text_rows(inputs.text))
+        residual = p.read(RESIDUAL, "the guidance residual") if spec.frozen_guidance else None
     finally:
         slot.current = None
-    return layout.guide(eps, inputs.guidance_scale), writes
+    eps_u, eps_c = layout.halves(eps, residual)
+    if spec.write_residual:
+        writes[RESIDUAL] = eps_u - eps_c
+    return eps_u + inputs.guidance_scale * (eps_c - eps_u), writes
 
 
 def cross_kv(unet: Any, text: Tensor) -> dict[str, Tensor]:
@@ -471,15 +526,23 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
     res: tuple[Tensor, ...]
     if skipped and variant is SkipVariant.FASTER_DIFFUSION:
         # The current latent does not enter the UNet on this step.
-        h = p.read(SKIP_MID, "the encoder features")
-        res = tuple(p.read(f"{SKIP_RES}{i}", "the encoder features") for i in range(skip_res_count(unet)))
+        h = p.layout.from_full(p.read(SKIP_MID, "the encoder features"))
+        res = tuple(p.layout.from_full(p.read(f"{SKIP_RES}{i}", "the encoder features"))
+                    for i in range(skip_res_count(unet)))
+    elif skipped and variant is SkipVariant.DEEPCACHE_SHALLOW:
+        # conv_in and the first down block's first layer; the last up block's last two layers
+        # consume their outputs (in the full UNet too) on top of the cached input.
+        h0 = unet.conv_in(sample)
+        res = (h0,) + _run_down_block(unet.down_blocks[0], h0, emb, text, downsample=False, layers=1)
+        h = p.layout.from_full(p.read(SKIP_UP_SHALLOW, "the encoder features"))
+        first_up = len(unet.up_blocks) - 1
     elif skipped:  # DeepCache
         # Only the shallow branch sees the latent: conv_in, the first down
         # block's resnets/attentions (its downsampler output feeds nothing
         # that runs), then the last up block on the cached deep features.
         h0 = unet.conv_in(sample)
         res = (h0,) + _run_down_block(unet.down_blocks[0], h0, emb, text, downsample=False)
-        h = p.read(SKIP_UP, "the encoder features")
+        h = p.layout.from_full(p.read(SKIP_UP, "the encoder features"))
         first_up = len(unet.up_blocks) - 1
     else:
         h = unet.conv_in(sample)
@@ -504,6 +567,9 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
     for i in range(first_up, len(unet.up_blocks)):
         block = unet.up_blocks[i]
         n_res = len(block.resnets)
+        if i == last and variant is SkipVariant.DEEPCACHE_SHALLOW and (skipped or spec.write_skip):
+            h = _run_shallow_up_block(p, block, h, res, emb, text, skipped)
+            continue
         res_samples, res = res[-n_res:], res[:-n_res]
         if i == last and not skipped and spec.write_skip and variant is SkipVariant.DEEPCACHE:
             p.writes[SKIP_UP] = p.layout.to_full(h)
@@ -520,11 +586,35 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
     return unet.conv_out(h)
 
 
-def _run_down_block(block: Any, h: Tensor, emb: Tensor, text: Tensor, downsample: bool) -> tuple[Tensor, ...]:
-    """A down block's skip features; its downsampler only when asked."""
+def _run_shallow_up_block(p: _Pass, block: Any, h: Tensor, res: tuple[Tensor, ...], emb: Tensor, text: Tensor,
+                          skipped: bool) -> Tensor:
+    """The last up block written out (CrossAttnUpBlock2D / UpBlock2D.forward, no upsampler) for
+    DeepCache's shallowest branch: a skip step runs its last two layers on the cached input of the
+    first of them; a step that fills the cache runs every layer and stores that input."""
+    n = len(block.resnets)
+    if n < 2 or getattr(block, "upsamplers", None) is not None:
+        raise ValueError("skip_variant 'deepcache-shallow' needs a last up block of >= 2 layers and no "
+                         f"upsampler; this UNet's has {n} layers")
+    start = n - 2
+    attentions = getattr(block, "attentions", None) or [None] * n
+    for j in range(start if skipped else 0, n):
+        if j == start and not skipped:
+            p.writes[SKIP_UP_SHALLOW] = p.layout.to_full(h)
+        h = torch.cat([h, res[-1]], dim=1)
+        res = res[:-1]
+        h = block.resnets[j](h, emb)
+        if attentions[j] is not None:
+            h = attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
+    return h
+
+
+def _run_down_block(block: Any, h: Tensor, emb: Tensor, text: Tensor, downsample: bool,
+                    layers: int | None = None) -> tuple[Tensor, ...]:
+    """A down block's skip features (of its first ``layers`` layers, default all); its downsampler only
+    when asked."""
     outputs: tuple[Tensor, ...] = ()
     attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-    for resnet, attn in zip(block.resnets, attentions):
+    for resnet, attn in list(zip(block.resnets, attentions))[:layers]:
         h = resnet(h, emb)
         if attn is not None:
             h = attn(h, encoder_hidden_states=text, return_dict=False)[0]

@@ -143,7 +143,7 @@ class CloudStepRunner:
         plan = make_plan(first.num_inference_steps, first.switch_step, acceleration)
         solver = engine.solver(first.num_inference_steps)
         # Batch reuse reads the pivot's cross-attention map at each candidate's token positions.
-        alignments = [align_tokens(engine.text_tokens(r.candidates)) if acceleration.batch_reuse else None
+        alignments = [align_tokens(engine.text_tokens(r.candidates)) if acceleration.reuses_attention else None
                       for r in requests]
         # One shared noise for every candidate of a request: the server's view must
         # not depend on which one is real, and the device can draw the same z_T.

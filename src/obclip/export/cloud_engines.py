@@ -39,6 +39,7 @@ built beside the target and moved into place at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -73,13 +74,21 @@ def export_configs(which: str) -> list[AccelerationConfig]:
 
     ``presets``: none-k<k>, paper-k5 and paper-k10, each with and without the exact
     extras (alone and together). ``all`` adds DeepCache, block skip without the
-    attention cache, the attention cache without block skip, and no batch reuse."""
+    attention cache, the attention cache without block skip, no batch reuse, and the
+    further options of docs/method.md 7.7 (refresh in reuse mode, frozen guidance, DeepCache's
+    shallowest branch, a pivot-only step 0)."""
     base = [AccelerationConfig.none(5), preset("paper-k5"), preset("paper-k10")]
     if which == "all":
         p = preset("paper-k10")
         base += [p.replace(skip_variant=SkipVariant.DEEPCACHE), p.replace(attention_cache=False),
                  p.replace(block_skip=False), p.replace(batch_reuse=False),
-                 p.replace(attention_cache=False, skip_variant=SkipVariant.DEEPCACHE)]
+                 p.replace(attention_cache=False, skip_variant=SkipVariant.DEEPCACHE),
+                 p.replace(refresh_every=2, refresh_mode="reuse"), p.replace(frozen_guidance="skip"),
+                 p.replace(frozen_guidance="cached"),
+                 p.replace(skip_variant=SkipVariant.DEEPCACHE, frozen_guidance="skip"),
+                 p.replace(skip_variant=SkipVariant.DEEPCACHE_SHALLOW),
+                 p.replace(skip_variant=SkipVariant.DEEPCACHE_SHALLOW, attention_cache=False),
+                 p.replace(pivot_only_steps=1)]
     elif which != "presets":
         raise ValueError(f"--modes must be presets or all, got {which!r}")
     out = []
@@ -101,12 +110,16 @@ def export_specs(which: str) -> list[ModeSpec]:
 def spec_to_dict(spec: ModeSpec) -> dict:
     return {"mode": spec.mode.value, "skip_variant": spec.skip_variant.value,
             "write_attention": spec.write_attention, "write_skip": spec.write_skip,
-            "cross_kv_once": spec.cross_kv_once, "merged": spec.merged}
+            "cross_kv_once": spec.cross_kv_once, "merged": spec.merged,
+            "frozen_guidance": spec.frozen_guidance, "write_residual": spec.write_residual}
 
 
 def spec_from_dict(d: Mapping[str, Any]) -> ModeSpec:
+    # Fields added later default to off, so manifests written before them still load.
     return ModeSpec(StepMode(d["mode"]), SkipVariant(d["skip_variant"]), bool(d["write_attention"]),
-                    bool(d["write_skip"]), bool(d["cross_kv_once"]), bool(d["merged"]))
+                    bool(d["write_skip"]), bool(d["cross_kv_once"]), bool(d["merged"]),
+                    frozen_guidance=bool(d.get("frozen_guidance", False)),
+                    write_residual=bool(d.get("write_residual", False)))
 
 
 # --- the traced modules ---------------------------------------------------------------
@@ -168,6 +181,7 @@ class _Example:
     caches: dict[str, torch.Tensor]   # per skip variant: filled by a full step that writes everything
     caches_dc: dict[str, torch.Tensor]
     kv: dict[str, torch.Tensor]
+    caches_dcs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _example(lm: TextToLatentModel, n: int, size: int, seed: int) -> _Example:
@@ -189,16 +203,18 @@ def _example(lm: TextToLatentModel, n: int, size: int, seed: int) -> _Example:
     with torch.no_grad():
         caches = {}
         for variant in SkipVariant:
-            writer = ModeSpec(StepMode.FULL, variant, write_attention=True, write_skip=True)
+            writer = ModeSpec(StepMode.FULL, variant, write_attention=True, write_skip=True, write_residual=True)
             _, w = run_mode(unet, writer, ModeInputs(x=x * 0.9, timestep=torch.tensor([801.0]), text=text,
                                                      guidance_scale=inputs.guidance_scale), {})
             caches[variant] = w
         kv = cross_kv(unet, text)
-    return _Example(inputs, caches[SkipVariant.FASTER_DIFFUSION], caches[SkipVariant.DEEPCACHE], kv)
+    return _Example(inputs, caches[SkipVariant.FASTER_DIFFUSION], caches[SkipVariant.DEEPCACHE], kv,
+                    caches[SkipVariant.DEEPCACHE_SHALLOW])
 
 
 def _cache_pool(ex: _Example, spec: ModeSpec) -> dict[str, torch.Tensor]:
-    pool = dict(ex.caches_dc if spec.skip_variant is SkipVariant.DEEPCACHE else ex.caches)
+    pool = dict({SkipVariant.DEEPCACHE: ex.caches_dc,
+                 SkipVariant.DEEPCACHE_SHALLOW: ex.caches_dcs}.get(spec.skip_variant, ex.caches))
     if spec.cross_kv_once:
         pool.update(ex.kv)
     return pool
@@ -247,6 +263,8 @@ def _dynamic_axes(names: Iterable[str], feeds: Mapping[str, torch.Tensor] | None
             axes[name] = {0: "rows", 1: f"{name}:len"}
         elif name.startswith("skip/"):
             axes[name] = {0: "rows", 2: f"{name}:h", 3: f"{name}:w"}
+        elif name.startswith("guid/"):
+            axes[name] = {0: "n", 2: "h", 3: "w"}
     return axes
 
 

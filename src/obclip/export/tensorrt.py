@@ -95,6 +95,8 @@ def _scaled(name: str, traced: Sequence[int], n: int, side: int, trace_n: int, t
     s = list(traced)
     if name.startswith("kv/"):
         return (n + 1, *s[1:])
+    if name.startswith("guid/"):   # [N, C, h, w]: one row per candidate, the latent's size
+        return (n, s[1], side, side)
     rows = 2 * n
     if name.startswith("attn/"):   # [2N, tokens, C]: tokens scale with the latent area
         per_side = trace_side * trace_side // s[1]   # downscale^2 at this module's level

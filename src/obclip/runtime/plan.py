@@ -12,7 +12,13 @@ here too, per cloud step i, from one ``AccelerationConfig``:
     i <  r                  batch-reused attention (pivot's maps, every row's values)
     r <= i                  attention cache (self- and cross-attention outputs reused)
     s <= i                  block skip (cached encoder features, only the up blocks run)
-    i = r + m * refresh     a full step that refreshes every cache (m >= 1; off by default)
+    i = r + m * refresh     a refresh step that refills every cache (m >= 1; off by default): a full
+                            pass, or with refresh_mode "reuse" a batch-reused one
+
+frozen_guidance ("skip" or "cached", off by default) makes the block-skip
+steps (or every step that reads a cache) evaluate the conditional rows only.
+pivot_only_steps p (0 by default) makes steps i < p evaluate candidate 0 only
+(mode PIVOT); with merge_step0_uncond, step p runs its unconditional rows as one.
 
 Device steps are always full passes of the small model.
 """
@@ -33,6 +39,7 @@ class StepMode(str, Enum):
     """How a step evaluates the UNet."""
 
     FULL = "full"              # a plain UNet pass (also a cache refresh)
+    PIVOT = "pivot"            # candidate 0 only (one unconditional + one conditional row), its eps for all
     REUSE = "reuse"            # batch-reused attention: pivot's maps x every row's values
     CACHE = "cache"            # attention modules return their cached outputs
     SKIP = "skip"              # cached encoder features; attention in the up blocks computed
@@ -61,6 +68,35 @@ class SkipVariant(str, Enum):
     # DeepCache: conv_in, the first down block and the last up block run on the
     # current latent; the input of the last up block comes from the cache.
     DEEPCACHE = "deepcache"
+    # DeepCache's shallowest branch (its cache_block_id = cache_layer_id = 0): conv_in, the first
+    # layer (resnet + attention) of the first down block, the last two layers of the last up block
+    # (the ones whose skip inputs are that layer's output and conv_in's) and the output head; the
+    # input of the first of those two layers comes from the cache.
+    DEEPCACHE_SHALLOW = "deepcache-shallow"
+
+
+class RefreshMode(str, Enum):
+    """What a refresh step (``refresh_every``) runs; either way it refills every cache."""
+
+    FULL = "full"     # a plain full pass
+    REUSE = "reuse"   # batch-reused attention (pivot's maps x every row's values)
+
+
+class FrozenGuidance(str, Enum):
+    """Which steps evaluate the conditional rows only (FasterCache-style frozen guidance residual):
+    their unconditional eps is their conditional eps plus R = eps_uncond - eps_cond per candidate,
+    stored by the last step that computed both."""
+
+    OFF = "off"
+    SKIP = "skip"       # block-skip steps (SKIP, CACHE_SKIP)
+    CACHED = "cached"   # every step that reads a cache: attention-cache and block-skip steps
+
+    def covers(self, mode: StepMode) -> bool:
+        if self is FrozenGuidance.SKIP:
+            return mode.blocks_skipped
+        if self is FrozenGuidance.CACHED:
+            return mode.attention_cached or mode.blocks_skipped
+        return False
 
 
 def _require_int(name: str, value: object) -> int:
@@ -93,10 +129,13 @@ class AccelerationConfig:
     attention_cache: bool = True
     block_skip: bool = True
     cross_kv_once: bool = False      # exact: cross-attention K/V once per request, on unique texts
-    merge_step0_uncond: bool = False  # exact: at step 0 the N unconditional rows are one row
+    merge_step0_uncond: bool = False  # exact: at step p (0 by default) the N unconditional rows are one row
+    refresh_mode: RefreshMode = RefreshMode.FULL   # what a refresh step runs (both refill every cache)
+    frozen_guidance: FrozenGuidance = FrozenGuidance.OFF  # steps that skip the unconditional rows
+    pivot_only_steps: int = 0        # p: steps 0..p-1 evaluate candidate 0 only, every candidate gets its eps
 
     def __post_init__(self) -> None:
-        for name in ("switch_step", "cache_step", "skip_step", "refresh_every"):
+        for name in ("switch_step", "cache_step", "skip_step", "refresh_every", "pivot_only_steps"):
             object.__setattr__(self, name, _require_int(name, getattr(self, name)))
         for name in ("batch_reuse", "attention_cache", "block_skip", "cross_kv_once", "merge_step0_uncond"):
             _require_bool(name, getattr(self, name))
@@ -105,6 +144,12 @@ class AccelerationConfig:
         except ValueError:
             raise ValueError(f"skip_variant {self.skip_variant!r} must be one of "
                              f"{[v.value for v in SkipVariant]}") from None
+        for name, kind in (("refresh_mode", RefreshMode), ("frozen_guidance", FrozenGuidance)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be one of "
+                                 f"{[v.value for v in kind]}") from None
         k, r, s = self.switch_step, self.cache_step, self.skip_step
         if min(k, r, s, self.refresh_every) < 0:
             raise ValueError(f"k={k}, r={r}, s={s}, refresh_every={self.refresh_every} must all be >= 0")
@@ -115,6 +160,24 @@ class AccelerationConfig:
             raise ValueError("attention_cache needs cache_step r >= 1: step 0 has no cached attention to reuse")
         if self.block_skip and s == 0 and k > 0:
             raise ValueError("block_skip needs skip_step s >= 1: step 0 has no cached encoder features")
+        p = self.pivot_only_steps
+        if not 0 <= p <= k:
+            raise ValueError(f"pivot_only_steps p={p} must be in [0, switch point k={k}]")
+        # A step that reads a cache must read what a step over every candidate wrote, not the pivot's.
+        if p and self.attention_cache and r < k and p >= r:
+            raise ValueError(f"pivot_only_steps p={p} must be < cache_step r={r}: the attention cache read from "
+                             "step r on must come from a step that evaluated every candidate")
+        if p and self.block_skip and s < k and p >= s:
+            raise ValueError(f"pivot_only_steps p={p} must be < skip_step s={s}: the encoder features read from "
+                             "step s on must come from a step that evaluated every candidate")
+        if self.refresh_mode is not RefreshMode.FULL and not self.refresh_every:
+            raise ValueError(f"refresh_mode {self.refresh_mode.value!r} needs refresh_every >= 1 "
+                             "(with refresh_every=0 no step refreshes)")
+        if self.frozen_guidance is FrozenGuidance.SKIP and not self.block_skip:
+            raise ValueError("frozen_guidance 'skip' needs block_skip: it freezes the guidance on block-skip steps")
+        if self.frozen_guidance is FrozenGuidance.CACHED and not (self.attention_cache or self.block_skip):
+            raise ValueError("frozen_guidance 'cached' needs attention_cache or block_skip: it freezes the "
+                             "guidance on the steps that read a cache")
 
     @classmethod
     def none(cls, switch_step: int) -> AccelerationConfig:
@@ -126,16 +189,24 @@ class AccelerationConfig:
     def exact_only(self) -> bool:
         return not (self.batch_reuse or self.attention_cache or self.block_skip)
 
+    @property
+    def reuses_attention(self) -> bool:
+        """Whether some cloud step runs batch-reused attention (and so needs the token alignment)."""
+        return any(self.mode(i).batch_reuse for i in range(self.switch_step))
+
     def replace(self, **changes: Any) -> AccelerationConfig:
         return dataclasses.replace(self, **changes)
 
     def mode(self, i: int) -> StepMode:
         """The mode of cloud step i (0 <= i < k)."""
         r, s = self.cache_step, self.skip_step
+        if i < self.pivot_only_steps:
+            return StepMode.PIVOT
         if i < r:
             return StepMode.REUSE if self.batch_reuse else StepMode.FULL
         if self.refresh_every and i > r and (i - r) % self.refresh_every == 0:
-            return StepMode.FULL  # refresh: recompute everything, refill every cache
+            # refresh: recompute everything, refill every cache
+            return StepMode.REUSE if self.refresh_mode is RefreshMode.REUSE else StepMode.FULL
         cached = self.attention_cache
         skipped = self.block_skip and i >= s
         if cached and skipped:
@@ -146,9 +217,27 @@ class AccelerationConfig:
             return StepMode.SKIP
         return StepMode.FULL
 
+    @property
+    def merged_step(self) -> int | None:
+        """The step whose N unconditional rows run as one (``merge_step0_uncond``): the first that evaluates
+        every candidate, p = pivot_only_steps, whose latents are all still z_T's; None if none is."""
+        p = self.pivot_only_steps
+        return p if self.merge_step0_uncond and p < self.switch_step else None
+
+    def guidance_frozen(self, mode: StepMode) -> bool:
+        """Whether a step of this mode evaluates the conditional rows only (frozen guidance residual)."""
+        return self.frozen_guidance.covers(mode)
+
     def to_dict(self) -> dict[str, Any]:
+        """Every field; the fields added after the paper presets only when they differ from their
+        default, so a config that does not use them has the same request bytes as before."""
         d = dataclasses.asdict(self)
-        d["skip_variant"] = self.skip_variant.value
+        for name, value in d.items():
+            if isinstance(value, Enum):
+                d[name] = value.value
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -164,6 +253,10 @@ class AccelerationConfig:
             raise ValueError(f"acceleration is missing fields {sorted(missing)}")
         return cls(**d)
 
+
+# Fields that to_dict leaves out at their default value (wire compatibility with older peers).
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"refresh_mode": RefreshMode.FULL.value,
+                                       "frozen_guidance": FrozenGuidance.OFF.value, "pivot_only_steps": 0}
 
 # The paper's two server settings (T = 25, DPM-Solver): batch reuse before r,
 # attention cache from r, block skip from s, no refresh inside the cloud steps.
