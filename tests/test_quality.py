@@ -212,20 +212,27 @@ def test_sweep_grid_expands_and_skips_invalid_combinations():
         quality.expand_sweep([{"name": "a", "acceleration": None}, {"name": "a", "acceleration": None}], k=2)
 
 
-def test_default_sweep_file():
-    configs, skipped = quality.load_sweep(quality.REPO_ROOT / "benchmarks" / "sweeps" / "issue16.json", k=10)
-    by = {c.name: c for c in configs}
-    assert configs[0].is_exact
+def test_default_sweep_files():
     from obclip.runtime.plan import preset
 
+    sweeps = quality.REPO_ROOT / "benchmarks" / "sweeps"
+    configs, skipped = quality.load_sweep(sweeps / "issue16.json", k=10)
+    by = {c.name: c for c in configs}
+    assert configs[0].is_exact and not skipped
     assert by["paper-k10"].acceleration == preset("paper-k10")
     other = by["paper-k10-deepcache-noreuse-exactextras"].acceleration
     assert other == preset("paper-k10").replace(skip_variant="deepcache", batch_reuse=False, cross_kv_once=True,
                                                 merge_step0_uncond=True)
+    stacked = {(c.acceleration.skip_variant.value, c.acceleration.frozen_guidance.value) for c in configs
+               if c.name.startswith("stacked[")}
+    assert stacked == {(v, f) for v in ("deepcache", "deepcache-shallow") for f in ("off", "skip", "cached")}
+    assert all(c.acceleration.pivot_only_steps == 1 for c in configs if c.name.startswith("stacked["))
+
+    configs, skipped = quality.load_sweep(sweeps / "grid-k10.json", k=10)
     grid = [c for c in configs if c.name.startswith("grid[")]
     rs = {(c.acceleration.cache_step, c.acceleration.skip_step, c.acceleration.skip_variant.value) for c in grid}
     want = {(r, s, v) for r in range(2, 6) for s in range(r, 9) for v in ("faster-diffusion", "deepcache")}
-    assert rs | {(4, 6, "faster-diffusion")} == want  # that one is the paper preset (an alias)
+    assert rs == want
     assert len(skipped) == 2 * 4 * 7 - len(want) and all("r <= skip point s" in s["reason"] for s in skipped)
 
 
