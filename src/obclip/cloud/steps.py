@@ -142,7 +142,7 @@ class CloudStepRunner:
         acceleration = first.acceleration or AccelerationConfig.none(first.switch_step)
         plan = make_plan(first.num_inference_steps, first.switch_step, acceleration)
         solver = engine.solver(first.num_inference_steps)
-        # Batch reuse reads the pivot's cross-attention map at each candidate's token positions.
+        # Batch reuse reads the pivot's cross-attention map word by word (modes.align_tokens).
         alignments = [align_tokens(engine.text_tokens(r.candidates)) if acceleration.reuses_attention else None
                       for r in requests]
         # One shared noise for every candidate of a request: the server's view must
