@@ -389,16 +389,8 @@ def test_block_skip_variants_differ_in_whether_the_latent_enters(unets, inputs, 
     assert (not torch.equal(a, b)) == latent_enters
 
 
-def _blocks_run(unet, config, inputs, modes):
-    """Which UNet blocks ran at the last step."""
-    ran: set[str] = set()
-    # A block's first resnet runs whenever any of the block does (DeepCache runs
-    # the first down block's resnets without its downsampler).
-    hooks = [b.resnets[0].register_forward_pre_hook(lambda mod, args, name=f"{kind}.{i}": ran.add(name))
-             for kind in ("down_blocks", "up_blocks") for i, b in enumerate(getattr(unet, kind))]
-    hooks += [unet.conv_in.register_forward_pre_hook(lambda mod, args: ran.add("conv_in"))]
-    if unet.mid_block is not None:
-        hooks += [unet.mid_block.register_forward_pre_hook(lambda mod, args: ran.add("mid"))]
+def _run_steps(unet, config, inputs, modes, hooks, ran: set) -> set:
+    """Run the modes in order, keeping in ``ran`` what the hooks saw at the last step; remove the hooks."""
     try:
         cond, uncond, x = inputs
         with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
@@ -409,6 +401,19 @@ def _blocks_run(unet, config, inputs, modes):
         for h in hooks:
             h.remove()
     return ran
+
+
+def _blocks_run(unet, config, inputs, modes):
+    """Which UNet blocks ran at the last step."""
+    ran: set[str] = set()
+    # A block's first resnet runs whenever any of the block does (DeepCache runs
+    # the first down block's resnets without its downsampler).
+    hooks = [b.resnets[0].register_forward_pre_hook(lambda mod, args, name=f"{kind}.{i}": ran.add(name))
+             for kind in ("down_blocks", "up_blocks") for i, b in enumerate(getattr(unet, kind))]
+    hooks += [unet.conv_in.register_forward_pre_hook(lambda mod, args: ran.add("conv_in"))]
+    if unet.mid_block is not None:
+        hooks += [unet.mid_block.register_forward_pre_hook(lambda mod, args: ran.add("mid"))]
+    return _run_steps(unet, config, inputs, modes, hooks, ran)
 
 
 def test_block_skip_really_skips_the_encoder(unets, inputs):
@@ -430,16 +435,7 @@ def _layers_run(unet, config, inputs, modes):
             for j, r in enumerate(b.resnets):
                 hooks.append(r.register_forward_pre_hook(lambda mod, args, key=(kind, i, j): ran.add(key)))
     hooks.append(unet.conv_in.register_forward_pre_hook(lambda mod, args: ran.add("conv_in")))
-    try:
-        cond, uncond, x = inputs
-        with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
-            for i, m in enumerate(modes):
-                ran.clear()
-                acc.guided_eps(x, torch.tensor(500), step(i, m))
-    finally:
-        for h in hooks:
-            h.remove()
-    return ran
+    return _run_steps(unet, config, inputs, modes, hooks, ran)
 
 
 def test_deepcache_shallowest_branch_runs_the_first_and_last_layers_only(unets, inputs):
