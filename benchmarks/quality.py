@@ -223,16 +223,22 @@ def run_methods(cloud, pipeline, methods: list[MethodSpec], prompts: list[str], 
     return records
 
 
+FINISH_BATCH = 9  # candidates finished per device batch (rows 2 x 9 = 18: the default N in two batches)
+
+
 def _finish_all(pipeline, prepared, handoff: bytes, config, real_image: np.ndarray) -> dict:
-    """Every candidate of one request finished on the device as if it were the real one."""
+    """Every candidate of one request finished on the device as if it were the real one.
+
+    The others are finished in batches (DevicePipeline.finish_candidates: the same steps row for row,
+    ~5x faster than one at a time on CPU); the real one keeps the image generate() made."""
     cs = prepared.candidate_set
+    others = [i for i in range(cs.n) if i != prepared.real_index]
+    latents = [pipeline.finish_candidates(prepared, handoff, config, others[j:j + FINISH_BATCH])
+               for j in range(0, len(others), FINISH_BATCH)]
+    decoded = pipeline.engines.decode(np.concatenate(latents)) if others else None
     images = []
-    for i, text in enumerate(cs.candidates):
-        if i == prepared.real_index:
-            images.append(real_image)
-            continue
-        as_real = dataclasses.replace(prepared, prompt=text, real_index=i)
-        images.append(pipeline.engines.decode(pipeline.finish(as_real, handoff, config))[0])
+    for i in range(cs.n):
+        images.append(real_image if i == prepared.real_index else decoded[others.index(i)])
     return {"images": np.stack(images), "assignments": [dict(a) for a in cs.assignments]}
 
 

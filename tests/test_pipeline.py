@@ -129,3 +129,26 @@ def test_length_limit_is_decided_on_the_whole_candidate_set(device_pipeline):
         except PromptTooLongError:
             outcomes.add("refused")
     assert outcomes == {"refused"}
+
+
+def test_finish_candidates_is_finish_row_for_row(device_pipeline, cloud_runner):
+    """The batched evaluation helper runs the same device steps as finish() for each candidate as if real."""
+    import dataclasses
+
+    config = GenerationConfig(seed=3, num_inference_steps=6, switch_step=2)
+    prepared = device_pipeline.prepare("a portrait of a young asian woman", config)
+    answer = cloud_runner.handle(prepared.request_bytes)
+    n = prepared.request.n
+    picked = [n - 1, 0, 1]
+    batched = device_pipeline.finish_candidates(prepared, answer, config, picked)
+    assert batched.shape[0] == 3
+    for row, i in zip(batched, picked):
+        text = prepared.candidate_set.candidates[i]
+        one = device_pipeline.finish(dataclasses.replace(prepared, prompt=text, real_index=i), answer, config)
+        np.testing.assert_allclose(row, one[0], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="out of range"):
+        device_pipeline.finish_candidates(prepared, answer, config, [n])
+    hybrid = device_pipeline.prepare("a photo", GenerationConfig(method="hybrid-sd", seed=1, switch_step=2,
+                                                                 num_inference_steps=6))
+    with pytest.raises(ValueError, match="ObCLIP request"):
+        device_pipeline.finish_candidates(hybrid, answer, config, [0])

@@ -180,7 +180,6 @@ class DevicePipeline:
         engines = self.engines
         latent_shape = engines.latent_shape(prepared.height, prepared.width)
         schedule = make_schedule(self.solver_config, config.num_inference_steps)
-        plan = make_plan(config.num_inference_steps, config.k)
 
         if prepared.request is None:
             x = initial_noise(prepared.seed, (1, *latent_shape))
@@ -193,17 +192,48 @@ class DevicePipeline:
             x = handoff.latents[i:i + 1]
             state = SolverState(step_index=handoff.step_index, lower_order_nums=handoff.lower_order_nums,
                                 prev_x0=handoff.prev_x0[i:i + 1])
+        return self._device_steps(x, state, [prepared.prompt], schedule, config, on_step)
 
-        if plan.device_steps:
-            # The device conditions its own steps on the prompt exactly as typed.
-            text = engines.encode_text(["", self._fit(prepared.prompt)])
-            for n, step in enumerate(plan.device_steps):
-                t = float(schedule.timesteps[step.index])
-                out = engines.unet(np.concatenate([x, x]), t, text)  # rows: [uncond, cond]
-                eps = out[:1] + config.guidance_scale * (out[1:] - out[:1])
-                x, state = solver_step(schedule, self.solver_config, state, eps, x)
-                if on_step is not None:
-                    on_step(n + 1, len(plan.device_steps))
+    def finish_candidates(self, prepared: PreparedRequest, answer: bytes | Handoff, config: GenerationConfig,
+                          indices: list[int]) -> np.ndarray:
+        """Final latents [len(indices), C, h, w]: the given candidates of one answered request, each
+        finished as if it were the real one (conditioned on its own text), in one batch.
+
+        For evaluation only (benchmarks/quality.py scores every candidate, as the server could if it
+        finished them all); a generation never calls it. Row for row the same steps as finish().
+        """
+        if prepared.request is None or prepared.candidate_set is None:
+            raise ValueError("finish_candidates needs an ObCLIP request that ran cloud steps")
+        cands = prepared.candidate_set.candidates
+        bad = [i for i in indices if not 0 <= i < len(cands)]
+        if bad or not indices:
+            raise ValueError(f"candidate indices {bad or indices} out of range 0..{len(cands) - 1}")
+        latent_shape = self.engines.latent_shape(prepared.height, prepared.width)
+        schedule = make_schedule(self.solver_config, config.num_inference_steps)
+        handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
+        x = handoff.latents[indices]
+        state = SolverState(step_index=handoff.step_index, lower_order_nums=handoff.lower_order_nums,
+                            prev_x0=handoff.prev_x0[indices])
+        return self._device_steps(x, state, [cands[i] for i in indices], schedule, config)
+
+    def _device_steps(self, x: np.ndarray, state: SolverState, prompts: list[str], schedule: Schedule,
+                      config: GenerationConfig, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """The plan's device steps on rows x (one per prompt), classifier-free guided."""
+        engines = self.engines
+        plan = make_plan(config.num_inference_steps, config.k)
+        if not plan.device_steps:
+            return x
+        b = len(prompts)
+        # The device conditions its own steps on the prompt exactly as typed.
+        text = engines.encode_text(["", *(self._fit(p) for p in prompts)])
+        text = np.concatenate([np.repeat(text[:1], b, axis=0), text[1:]])  # rows: [uncond x b, cond x b]
+        for n, step in enumerate(plan.device_steps):
+            t = float(schedule.timesteps[step.index])
+            out = engines.unet(np.concatenate([x, x]), t, text)
+            eps = out[:b] + config.guidance_scale * (out[b:] - out[:b])
+            x, state = solver_step(schedule, self.solver_config, state, eps, x)
+            if on_step is not None:
+                on_step(n + 1, len(plan.device_steps))
         return x
 
     def _fit(self, prompt: str) -> str:
