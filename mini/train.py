@@ -1021,7 +1021,7 @@ def model_card(run: Run, pkg: dict) -> str:
         f"0..{hp.switch_step - 1}, device UNet after. MMD^2: `mini.analyser.mmd2` against the real renders of the "
         f"same prompts (for real renders: a second real set, i.e. the noise floor).",
         "",
-        f"Final, on the packaged dirs as loaded by `cloud.models.load_text_to_latent` "
+        f"Final, on the packaged dirs as loaded by `obclip.cloud.models.load_text_to_latent` "
         f"({pkg['eval_prompts']} prompts, {pkg['eval_seconds']:.0f} s):",
         "",
         "| model | colour | shape | both | background | MMD^2 |",
@@ -1063,7 +1063,7 @@ def model_card(run: Run, pkg: dict) -> str:
         "## Reproduce",
         "",
         "```",
-        f"python -m mini.train --out {run.out} --work {run.work} --budget-scale {run.scale:g} --threads {run.threads}"
+        f"python -m mini.train --out OUT --work WORK --budget-scale {run.scale:g} --threads {run.threads}"
         + "".join(f" --set {f.name}={getattr(hp, f.name)}" for f in dataclasses.fields(hp)
                   if getattr(hp, f.name) != getattr(Hyper(), f.name)),
         "```",
@@ -1162,6 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a Hyper field, e.g. --set n_train=256")
     p.add_argument("--measure", action="store_true",
                    help="time a few steps of each stage in a temporary folder and estimate a full run")
+    p.add_argument("--card", action="store_true",
+                   help="only rewrite OUT/MODEL_CARD.md from WORK's log (after the package stage; nothing is rerun)")
     p.add_argument("--die-at", default=None, help=argparse.SUPPRESS)  # tests: STAGE:STEP, SIGKILL after it
     args = p.parse_args(argv)
     if args.measure:
@@ -1181,6 +1183,14 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(hp=hp, scale=args.budget_scale, work=args.work, out=args.out, device=torch.device(args.device),
               threads=args.threads, die_at=die_at)
     _check_run_config(run)
+    if args.card:
+        done = [r for r in run.read_log() if r.get("event") == "done" and r.get("stage") == "package"]
+        if not done:
+            raise SystemExit(f"{run.work} has no finished package stage; run --stage package first")
+        info = {k: v for k, v in done[-1].items() if k not in ("event", "stage", "time")}
+        (run.out / "MODEL_CARD.md").write_text(model_card(run, info))
+        print(f"wrote {run.out / 'MODEL_CARD.md'}")
+        return 0
 
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:

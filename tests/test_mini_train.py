@@ -146,3 +146,17 @@ def test_work_folder_refuses_other_settings(trained, capsys):
         main(["--out", str(out), "--work", str(work), *TINY, "--set", "lr=0.1"])
     with pytest.raises(SystemExit, match="unknown field"):
         main(["--out", str(out), "--work", str(work), "--set", "no_such_field=1"])
+
+
+def test_card_is_rewritten_from_the_log_alone(trained, tmp_path):
+    out, work, _, _ = trained
+    before = (out / "MODEL_CARD.md").read_text()
+    (out / "MODEL_CARD.md").unlink()
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--out", str(out), "--work", str(work), "--threads", "1", *TINY, "--card"]) == 0
+        assert (out / "MODEL_CARD.md").read_text() == before  # the same card, nothing rerun
+        with pytest.raises(SystemExit, match="no finished package stage"):
+            main(["--out", str(tmp_path), "--work", str(tmp_path / "w"), "--card"])
+    finally:
+        torch.set_num_threads(threads)
