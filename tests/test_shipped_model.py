@@ -64,3 +64,22 @@ def test_obclip_images_have_the_prompted_colour_and_shape(shipped):
         got[(colour, shape)] = (seen.colour, seen.shape)
     right = [want for want, seen in got.items() if seen == want]
     assert len(right) >= MIN_RIGHT, f"prompted -> drawn (colour, shape): {got}"
+
+
+@pytest.mark.parametrize("prompt, seed, guidance, k, acceleration", [
+    # Honest answers the device once refused (prev_x0 above a fixed 4.5 bound): the last held-out
+    # prompt with the paper preset at k = 5 (7.0), and high guidance at k = 5 (8.0).
+    ("a small green triangle on a black background", 1234 + 119, 7.5, 5, "paper-k5"),
+    ("a picture of a large green triangle", 1234, 15.0, 5, None),
+])
+def test_honest_answers_pass_verification(shipped, prompt, seed, guidance, k, acceleration):
+    from obclip.device.oblivious import TransformConfig
+    from obclip.device.pipeline import GenerationConfig
+    from obclip.runtime.plan import preset
+
+    pipeline, runner = shipped
+    config = GenerationConfig(seed=seed, switch_step=k, guidance_scale=guidance,
+                              acceleration=preset(acceleration) if acceleration else None,
+                              transform=TransformConfig(schema_path=SCHEMA))
+    result = pipeline.generate(prompt, runner.handle, config)
+    assert result.prepared.request.n == 18

@@ -122,10 +122,29 @@ def test_poisoning_one_member_refuses_identically_whichever_is_real(pipeline, po
 def test_envelope_follows_the_schedule():
     s = make_schedule(SD14_SOLVER_CONFIG, T)
     env = [envelope(s, k) for k in range(T + 1)]
-    # Noisier steps have the tighter bound (x_k is mostly unit noise); every bound stays under
-    # 10x the expected per-element rms of ~1, so a 10x latent always fails.
+    # Noisier steps have the tighter latent bound (x_k is mostly unit noise); every latent bound stays
+    # under 10x the expected per-element rms of ~1, so a 10x latent always fails.
     assert env[0].latent_rms_max < env[T].latent_rms_max <= 4.5
-    assert all(1.2 < e.latent_rms_max < 10 and e.prev_x0_rms_max < 10 for e in env)
+    assert all(1.2 < e.latent_rms_max < 10 for e in env)
+    # prev_x0 is a data prediction made at step k-1: its error is the noise estimate's, amplified by
+    # that step's sigma/alpha, so the bound shrinks as k grows, to about the latent's at k = T.
+    bounds = [e.prev_x0_rms_max for e in env[1:]]
+    assert all(a > b for a, b in zip(bounds, bounds[1:])) and bounds[-1] < 5
+    assert env[K].prev_x0_rms_max < 10  # the x0-10x poisoning below fails at the tests' k
+
+
+def test_envelope_grows_with_guidance_only_above_the_reference():
+    s = make_schedule(SD14_SOLVER_CONFIG, 25)
+    for k in (5, 10, 25):
+        low, ref, high = (envelope(s, k, guidance_scale=g) for g in (1.0, 7.5, 50.0))
+        assert low.latent_rms_max == ref.latent_rms_max < high.latent_rms_max
+        assert low.prev_x0_rms_max < ref.prev_x0_rms_max < high.prev_x0_rms_max
+    # Honest answers of the trained mini pair (device/verify.py's docstring): all inside, with room.
+    assert envelope(s, 5).prev_x0_rms_max > 1.5 * 7.0  # 11.4
+    assert envelope(s, 5, guidance_scale=15).prev_x0_rms_max > 1.5 * 8.0
+    assert envelope(s, 10, guidance_scale=50).latent_rms_max > 1.5 * 2.5
+    with pytest.raises(ValueError, match="guidance_scale"):
+        envelope(s, 5, guidance_scale=float("nan"))
 
 
 def test_verify_answer_unit():

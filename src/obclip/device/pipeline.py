@@ -257,7 +257,7 @@ class DevicePipeline:
         is then verified (device/verify.py) before the device reads its own: a failure refuses the
         whole answer, identically whichever member is real, and is never retried."""
         handoff = DevicePipeline._decoded(answer, request, latent_shape, schedule.timesteps)
-        verify_answer(handoff, schedule, request.switch_step, self.verify_config)
+        verify_answer(handoff, schedule, request.switch_step, self.verify_config, request.guidance_scale)
         return handoff
 
     @staticmethod
