@@ -39,7 +39,10 @@ CONFIGS = {"none-k5": None, "paper-k5": preset("paper-k5"), "paper-k5+extras": E
            # step 0 on the pivot only, step 1 merged (P R C X X)
            "pivot-merged": AccelerationConfig(5, 2, 3, pivot_only_steps=1, merge_step0_uncond=True,
                                               frozen_guidance="cached"),
-           "deepcache-shallow": preset("paper-k5").replace(skip_variant="deepcache-shallow")}
+           "deepcache-shallow": preset("paper-k5").replace(skip_variant="deepcache-shallow"),
+           # the lean-k10 preset's switches at k = 5 (P X C F F: pivot-only step 0, merged full step 1,
+           # frozen-guidance cache step, DeepCache skips with frozen guidance, no batch reuse)
+           "lean": preset("lean-k10").replace(switch_step=5, cache_step=2, skip_step=3)}
 
 
 def _specs() -> list[ModeSpec]:

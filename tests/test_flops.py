@@ -200,6 +200,10 @@ def test_benchmark_json_lists_every_named_preset_and_n(capsys):
     block = next(b for b in out["blocks"] if b["preset"] == "paper-k10" and b["N"] == 6)
     row = next(r for r in block["rows"] if r["key"] == "cache_reuse")
     assert paper_k10["paper_tmacs"] == pytest.approx(row["paper_macs_T"])
+    # lean-k10: the goal, at most 2.5x Hybrid SD's server cost (18.5 T at N = 6, k = 10)
+    lean = entries[("lean-k10", 6)]
+    assert lean["k"] == 10 and lean["paper_tmacs"] == pytest.approx(17.81, abs=0.01)
+    assert lean["paper_tmacs"] <= 2.5 * lean["hybrid_sd_paper_tmacs"]
 
 
 def test_benchmark_memo_agrees_with_running_every_step():

@@ -220,6 +220,8 @@ def test_default_sweep_files():
     by = {c.name: c for c in configs}
     assert configs[0].is_exact and not skipped
     assert by["paper-k10"].acceleration == preset("paper-k10")
+    # lean-k10 is the configuration the sweep measured (docs/sweep/), not a lookalike
+    assert by["stacked[skip_variant=deepcache,frozen_guidance=cached]"].acceleration == preset("lean-k10")
     other = by["paper-k10-deepcache-noreuse-exactextras"].acceleration
     assert other == preset("paper-k10").replace(skip_variant="deepcache", batch_reuse=False, cross_kv_once=True,
                                                 merge_step0_uncond=True)

@@ -73,7 +73,7 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     """The acceleration settings whose step modes are exported.
 
     ``presets``: none-k<k>, paper-k5 and paper-k10, each with and without the exact
-    extras (alone and together). ``all`` adds DeepCache, block skip without the
+    extras (alone and together), and lean-k10. ``all`` adds DeepCache, block skip without the
     attention cache, the attention cache without block skip, no batch reuse, and the
     further options of docs/method.md 7.7 (refresh in reuse mode, frozen guidance, DeepCache's
     shallowest branch, a pivot-only step 0)."""
@@ -95,7 +95,7 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     for c in base:
         for kv, merge in ((False, False), (True, False), (False, True), (True, True)):
             out.append(c.replace(cross_kv_once=kv, merge_step0_uncond=merge))
-    return out
+    return out + [preset("lean-k10")]
 
 
 def export_specs(which: str) -> list[ModeSpec]:
@@ -495,7 +495,7 @@ def add_cloud_arguments(p: Any) -> None:
                    help="cloud model: a diffusers-layout directory (exports OUT/cloud)")
     g.add_argument("--cloud-modes", default="presets", choices=["presets", "all"],
                    help="step modes to export: those of none-k*, paper-k5, paper-k10 with and without the exact "
-                        "extras (presets), or also DeepCache and every switch combination (all)")
+                        "extras and lean-k10 (presets), or also DeepCache and every switch combination (all)")
     g.add_argument("--cloud-precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp32: OUT/cloud; fp16: also OUT/cloud-fp16, converted from OUT/cloud (float16 weights "
                         "and compute, float32 inputs/outputs) and checked against it, graph by graph and "
