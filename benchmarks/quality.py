@@ -69,7 +69,6 @@ rewrites sweep.md/json after every configuration while it runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import itertools
 import json
