@@ -127,6 +127,13 @@ class GenerationResult:
         Image.fromarray(self.image).save(path, format="PNG")
 
 
+def _members(handoff: Handoff, indices: list[int]) -> tuple[np.ndarray, SolverState]:
+    """The latents and solver state of the given members of a verified handoff, to resume from."""
+    return handoff.latents[indices], SolverState(step_index=handoff.step_index,
+                                                 lower_order_nums=handoff.lower_order_nums,
+                                                 prev_x0=handoff.prev_x0[indices])
+
+
 class DevicePipeline:
     def __init__(self, engines: DeviceEngines):
         self.engines = engines
@@ -188,10 +195,7 @@ class DevicePipeline:
             if answer is None:
                 raise ValueError("this request ran cloud steps, so finish() needs the cloud's handoff")
             handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
-            i = prepared.real_index
-            x = handoff.latents[i:i + 1]
-            state = SolverState(step_index=handoff.step_index, lower_order_nums=handoff.lower_order_nums,
-                                prev_x0=handoff.prev_x0[i:i + 1])
+            x, state = _members(handoff, [prepared.real_index])
         return self._device_steps(x, state, [prepared.prompt], schedule, config, on_step)
 
     def finish_candidates(self, prepared: PreparedRequest, answer: bytes | Handoff, config: GenerationConfig,
@@ -211,9 +215,7 @@ class DevicePipeline:
         latent_shape = self.engines.latent_shape(prepared.height, prepared.width)
         schedule = make_schedule(self.solver_config, config.num_inference_steps)
         handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
-        x = handoff.latents[indices]
-        state = SolverState(step_index=handoff.step_index, lower_order_nums=handoff.lower_order_nums,
-                            prev_x0=handoff.prev_x0[indices])
+        x, state = _members(handoff, indices)
         return self._device_steps(x, state, [cands[i] for i in indices], schedule, config)
 
     def _device_steps(self, x: np.ndarray, state: SolverState, prompts: list[str], schedule: Schedule,
