@@ -37,8 +37,9 @@ same as on CPU. Random weights do not change the work a step does.
 
 Backends: ``--backend torch onnxruntime`` times every request on both (the
 torch model and the exported cloud engines in ``--engines``, the same model
-exported with ``python export/build_engines.py --cloud-model DIR --cloud-modes
-all``), interleaved in the same rounds; the column "vs torch" is
+exported with ``python export/build_engines.py --cloud-model DIR``, whose
+default ``--cloud-modes presets`` holds every row's step modes), interleaved
+in the same rounds; the column "vs torch" is
 median(torch, same request) / median(row). For a mid-size SD-v1.4-shaped UNet
 on CPU: ``python benchmarks/cloud_engines.py --write-narrow-sd DIR``, export
 DIR, then ``--cloud-model DIR --engines OUT/cloud``.
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
                    help="step engines to time side by side (default: torch)")
     p.add_argument("--engines", default=None, type=Path,
                    help="with --backend onnxruntime: the cloud engines folder exported from the same model "
-                        "(python export/build_engines.py --cloud-model DIR --cloud-modes all)")
+                        "(python export/build_engines.py --cloud-model DIR)")
     p.add_argument("--providers", default="cpu", help="onnxruntime execution providers (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", default=None, help="also write the JSON object to this file")
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
 
     if "onnxruntime" in args.backend and args.engines is None:
         print("error: --backend onnxruntime needs --engines OUT/cloud (python export/build_engines.py "
-              "--cloud-model DIR --cloud-modes all --out OUT)", file=sys.stderr)
+              "--cloud-model DIR --out OUT)", file=sys.stderr)
         return 2
     too_big = [n for n in args.presets if preset(n).switch_step > args.steps]
     if too_big:
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
 
                 if (engine.manifest.source or {}).get("fingerprint") != model_fingerprint(Path(model_dir)):
                     print(f"error: the engines in {args.engines} were not exported from {model_dir}; export "
-                          "it: python export/build_engines.py --cloud-model DIR --cloud-modes all", file=sys.stderr)
+                          "it: python export/build_engines.py --cloud-model DIR", file=sys.stderr)
                     return 2
             runners[backend] = CloudStepRunner(engine=engine)
     size = args.size or model.default_image_size

@@ -112,6 +112,29 @@ def test_manifest_lists_every_mode_with_what_it_reads_and_writes(cloud_engines):
                for info in m.modes.values())
 
 
+def test_a_rerun_with_more_modes_traces_only_the_new_ones_and_stores_each_weight_once(model_dirs, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from obclip.export.cloud_engines import build_cloud_engines
+
+    specs = _specs()[:3]
+    build_cloud_engines(str(model_dirs[0]), tmp_path, modes=specs[:2])
+    capsys.readouterr()
+    build_cloud_engines(str(model_dirs[0]), tmp_path, modes=specs)
+    out = capsys.readouterr().out
+    assert out.count("up to date, reused") == 2 and out.count("traced in") == 1, out
+    folder = tmp_path / "cloud"
+    assert set(Manifest.load(folder).modes) == {s.name for s in specs}
+    assert not (folder / ".raw").exists() and [p.name for p in tmp_path.iterdir()] == ["cloud"]
+    # Three graphs over one weights file: its payload is at most the UNet's parameters, not three copies.
+    index = json.loads((folder / "unet" / "weights.json").read_text())
+    payload = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for _, dtype, shape in index.values())
+    size = (folder / "unet" / "weights.bin").stat().st_size
+    assert payload <= size < payload + 4096 * len(index)
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dirs[0]) / "unet")
+    assert payload <= sum(p.numel() * 4 for p in unet.parameters())
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_onnxruntime_backend_matches_torch(cloud_runner, ort_runner, name):
     """The whole cloud run (text encoder, every step mode, the numpy solver) against torch + diffusers."""
@@ -328,3 +351,14 @@ def test_tensorrt_missing_is_one_clear_line(cloud_engines):
         pytest.skip(f"the TensorRT build itself: {e}")
     build_cloud_tensorrt(cloud_engines, RequestLimits(max_candidates=4, max_image_size=128))
     assert (cloud_engines / "tensorrt" / "timing.cache").is_file()
+
+
+def test_mode_sessions_keep_no_arena_of_their_own(cloud_engines):
+    """A CPU arena per mode session would keep each mode's largest activations for good (memory
+    growing with every mode a server has run); the engine's sessions allocate without one."""
+    from obclip.cloud.engine_backend import OrtEngine
+
+    engine = OrtEngine(cloud_engines)
+    sessions = [g.session for g in engine._graphs.values()] + [engine._text, engine._cross_kv]
+    assert not any(s.get_session_options().enable_cpu_mem_arena for s in sessions if s is not None)
+    assert OrtEngine(cloud_engines, memory_arena=True)._text.get_session_options().enable_cpu_mem_arena

@@ -73,7 +73,8 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     """The acceleration settings whose step modes are exported.
 
     ``presets``: none-k<k>, paper-k5 and paper-k10, each with and without the exact
-    extras (alone and together), and lean-k10. ``all`` adds DeepCache, block skip without the
+    extras (alone and together), lean-k10, and paper-k5/k10 without batch reuse (the paper's
+    "+ cache" ablation row, which ``benchmarks/latency.py`` times). ``all`` adds DeepCache, block skip without the
     attention cache, the attention cache without block skip, no batch reuse, and the
     further options of docs/method.md 7.7 (refresh in reuse mode, frozen guidance, DeepCache's
     shallowest branch, a pivot-only step 0)."""
@@ -95,7 +96,8 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     for c in base:
         for kv, merge in ((False, False), (True, False), (False, True), (True, True)):
             out.append(c.replace(cross_kv_once=kv, merge_step0_uncond=merge))
-    return out + [preset("lean-k10")]
+    return out + [preset("lean-k10"), preset("paper-k5").replace(batch_reuse=False),
+                  preset("paper-k10").replace(batch_reuse=False)]
 
 
 def export_specs(which: str) -> list[ModeSpec]:
@@ -283,50 +285,72 @@ def _trace(module: torch.nn.Module, feeds: Mapping[str, torch.Tensor], outputs: 
 # --- one weights file for every graph ---------------------------------------------------
 
 
-def share_weights(graphs: Mapping[str, Path], folder: Path) -> dict[str, list]:
-    """Rewrite every graph so its large initializers are external data in one ``weights.bin``,
-    each distinct tensor stored once under a content-derived name; save the graphs as
-    ``folder/unet/<name>.onnx``. Returns the weights index (name -> [offset, dtype, shape])."""
-    index: dict[str, list] = {}
-    (folder / "unet").mkdir(parents=True, exist_ok=True)
-    with open(folder / WEIGHTS, "wb") as out:
-        for name, src in graphs.items():
-            model = onnx.load(str(src))
-            rename: dict[str, str] = {}
-            keep = []
-            for init in model.graph.initializer:
-                array = numpy_helper.to_array(init)
-                data = np.ascontiguousarray(array).tobytes()
-                if len(data) < _MIN_SHARED:
-                    keep.append(init)
-                    continue
-                digest = hashlib.sha256(data + f"{array.dtype.str}{array.shape}".encode()).hexdigest()
-                canonical = f"w.{digest[:24]}"
-                rename[init.name] = canonical
-                if canonical not in index:
-                    pad = -out.tell() % _ALIGN
-                    out.write(b"\0" * pad)
-                    index[canonical] = [out.tell(), array.dtype.str, list(array.shape)]
-                    out.write(data)
-                if canonical in {i.name for i in keep}:
-                    continue   # the same tensor twice in one graph: one initializer
-                ext = numpy_helper.from_array(array, canonical)
-                ext.ClearField("raw_data")
-                ext.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", Path(WEIGHTS).name), ("offset", str(index[canonical][0])),
-                                   ("length", str(len(data)))):
-                    entry = ext.external_data.add()
-                    entry.key, entry.value = key, value
-                keep.append(ext)
-            del model.graph.initializer[:]
-            model.graph.initializer.extend(keep)
-            for node in model.graph.node:
-                for i, inp in enumerate(node.input):
-                    if inp in rename:
-                        node.input[i] = rename[inp]
-            onnx.save(model, str(folder / "unet" / f"{name}.onnx"))
-    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, sort_keys=True))
-    return index
+class SharedWeightsWriter:
+    """Writes mode graphs one at a time into ``folder/unet/<name>.onnx`` with their large
+    initializers as external data in one ``weights.bin``, each distinct tensor stored once under
+    a content-derived name. One graph at a time, so an exporter can delete each raw trace as soon
+    as it is added (a full-size UNet trace is 3.4 GB; fifteen of them do not fit on disk)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.index: dict[str, list] = {}   # name -> [offset, dtype, shape]
+        (folder / "unet").mkdir(parents=True, exist_ok=True)
+        self._out = open(folder / WEIGHTS, "wb")
+
+    def add(self, name: str, src: Path) -> Path:
+        model = onnx.load(str(src))
+        rename: dict[str, str] = {}
+        keep = []
+        kept_names: set[str] = set()
+        for init in model.graph.initializer:
+            array = numpy_helper.to_array(init)
+            data = np.ascontiguousarray(array).tobytes()
+            if len(data) < _MIN_SHARED:
+                keep.append(init)
+                kept_names.add(init.name)
+                continue
+            digest = hashlib.sha256(data + f"{array.dtype.str}{array.shape}".encode()).hexdigest()
+            canonical = f"w.{digest[:24]}"
+            rename[init.name] = canonical
+            if canonical not in self.index:
+                self._out.write(b"\0" * (-self._out.tell() % _ALIGN))
+                self.index[canonical] = [self._out.tell(), array.dtype.str, list(array.shape)]
+                self._out.write(data)
+            if canonical in kept_names:
+                continue   # the same tensor twice in one graph: one initializer
+            ext = onnx.TensorProto(name=canonical, data_type=init.data_type, dims=list(array.shape),
+                                   data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", Path(WEIGHTS).name), ("offset", str(self.index[canonical][0])),
+                               ("length", str(len(data)))):
+                entry = ext.external_data.add()
+                entry.key, entry.value = key, value
+            keep.append(ext)
+            kept_names.add(canonical)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        for node in model.graph.node:
+            for i, inp in enumerate(node.input):
+                if inp in rename:
+                    node.input[i] = rename[inp]
+        path = self.folder / "unet" / f"{name}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    def close(self) -> dict[str, list]:
+        """Finish ``weights.bin`` and write its index; returns the index."""
+        if not self._out.closed:
+            self._out.close()
+            (self.folder / WEIGHTS_INDEX).write_text(json.dumps(self.index, sort_keys=True))
+        return self.index
+
+    def __enter__(self) -> SharedWeightsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._out.close()   # the staged folder is discarded; no index for a half-written file
 
 
 # --- the export -----------------------------------------------------------------------
@@ -393,23 +417,27 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                                           # cache shapes at the traced N and size (TensorRT profiles scale them)
                                           "shapes": _cache_shapes(lm.unet, spec, trace_ex, reads, writes)}
             kv_names = sorted(trace_ex.kv)
-            for name, graph in graphs.items():
-                if name in previous:
-                    traced[name] = previous[name]
-                    print(f"  {name:28s} up to date, reused")
-                    continue
-                secs = _trace(graph, _feeds(graph, trace_ex), graph.output_names(), raw / name / "model.onnx")
-                traced[name] = raw / name / "model.onnx"
-                print(f"  {name:28s} traced in {secs:5.1f} s")
-            if any(s.cross_kv_once for s in specs):
-                if "cross_kv" in previous:
-                    traced["cross_kv"] = previous["cross_kv"]
-                else:
-                    _trace(CrossKVGraph(lm.unet, kv_names), {"text": trace_ex.inputs.text}, kv_names,
-                           raw / "cross_kv" / "model.onnx")
-                    traced["cross_kv"] = raw / "cross_kv" / "model.onnx"
-
-            share_weights(traced, work)
+            # Each trace goes into the shared weights file as soon as it is made and its raw copy
+            # (every weight again) is deleted, so disk holds at most one raw trace at a time.
+            with SharedWeightsWriter(work) as writer:
+                for name, graph in graphs.items():
+                    if name in previous:
+                        writer.add(name, previous[name])
+                        print(f"  {name:28s} up to date, reused")
+                        continue
+                    secs = _trace(graph, _feeds(graph, trace_ex), graph.output_names(), raw / name / "model.onnx")
+                    writer.add(name, raw / name / "model.onnx")
+                    shutil.rmtree(raw / name)
+                    print(f"  {name:28s} traced in {secs:5.1f} s")
+                if any(s.cross_kv_once for s in specs):
+                    if "cross_kv" in previous:
+                        writer.add("cross_kv", previous["cross_kv"])
+                    else:
+                        _trace(CrossKVGraph(lm.unet, kv_names), {"text": trace_ex.inputs.text}, kv_names,
+                               raw / "cross_kv" / "model.onnx")
+                        writer.add("cross_kv", raw / "cross_kv" / "model.onnx")
+                        shutil.rmtree(raw / "cross_kv")
+                    traced["cross_kv"] = work / "unet" / "cross_kv.onnx"
             shutil.rmtree(raw, ignore_errors=True)
 
             # The check: the files as the runtime opens them, against the torch definition.
@@ -495,7 +523,8 @@ def add_cloud_arguments(p: Any) -> None:
                    help="cloud model: a diffusers-layout directory (exports OUT/cloud)")
     g.add_argument("--cloud-modes", default="presets", choices=["presets", "all"],
                    help="step modes to export: those of none-k*, paper-k5, paper-k10 with and without the exact "
-                        "extras and lean-k10 (presets), or also DeepCache and every switch combination (all)")
+                        "extras, lean-k10 and the paper's '+ cache' row without batch reuse (presets), or also "
+                        "DeepCache and every switch combination (all)")
     g.add_argument("--cloud-precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp32: OUT/cloud; fp16: also OUT/cloud-fp16, converted from OUT/cloud (float16 weights "
                         "and compute, float32 inputs/outputs) and checked against it, graph by graph and "

@@ -16,7 +16,7 @@ renormalisation) is kept float32, and the float16 round trips the converter puts
 float32 nodes are removed (``drop_fp16_round_trips``): the running sum is never rounded to
 float16. The folder has the fp32 folder's layout (``export/cloud_engines.py``): the converted mode
 graphs again reference ONE shared weights file, ``unet/weights.bin``, now holding float16 tensors
-(each once, content-addressed by ``cloud_engines.share_weights``), which
+(each once, content-addressed by ``cloud_engines.SharedWeightsWriter``), which
 ``cloud/engine_backend.OrtEngine`` maps once and hands to every session.
 The manifest hashes every file, records ``precision: "fp16"`` and the same mode table.
 
@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from obclip.cloud.modes import ALIGN_INPUTS
-from obclip.export.cloud_engines import WEIGHTS, WEIGHTS_INDEX, share_weights
+from obclip.export.cloud_engines import WEIGHTS, WEIGHTS_INDEX, SharedWeightsWriter
 from obclip.export.device_variants import CHECK_PROMPTS, FP16_KEEP_FP32, fp16_model, save_onnx
 from obclip.export.staging import staged_folder
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, sha256_file
@@ -321,18 +321,21 @@ def build_cloud_fp16(fp32_dir: Path, out: Path | None = None, check: CloudFp16Ch
     with staged_folder(target) as work:
         print(f"building fp16 cloud engines from {fp32_dir} -> {target}")
         raw = work / ".raw"
-        graphs: dict[str, Path] = {}
-        for name, c in base.components.items():
-            if name == "text_encoder":
-                convert_graph(fp32_dir / c.path, work / c.path)
-                continue
-            stem = Path(c.path).stem
-            if c.path != f"unet/{stem}.onnx":
-                raise ValueError(f"{fp32_dir}: component {name} at {c.path}, not under unet/; re-export the cloud")
-            convert_graph(fp32_dir / c.path, raw / stem / "model.onnx")
-            graphs[stem] = raw / stem / "model.onnx"
-        share_weights(graphs, work)    # the fp16 mode graphs again share one weights file
-        shutil.rmtree(raw)
+        # The fp16 mode graphs again share one weights file; each converted graph is added and its
+        # raw copy deleted before the next, so disk holds one raw graph at a time.
+        with SharedWeightsWriter(work) as writer:
+            for name, c in base.components.items():
+                if name == "text_encoder":
+                    convert_graph(fp32_dir / c.path, work / c.path)
+                    continue
+                stem = Path(c.path).stem
+                if c.path != f"unet/{stem}.onnx":
+                    raise ValueError(f"{fp32_dir}: component {name} at {c.path}, not under unet/; "
+                                     "re-export the cloud")
+                convert_graph(fp32_dir / c.path, raw / stem / "model.onnx")
+                writer.add(stem, raw / stem / "model.onnx")
+                shutil.rmtree(raw / stem)
+        shutil.rmtree(raw, ignore_errors=True)
         shutil.copytree(fp32_dir / Path(base.tokenizer).parent, work / Path(base.tokenizer).parent)
         paths = {c.path for c in base.components.values()}
         files = {str(f.relative_to(work)): sha256_file(f) for f in sorted(work.rglob("*"))
