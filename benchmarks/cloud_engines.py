@@ -33,12 +33,9 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 def write_narrow_sd(out: Path) -> Path:
     """SD-v1.4's UNet topology (4 stages, 3 with cross-attention, mid block, 8 heads, 768-d text) at
     channels (32, 64, 128, 128), with a 2-layer 768-d CLIP text tower: random weights, seconds to export."""
-    from obclip.cloud import models
+    from obclip.cloud.models import write_random_model
 
-    models.UNET_CONFIGS["sd-v1.4-narrow"] = {**models.UNET_CONFIGS["sd-v1.4"], "block_out_channels": (32, 64, 128, 128)}
-    models.TEXT_CONFIGS["clip-l-2"] = {**models.TEXT_CONFIGS["clip-vit-l-14"], "num_hidden_layers": 2}
-    models.MODEL_SPECS["sd-v1.4-narrow"] = models.ModelSpec("sd-v1.4-narrow", "clip-l-2", "sd")
-    return models.write_random_model("sd-v1.4-narrow", out, seed=0)
+    return write_random_model("sd-v1.4-narrow", out, seed=0)
 
 
 def main(argv=None) -> int:
@@ -52,9 +49,16 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated (default %(default)s)")
     p.add_argument("--write-narrow-sd", default=None, type=Path,
                    help="only write a reduced-width SD-v1.4-shaped random model to this folder and exit")
+    p.add_argument("--write-sd", default=None, type=Path,
+                   help="only write a full-size SD-v1.4-shaped random model (4.3 GB) to this folder and exit")
     args = p.parse_args(argv)
     if args.write_narrow_sd is not None:
         print(write_narrow_sd(args.write_narrow_sd))
+        return 0
+    if args.write_sd is not None:
+        from obclip.cloud.models import write_random_model
+
+        print(write_random_model("sd-v1.4", args.write_sd, seed=0))
         return 0
 
     from obclip.device.engines import DeviceEngines, EngineConfig

@@ -138,6 +138,7 @@ class StepCounter:
 
     guidance_scale: float = 7.5
     exhaustive: bool = False
+    latent_size: int | None = None                   # latent side counted at; None: each UNet's native size
     unets: dict = field(default_factory=dict)
     plain: dict = field(default_factory=dict)        # (model, n) -> FlopBreakdown of one guided step
     steps: dict = field(default_factory=dict)        # (model, n, flags, spec, kv before) -> FlopBreakdown
@@ -153,7 +154,8 @@ class StepCounter:
         unet = self.unet(name)
         c = unet.config
         dev = torch.device("meta")
-        x = torch.empty(n, c.in_channels, c.sample_size, c.sample_size, device=dev)
+        side = self.latent_size or c.sample_size
+        x = torch.empty(n, c.in_channels, side, side, device=dev)
         cond = torch.empty(n, 77, c.cross_attention_dim, device=dev)
         uncond = torch.empty(1, 77, c.cross_attention_dim, device=dev)
         t = torch.tensor(999, device=dev)

@@ -2,7 +2,7 @@
 
     python benchmarks/latency.py [--device cpu|cuda] [--dtype float32|float16] [--model mini|sd-v1.4]
                                  [--repeats R] [--n 2 4 6] [--presets paper-k5 paper-k10] [--json]
-                                 [--backend torch onnxruntime --engines OUT/cloud]
+                                 [--backend torch onnxruntime --engines OUT/cloud] [--no-baselines]
 
 Rows (one request each, timed around ``CloudStepRunner.run``, the server's
 whole request: prompt encoding, shared noise, the plan's cloud steps
@@ -173,13 +173,30 @@ def row_flops(counter, model_name: str, row: Row, steps: int) -> float:
     return float((setup + sum(b for _, b in costs)).flops)
 
 
-def flops_counter():
-    """benchmarks/flops.py's StepCounter (the benchmarks are scripts, not a package)."""
+def flops_counter(latent_size: int | None = None):
+    """benchmarks/flops.py's StepCounter (the benchmarks are scripts, not a package), counting at
+    ``latent_size`` (the timed requests' latent side; None: each UNet's native size)."""
     spec = importlib.util.spec_from_file_location("obclip_benchmark_flops", Path(__file__).with_name("flops.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
-    return module.StepCounter()
+    return module.StepCounter(latent_size=latent_size)
+
+
+def counted_config(model_name: str, cloud_model: str | None) -> str | None:
+    """The named UNet config whose FLOPs stand for the timed model: the named model, or the one a
+    --cloud-model folder names in its obclip_model.json ("spec", as write_random_model writes);
+    None when the folder names none (a trained model outside the named configs)."""
+    from obclip.cloud.models import MODEL_SPECS
+
+    if cloud_model is None:
+        return model_name
+    info = Path(cloud_model).expanduser() / "obclip_model.json"
+    try:
+        spec = json.loads(info.read_text()).get("spec")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return MODEL_SPECS[spec].unet if spec in MODEL_SPECS else None
 
 
 def measure(runners, rows: list[Row], *, steps: int, size: int, repeats: int, warmup: int = 1,
@@ -339,6 +356,9 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default="cpu", help="onnxruntime execution providers (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", default=None, help="also write the JSON object to this file")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="time only the ObCLIP rows (no SD cloud only, Hybrid SD or vanilla OG): for comparing "
+                        "backends, where the T-step baselines would take most of the time")
     args = p.parse_args(argv)
 
     if "onnxruntime" in args.backend and args.engines is None:
@@ -402,13 +422,16 @@ def main(argv=None) -> int:
     size = args.size or model.default_image_size
     load_s = time.perf_counter() - t_load
 
-    rows = build_rows(args.presets, args.n, args.steps)
+    rows = build_rows(args.presets, args.n, args.steps, baselines=not args.no_baselines)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    # FLOPs of the named config at its native size (an arbitrary --cloud-model has no name to count).
+    # FLOPs of the named config at the timed size (a --cloud-model that names no config has none to count).
     flops = None
-    if args.cloud_model is None:
-        counter = flops_counter()
-        flops = {row.key: row_flops(counter, model_name, row, args.steps) for row in rows}
+    counted = counted_config(model_name, args.cloud_model)
+    if counted is not None:
+        counter = flops_counter(size // model.vae_scale_factor)
+        flops = {row.key: row_flops(counter, counted, row, args.steps) for row in rows}
+    else:
+        log(f"no FLOPs column: {args.cloud_model} names no known model config in obclip_model.json")
     t0 = time.perf_counter()
     results = measure(runners, rows, steps=args.steps, size=size, repeats=repeats, warmup=args.warmup,
                       cuda=cuda, progress=log, flops=flops)
@@ -420,7 +443,7 @@ def main(argv=None) -> int:
             "guidance": GUIDANCE, "seed": SEED, "repeats": repeats, "warmup": args.warmup,
             "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "load_s": load_s, "elapsed_s": elapsed, "backends": list(runners),
-            "engines": None if args.engines is None else str(args.engines),
+            "engines": None if args.engines is None else str(args.engines), "flops_config": counted,
             "presets": {n: preset(n).to_dict() for n in args.presets}}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": results}, indent=1))

@@ -125,6 +125,25 @@ def test_latency_counts_each_rows_flops(tmp_path):
     assert a > b > 0
 
 
+def test_latency_counts_flops_at_the_timed_size_for_the_config_a_model_folder_names(tmp_path):
+    plain = latency.Row("ObCLIP", "obclip", 2, 2, AccelerationConfig.none(2), "t")
+    native, half = (latency.row_flops(latency.flops_counter(size), "mini-small", plain, 3) for size in (None, 8))
+    assert half < native / 3   # mini's native latent is 16: a quarter of the pixels
+    assert latency.counted_config("mini", None) == "mini"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert latency.counted_config("mini", str(folder)) is None          # names nothing: no FLOPs column
+    (folder / "obclip_model.json").write_text('{"spec": "sd-v1.4-narrow", "seed": 0, "weights": "random"}')
+    assert latency.counted_config("mini", str(folder)) == "sd-v1.4-narrow"
+    (folder / "obclip_model.json").write_text('{"schema": "shapes"}')  # a trained model: no spec
+    assert latency.counted_config("mini", str(folder)) is None
+
+
+def test_latency_without_baselines_keeps_only_the_obclip_rows():
+    rows = latency.build_rows(["paper-k5"], [2, 4], 25, baselines=False)
+    assert {r.method for r in rows} == {"obclip"} and len(rows) == 2 * 4
+
+
 def test_latency_times_both_backends_side_by_side(cloud_runner):
     """Two runners (here: two torch runners under different names, the onnxruntime one needs an export)
     are timed in the same rounds, each row once per backend, with the ratio to the torch row."""

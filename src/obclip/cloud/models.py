@@ -95,12 +95,21 @@ UNET_CONFIGS: dict[str, dict] = {
     },
     "mini": _MINI_UNET,
     "mini-small": _bk_small(_MINI_UNET),
+    # SD-v1.4's topology and heads at channels 32-128: a mid-size stand-in that a CPU exports and
+    # times in minutes (benchmarks/cloud_engines.py --write-narrow-sd).
+    "sd-v1.4-narrow": {**_SD14_UNET, "block_out_channels": (32, 64, 128, 128)},
 }
 
 TEXT_CONFIGS: dict[str, dict] = {
     # CLIP ViT-L/14 text tower, as in SD-v1.4.
     "clip-vit-l-14": dict(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        projection_dim=768,
+    ),
+    # SD-v1.4's text tower cut to 2 layers, for sd-v1.4-narrow.
+    "clip-l-2": dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
         projection_dim=768,
     ),
@@ -141,6 +150,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "sd-v1.4": ModelSpec("sd-v1.4", "clip-vit-l-14", "sd"),
     "bk-sdm-small": ModelSpec("bk-sdm-small", "clip-vit-l-14", "sd"),
     "bk-sdm-tiny": ModelSpec("bk-sdm-tiny", "clip-vit-l-14", "sd"),
+    "sd-v1.4-narrow": ModelSpec("sd-v1.4-narrow", "clip-l-2", "sd"),
     "mini": ModelSpec("mini", "mini", "mini"),
     "mini-small": ModelSpec("mini-small", "mini", "mini"),
 }
