@@ -35,11 +35,13 @@ encoder over N+1 prompts per request in a real server). Timing on CUDA uses
 CUDA events after a torch.cuda.synchronize(); the code path is otherwise the
 same as on CPU. Random weights do not change the work a step does.
 
-Backends: ``--backend torch onnxruntime`` times every request on both (the
-torch model and the exported cloud engines in ``--engines``, the same model
-exported with ``python export/build_engines.py --cloud-model DIR``, whose
-default ``--cloud-modes presets`` holds every row's step modes), interleaved
-in the same rounds; the column "vs torch" is
+Backends: ``--backend torch torch-compiled onnxruntime`` times every request on
+each, interleaved in the same rounds. torch-compiled: every step mode through
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs on cuda), compiled in
+the warm-up round, which is not timed. onnxruntime: the cloud engines in
+``--engines``, exported from the same model with ``python
+export/build_engines.py --cloud-model DIR`` (its default ``--cloud-modes
+presets`` holds every row's step modes). The column "vs torch" is
 median(torch, same request) / median(row). For a mid-size SD-v1.4-shaped UNet
 on CPU: ``python benchmarks/cloud_engines.py --write-narrow-sd DIR``, export
 DIR, then ``--cloud-model DIR --engines OUT/cloud``.
@@ -348,8 +350,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 7 on cpu, 20 on cuda)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every request first")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch, and onnxruntime's intra-op pool)")
-    p.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
-                   help="step engines to time side by side (default: torch)")
+    p.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "torch-compiled", "onnxruntime"],
+                   help="step engines to time side by side (default: torch); torch-compiled: torch.compile per "
+                        "step mode, mode reduce-overhead (CUDA graphs on cuda), compiled in the warm-up round")
     p.add_argument("--engines", default=None, type=Path,
                    help="with --backend onnxruntime: the cloud engines folder exported from the same model "
                         "(python export/build_engines.py --cloud-model DIR)")
@@ -407,6 +410,10 @@ def main(argv=None) -> int:
     for backend in dict.fromkeys(args.backend):
         if backend == "torch":
             runners[backend] = CloudStepRunner(model)
+        elif backend == "torch-compiled":
+            from obclip.cloud.torch_backend import TorchEngine
+
+            runners[backend] = CloudStepRunner(engine=TorchEngine(model, compile_mode="reduce-overhead"))
         else:
             from obclip.cloud.engine_backend import OrtEngine
 

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "python export/build_engines.py --cloud-model ...")
     p.add_argument("--providers", default=_D.providers, choices=["cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution providers (cuda/tensorrt need onnxruntime-gpu; default %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile each step mode (on CUDA replayed as CUDA graphs, one per "
+                        "mode and shape); the first request of each mode and shape compiles")
+    p.add_argument("--compile-warmup", nargs="*", default=[], metavar="PRESET:N",
+                   help="with --compile: run these (e.g. paper-k10:6) at the native size before ready, so their "
+                        "modes and shapes are compiled up front")
     g = p.add_argument_group("limits (checked before any model work; a violation is a 4xx naming the limit)")
     g.add_argument("--max-candidates", type=int, default=_L.max_candidates, help="N (default %(default)s)")
     g.add_argument("--max-steps", type=int, default=_L.max_steps, help="T (default %(default)s)")
@@ -137,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         torch_threads=args.torch_threads, log_prompts=args.log_prompts,
         batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows,
         backend=args.backend, engines=args.engines, providers=args.providers,
+        compile=args.compile, compile_warmup=tuple(args.compile_warmup),
     )
 
 

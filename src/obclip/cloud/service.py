@@ -75,7 +75,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from obclip.runtime.plan import PlannedStep, make_plan
+from obclip.runtime.plan import PRESETS, PlannedStep, make_plan, preset
 from obclip.runtime.protocol import (
     HANDOFF_MEDIA_TYPE,
     REQUEST_MEDIA_TYPE,
@@ -166,6 +166,11 @@ class ServiceConfig:
     backend: str = "torch"
     engines: str | None = None
     providers: str = "cpu"
+    # torch backend: torch.compile each step mode (on CUDA, "reduce-overhead" replays each mode and
+    # shape as a CUDA graph; cloud/torch_backend.py). Each "PRESET:N" of compile_warmup runs once at
+    # the native size before /readyz is ready, so those modes and shapes are compiled up front.
+    compile: bool = False
+    compile_warmup: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "onnxruntime") or (self.backend == "onnxruntime") != bool(self.engines):
@@ -194,6 +199,24 @@ class ServiceConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.compile and self.backend != "torch":
+            raise ValueError("compile is for the torch backend (the onnxruntime backend runs exported graphs)")
+        if self.compile_warmup and not self.compile:
+            raise ValueError("compile_warmup needs compile")
+        for entry in self.compile_warmup:
+            compile_warmup_request(entry, self.limits.max_candidates, 64)   # raises on a bad entry
+
+
+def compile_warmup_request(entry: str, max_candidates: int, size: int) -> StepsRequest:
+    """"PRESET:N" -> a request of N placeholder candidates with that preset at ``size`` px."""
+    name, _, n = entry.partition(":")
+    if name not in PRESETS or not n.isdigit() or not 1 <= int(n) <= max_candidates:
+        raise ValueError(f"compile warm-up {entry!r}: expected PRESET:N with PRESET one of {sorted(PRESETS)} and "
+                         f"N in 1..{max_candidates} (max_candidates), e.g. paper-k10:6")
+    acc = preset(name)
+    return StepsRequest(candidates=tuple(f"a photo number {i}" for i in range(int(n))), seed=0,
+                        num_inference_steps=max(25, acc.switch_step), switch_step=acc.switch_step,
+                        guidance_scale=7.5, height=size, width=size, acceleration=acc)
 
 
 class ErrorAnswer(Exception):
@@ -373,8 +396,14 @@ class Service:
             self._latent_shape = model.latent_shape
             self.model, self.model_id = model, model.model_id
             self.limits = cfg.limits.for_model(model.default_image_size, model.latent_shape)
-            self.runner = (CloudStepRunner(engine=model, limits=self.limits) if cfg.backend == "onnxruntime"
-                           else CloudStepRunner(model, self.limits))
+            if cfg.backend == "onnxruntime":
+                self.runner = CloudStepRunner(engine=model, limits=self.limits)
+            else:
+                from .torch_backend import TorchEngine
+
+                self.runner = CloudStepRunner(
+                    engine=TorchEngine(model, compile_mode="reduce-overhead" if cfg.compile else None),
+                    limits=self.limits)
             log.info("model %s loaded on %s (%s) in %.1f s", model.model_id, cfg.device, cfg.dtype,
                      time.perf_counter() - t0)
             if cfg.warmup:
@@ -386,6 +415,11 @@ class Service:
                 t0 = time.perf_counter()
                 self._run([_Job(warm)])
                 log.info("warm-up request ran in %.2f s", time.perf_counter() - t0)
+            for entry in cfg.compile_warmup:
+                t0 = time.perf_counter()
+                self._run([_Job(compile_warmup_request(entry, self.limits.max_candidates,
+                                                       model.default_image_size))])
+                log.info("compile warm-up %s ran in %.2f s", entry, time.perf_counter() - t0)
             self.state = "ready"
             self.metrics.ready.set(1)
             log.info("ready")

@@ -1,8 +1,16 @@
-"""The torch engine: step modes run by ``step_modes.run_mode`` on a loaded model, diffusers' DPM-Solver++."""
+"""The torch engine: step modes run by ``step_modes.run_mode`` on a loaded model, diffusers' DPM-Solver++.
+
+With ``compile_mode`` set (``obclip-serve --compile``), each step mode is wrapped once in
+``torch.compile``; torch keeps one compiled graph per input shape (N, image size, batch
+composition), and with ``"reduce-overhead"`` on CUDA each is replayed as a CUDA graph, so a
+small batch is no longer bound by kernel launches. The first request of each mode and shape
+compiles (``warm_up`` does that before serving).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +23,11 @@ from obclip.runtime.solver import SolverConfig, make_schedule
 from .models import TextToLatentModel
 from .modes import ModeSpec, TextTokens, TokenAlignment, text_tokens
 from .step_modes import AlignmentTensors, ModeInputs, processors_installed, run_mode
+
+# Compiled graphs per engine (modes x shapes) before torch falls back to running eagerly.
+COMPILED_GRAPHS_LIMIT = 512
+# torch.compile's backend when compiling (inductor: generated kernels, CUDA graphs under "reduce-overhead").
+COMPILE_BACKEND = "inductor"
 
 
 def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSolverMultistepScheduler:
@@ -70,6 +83,10 @@ class TorchBatch:
 
     def __enter__(self) -> TorchBatch:
         model = self.engine.model
+        # A compiled graph would specialise on a Python float: the scale goes in as a tensor there.
+        self.guidance: float | torch.Tensor = (
+            self.guidance_scale if self.engine.compile_mode is None
+            else torch.tensor([self.guidance_scale], device=model.unet.device, dtype=model.unet.dtype))
         # One text-encoder call for every request: [cands of request 0, ..., cands of request R-1, ""].
         self.sizes = tuple(len(c) for c in self.candidates)
         with torch.no_grad():
@@ -94,9 +111,9 @@ class TorchBatch:
     @torch.no_grad()
     def run(self, spec: ModeSpec, x: torch.Tensor, t: Any,
             caches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        inputs = ModeInputs(x=x, timestep=t, text=self.text, guidance_scale=self.guidance_scale,
+        inputs = ModeInputs(x=x, timestep=t, text=self.text, guidance_scale=self.guidance,
                             sizes=self.sizes, alignment=self.alignment)
-        return run_mode(self.engine.model.unet, spec, inputs, caches)
+        return self.engine.run_mode(spec, inputs, caches)
 
     def numpy(self, x: torch.Tensor) -> np.ndarray:
         return x.float().cpu().numpy()
@@ -105,10 +122,35 @@ class TorchBatch:
 class TorchEngine:
     """A loaded ``TextToLatentModel`` as a step engine."""
 
-    def __init__(self, model: TextToLatentModel):
+    def __init__(self, model: TextToLatentModel, compile_mode: str | None = None, compile_backend: str | None = None):
         self.model = model
         self.model_id = model.model_id
         self.scheduler_config = model.scheduler_config
+        self.compile_mode, self.compile_backend = compile_mode, compile_backend or COMPILE_BACKEND
+        self._compiled: dict[ModeSpec, Callable[..., Any]] = {}
+        if compile_mode is not None:
+            # Every mode compiles run_mode's one code object, and torch counts its graphs per code
+            # object (8 by default, then it runs eagerly): allow one per mode and shape a service meets.
+            import torch._dynamo.config as dynamo
+
+            dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_GRAPHS_LIMIT)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, COMPILED_GRAPHS_LIMIT)
+
+    def run_mode(self, spec: ModeSpec, inputs: ModeInputs,
+                 caches: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``step_modes.run_mode`` on this model: eager, or the mode's compiled graph."""
+        if self.compile_mode is None:
+            return run_mode(self.model.unet, spec, inputs, caches)
+        fn = self._compiled.get(spec)
+        if fn is None:
+            fn = torch.compile(functools.partial(run_mode, self.model.unet, spec), mode=self.compile_mode,
+                               backend=self.compile_backend)
+            self._compiled[spec] = fn
+        torch.compiler.cudagraph_mark_step_begin()
+        eps, writes = fn(inputs, caches)
+        # A CUDA graph's outputs live in its memory pool and are overwritten by its next replay, while
+        # the caches are read steps later (and eps after the next mode ran): they are copied out.
+        return eps.clone(), {name: value.clone() for name, value in writes.items()}
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return self.model.latent_shape(height, width)
