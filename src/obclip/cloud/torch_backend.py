@@ -4,7 +4,7 @@ With ``compile_mode`` set (``obclip-serve --compile``), each step mode is wrappe
 ``torch.compile``; torch keeps one compiled graph per input shape (N, image size, batch
 composition), and with ``"reduce-overhead"`` on CUDA each is replayed as a CUDA graph, so a
 small batch is no longer bound by kernel launches. The first request of each mode and shape
-compiles (``warm_up`` does that before serving).
+compiles (the service's ``compile_warmup`` does that before serving).
 """
 
 from __future__ import annotations
