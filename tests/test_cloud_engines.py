@@ -362,3 +362,15 @@ def test_mode_sessions_keep_no_arena_of_their_own(cloud_engines):
     sessions = [g.session for g in engine._graphs.values()] + [engine._text, engine._cross_kv]
     assert not any(s.get_session_options().enable_cpu_mem_arena for s in sessions if s is not None)
     assert OrtEngine(cloud_engines, memory_arena=True)._text.get_session_options().enable_cpu_mem_arena
+
+
+def test_engine_memory_benchmark_serves_without_torch_and_reports_memory(cloud_engines):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_memory.py"
+    out = subprocess.run([sys.executable, str(bench), "--engines", str(cloud_engines), "--n", "2", "--size", "64",
+                          "--presets", "paper-k5,paper-k5+extras"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "torch imported by the onnxruntime backend: no" in out.stdout
+    loaded = next(line for line in out.stdout.splitlines() if line.startswith("loaded:"))
+    rss, file_mb, anon, peak = (float(v) for v in loaded.split()[-4:])
+    assert rss > 0 and peak >= rss and abs(rss - file_mb - anon) <= 2
+    assert "after paper-k5+extras" in out.stdout
