@@ -204,17 +204,23 @@ class ServiceConfig:
         if self.compile_warmup and not self.compile:
             raise ValueError("compile_warmup needs compile")
         for entry in self.compile_warmup:
-            compile_warmup_request(entry, self.limits.max_candidates, 64)   # raises on a bad entry
+            compile_warmup_entry(entry, self.limits.max_candidates)   # raises on a bad entry
 
 
-def compile_warmup_request(entry: str, max_candidates: int, size: int) -> StepsRequest:
-    """"PRESET:N" -> a request of N placeholder candidates with that preset at ``size`` px."""
+def compile_warmup_entry(entry: str, max_candidates: int) -> tuple[str, int]:
+    """"PRESET:N" -> (preset name, N); a ValueError naming the expected form otherwise."""
     name, _, n = entry.partition(":")
     if name not in PRESETS or not n.isdigit() or not 1 <= int(n) <= max_candidates:
         raise ValueError(f"compile warm-up {entry!r}: expected PRESET:N with PRESET one of {sorted(PRESETS)} and "
                          f"N in 1..{max_candidates} (max_candidates), e.g. paper-k10:6")
+    return name, int(n)
+
+
+def compile_warmup_request(entry: str, max_candidates: int, size: int) -> StepsRequest:
+    """"PRESET:N" -> a request of N placeholder candidates with that preset at ``size`` px."""
+    name, n = compile_warmup_entry(entry, max_candidates)
     acc = preset(name)
-    return StepsRequest(candidates=tuple(f"a photo number {i}" for i in range(int(n))), seed=0,
+    return StepsRequest(candidates=tuple(f"a photo number {i}" for i in range(n)), seed=0,
                         num_inference_steps=max(25, acc.switch_step), switch_step=acc.switch_step,
                         guidance_scale=7.5, height=size, width=size, acceleration=acc)
 

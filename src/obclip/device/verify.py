@@ -135,10 +135,10 @@ def envelope(schedule: Schedule, k: int, config: VerifyConfig = VerifyConfig(),
     x0 = config.x0_rms_max * max(1.0, g / config.reference_guidance)
     alpha, sigma = float(schedule.alpha_t[k]), float(schedule.sigma_t[k])
     latent = config.margin * float(np.sqrt(alpha**2 * x0**2 + sigma**2))
-    prev_x0 = config.margin * x0
-    if k > 0:  # prev_x0 was predicted at step k-1, from a guided noise estimate
-        noise_to_signal = float(schedule.sigma_t[k - 1] / schedule.alpha_t[k - 1])
-        prev_x0 = config.margin * (x0 + config.eps_error_max * max(1.0, g) * noise_to_signal)
+    # prev_x0 was predicted at step k-1, from a guided noise estimate (at k = 0 there is none, and it
+    # is not checked).
+    noise_to_signal = float(schedule.sigma_t[k - 1] / schedule.alpha_t[k - 1]) if k > 0 else 0.0
+    prev_x0 = config.margin * (x0 + config.eps_error_max * max(1.0, g) * noise_to_signal)
     return Envelope(latent_rms_max=latent, prev_x0_rms_max=prev_x0, peak=config.peak)
 
 

@@ -383,7 +383,8 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
     fingerprint = model_fingerprint(Path(model)) if Path(model).is_dir() else model
     specs = export_specs(modes) if isinstance(modes, str) else list(modes)
     previous = _reusable(target, fingerprint, precision)
-    needed = {s.name for s in specs} | ({"cross_kv"} if any(s.cross_kv_once for s in specs) else set())
+    with_kv = any(s.cross_kv_once for s in specs)   # cross_kv_once modes read the K/V graph's outputs
+    needed = {s.name for s in specs} | ({"cross_kv"} if with_kv else set())
     if previous and needed <= set(previous):
         print(f"cloud engines in {target} are up to date for {model}")
         return Manifest.load(target)
@@ -403,7 +404,6 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
 
         m = _latent_multiple(lm.unet)
         modes_table: dict[str, dict] = {}
-        traced: dict[str, Path] = {}
         raw = work / ".raw"
         with processors_installed(lm.unet):
             trace_ex = _example(lm, 2, 2 * m, seed=1)
@@ -429,7 +429,7 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                     writer.add(name, raw / name / "model.onnx")
                     shutil.rmtree(raw / name)
                     print(f"  {name:28s} traced in {secs:5.1f} s")
-                if any(s.cross_kv_once for s in specs):
+                if with_kv:
                     if "cross_kv" in previous:
                         writer.add("cross_kv", previous["cross_kv"])
                     else:
@@ -437,7 +437,6 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                                raw / "cross_kv" / "model.onnx")
                         writer.add("cross_kv", raw / "cross_kv" / "model.onnx")
                         shutil.rmtree(raw / "cross_kv")
-                    traced["cross_kv"] = work / "unet" / "cross_kv.onnx"
             shutil.rmtree(raw, ignore_errors=True)
 
             # The check: the files as the runtime opens them, against the torch definition.
@@ -463,7 +462,7 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                                                   outputs=tuple(graph.output_names()),
                                                   sha256=sha256_file(path), check_max_abs_diff=diff)
                 modes_table[name]["check_rel_diff"] = diff
-            if "cross_kv" in traced:
+            if with_kv:
                 path = work / "unet" / "cross_kv.onnx"
                 session = shared.session(path)
                 text = check_ex.inputs.text
