@@ -18,7 +18,10 @@ import pytest
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from obclip.cloud.service import Service, ServiceConfig, create_app, describe_request  # noqa: E402
+from obclip.cloud.answers import describe_request  # noqa: E402
+from obclip.cloud.http_app import create_app  # noqa: E402
+from obclip.cloud.service import Service  # noqa: E402
+from obclip.cloud.service_config import ServiceConfig  # noqa: E402
 from obclip.runtime.protocol import RequestLimits, StepsRequest, decode_handoff  # noqa: E402
 
 QUEUE = 2
@@ -263,7 +266,7 @@ def test_full_queue_is_503_with_retry_after(running, monkeypatch):
     gate = _gate_runner(monkeypatch, service)
     # one running (held at the gate) + QUEUE waiting
     threads, results = _in_threads(lambda: running.post(request_bytes()), 1 + QUEUE)
-    _wait_for(lambda: service._current is not None and service._waiting == QUEUE)
+    _wait_for(lambda: service.worker.running_batch is not None and service.worker.waiting == QUEUE)
     assert running.sample("obclip_queue_depth") == QUEUE
     status, headers, data = running.post(request_bytes())
     assert status == 503 and headers["retry-after"] == "1"
@@ -297,7 +300,7 @@ def test_timeout_is_504_and_the_work_is_cancelled(running, monkeypatch):
         # A is released after its deadline: it stops at its first UNet pass, none of its 6 steps runs
         gate.set()
         _wait_for(lambda: running.sample("obclip_jobs_cancelled_total", stage="running") == running0 + 1)
-        _wait_for(lambda: service._current is None)
+        _wait_for(lambda: service.worker.running_batch is None)
         assert passes == []
         assert running.sample("obclip_queue_depth") == 0
     finally:
@@ -353,7 +356,7 @@ def test_readyz_is_503_until_loaded_and_warmed(model_dirs):
     service = Service(ServiceConfig(model=str(model_dirs[0])))
     app = create_app(service=service)
     gate = threading.Event()
-    service._executor.submit(gate.wait, 30)  # hold the worker: the load queues behind it
+    service.worker.call(lambda: gate.wait(30))  # hold the worker: the load queues behind it
     try:
         loading = service.start()
         assert asgi(app, "GET", "/healthz")[0] == 200

@@ -70,16 +70,19 @@ from pathlib import Path
 
 import numpy as np
 
-from obclip.runtime.protocol import Handoff, ProtocolError
+from obclip.runtime.errors import InputError, UntrustedAnswerError
+from obclip.runtime.protocol import Handoff
 from obclip.runtime.solver import Schedule
 
 
-class VerificationError(ProtocolError):
+class VerificationError(UntrustedAnswerError):
     """The cloud's answer failed the device's checks; the whole answer is refused.
 
     The message depends only on the answer, never on which member is real.
     Do not resend the same request after this error (a retry tells the server
-    its tampering was noticed, and a hostile server would answer the same way).
+    its tampering was noticed, and a hostile server would answer the same way):
+    it is an ``UntrustedAnswerError``, deliberately not a ``ServiceError`` (the
+    retryable kind) nor a ``ValueError``.
     """
 
 
@@ -102,7 +105,7 @@ class VerifyConfig:
         for name in ("x0_rms_max", "margin", "peak", "reference_guidance", "eps_error_max"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"VerifyConfig.{name} must be a positive number, got {value!r}")
+                raise InputError(f"VerifyConfig.{name} must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,10 @@ def envelope(schedule: Schedule, k: int, config: VerifyConfig = VerifyConfig(),
              guidance_scale: float = 7.5) -> Envelope:
     """The bounds for latents after k steps of this schedule at this guidance (the same for every member)."""
     if not 0 <= k <= schedule.num_inference_steps:
-        raise ValueError(f"k={k} is outside the {schedule.num_inference_steps}-step schedule")
+        raise InputError(f"k={k} is outside the {schedule.num_inference_steps}-step schedule")
     g = float(guidance_scale)
     if not np.isfinite(g) or g < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     x0 = config.x0_rms_max * max(1.0, g / config.reference_guidance)
     alpha, sigma = float(schedule.alpha_t[k]), float(schedule.sigma_t[k])
     latent = config.margin * float(np.sqrt(alpha**2 * x0**2 + sigma**2))
