@@ -1,6 +1,7 @@
 """Fuzzing the two wire decoders (runtime/protocol.py) with hypothesis: whatever the bytes,
 ``StepsRequest.from_bytes`` and ``decode_handoff`` either succeed or raise ProtocolError (a request)
-or HandoffError (a handoff) naming the defect; never another exception type (a 500 on the server, a traceback on the device)."""
+or HandoffError (a handoff) naming the defect; never another exception type (a 500 on the server, a
+traceback on the device)."""
 
 from __future__ import annotations
 
