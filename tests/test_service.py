@@ -99,6 +99,37 @@ def error_of(body: bytes) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+def test_a_request_is_parsed_hashed_and_planned_once(running, monkeypatch):
+    import obclip.runtime.protocol as protocol
+    from obclip.runtime.plan import StepPlan
+
+    counts = {"parse": 0, "sha256": 0, "plan": 0}
+    real_parse, real_plan, real_hashlib = StepsRequest.from_bytes.__func__, StepPlan.__init__, protocol.hashlib
+
+    def parse(cls, data):
+        counts["parse"] += 1
+        return real_parse(cls, data)
+
+    def plan(*args, **kw):
+        counts["plan"] += 1
+        return real_plan(*args, **kw)
+
+    class Hashlib:
+        @staticmethod
+        def sha256(data):
+            counts["sha256"] += 1
+            return real_hashlib.sha256(data)
+
+    body = request_bytes(seed=41)
+    monkeypatch.setattr(StepsRequest, "from_bytes", classmethod(parse))
+    monkeypatch.setattr(StepPlan, "__init__", plan)   # every plan, whoever builds it
+    monkeypatch.setattr(protocol, "hashlib", Hashlib)
+    status, _, data = running.post(body)
+    monkeypatch.undo()
+    assert status == 200, data[:300]
+    assert counts == {"parse": 1, "sha256": 1, "plan": 1}, counts
+
+
 def test_health_ready_metrics(running):
     status, _, body = running.http("GET", "/healthz")
     assert status == 200 and json.loads(body)["status"] == "alive"
