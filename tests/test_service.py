@@ -427,3 +427,38 @@ def test_config_and_cli_errors(tmp_path):
         ServiceConfig(request_timeout_s=float("nan"))
     assert main(["--max-candidates", "0"]) == 2
     assert main(["--model", str(tmp_path / "missing")]) == 2
+
+
+def test_every_option_is_declared_once_and_has_its_flag():
+    """ServiceConfig, RequestLimits and HttpLimits fields make obclip-serve's flags (runtime/options.py):
+    the defaults round-trip, every option field has a flag with its help, a flag sets its field."""
+    import dataclasses
+
+    from obclip.cloud.serve import build_parser, config_from_args
+    from obclip.cloud.service_config import HttpLimits
+    from obclip.runtime.options import flag_of, option_of
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args([])) == ServiceConfig()
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    for cls in (ServiceConfig, RequestLimits, HttpLimits):
+        for f in dataclasses.fields(cls):
+            opt = option_of(f)
+            if opt is None or not opt.cli:
+                continue
+            action = flags[flag_of(f)]
+            assert action.dest == f.name and action.help and opt.help in action.help
+    config = config_from_args(parser.parse_args(
+        ["--timeout", "9", "--no-warmup", "--max-candidates", "7", "--keep-alive", "2.5",
+         "--compile", "--compile-warmup", "paper-k5:2", "--backend", "torch"]))
+    assert (config.request_timeout_s, config.warmup, config.limits.max_candidates, config.http.keep_alive_s,
+            config.compile_warmup) == (9.0, False, 7, 2.5, ("paper-k5:2",))
+
+
+@pytest.mark.parametrize("cls, field", [(ServiceConfig, "queue_size"), (ServiceConfig, "retry_after_s"),
+                                        (RequestLimits, "max_steps"), (ServiceConfig, "batch_window_ms")])
+def test_one_validator_refuses_a_bool_where_a_number_belongs(cls, field):
+    from obclip.runtime.errors import InputError
+
+    with pytest.raises(InputError, match=f"{field} must be"):
+        cls(**{field: True})

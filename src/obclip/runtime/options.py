@@ -198,8 +198,8 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
             kwargs["type"] = base
         if opt.choices is not None:
             kwargs["choices"] = list(opt.choices)
-        if opt.metavar is not None:
-            kwargs["metavar"] = opt.metavar
+        if opt.choices is None:   # named after the flag, not the field (--timeout SECONDS, not REQUEST_TIMEOUT_S)
+            kwargs["metavar"] = opt.metavar or flag.lstrip("-").replace("-", "_").upper()
         parser.add_argument(flag, help=opt.help + shown, **kwargs)
 
 
