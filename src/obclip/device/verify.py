@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from obclip.runtime.errors import InputError, UntrustedAnswerError
+from obclip.runtime.options import check_fields, option
 from obclip.runtime.protocol import Handoff
 from obclip.runtime.solver import Schedule
 
@@ -90,11 +91,14 @@ class VerificationError(UntrustedAnswerError):
 class VerifyConfig:
     """Bounds of the statistics envelope (see the module docstring for how they follow)."""
 
-    x0_rms_max: float = 3.0   # per-element rms of a clean latent x0 at guidance <= reference_guidance, generous
-    margin: float = 1.5       # slack on top of the expected spread
-    reference_guidance: float = 7.5  # above it the x0 bound grows in proportion to the guidance scale
-    eps_error_max: float = 0.10      # rms error of the noise estimate, per unit of guidance (at least 1)
-    peak: float = 12.0        # largest |value| allowed, in units of the rms bound
+    x0_rms_max: float = option(3.0, "per-element rms of a clean latent x0 at guidance <= reference_guidance, "
+                               "generous", gt=0)
+    margin: float = option(1.5, "slack on top of the expected spread", gt=0)
+    reference_guidance: float = option(7.5, "above it the x0 bound grows in proportion to the guidance scale",
+                                       gt=0)
+    eps_error_max: float = option(0.10, "rms error of the noise estimate, per unit of guidance (at least 1)",
+                                  gt=0)
+    peak: float = option(12.0, "largest |value| allowed, in units of the rms bound", gt=0)
     # The envelope assumes a trained model (latents at unit variance). A model with random
     # weights (the test suite's) predicts noise badly, so its trajectories leave the envelope;
     # for it only the finiteness check applies. Decided from the device's own files, never
@@ -102,10 +106,7 @@ class VerifyConfig:
     statistics: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("x0_rms_max", "margin", "peak", "reference_guidance", "eps_error_max"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise InputError(f"VerifyConfig.{name} must be a positive number, got {value!r}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
