@@ -93,9 +93,9 @@ def resolution_lines(res: dict) -> list[str]:
     ]
 
 
-def markdown(summary: dict, meta: dict) -> str:
-    lines = header_lines(meta) + ["",
-             "| method | k | accel | colour % [95% CI] | shape % [95% CI] | both % [95% CI] | Δ both vs ref "
+def quality_table(summary: dict) -> list[str]:
+    """The quality table's lines: one row per method (accuracy with Wilson 95%, Δ vs its reference)."""
+    lines = ["| method | k | accel | colour % [95% CI] | shape % [95% CI] | both % [95% CI] | Δ both vs ref "
              "[95% CI] | MMD² | seconds/image |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
@@ -107,6 +107,11 @@ def markdown(summary: dict, meta: dict) -> str:
         lines.append(f"| {r['label']} | {k} | {r['accel']} | {_ci_pct(a, ci, 'colour')} | "
                      f"{_ci_pct(a, ci, 'shape')} | {_ci_pct(a, ci, 'both')} | {diff} | "
                      f"{_num(r['mmd2'], '.4f')} | {_num(r['seconds_per_image'], '.2f')} |")
+    return lines
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = header_lines(meta) + [""] + quality_table(summary)
     if summary.get("resolution"):
         lines += [""] + resolution_lines(summary["resolution"])
     if summary["pivot_split"]:
@@ -226,6 +231,34 @@ def write_outputs(out: Path, summary: dict, meta: dict, records: list[dict], cap
     return paths
 
 
+def sweep_table(result: dict) -> list[str]:
+    """The sweep table's lines: one row per configuration, cheapest first, the Pareto front marked."""
+    rows = sorted(result["configs"], key=lambda r: (r["paper_tmacs"], -r["non_pivot"]["accuracy"]))
+    exact = next(r for r in result["configs"] if r["exact"])
+    lines = [
+        "| configuration | r | s | T MACs | × exact | pivot both % [95%] | non-pivot both % [95%] | "
+        "Δ non-pivot vs exact [95%] | loss ≤ | MMD² renders | MMD² vs exact | s/request | front |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f}"
+
+    for r in rows:
+        acc = r["acceleration"] or {}
+        name = r["name"] + (" (paper preset)" if r.get("paper_preset") else "") + (
+            f" (= {', '.join(r['aliases'])})" if r["aliases"] else "")
+        p, o, d = r["pivot"], r["non_pivot"], r["vs_exact_non_pivot"]
+        lines.append(
+            f"| {name} | {acc.get('cache_step', '-')} | {acc.get('skip_step', '-')} | {r['paper_tmacs']:.2f} | "
+            f"{r['paper_tmacs'] / exact['paper_tmacs']:.3f} | {pct(p['accuracy'])} [{pct(p['ci'][0])}, "
+            f"{pct(p['ci'][1])}] | {pct(o['accuracy'])} [{pct(o['ci'][0])}, {pct(o['ci'][1])}] | "
+            f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] | {pct(d['loss_upper95'])} | "
+            f"{_num(r['mmd2_renders'], '.4f')} | {_num(r['mmd2_vs_exact'], '.4f')} | "
+            f"{r['seconds_per_request']:.2f} | {'●' if r['pareto'] else ''} |")
+    return lines
+
+
 def sweep_markdown(result: dict, meta: dict) -> str:
     k, cost = result["k"], result["cost"]
     rows = sorted(result["configs"], key=lambda r: (r["paper_tmacs"], -r["non_pivot"]["accuracy"]))
@@ -257,26 +290,8 @@ def sweep_markdown(result: dict, meta: dict) -> str:
         "vs exact: all candidate images against the exact run's (same prompts, seeds, candidates)",
         "- front: Pareto front, maximising non-pivot accuracy and minimising T MACs",
         "",
-        "| configuration | r | s | T MACs | × exact | pivot both % [95%] | non-pivot both % [95%] | "
-        "Δ non-pivot vs exact [95%] | loss ≤ | MMD² renders | MMD² vs exact | s/request | front |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
-
-    def pct(v: float) -> str:
-        return f"{100 * v:.1f}"
-
-    for r in rows:
-        acc = r["acceleration"] or {}
-        name = r["name"] + (" (paper preset)" if r.get("paper_preset") else "") + (
-            f" (= {', '.join(r['aliases'])})" if r["aliases"] else "")
-        p, o, d = r["pivot"], r["non_pivot"], r["vs_exact_non_pivot"]
-        lines.append(
-            f"| {name} | {acc.get('cache_step', '-')} | {acc.get('skip_step', '-')} | {r['paper_tmacs']:.2f} | "
-            f"{r['paper_tmacs'] / exact['paper_tmacs']:.3f} | {pct(p['accuracy'])} [{pct(p['ci'][0])}, "
-            f"{pct(p['ci'][1])}] | {pct(o['accuracy'])} [{pct(o['ci'][0])}, {pct(o['ci'][1])}] | "
-            f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] | {pct(d['loss_upper95'])} | "
-            f"{_num(r['mmd2_renders'], '.4f')} | {_num(r['mmd2_vs_exact'], '.4f')} | "
-            f"{r['seconds_per_request']:.2f} | {'●' if r['pareto'] else ''} |")
+    lines += sweep_table(result)
     widths = [r["vs_exact_non_pivot"]["hi"] - r["vs_exact_non_pivot"]["lo"] for r in rows if not r["exact"]]
     if n_prompts < FEW_PROMPTS:
         lines += ["", f"> With {n_prompts} prompts the bootstrap intervals are too narrow to mean anything: a "
