@@ -7,7 +7,14 @@ import pytest
 
 from obclip.cloud.steps import CloudStepRunner
 from obclip.device.pipeline import GenerationConfig
-from obclip.runtime.protocol import HandoffError, LimitExceeded, ProtocolError, RequestLimits, StepsRequest, decode_handoff
+from obclip.runtime.protocol import (
+    HandoffError,
+    LimitExceeded,
+    ProtocolError,
+    RequestLimits,
+    StepsRequest,
+    decode_handoff,
+)
 
 CANDIDATES = ("a photo of a man", "a photo of a woman", "a photo of a boy")
 
