@@ -418,6 +418,19 @@ def test_load_failure_is_reported_on_readyz(tmp_path):
     service.close()
 
 
+@pytest.mark.parametrize("error, code", [("artifact", 5), ("bug", 1)])
+def test_serve_exits_by_the_kind_of_a_load_failure(tmp_path, monkeypatch, error, code):
+    """A model that cannot be loaded stops obclip-serve with its kind's exit code; a bug exits 1."""
+    from obclip.cloud.serve import main
+    from obclip.runtime.errors import ArtifactError
+
+    def fail(self):
+        raise ArtifactError("the model folder is corrupt") if error == "artifact" else RuntimeError("a bug")
+
+    monkeypatch.setattr(Service, "_load_model", fail)
+    assert main(["--model", str(tmp_path), "--host", "127.0.0.1", "--port", "0", "--no-warmup"]) == code
+
+
 def test_config_and_cli_errors(tmp_path):
     from obclip.cloud.serve import main
 

@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     server.run(sockets=None if args.fd is None else [socket.socket(fileno=args.fd)])
     if failed:
         print(f"error: could not load the model: {service.load_error}", file=sys.stderr)
-        return 1
+        # By its kind (a missing or corrupt model is an obclip error); anything else is a bug.
+        return failed[0].exit_code if isinstance(failed[0], ObclipError) else 1
     return 0
 
 
