@@ -72,17 +72,11 @@ class Hyper:
     """Everything that decides the trained weights. Step budgets are at
     --budget-scale 1; the scale multiplies them and nothing else.
 
-    v1 budgets came from `--measure` on 2 cores (AMD EPYC, torch 2.13):
-    text-unet 1.50-1.57 s/step, distil 1.19-1.35, vae 0.24-0.26; encoding
-    11-12 ms/image; an evaluation 15-17 s (text-unet), 22-24 s (distil). On
-    a quiet machine the whole text-unet step is ~0.9 s (UNet forward and
-    backward ~90% of it, `python -m mini.bench_step`); the rest of those
-    1.5 s, and far more on cores shared with other jobs, was OpenMP threads
-    spinning at barriers (now passive, see the top of this file).
-
-    v2 (issue 14): v1's 2200 text-unet steps left the cloud model at 38%
-    joint accuracy with shape accuracy still rising, so 8000 steps with the
-    same recipe (warm-up + cosine, Min-SNR, EMA); evaluations every 500.
+    The budgets come from `--measure` (the time per step of each stage and of an
+    evaluation) and `python -m mini.bench_step` (what a text-unet step spends its
+    time on); v2 trains the text-unet longer than v1 with the same recipe
+    (warm-up + cosine, Min-SNR, EMA), because v1's cloud model was still
+    improving when it stopped. The measurements: docs/benchmarks.md, "Training".
     """
 
     seed: int = 0
