@@ -237,7 +237,7 @@ def _finish_all(pipeline, prepared, handoff: bytes, config, real_image: np.ndarr
     """Every candidate of one request finished on the device as if it were the real one.
 
     The others are finished in batches (DevicePipeline.finish_candidates: the same steps row for row,
-    ~5x faster than one at a time on CPU); the real one keeps the image generate() made."""
+    in fewer onnxruntime calls than one at a time); the real one keeps the image generate() made."""
     cs = prepared.candidate_set
     others = [i for i in range(cs.n) if i != prepared.real_index]
     latents = [pipeline.finish_candidates(prepared, handoff, config, others[j:j + FINISH_BATCH])
