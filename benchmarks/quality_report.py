@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+from jsonout import strict_json
 from quality_stats import BOOTSTRAP_RESAMPLES, FEW_PROMPTS
 
 GRID_COLUMNS = 8
@@ -191,18 +192,6 @@ def save_grid(path: Path, records: list[dict], captions: list[str], attrs, rende
     grid.save(path, format="PNG")
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def per_prompt(records: list[dict], captions: list[str], attrs, seed: int) -> list[dict]:
     """What the analyser read for every (prompt, method): for the JSON."""
     from mini.analyser import analyse
@@ -226,7 +215,7 @@ def write_outputs(out: Path, summary: dict, meta: dict, records: list[dict], cap
     paths = {"markdown": out / "quality.md", "json": out / "quality.json", "grid": out / "quality_grid.png"}
     paths["markdown"].write_text(markdown(summary, meta))
     doc = {"meta": meta, **summary, "per_prompt": per_prompt(records, captions, attrs, meta["seed"])}
-    paths["json"].write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(strict_json(doc), indent=1, allow_nan=False) + "\n")
     save_grid(paths["grid"], records, captions, attrs, renders)
     return paths
 
@@ -372,7 +361,7 @@ def write_sweep(out: Path, result: dict, meta: dict, plot: bool = True) -> dict[
     paths = {"markdown": out / "sweep.md", "json": out / "sweep.json"}
     paths["markdown"].write_text(sweep_markdown(result, meta))
     doc = {"meta": meta, **result}
-    paths["json"].write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(strict_json(doc), indent=1, allow_nan=False) + "\n")
     if plot and plot_sweep(result, out / "sweep.png"):
         paths["plot"] = out / "sweep.png"
     return paths

@@ -145,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         print(render(args.show), end="")
         return 0
-    stale = []
+    stale, tables = [], 0
     for page in sorted(args.docs.glob("*.md")):
         text = page.read_text()
+        tables += len(MARKER.findall(text))
         new = rewrite(text)
         if new != text:
             stale.append(page)
@@ -157,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         print("tables out of date with their JSON: " + ", ".join(str(p) for p in stale)
               + "; run python benchmarks/report.py", file=sys.stderr)
         return 1
-    print(("checked " if args.check else "rewrote ") + (", ".join(p.name for p in stale) or "nothing: up to date"))
+    if args.check or not stale:
+        print(f"{tables} marked table(s) in {args.docs}: up to date with their JSON")
+    else:
+        print("rewrote " + ", ".join(p.name for p in stale))
     return 0
 
 

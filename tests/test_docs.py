@@ -120,3 +120,20 @@ def test_benchmark_tables_are_what_their_json_says():
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     for name in ("flops-presets", "flops-rows", "quality", "sweep"):
         assert f"<!-- report:{name} -->" in text, name
+
+
+def test_report_check_fails_on_a_table_edited_by_hand_and_the_rewrite_restores_it(tmp_path):
+    from _bench import load_benchmark
+
+    report = load_benchmark("report")
+    page = ROOT / "docs" / "benchmarks.md"
+    text = page.read_text()
+    start = text.index("<!-- report:flops-rows -->")
+    row = text.index("| ObCLIP, no acceleration |", start)
+    edited = text[:row] + text[row:].replace("14.80", "13.80", 1)   # a measurement retyped by hand
+    assert edited != text
+    (tmp_path / "benchmarks.md").write_text(edited)
+    assert report.main(["--check", "--docs", str(tmp_path)]) == 1
+    assert report.main(["--docs", str(tmp_path)]) == 0
+    assert (tmp_path / "benchmarks.md").read_text() == text
+    assert report.main(["--check", "--docs", str(tmp_path)]) == 0
