@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from jsonout import strict_json  # benchmarks/ (a script's own folder is on sys.path)
 
 from obclip.runtime.plan import PRESETS, AccelerationConfig, SkipVariant, StepMode, make_plan, preset
 
@@ -263,17 +264,6 @@ def print_table(rows: list[dict], result: dict, per_candidate: bool) -> None:
                 print(f"{st['preset']:<10} {st['setting']:<17} N={n}: " + "  ".join(cells))
 
 
-def _jsonable(obj):
-    """Strict JSON: an infinite PSNR (identical images) becomes null."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def _engines_dir(args) -> str:
     from obclip.export.build_engines import build_device_engines, ensure_default_engines
 
@@ -336,7 +326,7 @@ def main(argv=None) -> int:
             "seed": args.seed, "threads": args.threads, "elapsed_s": elapsed}
     if args.json:
         meta["psnr_null_means"] = "identical images (infinite PSNR)"
-        print(json.dumps(_jsonable({"meta": meta, "summary": rows, **result}), indent=1, allow_nan=False))
+        print(json.dumps(strict_json({"meta": meta, "summary": rows, **result}), indent=1, allow_nan=False))
         return 0
     print(f"# fidelity of the server-side accelerations vs exact ObCLIP (no acceleration), T={args.steps}, "
           f"guidance {args.guidance}, seeds {args.seed}..{args.seed + len(args.prompts) - 1}")

@@ -55,7 +55,8 @@ def percentile(values: list[float], q: float) -> float:
 def start_service(config):
     import uvicorn
 
-    from obclip.cloud.service import Service, create_app
+    from obclip.cloud.http_app import create_app
+    from obclip.cloud.service import Service
 
     service = Service(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -81,7 +82,7 @@ def make_bodies(args) -> list[bytes]:
 
 
 def run_load(args, window_ms: float, bodies: list[bytes]) -> dict:
-    from obclip.cloud.service import ServiceConfig
+    from obclip.cloud.service_config import ServiceConfig
     from obclip.device.client import ClientConfig, ServiceClient
 
     config = ServiceConfig(model=args.model, batch_window_ms=window_ms, queue_size=max(8, 2 * args.clients),

@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -45,11 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# libgomp's threads spin for a while at every barrier before sleeping. On 2
+# libgomp's threads spin for a while at every barrier before sleeping. On
 # cores shared with other jobs a spinning thread takes the core the other
-# thread needs: measured with mini.bench_step (nice 10, load average 5-7), the
-# whole text-unet step took a median 11.2 s with the default, 3.8 s passive
-# (and 2.7 s on one thread, no barriers at all; ~0.9 s on a quiet machine).
+# thread needs (measured with mini.bench_step: docs/benchmarks.md, "Training").
 # Passive waiting must be chosen before torch loads libgomp;
 # MINI_OMP_DEFAULTS=1 keeps libgomp's default (for that comparison).
 if "OMP_WAIT_POLICY" not in os.environ and not os.environ.get("MINI_OMP_DEFAULTS"):
@@ -58,6 +55,8 @@ if "OMP_WAIT_POLICY" not in os.environ and not os.environ.get("MINI_OMP_DEFAULTS
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from mini.card import last_record, model_card  # noqa: E402
 
 STAGES = ("vae", "text-unet", "distil", "package")
 CLOUD_SPEC, DEVICE_SPEC = "mini", "mini-small"
@@ -73,17 +72,11 @@ class Hyper:
     """Everything that decides the trained weights. Step budgets are at
     --budget-scale 1; the scale multiplies them and nothing else.
 
-    v1 budgets came from `--measure` on 2 cores (AMD EPYC, torch 2.13):
-    text-unet 1.50-1.57 s/step, distil 1.19-1.35, vae 0.24-0.26; encoding
-    11-12 ms/image; an evaluation 15-17 s (text-unet), 22-24 s (distil). On
-    a quiet machine the whole text-unet step is ~0.9 s (UNet forward and
-    backward ~90% of it, `python -m mini.bench_step`); the rest of those
-    1.5 s, and far more on cores shared with other jobs, was OpenMP threads
-    spinning at barriers (now passive, see the top of this file).
-
-    v2 (issue 14): v1's 2200 text-unet steps left the cloud model at 38%
-    joint accuracy with shape accuracy still rising, so 8000 steps with the
-    same recipe (warm-up + cosine, Min-SNR, EMA); evaluations every 500.
+    The budgets come from `--measure` (the time per step of each stage and of an
+    evaluation) and `python -m mini.bench_step` (what a text-unet step spends its
+    time on); v2 trains the text-unet longer than v1 with the same recipe
+    (warm-up + cosine, Min-SNR, EMA), because v1's cloud model was still
+    improving when it stopped. The measurements: docs/benchmarks.md, "Training".
     """
 
     seed: int = 0
@@ -117,7 +110,7 @@ class Hyper:
     kd_feat_weight: float = 1.0
 
     # evaluation: held-out prompts, DPM-Solver++ with guidance as the runtime does it
-    eval_every: int = 500         # an eval is ~20 s on a quiet machine: a few % of the steps between evals
+    eval_every: int = 500         # steps between evals; an eval costs a small share of them
     eval_prompts: int = 36
     final_eval_prompts: int = 120
     sample_steps: int = 25
@@ -564,8 +557,7 @@ class TextUnetTrainer:
 
 
 def _adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # fused: one kernel over all tensors instead of ~10 small ops per tensor;
-    # 14 ms instead of 40 ms per step for text encoder + cloud UNet on 2 threads.
+    # fused: one kernel over all tensors instead of ~10 small ops per tensor (mini.bench_step times it).
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
@@ -782,7 +774,7 @@ def write_model_dir(out: Path, text, unet, vae, spec: str, hp: Hyper, provenance
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     text, vae = copy.deepcopy(text), copy.deepcopy(vae)
-    if hp.fp16_text_embedding:  # 97% of the text encoder's bytes; the tokens in use are few
+    if hp.fp16_text_embedding:  # most of the text encoder's bytes; the tokens in use are few
         text.embeddings.token_embedding.half()
     if hp.fp16_vae:
         vae.half()
@@ -899,15 +891,8 @@ def stage_package(run: Run) -> None:
 
 
 # --------------------------------------------------------------------------
-# Model card: every number from the log or the files
+# Final intervals (the model card itself is mini/card.py, from mini/model_card.md)
 # --------------------------------------------------------------------------
-
-
-def _last(records: list[dict], **match) -> dict:
-    hits = [r for r in records if all(r.get(k) == v for k, v in match.items())]
-    if not hits:
-        raise RuntimeError(f"log has no record {match}; was the stage run in this --work folder?")
-    return hits[-1]
 
 
 def _final_intervals(runs: dict[str, np.ndarray], attrs, captions: list[str], hybrid: str) -> dict:
@@ -924,161 +909,6 @@ def _final_intervals(runs: dict[str, np.ndarray], attrs, captions: list[str], hy
         out[f"both_{name}_minus_cloud"] = {"diff": round(d.diff, 4), "ci95": [round(d.lo, 4), round(d.hi, 4)],
                                            "resamples": d.resamples}
     return out
-
-
-def _fmt_acc(a: dict) -> str:
-    # background is scored only on prompts that name one: absent when none did.
-    return " | ".join(f"{100 * a[k]:.1f}%" if k in a else "-" for k in ("colour", "shape", "both", "background"))
-
-
-def model_card(run: Run, pkg: dict) -> str:
-    import diffusers
-    import transformers
-
-    log = run.read_log()
-    hp = run.hp
-    vae, tu, di = (_last(log, event="done", stage=s) for s in ("vae", "text-unet", "distil"))
-
-    def final_loss(stage: str, key: str = "loss") -> str:
-        recs = [r for r in log if r.get("event") == "train" and r["stage"] == stage]
-        return f"{recs[-1][key]:.4f}" if recs else "n/a"
-
-    def resumes(stage: str) -> int:
-        return sum(1 for r in log if r.get("event") == "resume" and r["stage"] == stage)
-
-    lines = [
-        "# ObCLIP-Mini",
-        "",
-        "A small cloud/device text-to-image pair trained from scratch by `mini/train.py` on the synthetic",
-        "shapes data (`mini/shapes.py`): one coloured circle, square or triangle on a white or black background,",
-        "64x64 RGB. `cloud/` has SD-v1.4's UNet block structure at small width (`UNET_CONFIGS[\"mini\"]`);",
-        "`device/` is its BK-SDM-Small-style student (`UNET_CONFIGS[\"mini-small\"]`: one res+attention pair",
-        "fewer per stage, no mid block), distilled from it. Both share the text encoder",
-        "(`TEXT_CONFIGS[\"mini\"]`, real CLIP BPE tokenizer) and the VAE (`VAE_CONFIGS[\"mini\"]`, 4x16x16 latents).",
-        "This file is generated from the training log; no number in it is typed in.",
-        "",
-        "## Data",
-        "",
-        f"- training set: `make_dataset({hp.n_train}, seed={hp.seed}, split=\"train\")`, encoded once by the VAE; "
-        f"{vae['unique_captions']} distinct captions",
-        f"- evaluation: held-out split (attribute combinations never in training), "
-        f"`make_dataset(n, seed={hp.seed}, split=\"heldout\")`",
-        "",
-        "## Files",
-        "",
-        "| dir | component | parameters | bytes | stored dtypes (parameters) |",
-        "| --- | --- | ---: | ---: | --- |",
-    ]
-    for role, table in pkg["components"].items():
-        for sub, e in table.items():
-            dt = ", ".join(f"{k}: {v:,}" for k, v in e.get("dtypes", {}).items()) or "-"
-            lines.append(f"| {role} | {sub} | {e.get('params', 0):,} | {e['bytes']:,} | {dt} |")
-    lines += [
-        "",
-        f"Totals: cloud {pkg['bytes']['cloud']:,} bytes, device {pkg['bytes']['device']:,} bytes, "
-        f"together {pkg['total_mb']:.2f} MB (limit {hp.max_package_mb:g} MB). fp16 tensors load back as fp32 "
-        "(`load_text_to_latent`, diffusers' default); the text encoder's config says float32 so transformers' "
-        "default load does the same.",
-        "",
-        "## Training",
-        "",
-        f"Budget scale {run.scale:g}; {run.threads} CPU threads on `{run.device}`; "
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}; "
-        f"{platform.machine()} {platform.processor() or ''}".rstrip() + ".",
-        "",
-        "| stage | steps | batch | wall time | final training loss | resumed |",
-        "| --- | ---: | ---: | ---: | --- | ---: |",
-        f"| vae | {vae['steps']} | {hp.vae_batch} ({hp.vae_crop}x{hp.vae_crop} crops) | "
-        f"{vae['seconds'] / 60:.1f} min (+{vae['encode_seconds'] / 60:.1f} min encoding) | {final_loss('vae')} | "
-        f"{resumes('vae')} |",
-        f"| text-unet | {tu['steps']} | {tu['batch']} | {tu['seconds'] / 60:.1f} min | {final_loss('text-unet')} | "
-        f"{resumes('text-unet')} |",
-        f"| distil | {di['steps']} | {di['batch']} | {di['seconds'] / 60:.1f} min | {final_loss('distil')} "
-        f"(task {final_loss('distil', 'task')}) | {resumes('distil')} |",
-        "",
-        "Wall times include the periodic evaluations and count only the steps that survived into the final weights.",
-        "",
-        f"- VAE: L1 + L2 + {hp.vae_kl_weight:g} x KL, lr {hp.vae_lr:g}. The UNet trains on posterior means "
-        f"(mean posterior std {vae['posterior_std_mean']}); their measured std {vae['latent_std_raw']} "
-        f"-> `scaling_factor` {vae['scaling_factor']} (so the UNet's latents have std 1). Held-out reconstructions: "
-        f"PSNR {vae['heldout_recon_psnr']} dB; analyser colour/shape/both/background "
-        f"{_fmt_acc(vae['heldout_recon_accuracy'])}.",
-        f"- text-unet: text encoder {tu['text_params']:,} + cloud UNet {tu['unet_params']:,} parameters from scratch; "
-        f"SD-v1.4 noise schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon); AdamW lr {hp.lr:g}, "
-        f"weight decay {hp.weight_decay:g}, warm-up {hp.warmup_frac:g} then cosine to {hp.final_lr_frac:g}x; "
-        f"EMA {hp.ema_decay}; caption dropout {hp.caption_dropout:g}; offset noise {hp.offset_noise:g}; "
-        f"Min-SNR gamma {hp.min_snr_gamma:g}.",
-        f"- distil: device UNet {di['student_params']:,} parameters ({di['student_params'] / di['teacher_params']:.0%} "
-        f"of the teacher's {di['teacher_params']:,}); {di['init_copied']} of its {di['init_student_tensors']} tensors "
-        f"copied from the teacher (dropped: {', '.join(di['teacher_parts_dropped'])}); loss = task + "
-        f"{hp.kd_out_weight:g} x output-KD + {hp.kd_feat_weight:g} x feature-KD (outputs of every down and up "
-        f"stage); AdamW lr {hp.distil_lr:g}; text encoder frozen.",
-        "",
-        "## Evaluation",
-        "",
-        f"Held-out prompts, {hp.sample_steps}-step DPM-Solver++ (`DPMSolverMultistepScheduler`, the packaged "
-        f"scheduler config), guidance {hp.guidance:g}, scored by `mini.analyser`. Hybrid: cloud UNet for steps "
-        f"0..{hp.switch_step - 1}, device UNet after. MMD^2: `mini.analyser.mmd2` against the real renders of the "
-        f"same prompts (for real renders: a second real set, i.e. the noise floor).",
-        "",
-        f"Final, on the packaged dirs as loaded by `obclip.cloud.models.load_text_to_latent` "
-        f"({pkg['eval_prompts']} prompts, {pkg['eval_seconds']:.0f} s):",
-        "",
-        "| model | colour | shape | both | background | MMD^2 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, a in pkg["final_eval"].items():
-        lines.append(f"| {name} | {_fmt_acc(a)} | {a['mmd2']:.4f} |")
-    iv = pkg["intervals"]
-    n_bg = int(pkg["final_eval"]["cloud"].get("background_n", 0))
-    lines += [
-        "",
-        f"Background is scored only on the {n_bg} prompts that name one (the others leave it free). "
-        "Joint (colour and shape) accuracy with Wilson 95% intervals: "
-        + "; ".join(f"{name} {100 * pkg['final_eval'][name]['both']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
-                    for name, (lo, hi) in iv["both_wilson95"].items()) + ".",
-        "Differences on the same prompts (paired bootstrap over prompts, 95%): "
-        + "; ".join(f"{key[5:-12]} - cloud {100 * d['diff']:+.1f} points [{100 * d['ci95'][0]:+.1f}, "
-                    f"{100 * d['ci95'][1]:+.1f}]" for key, d in iv.items() if key.endswith("_minus_cloud")) + ".",
-    ]
-    pc = pkg["packaging_check"]
-    lines += [
-        "",
-        f"Packaging check: the cloud UNet with the in-memory fp32 weights scores {_fmt_acc(pc['cloud_fp32_weights'])} "
-        f"on the same prompts and noise; largest pixel difference from the packaged run "
-        f"{pc['max_abs_pixel_diff_vs_fp32']} (of 255).",
-        "",
-        f"During training ({hp.eval_prompts} prompts every {hp.eval_every} steps, EMA weights):",
-        "",
-        "| stage | step | model | colour | shape | both | background |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in log:
-        if r.get("event") == "eval":
-            for name, a in r.items():
-                if isinstance(a, dict):
-                    lines.append(f"| {r['stage']} | {r['step']} | {name} | {_fmt_acc(a)} |")
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        f"python -m mini.train --out OUT --work WORK --budget-scale {run.scale:g} --threads {run.threads}"
-        + "".join(f" --set {f.name}={getattr(hp, f.name)}" for f in dataclasses.fields(hp)
-                  if getattr(hp, f.name) != getattr(Hyper(), f.name)),
-        "```",
-        "",
-        "Seeds: every stage's draws come from `SeedSequence([seed, stage, step])`, so a resumed run draws the same "
-        "batches; results on another machine differ by floating-point rounding only.",
-        "",
-        "Hyper-parameters:",
-        "",
-        "```json",
-        json.dumps(dataclasses.asdict(hp), indent=1),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
@@ -1111,8 +941,8 @@ def measure(threads: int, device: str, sets: list[str], steps: int = 6) -> dict:
         return float(np.median(np.diff(secs)[1:]))  # the first step warms up allocators: left out
 
     ev = {r["stage"]: r["eval_seconds"] * hp.eval_prompts / prompts for r in log if r.get("event") == "eval"}
-    vae = _last(log, event="done", stage="vae")
-    pkg = _last(log, event="done", stage="package")
+    vae = last_record(log, event="done", stage="vae")
+    pkg = last_record(log, event="done", stage="package")
     rate = {s: per_step(s) for s in ("vae", "text-unet", "distil")}
     full = {
         "vae": hp.vae_steps * rate["vae"] + hp.n_train / n * vae["encode_seconds"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -68,12 +69,11 @@ def test_unbatchable_requests_are_refused_naming_the_field(cloud_runner):
     a, b, _ = _requests()
     for field, value in (("num_inference_steps", 12), ("switch_step", 4), ("height", 32), ("width", 32),
                          ("guidance_scale", 5.0), ("acceleration", preset("paper-k5"))):
-        other = StepsRequest(**{**b.__dict__, field: value})
+        other = replace(b, **{field: value})
         with pytest.raises(ValueError, match=f"their {field} differ"):
             cloud_runner.run_batch([a, other])
     # wire_dtype only changes the encoding: batchable
-    assert CloudStepRunner.batch_key(a) == CloudStepRunner.batch_key(StepsRequest(**{**a.__dict__,
-                                                                                    "wire_dtype": "float16"}))
+    assert CloudStepRunner.batch_key(a) == CloudStepRunner.batch_key(replace(a, wire_dtype="float16"))
     with pytest.raises(ValueError, match="at least one"):
         cloud_runner.run_batch([])
 
@@ -118,7 +118,8 @@ def test_caches_stay_per_request(cloud_model):
 uvicorn = pytest.importorskip("uvicorn")
 from test_service import Running, serve_in_thread  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from obclip.cloud.service import Service, ServiceConfig  # noqa: E402
+from obclip.cloud.service import Service  # noqa: E402
+from obclip.cloud.service_config import ServiceConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def batching(model_dirs):
     service = Service(ServiceConfig(model=str(model_dirs[0]), queue_size=8, request_timeout_s=30.0,
                                     batch_window_ms=400))
     batches = []
-    service.on_batch = lambda requests: batches.append([r.to_bytes() for r in requests])
+    service.worker.on_batch = lambda requests: batches.append([r.to_bytes() for r in requests])
     server, thread, port = serve_in_thread(service)
     r = Running(service, port)
     deadline = time.monotonic() + 60
@@ -210,7 +211,6 @@ def test_different_options_are_not_batched_together(batching):
 
 
 def test_a_timed_out_request_does_not_break_its_batch(batching, monkeypatch):
-    from dataclasses import replace
 
     running, batches = batching
     service = running.service
@@ -247,7 +247,7 @@ def test_a_timed_out_request_does_not_break_its_batch(batching, monkeypatch):
 def test_window_zero_runs_one_at_a_time(model_dirs):
     service = Service(ServiceConfig(model=str(model_dirs[0]), batch_window_ms=0, warmup=False))
     batches = []
-    service.on_batch = lambda requests: batches.append(len(requests))
+    service.worker.on_batch = lambda requests: batches.append(len(requests))
     server, thread, port = serve_in_thread(service)
     r = Running(service, port)
     try:

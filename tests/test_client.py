@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import obclip
+
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -31,7 +33,9 @@ from obclip.device.client import (  # noqa: E402
     generate_image,
 )
 from obclip.device.pipeline import GenerationConfig  # noqa: E402
-from obclip.runtime.protocol import ProtocolError, StepsRequest, encode_handoff  # noqa: E402
+from obclip.device.verify import VerificationError  # noqa: E402
+from obclip.runtime.errors import ArtifactError, InputError, ServiceError, UntrustedAnswerError  # noqa: E402
+from obclip.runtime.protocol import HandoffError, ProtocolError, StepsRequest, encode_handoff  # noqa: E402
 
 PROMPT = "a photo of an old woman"
 
@@ -39,7 +43,9 @@ PROMPT = "a photo of an old woman"
 # -- helpers: a real service, and raw socket servers ----------------------------------------------
 @pytest.fixture(scope="module")
 def service_url(model_dirs):
-    from obclip.cloud.service import Service, ServiceConfig, create_app
+    from obclip.cloud.http_app import create_app
+    from obclip.cloud.service import Service
+    from obclip.cloud.service_config import ServiceConfig
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -266,7 +272,7 @@ def test_cli_errors_are_clear(engines_dir, tmp_path, capsys):
     code = main([PROMPT, "--server", refused_url(), "--out", str(tmp_path / "x.png"),
                  "--engines", str(engines_dir), "--retries", "0", "--steps", "4", "-k", "2"])
     assert code == 3 and "could not connect" in capsys.readouterr().err
-    assert main([PROMPT, "--server", "http://x", "--engines", str(tmp_path / "none")]) == 2
+    assert main([PROMPT, "--server", "http://x", "--engines", str(tmp_path / "none")]) == ArtifactError.exit_code
     assert "no device engines" in capsys.readouterr().err
 
 
@@ -402,10 +408,12 @@ def test_truncated_response_is_detected():
         return http_response(200, data[: len(data) // 2], content_length=len(data))
 
     with RawServer(truncate) as server:
-        with pytest.raises(BadResponse, match="truncated") as info:
+        with pytest.raises(ServiceUnavailable, match="truncated") as info:
             client_for(server.url, retries=1)(steps_request().to_bytes())
         assert len(server.requests) == 2  # a dropped connection is retried once, then reported
-    assert info.value.code == "truncated" and isinstance(info.value, ProtocolError)
+    # a transport failure (retryable), not a verdict on the answer: none of its bytes was read as one
+    assert info.value.code == "truncated" and isinstance(info.value, ServiceError)
+    assert not isinstance(info.value, UntrustedAnswerError)
 
 
 def test_truncated_response_without_content_length():
@@ -453,6 +461,136 @@ def test_invalid_responses_are_refused(case):
             client_for(server.url, retries=0)(steps_request().to_bytes())
     code = {"content-type": "bad_content_type", "too-large": "response_too_large", "not-http": "bad_http"}
     assert info.value.code == code.get(case, "invalid_handoff")
+
+
+# -- errors by what the caller must do (runtime/errors.py) ----------------------------------------
+def handoff_for_device(request_bytes: bytes, pipeline, scale: float = 1.0) -> bytes:
+    """An answer the device accepts up to verification: its schedule, its latent shape; member 0 x scale."""
+    from obclip.runtime.solver import make_schedule
+
+    req = StepsRequest.from_bytes(request_bytes)
+    shape = pipeline.engines.latent_shape(req.height, req.width)
+    lat = np.random.default_rng(0).standard_normal((req.n, *shape)).astype(np.float32)
+    lat[0] *= scale
+    timesteps = make_schedule(pipeline.solver_config, req.num_inference_steps).timesteps
+    return encode_handoff(req, lat, np.zeros_like(lat), lower_order_nums=1, step_index=req.switch_step,
+                          timesteps=timesteps, cloud_model="fake")
+
+
+def app_retrying_service_errors(prompt, client, pipeline, config, attempts=3):
+    """What an app may write: retry the retryable kind, a few times."""
+    for attempt in range(attempts):
+        try:
+            return generate_image(prompt, client, pipeline, config)
+        except ServiceError:
+            if attempt == attempts - 1:
+                raise
+
+
+@pytest.mark.parametrize("poison", ["envelope", "garbage"])
+def test_an_apps_retry_of_service_errors_does_not_catch_an_untrusted_answer(engines_dir, poison):
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.device.pipeline import DevicePipeline
+    from obclip.device.verify import VerificationError, VerifyConfig
+
+    pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
+    pipeline.verify_config = VerifyConfig()   # the envelope, as for a trained model
+    config = GenerationConfig(num_inference_steps=4, switch_step=2, seed=1)
+
+    def respond(raw, i):
+        if poison == "garbage":
+            return http_response(200, b"\x00" * 64)
+        return http_response(200, handoff_for_device(body_of(raw), pipeline, scale=1e4))
+
+    with RawServer(respond) as server:
+        client = client_for(server.url, retries=3)
+        with pytest.raises(UntrustedAnswerError) as info:
+            app_retrying_service_errors(PROMPT, client, pipeline, config)
+        assert len(server.requests) == 1, "an untrusted answer was retried"
+    expected = VerificationError if poison == "envelope" else BadResponse
+    assert type(info.value) is expected
+    for kind in (ServiceError, InputError, ValueError):   # no handler for another kind catches it
+        assert not isinstance(info.value, kind), kind
+
+
+def test_an_honest_answer_passes_the_same_path(engines_dir):
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.device.pipeline import DevicePipeline
+
+    pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
+    with RawServer(lambda raw, i: http_response(200, handoff_for_device(body_of(raw), pipeline))) as server:
+        result = app_retrying_service_errors(PROMPT, client_for(server.url), pipeline,
+                                             GenerationConfig(num_inference_steps=4, switch_step=2, seed=1))
+    assert result.image.ndim == 3
+
+
+def test_each_kind_has_one_exit_code_and_one_http_status():
+    kinds = [InputError, ServiceError, UntrustedAnswerError, ArtifactError]
+    assert [k.exit_code for k in kinds] == [2, 3, 4, 5]
+    assert [k.http_status for k in kinds] == [422, 503, 502, 500]
+    assert [k.retryable for k in kinds] == [False, True, False, False]
+    # the client's classes, each under exactly one kind
+    for cls, kind in [(ServiceRejected, InputError), (ServiceUnavailable, ServiceError),
+                      (ServiceTimeout, ServiceError), (ServiceFailed, ServiceError),
+                      (BadResponse, UntrustedAnswerError), (ProtocolError, InputError),
+                      (HandoffError, UntrustedAnswerError)]:
+        assert [k for k in kinds if issubclass(cls, k)] == [kind], cls
+        assert cls.exit_code == kind.exit_code and cls.http_status == kind.http_status
+        assert getattr(obclip, cls.__name__) is cls   # exported
+
+
+def test_the_service_answers_each_kind_with_its_status():
+    from obclip.cloud.answers import ErrorAnswer
+    from obclip.runtime.protocol import LimitExceeded
+
+    cases = [(InputError("x"), 422, None), (ServiceError("x"), 503, "7"), (UntrustedAnswerError("x"), 502, None),
+             (ArtifactError("x"), 500, None), (RuntimeError("a bug"), 500, None),
+             (ProtocolError("not JSON", "malformed_json", 400), 400, None),
+             (LimitExceeded("body_too_large", "max_body_bytes", 1, 2, "the body", status=413), 413, None)]
+    for error, status, retry in cases:
+        answer = ErrorAnswer.of(error, retry_after_s=7)
+        assert answer.status == status and answer.headers.get("Retry-After") == retry, error
+    assert ErrorAnswer.of(RuntimeError("secret detail"), 7).message.startswith("the service failed")
+
+
+@pytest.mark.parametrize("error, code, first_line", [
+    (lambda: VerificationError("member rms too large"), 4, UntrustedAnswerError.summary),
+    (lambda: BadResponse("not a handoff", code="invalid_handoff"), 4, "the server's answer failed verification"),
+    (lambda: ServiceUnavailable("could not connect"), 3, "could not connect"),
+    (lambda: ServiceRejected("refused (422 too_many_candidates)"), 2, "refused"),
+    (lambda: ArtifactError("no device engines"), 5, "no device engines"),
+])
+def test_run_reported_exits_by_kind(error, code, first_line, capsys):
+    from obclip.device.cli import run_reported
+
+    def work():
+        raise error()
+
+    assert run_reported(work) == code
+    assert first_line in capsys.readouterr().err
+
+
+def test_run_reported_does_not_treat_every_value_error_as_input():
+    from obclip.device.cli import run_reported
+
+    def buggy():
+        raise ValueError("a bug, not the user's input")
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_reported(buggy)
+
+
+def test_cli_exits_4_on_an_untrusted_answer(engines_dir, tmp_path, capsys):
+    from obclip.device.generate import main
+
+    with RawServer(lambda raw, i: http_response(200, b"\x00" * 64)) as server:
+        code = main([PROMPT, "--server", server.url, "--engines", str(engines_dir), "--steps", "4", "-k", "2",
+                     "--out", str(tmp_path / "x.png")])
+        assert len(server.requests) == 1
+    err = capsys.readouterr().err
+    assert code == UntrustedAnswerError.exit_code == 4
+    assert "the server's answer failed verification; nothing was resent" in err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_client_config_is_validated():

@@ -7,7 +7,14 @@ import pytest
 
 from obclip.cloud.steps import CloudStepRunner
 from obclip.device.pipeline import GenerationConfig
-from obclip.runtime.protocol import LimitExceeded, ProtocolError, RequestLimits, StepsRequest, decode_handoff
+from obclip.runtime.protocol import (
+    HandoffError,
+    LimitExceeded,
+    ProtocolError,
+    RequestLimits,
+    StepsRequest,
+    decode_handoff,
+)
 
 CANDIDATES = ("a photo of a man", "a photo of a woman", "a photo of a boy")
 
@@ -51,7 +58,7 @@ def test_device_refuses_a_cloud_with_another_schedule(cloud_model, device_pipeli
     config = GenerationConfig(num_inference_steps=10, switch_step=3, seed=0)
     prepared = device_pipeline.prepare("a photo of a man", config)
     handoff = CloudStepRunner(other).handle(prepared.request_bytes)
-    with pytest.raises(ProtocolError, match="scheduler configs disagree"):
+    with pytest.raises(HandoffError, match="scheduler configs disagree"):
         device_pipeline.finish(prepared, handoff, config)
 
 

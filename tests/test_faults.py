@@ -17,7 +17,8 @@ pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
 from obclip.cloud.serve import uvicorn_config  # noqa: E402
-from obclip.cloud.service import HttpLimits, Service, ServiceConfig  # noqa: E402
+from obclip.cloud.service import Service  # noqa: E402
+from obclip.cloud.service_config import HttpLimits, ServiceConfig  # noqa: E402
 from obclip.runtime.protocol import RequestLimits, StepsRequest  # noqa: E402
 
 FRONT = HttpLimits(max_header_bytes=8192, max_headers=32, header_timeout_s=1.0, keep_alive_s=0.5,

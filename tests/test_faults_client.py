@@ -1,6 +1,7 @@
 """The device client against hostile servers (raw sockets on 127.0.0.1): every class of bad
-answer ends in the client's own named error (a ServiceError subclass, BadResponse for a
-malformed answer) within the call's one deadline, and a bad answer is never retried."""
+answer ends in the client's own named error (runtime/errors.py kinds: ServiceUnavailable,
+ServiceTimeout, ServiceFailed may be retried; ServiceRejected is the request's fault; BadResponse, an
+untrusted answer, fails closed) within the call's one deadline, and a bad answer is never retried."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from obclip.device.client import (
     BadResponse,
     ClientConfig,
     ServiceClient,
-    ServiceError,
     ServiceRejected,
     ServiceTimeout,
     ServiceUnavailable,
     response_cap,
 )
+from obclip.runtime.errors import ObclipError
 from obclip.runtime.protocol import StepsRequest, encode_handoff
 
 DEADLINE_S = 0.8
@@ -140,7 +141,7 @@ def call(server: Hostile, retries: int = 3, **kw):
     t0 = time.monotonic()
     try:
         client(REQUEST.to_bytes())
-    except ServiceError as e:
+    except ObclipError as e:   # the root: nothing else may escape a call
         return e, time.monotonic() - t0
     raise AssertionError("the hostile answer was accepted")
 
@@ -186,7 +187,7 @@ DEEP = b"[" * 30_000 + b"]" * 30_000   # under the 64 KiB error-body cap
     ("header line too long", b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000 + b"\r\n\r\n", BadResponse, "bad_http"),
     ("too many headers", b"HTTP/1.1 200 OK\r\n" + b"X: a\r\n" * 200 + b"\r\n", BadResponse, "bad_http"),
     ("bad chunk size", b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                       b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", BadResponse, "truncated"),
+                       b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", ServiceUnavailable, "truncated"),
     ("deep json error body", answer(400, DEEP, "application/json"), ServiceRejected, "http_400"),
     ("error body too large", answer(400, b"x" * 200_000, "text/plain"), BadResponse, "response_too_large"),
     ("wrong content type", answer(200, handoff(), "text/html"), BadResponse, "bad_content_type"),
@@ -195,7 +196,7 @@ DEEP = b"[" * 30_000 + b"]" * 30_000   # under the 64 KiB error-body cap
      BadResponse, "response_too_large"),
     ("body over the cap", b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
                           + b"\0" * (response_cap(REQUEST) + 10), BadResponse, "response_too_large"),
-    ("truncated", answer(200, handoff())[:-100], BadResponse, "truncated"),
+    ("truncated", answer(200, handoff())[:-100], ServiceUnavailable, "truncated"),
     ("garbage", answer(200, b"\x00" * 64), BadResponse, "invalid_handoff"),
     ("deep json handoff header", answer(200, with_raw_header(b"[" * 20_000 + b"]" * 20_000)),
      BadResponse, "invalid_handoff"),

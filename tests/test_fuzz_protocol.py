@@ -1,6 +1,7 @@
 """Fuzzing the two wire decoders (runtime/protocol.py) with hypothesis: whatever the bytes,
-``StepsRequest.from_bytes`` and ``decode_handoff`` either succeed or raise ProtocolError naming
-the defect; never another exception type (a 500 on the server, a traceback on the device)."""
+``StepsRequest.from_bytes`` and ``decode_handoff`` either succeed or raise ProtocolError (a request)
+or HandoffError (a handoff) naming the defect; never another exception type (a 500 on the server, a
+traceback on the device)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from obclip.runtime.protocol import ProtocolError, StepsRequest, decode_handoff, encode_handoff
+from obclip.runtime.protocol import HandoffError, ProtocolError, StepsRequest, decode_handoff, encode_handoff
 
 SHAPE = (4, 2, 2)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -97,7 +98,7 @@ HEADER = json.loads(HANDOFF[8:8 + HEADER_LEN])
 def _handoff_or_protocol_error(data: bytes) -> None:
     try:
         out = decode_handoff(data, REQUEST, SHAPE)
-    except ProtocolError as e:
+    except HandoffError as e:
         assert str(e)
         return
     assert out.latents.shape == (REQUEST.n, *SHAPE) and np.isfinite(out.latents).all()

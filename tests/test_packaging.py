@@ -86,3 +86,26 @@ def test_a_doubled_onnx_runtime_is_named_with_its_fix():
     assert doubled_runtime_message(["onnxruntime"]) is None
     # this environment (the CI's) has exactly one
     assert len(installed_runtimes()) == 1
+
+
+def test_every_error_class_is_exported_from_obclip():
+    """An app catches by kind (runtime/errors.py) and can name every obclip error from ``obclip``."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import obclip
+    from obclip.runtime.errors import ObclipError
+
+    skip = {"obclip.cloud.ray_serve"} if importlib.util.find_spec("ray") is None else set()
+    defined = {}
+    for info in pkgutil.walk_packages(obclip.__path__, "obclip."):
+        if info.name in skip:
+            continue
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, ObclipError) and cls.__module__ == info.name and not name.startswith("_"):
+                defined[name] = cls
+    assert {"VerificationError", "HandoffError", "BadResponse", "ServiceRejected"} <= set(defined)
+    for name, cls in defined.items():
+        assert getattr(obclip, name) is cls, name

@@ -6,6 +6,7 @@ import pytest
 
 from obclip.runtime.protocol import (
     HANDOFF_FORMAT,
+    HandoffError,
     ProtocolError,
     StepsRequest,
     canonical_json,
@@ -94,21 +95,21 @@ def test_handoff_fp16_halves_the_bytes():
 def test_handoff_rejects_corruption():
     r = make_request()
     lat, x0, data = make_handoff(r)
-    with pytest.raises(ProtocolError, match="truncated"):
+    with pytest.raises(HandoffError, match="truncated"):
         decode_handoff(data[:-10], r, SHAPE)
-    with pytest.raises(ProtocolError, match="too short"):
+    with pytest.raises(HandoffError, match="too short"):
         decode_handoff(data[:5], r, SHAPE)
-    with pytest.raises(ProtocolError, match="truncated"):
+    with pytest.raises(HandoffError, match="truncated"):
         decode_handoff(data[:40], r, SHAPE)
-    with pytest.raises(ProtocolError, match="different request"):
+    with pytest.raises(HandoffError, match="different request"):
         decode_handoff(data, make_request(seed=8), SHAPE)
-    with pytest.raises(ProtocolError, match="shape"):
+    with pytest.raises(HandoffError, match="shape"):
         decode_handoff(data, r, (4, 16, 16))
-    with pytest.raises(ProtocolError, match="schedule"):
+    with pytest.raises(HandoffError, match="schedule"):
         decode_handoff(data, r, SHAPE, expected_timesteps=list(range(25)))
     bad = lat.copy()
     bad[1, 0, 0, 0] = np.nan
-    with pytest.raises(ProtocolError, match="non-finite"):
+    with pytest.raises(HandoffError, match="non-finite"):
         decode_handoff(encode_handoff(r, bad, x0, lower_order_nums=2, step_index=10,
                                       timesteps=list(range(25)), cloud_model="x"), r, SHAPE)
 
@@ -129,17 +130,17 @@ def test_handoff_rejects_wrong_version_and_counts():
         return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
     assert decode_handoff(with_meta(), r, SHAPE).step_index == 10  # the rebuild itself is sound
-    with pytest.raises(ProtocolError, match="format"):
+    with pytest.raises(HandoffError, match="format"):
         decode_handoff(with_meta(format="obclip.handoff.v0"), r, SHAPE)
-    with pytest.raises(ProtocolError, match="n=3"):
+    with pytest.raises(HandoffError, match="n=3"):
         decode_handoff(with_meta(n="3"), r, SHAPE)
-    with pytest.raises(ProtocolError, match="lower_order_nums"):
+    with pytest.raises(HandoffError, match="lower_order_nums"):
         decode_handoff(with_meta(lower_order_nums="99"), r, SHAPE)
-    with pytest.raises(ProtocolError, match="prev_x0 dtype 'F16' != requested float32"):
+    with pytest.raises(HandoffError, match="prev_x0 dtype 'F16' != requested float32"):
         decode_handoff(with_meta(tensor_dtype="F16"), r, SHAPE)
-    with pytest.raises(ProtocolError, match="dtype 'float16', requested 'float32'"):
+    with pytest.raises(HandoffError, match="dtype 'float16', requested 'float32'"):
         decode_handoff(with_meta(dtype="float16"), r, SHAPE)
-    with pytest.raises(ProtocolError, match="not an integer"):
+    with pytest.raises(HandoffError, match="not an integer"):
         decode_handoff(with_meta(switch_step="ten"), r, SHAPE)
 
 

@@ -61,7 +61,7 @@ def _check_intervals(rows, records, attrs):
 
 def test_paired_reference_rows():
     specs = quality.default_methods(TINY)
-    ref = {m.key: quality.reference_key(m, specs) for m in specs}
+    ref = {m.key: quality.stats.reference_key(m, specs) for m in specs}
     assert ref["obclip-k2-paper"] == ref["obclip-k2-cache"] == "obclip-k2"
     assert ref["obclip-k2"] == ref["hybrid-k2"] == "cloud-only"
     assert ref["cloud-only"] is None and ref["device-only"] is None
@@ -82,13 +82,13 @@ def test_summary_pairs_against_the_reference():
     cloud = rec("cloud-only", list(renders))                       # all right
     exact = rec("obclip-k2", [renders[0], renders[1], renders[2], blank])  # 3 of 4
     again = rec("obclip-k2-paper", list(exact["images"]))          # identical to the exact run
-    summary = quality.summarize([cloud, exact, again], attrs, renders, renders)
+    summary = quality.stats.summarize([cloud, exact, again], attrs, renders, renders)
     rows = {r["key"]: r for r in summary["rows"]}
     assert rows["obclip-k2"]["accuracy"]["both"] == 0.75
     assert rows["obclip-k2"]["accuracy_ci"]["both"] == pytest.approx(list(wilson_interval(3, 4)))
     assert rows["obclip-k2"]["reference"] == "cloud-only"
     d = rows["obclip-k2"]["vs_reference"]
-    want = paired_bootstrap([1, 1, 1, 0], [1, 1, 1, 1], resamples=quality.BOOTSTRAP_RESAMPLES)
+    want = paired_bootstrap([1, 1, 1, 0], [1, 1, 1, 1], resamples=quality.stats.BOOTSTRAP_RESAMPLES)
     assert (d["diff"], d["lo"], d["hi"]) == pytest.approx((want.diff, want.lo, want.hi)) and d["diff"] == -0.25
     same = rows["obclip-k2-paper"]["vs_reference"]
     assert rows["obclip-k2-paper"]["reference"] == "obclip-k2" and same["diff"] == same["lo"] == same["hi"] == 0
@@ -118,7 +118,7 @@ def test_quality_loop_summary_and_files(cloud_runner, device_pipeline, tmp_path)
     again = quality.run_methods(cloud_runner.handle, device_pipeline, methods[:1], captions[:1], steps=4)
     assert np.array_equal(again[0]["images"][0], records[0]["images"][0])
 
-    summary = quality.summarize(records, attrs, renders, reference)
+    summary = quality.stats.summarize(records, attrs, renders, reference)
     rows = {r["key"]: r for r in summary["rows"]}
     assert list(rows) == ["real", "device-only", "hybrid-k2", "obclip-k2-paper"]
     assert rows["real"]["accuracy"]["both"] == 1.0  # the analyser reads the renders back
@@ -141,8 +141,8 @@ def test_quality_loop_summary_and_files(cloud_runner, device_pipeline, tmp_path)
     meta = {"cloud_model": "c", "device_model": "d", "engines": "e", "cloud_weights": "random",
             "device_weights": "random", "warning": "random weights", "T": 4, "guidance": 7.5, "prompts": 2,
             "seed": quality.SEED, "schema": "shapes", "n_candidates": 18, "threads": 1,
-            "machine": "test"}
-    paths = quality.write_outputs(tmp_path / "q", summary, meta, records, captions, attrs, renders)
+            "machine": "test", **quality.DATA_SOURCES}
+    paths = quality.report.write_outputs(tmp_path / "q", summary, meta, records, captions, attrs, renders)
     md = paths["markdown"].read_text()
     assert ("| method | k | accel | colour % [95% CI] | shape % [95% CI] | both % [95% CI] | Δ both vs ref "
             "[95% CI] | MMD² | seconds/image |") in md
@@ -239,7 +239,7 @@ def test_default_sweep_files():
 
 
 def test_pareto_front():
-    assert quality.pareto_front([(10, 0.5), (5, 0.5), (5, 0.4), (1, 0.1), (20, 0.9), (20, 0.8)]) == [
+    assert quality.stats.pareto_front([(10, 0.5), (5, 0.5), (5, 0.4), (1, 0.1), (20, 0.9), (20, 0.8)]) == [
         False, True, False, True, True, False]
 
 
@@ -285,14 +285,15 @@ def test_sweep_run_front_and_files(cloud_runner, device_pipeline, tmp_path):
         d = r["vs_exact_non_pivot"]
         assert d["diff"] == pytest.approx(r["non_pivot"]["accuracy"] - ex["non_pivot"]["accuracy"])
         assert d["lo"] <= d["diff"] <= d["hi"] and d["loss_upper95"] >= max(0.0, -d["diff"]) - 1e-12
-    front = quality.pareto_front([(r["paper_tmacs"], r["non_pivot"]["accuracy"]) for r in rows.values()])
+    front = quality.stats.pareto_front([(r["paper_tmacs"], r["non_pivot"]["accuracy"]) for r in rows.values()])
     assert [r["pareto"] for r in rows.values()] == front and any(front)
     assert rows["tiny"]["paper_tmacs"] < ex["paper_tmacs"]
 
     meta = {"cloud_model": "c", "device_model": "d", "cloud_weights": "random", "device_weights": "random",
-            "warning": "random weights", "T": 4, "guidance": 7.5, "seed": quality.SEED, "schema": "shapes"}
+            "warning": "random weights", "T": 4, "guidance": 7.5, "seed": quality.SEED, "schema": "shapes",
+            **quality.DATA_SOURCES}
     result["skipped"] = [{"name": "x", "reason": "because"}]
-    paths = quality.write_sweep(tmp_path / "s", result, meta)
+    paths = quality.report.write_sweep(tmp_path / "s", result, meta)
     assert {p.name for p in (tmp_path / "s").iterdir()} == {"sweep.md", "sweep.json", "sweep.png"}
     md = paths["markdown"].read_text()
     assert "WARNING" in md and "| configuration |" in md and md.count("●") == sum(front)

@@ -16,9 +16,10 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from obclip.cloud.ray_serve import APP_NAME, DEPLOYMENT_NAME, build_app  # noqa: E402
-from obclip.cloud.service import ServiceConfig  # noqa: E402
+from obclip.cloud.ray_serve import APP_NAME, DEPLOYMENT_NAME, RayOptions, build_app  # noqa: E402
+from obclip.cloud.service_config import ServiceConfig  # noqa: E402
 from obclip.device.client import ClientConfig, ServiceClient, ServiceRejected  # noqa: E402
+from obclip.runtime.errors import ServiceError  # noqa: E402
 from obclip.runtime.protocol import (
     RequestLimits,  # noqa: E402
     StepsRequest,  # noqa: E402
@@ -46,7 +47,7 @@ def ray_url(model_dirs):
         config = ServiceConfig(model=str(model_dirs[0]), device="cpu", limits=RequestLimits(max_candidates=MAX_N),
                                request_timeout_s=60.0, batch_window_ms=0)
         # Returns once the replica is built, i.e. once its model is loaded and warmed up.
-        serve.run(build_app(config, replicas=1, cpus_per_replica=1), name=APP_NAME, route_prefix=PREFIX)
+        serve.run(build_app(config, RayOptions(replicas=1, cpus_per_replica=1)), name=APP_NAME, route_prefix=PREFIX)
         yield f"http://127.0.0.1:{port}{PREFIX}"
     finally:
         try:
@@ -111,5 +112,5 @@ def test_check_health_fails_until_the_service_is_ready(model_dirs):
     from obclip.cloud.ray_serve import CloudReplica
 
     replica = CloudReplica(ServiceConfig(model=str(model_dirs[0])))  # not started: no model loaded
-    with pytest.raises(RuntimeError, match="not ready"):
+    with pytest.raises(ServiceError, match="not ready"):
         replica.check_health()

@@ -18,7 +18,10 @@ import pytest
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from obclip.cloud.service import Service, ServiceConfig, create_app, describe_request  # noqa: E402
+from obclip.cloud.answers import describe_request  # noqa: E402
+from obclip.cloud.http_app import create_app  # noqa: E402
+from obclip.cloud.service import Service  # noqa: E402
+from obclip.cloud.service_config import ServiceConfig  # noqa: E402
 from obclip.runtime.protocol import RequestLimits, StepsRequest, decode_handoff  # noqa: E402
 
 QUEUE = 2
@@ -96,6 +99,37 @@ def error_of(body: bytes) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+def test_a_request_is_parsed_hashed_and_planned_once(running, monkeypatch):
+    import obclip.runtime.protocol as protocol
+    from obclip.runtime.plan import StepPlan
+
+    counts = {"parse": 0, "sha256": 0, "plan": 0}
+    real_parse, real_plan, real_hashlib = StepsRequest.from_bytes.__func__, StepPlan.__init__, protocol.hashlib
+
+    def parse(cls, data):
+        counts["parse"] += 1
+        return real_parse(cls, data)
+
+    def plan(*args, **kw):
+        counts["plan"] += 1
+        return real_plan(*args, **kw)
+
+    class Hashlib:
+        @staticmethod
+        def sha256(data):
+            counts["sha256"] += 1
+            return real_hashlib.sha256(data)
+
+    body = request_bytes(seed=41)
+    monkeypatch.setattr(StepsRequest, "from_bytes", classmethod(parse))
+    monkeypatch.setattr(StepPlan, "__init__", plan)   # every plan, whoever builds it
+    monkeypatch.setattr(protocol, "hashlib", Hashlib)
+    status, _, data = running.post(body)
+    monkeypatch.undo()
+    assert status == 200, data[:300]
+    assert counts == {"parse": 1, "sha256": 1, "plan": 1}, counts
+
+
 def test_health_ready_metrics(running):
     status, _, body = running.http("GET", "/healthz")
     assert status == 200 and json.loads(body)["status"] == "alive"
@@ -263,7 +297,7 @@ def test_full_queue_is_503_with_retry_after(running, monkeypatch):
     gate = _gate_runner(monkeypatch, service)
     # one running (held at the gate) + QUEUE waiting
     threads, results = _in_threads(lambda: running.post(request_bytes()), 1 + QUEUE)
-    _wait_for(lambda: service._current is not None and service._waiting == QUEUE)
+    _wait_for(lambda: service.worker.running_batch is not None and service.worker.waiting == QUEUE)
     assert running.sample("obclip_queue_depth") == QUEUE
     status, headers, data = running.post(request_bytes())
     assert status == 503 and headers["retry-after"] == "1"
@@ -297,7 +331,7 @@ def test_timeout_is_504_and_the_work_is_cancelled(running, monkeypatch):
         # A is released after its deadline: it stops at its first UNet pass, none of its 6 steps runs
         gate.set()
         _wait_for(lambda: running.sample("obclip_jobs_cancelled_total", stage="running") == running0 + 1)
-        _wait_for(lambda: service._current is None)
+        _wait_for(lambda: service.worker.running_batch is None)
         assert passes == []
         assert running.sample("obclip_queue_depth") == 0
     finally:
@@ -353,7 +387,7 @@ def test_readyz_is_503_until_loaded_and_warmed(model_dirs):
     service = Service(ServiceConfig(model=str(model_dirs[0])))
     app = create_app(service=service)
     gate = threading.Event()
-    service._executor.submit(gate.wait, 30)  # hold the worker: the load queues behind it
+    service.worker.call(lambda: gate.wait(30))  # hold the worker: the load queues behind it
     try:
         loading = service.start()
         assert asgi(app, "GET", "/healthz")[0] == 200
@@ -384,6 +418,19 @@ def test_load_failure_is_reported_on_readyz(tmp_path):
     service.close()
 
 
+@pytest.mark.parametrize("error, code", [("artifact", 5), ("bug", 1)])
+def test_serve_exits_by_the_kind_of_a_load_failure(tmp_path, monkeypatch, error, code):
+    """A model that cannot be loaded stops obclip-serve with its kind's exit code; a bug exits 1."""
+    from obclip.cloud.serve import main
+    from obclip.runtime.errors import ArtifactError
+
+    def fail(self):
+        raise ArtifactError("the model folder is corrupt") if error == "artifact" else RuntimeError("a bug")
+
+    monkeypatch.setattr(Service, "_load_model", fail)
+    assert main(["--model", str(tmp_path), "--host", "127.0.0.1", "--port", "0", "--no-warmup"]) == code
+
+
 def test_config_and_cli_errors(tmp_path):
     from obclip.cloud.serve import main
 
@@ -393,3 +440,38 @@ def test_config_and_cli_errors(tmp_path):
         ServiceConfig(request_timeout_s=float("nan"))
     assert main(["--max-candidates", "0"]) == 2
     assert main(["--model", str(tmp_path / "missing")]) == 2
+
+
+def test_every_option_is_declared_once_and_has_its_flag():
+    """ServiceConfig, RequestLimits and HttpLimits fields make obclip-serve's flags (runtime/options.py):
+    the defaults round-trip, every option field has a flag with its help, a flag sets its field."""
+    import dataclasses
+
+    from obclip.cloud.serve import build_parser, config_from_args
+    from obclip.cloud.service_config import HttpLimits
+    from obclip.runtime.options import flag_of, option_of
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args([])) == ServiceConfig()
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    for cls in (ServiceConfig, RequestLimits, HttpLimits):
+        for f in dataclasses.fields(cls):
+            opt = option_of(f)
+            if opt is None or not opt.cli:
+                continue
+            action = flags[flag_of(f)]
+            assert action.dest == f.name and action.help and opt.help in action.help
+    config = config_from_args(parser.parse_args(
+        ["--timeout", "9", "--no-warmup", "--max-candidates", "7", "--keep-alive", "2.5",
+         "--compile", "--compile-warmup", "paper-k5:2", "--backend", "torch"]))
+    assert (config.request_timeout_s, config.warmup, config.limits.max_candidates, config.http.keep_alive_s,
+            config.compile_warmup) == (9.0, False, 7, 2.5, ("paper-k5:2",))
+
+
+@pytest.mark.parametrize("cls, field", [(ServiceConfig, "queue_size"), (ServiceConfig, "retry_after_s"),
+                                        (RequestLimits, "max_steps"), (ServiceConfig, "batch_window_ms")])
+def test_one_validator_refuses_a_bool_where_a_number_belongs(cls, field):
+    from obclip.runtime.errors import InputError
+
+    with pytest.raises(InputError, match=f"{field} must be"):
+        cls(**{field: True})

@@ -8,7 +8,8 @@ import pytest
 
 from obclip.device.pipeline import DevicePipeline, GenerationConfig
 from obclip.device.verify import VerificationError, VerifyConfig, config_for, envelope, verify_answer
-from obclip.runtime.protocol import Handoff, ProtocolError, StepsRequest, decode_handoff, encode_handoff
+from obclip.runtime.errors import UntrustedAnswerError
+from obclip.runtime.protocol import Handoff, StepsRequest, decode_handoff, encode_handoff
 from obclip.runtime.solver import SD14_SOLVER_CONFIG, make_schedule
 
 T, K, SIZE = 10, 4, 32
@@ -111,7 +112,7 @@ def test_poisoning_one_member_refuses_identically_whichever_is_real(pipeline, po
                 calls.append(body)
                 return answer(body, poison, target, as_handoff)
 
-            with pytest.raises(ProtocolError) as err:
+            with pytest.raises(UntrustedAnswerError) as err:   # HandoffError (bytes) or VerificationError
                 pipeline.generate(typed, cloud, CONFIG)
             assert len(calls) == 1, "never retried after a failed verification"
             errors.add((type(err.value), str(err.value)))

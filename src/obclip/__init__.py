@@ -29,15 +29,33 @@ _EXPORTS = {
     "EngineConfig": "obclip.device.engines",
     "ServiceClient": "obclip.device.client",
     "ClientConfig": "obclip.device.client",
-    "ServiceError": "obclip.device.client",
     "generate_image": "obclip.device.client",
     "ObliviousTransform": "obclip.device.oblivious",
     "TransformConfig": "obclip.device.oblivious",
-    "ObliviousError": "obclip.device.oblivious",
     "AccelerationConfig": "obclip.runtime.plan",
     "preset": "obclip.runtime.plan",
     "StepsRequest": "obclip.runtime.protocol",
-    "ProtocolError": "obclip.runtime.protocol",
+    # Errors, by what the caller must do (runtime/errors.py): catch the kind, not the module's class.
+    "ObclipError": "obclip.runtime.errors",
+    "InputError": "obclip.runtime.errors",             # fix the input and run again
+    "ServiceError": "obclip.runtime.errors",           # may be retried
+    "UntrustedAnswerError": "obclip.runtime.errors",   # never retry, never resend
+    "ArtifactError": "obclip.runtime.errors",          # rebuild the engines or export
+    "ProtocolError": "obclip.runtime.protocol",        # InputError: request bytes that are not a request
+    "LimitExceeded": "obclip.runtime.protocol",        # InputError: over one of the service's limits
+    "HandoffError": "obclip.runtime.protocol",         # UntrustedAnswerError: not a valid answer
+    "VerificationError": "obclip.device.verify",       # UntrustedAnswerError: failed the envelope
+    "ServiceRejected": "obclip.device.client",         # InputError: the service refused (4xx)
+    "ServiceUnavailable": "obclip.device.client",      # ServiceError
+    "ServiceTimeout": "obclip.device.client",          # ServiceError
+    "ServiceFailed": "obclip.device.client",           # ServiceError
+    "BadResponse": "obclip.device.client",             # UntrustedAnswerError
+    "ObliviousError": "obclip.device.oblivious",
+    "ManifestError": "obclip.runtime.manifest",
+    "LocalServiceError": "obclip.app.local",           # ServiceError
+    "Overloaded": "obclip.cloud.worker",               # ServiceError (server side: 503)
+    "ShuttingDown": "obclip.cloud.worker",             # ServiceError (server side: 503)
+    "NotReady": "obclip.cloud.service",                # ServiceError (server side: 503)
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -27,9 +27,9 @@ from obclip.device.cli import ProgressBar, add_generation_flags, generation_conf
 from obclip.device.client import ClientConfig, ServiceClient, generate_image
 from obclip.device.engines import DeviceEngines, EngineConfig
 from obclip.device.pipeline import DevicePipeline
-from obclip.runtime.manifest import ManifestError
+from obclip.runtime.errors import ArtifactError
 
-from .local import LocalService, LocalServiceConfig, LocalServiceError
+from .local import LocalService, LocalServiceConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engines is not None:
             engines_dir = args.engines
         elif args.cloud_model is not None:
-            raise ManifestError("with --cloud-model, export the matching device model first "
+            raise ArtifactError("with --cloud-model, export the matching device model first "
                                 "(python export/build_engines.py --device-model PATH) and pass --engines")
         else:
             from obclip.export.build_engines import ensure_default_engines
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         report_and_save(result, config, client, args.out)
         return 0
 
-    return run_reported(work, (LocalServiceError,))
+    return run_reported(work)   # LocalServiceError is a ServiceError: exit 3
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from obclip.device.client import ClientConfig, ServiceClient
+from obclip.runtime.errors import ServiceError
+from obclip.runtime.options import check_fields, option
 
 
-class LocalServiceError(RuntimeError):
+class LocalServiceError(ServiceError):
     """The child service did not come up; the message carries the tail of its log."""
 
 
@@ -35,13 +37,13 @@ class LocalServiceConfig:
     model: str | None = None          # cloud model dir or hub id; None: the embedded default
     serve_args: tuple[str, ...] = ()  # more `python -m obclip.cloud.serve` flags, e.g. ("--batch-window-ms", "0")
     log_level: str = "warning"
-    ready_timeout_s: float = 600.0    # loading + warm-up; a cold SD-v1.4 load can take minutes
-    stop_timeout_s: float = 30.0
+    ready_timeout_s: float = option(600.0, "seconds for loading + warm-up; a cold SD-v1.4 load can take minutes",
+                                    gt=0)
+    stop_timeout_s: float = option(30.0, "seconds for a graceful stop before the child is killed", gt=0)
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. {"OMP_NUM_THREADS": "1"}
 
     def __post_init__(self) -> None:
-        if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
-            raise ValueError("ready_timeout_s and stop_timeout_s must be positive")
+        check_fields(self)
 
 
 class LocalService:
@@ -57,7 +59,7 @@ class LocalService:
     def ready_url(self) -> str:
         """The service's base URL; only inside the ``with`` block."""
         if self.url is None:
-            raise RuntimeError("the local service is not running; use it as `with LocalService(...) as s:`")
+            raise RuntimeError("the local service is not running; use it as `with LocalService(...) as s:`")  # a bug
         return self.url
 
     def __enter__(self) -> LocalService:

@@ -34,16 +34,43 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .service import Service, ServiceConfig, create_app
+from obclip.runtime.errors import InputError, ObclipError, ServiceError
+from obclip.runtime.options import add_flags, check_fields, from_flags, option
+
+from .http_app import create_app
+from .service import Service
+from .service_config import ServiceConfig
 
 RAY_MISSING = "Ray Serve is not installed: pip install 'obclip[ray]'"
 APP_NAME = "obclip"
 DEPLOYMENT_NAME = "obclip-cloud"
 
 log = logging.getLogger("obclip.ray_serve")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the service is deployed on Ray: replicas, their resources and the route."""
+
+    replicas: int = option(1, "model replicas; with --device cuda, the number of GPUs to use", ge=1)
+    cpus_per_replica: float = option(1.0, "CPU cores Ray reserves per replica; on CPU also its torch threads",
+                                     gt=0)
+    gpus_per_replica: float = option(1.0, "GPUs per replica with --device cuda", gt=0, cli=False)
+    address: str | None = option(None, "Ray cluster to join ('auto', or ray://host:10001); default: start Ray "
+                                 "on this machine")
+    route_prefix: str = option("/", "serve the endpoints under this path, e.g. /obclip -> POST "
+                               "/obclip/v1/steps")
+    max_ongoing_requests: int | None = option(None, "requests Serve lets into one replica at once (default: "
+                                              "queue size + max batch rows / 2 + 4)", ge=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        prefix = self.route_prefix
+        if not prefix.startswith("/") or (prefix != "/" and prefix.endswith("/")):
+            raise InputError(f"route_prefix must start with '/' and not end with one, got {prefix!r}")
 
 
 def import_serve():
@@ -85,7 +112,7 @@ class CloudReplica:
         # (and serve.run only returns) once the model answers.
         await asyncio.wrap_future(self.service.start())
         if not self.service.ready:  # Service._load never raises; it records the error
-            raise RuntimeError(f"could not load the model: {self.service.load_error}")
+            raise ServiceError(f"could not load the model: {self.service.load_error}", code="load_failed")
         # The very app `python -m obclip.cloud.serve` serves. Its lifespan sees the service started
         # and only closes it when Serve stops the replica.
         return create_app(service=self.service)
@@ -93,7 +120,7 @@ class CloudReplica:
     def check_health(self) -> None:
         """Serve's liveness probe (every health_check_period_s): raising makes Serve replace us."""
         if not self.service.ready:
-            raise RuntimeError(f"obclip service is not ready (state: {self.service.state}"
+            raise ServiceError(f"obclip service is not ready (state: {self.service.state}"
                                + (f", {self.service.load_error}" if self.service.load_error else "") + ")")
 
 
@@ -105,9 +132,7 @@ def default_max_ongoing_requests(config: ServiceConfig) -> int:
     return config.queue_size + max(1, config.max_batch_rows // 2) + 4
 
 
-def build_app(config: ServiceConfig, *, replicas: int = 1, cpus_per_replica: float = 1.0,
-              gpus_per_replica: float = 1.0, max_ongoing_requests: int | None = None,
-              log_level: str = "info"):
+def build_app(config: ServiceConfig, options: RayOptions = RayOptions(), log_level: str = "info"):
     """The Serve application (``Deployment.bind(...)``) for ``serve.run``.
 
     ``config.device`` is "cpu" or "cuda": on cuda each replica asks Ray for ``gpus_per_replica``
@@ -115,26 +140,20 @@ def build_app(config: ServiceConfig, *, replicas: int = 1, cpus_per_replica: flo
     """
     serve = import_serve()
     if config.device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda' under Ray Serve, got {config.device!r} "
+        raise InputError(f"device must be 'cpu' or 'cuda' under Ray Serve, got {config.device!r} "
                          "(Ray gives each replica its own GPU; it is 'cuda' inside the replica)")
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
-    if not cpus_per_replica > 0:
-        raise ValueError(f"cpus_per_replica must be > 0, got {cpus_per_replica!r}")
-    actor_options: dict = {"num_cpus": cpus_per_replica}
+    actor_options: dict = {"num_cpus": options.cpus_per_replica}
     if config.device == "cuda":
-        if not gpus_per_replica > 0:
-            raise ValueError(f"gpus_per_replica must be > 0, got {gpus_per_replica!r}")
-        actor_options["num_gpus"] = gpus_per_replica
+        actor_options["num_gpus"] = options.gpus_per_replica
     elif config.torch_threads is None:
         # Without this every CPU replica's torch would use all the node's cores.
-        config = replace(config, torch_threads=max(1, int(cpus_per_replica)))
+        config = replace(config, torch_threads=max(1, int(options.cpus_per_replica)))
     deployment = serve.deployment(
         serve.ingress()(CloudReplica),
         name=DEPLOYMENT_NAME,
-        num_replicas=replicas,
+        num_replicas=options.replicas,
         ray_actor_options=actor_options,
-        max_ongoing_requests=max_ongoing_requests or default_max_ongoing_requests(config),
+        max_ongoing_requests=options.max_ongoing_requests or default_max_ongoing_requests(config),
         # Let requests that are running finish on shutdown or scale-down, as cloud.serve does.
         graceful_shutdown_timeout_s=max(1.0, float(config.request_timeout_s)),
     )
@@ -159,19 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = "cpu or cuda; with cuda each replica gets one GPU of its own (default cpu)"
         elif action.dest == "port":
             action.help = "port of Ray Serve's HTTP proxy (default %(default)s)"
-    r = p.add_argument_group("ray")
-    r.add_argument("--replicas", type=int, default=1,
-                   help="model replicas; with --device cuda, the number of GPUs to use (default %(default)s)")
-    r.add_argument("--cpus-per-replica", type=float, default=1.0,
-                   help="CPU cores Ray reserves per replica; on CPU also its torch threads (default %(default)s)")
-    r.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto', or ray://host:10001); default: start Ray on this machine")
-    r.add_argument("--route-prefix", default="/",
-                   help="serve the endpoints under this path, e.g. /obclip -> POST /obclip/v1/steps "
-                        "(default %(default)s)")
-    r.add_argument("--max-ongoing-requests", type=int, default=None,
-                   help="requests Serve lets into one replica at once "
-                        "(default: queue size + max batch rows / 2 + 4)")
+    add_flags(p.add_argument_group("ray"), RayOptions)
     return p
 
 
@@ -198,17 +205,14 @@ def main(argv=None) -> int:
     if args.port == 0:
         print("error: Ray Serve needs a fixed --port", file=sys.stderr)
         return 2
-    if not args.route_prefix.startswith("/") or (args.route_prefix != "/" and args.route_prefix.endswith("/")):
-        print(f"error: --route-prefix must start with '/' and not end with one, got {args.route_prefix!r}",
-              file=sys.stderr)
-        return 2
     from .serve import checked_config
 
     try:
+        options: RayOptions = from_flags(RayOptions, args)
         config = checked_config(args)  # on a multi-node cluster the model path must exist on every node
-    except ValueError as e:
+    except ObclipError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     model = args.model
     if model is not None and Path(model).expanduser().exists():
         # Replicas do not start in this directory: give them an absolute path.
@@ -220,37 +224,36 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        app = build_app(config, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
-                        max_ongoing_requests=args.max_ongoing_requests, log_level=args.log_level)
-    except ValueError as e:
+        app = build_app(config, options, log_level=args.log_level)
+    except ObclipError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    own_cluster = args.address is None
+    own_cluster = options.address is None
     # "local": always a fresh Ray on this machine, never a cluster someone else started.
-    ray.init(address=args.address or "local", include_dashboard=False if own_cluster else None,
+    ray.init(address=options.address or "local", include_dashboard=False if own_cluster else None,
              logging_level=logging.WARNING)
     if config.device == "cuda":
         gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < args.replicas:  # Serve would wait for GPUs silently (an autoscaler may add some)
-            print(f"warning: {args.replicas} replica(s) want a GPU each, the cluster has {gpus:g} now; "
+        if gpus < options.replicas:  # Serve would wait for GPUs silently (an autoscaler may add some)
+            print(f"warning: {options.replicas} replica(s) want a GPU each, the cluster has {gpus:g} now; "
                   "replicas without one wait until a GPU frees up", file=sys.stderr)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
 
-    url = _url(config.host, config.port, args.route_prefix)
+    url = _url(config.host, config.port, options.route_prefix)
     code = 0
     try:
         # HTTP options are cluster-wide: on a cluster where Serve already runs they stay as they are.
         serve.start(http_options={"host": config.host, "port": config.port,
                                   "keep_alive_timeout_s": max(1, round(config.http.keep_alive_s))})
-        print(f"deploying {args.replicas} replica(s) on {config.device}; loading the model...", file=sys.stderr)
+        print(f"deploying {options.replicas} replica(s) on {config.device}; loading the model...", file=sys.stderr)
         t0 = time.monotonic()
         try:
-            serve.run(app, name=APP_NAME, route_prefix=args.route_prefix)  # returns once every replica is ready
+            serve.run(app, name=APP_NAME, route_prefix=options.route_prefix)  # returns once every replica is ready
         except RuntimeError as e:
             print(f"error: {e}{_load_failure(serve)}", file=sys.stderr)
             code = 1

@@ -31,129 +31,50 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from obclip.runtime.errors import InputError, ObclipError
+from obclip.runtime.options import add_flags, from_flags
 from obclip.runtime.protocol import ERROR_MEDIA_TYPE, RequestLimits, error_body
 
-from .service import HttpLimits, Service, ServiceConfig, create_app
+from .http_app import create_app
+from .service import Service
+from .service_config import HttpLimits, ServiceConfig
 
 if TYPE_CHECKING:
     import uvicorn
 
-_D = ServiceConfig()
-_L = _D.limits
-_H = _D.http
-
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags: one per ServiceConfig, RequestLimits and HttpLimits field (their declarations give
+    the name, type, default and help: runtime/options.py), plus this process's own."""
     p = argparse.ArgumentParser(prog="python -m obclip.cloud.serve",
                                 description="Serve the cloud's first k denoising steps over HTTP (POST /v1/steps).")
-    p.add_argument("--model", default=None,
-                   help="cloud model: a diffusers-layout directory or hub id (default: the embedded mini model)")
-    p.add_argument("--host", default=_D.host, help=f"address to bind (default {_D.host})")
-    p.add_argument("--port", type=int, default=_D.port, help=f"port (default {_D.port}; 0: any free port)")
+    add_flags(p, ServiceConfig)
     p.add_argument("--fd", type=int, default=None,
                    help="serve on this inherited, already bound socket instead of --host/--port "
                         "(how obclip.app.local starts a child service on a free port without a race)")
-    p.add_argument("--device", default=_D.device, help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--dtype", default=_D.dtype, choices=["float32", "float16", "bfloat16"],
-                   help="model dtype (default float32)")
-    # backend (cloud engines issue)
-    p.add_argument("--backend", default=_D.backend, choices=["torch", "onnxruntime"],
-                   help="torch: run --model; onnxruntime: run the exported --engines folder, without torch "
-                        "(default %(default)s)")
-    p.add_argument("--engines", default=None,
-                   help="with --backend onnxruntime: the cloud engines folder: OUT/cloud (fp32) or OUT/cloud-fp16 "
-                        "(float16, for --providers cuda/tensorrt; ... --cloud-precision fp16) of "
-                        "python export/build_engines.py --cloud-model ...")
-    p.add_argument("--providers", default=_D.providers, choices=["cpu", "cuda", "tensorrt"],
-                   help="onnxruntime execution providers (cuda/tensorrt need onnxruntime-gpu; default %(default)s)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch backend: torch.compile each step mode (on CUDA replayed as CUDA graphs, one per "
-                        "mode and shape); the first request of each mode and shape compiles")
-    p.add_argument("--compile-warmup", nargs="*", default=[], metavar="PRESET:N",
-                   help="with --compile: run these (e.g. paper-k10:6) at the native size before ready, so their "
-                        "modes and shapes are compiled up front")
-    g = p.add_argument_group("limits (checked before any model work; a violation is a 4xx naming the limit)")
-    g.add_argument("--max-candidates", type=int, default=_L.max_candidates, help="N (default %(default)s)")
-    g.add_argument("--max-steps", type=int, default=_L.max_steps, help="T (default %(default)s)")
-    g.add_argument("--max-switch-step", type=int, default=_L.max_switch_step,
-                   help="k, cloud steps per request (default %(default)s)")
-    g.add_argument("--max-image-size", type=int, default=_L.max_image_size,
-                   help="pixels (default: twice the model's native size)")
-    g.add_argument("--max-prompt-chars", type=int, default=_L.max_prompt_chars,
-                   help="characters per candidate (default %(default)s)")
-    g.add_argument("--max-prompt-tokens", type=int, default=_L.max_prompt_tokens,
-                   help="tokens per candidate (default: the text encoder's context)")
-    g.add_argument("--max-body-bytes", type=int, default=_L.max_body_bytes, help="(default %(default)s)")
-    g.add_argument("--max-cost", type=int, default=_L.max_cost,
-                   help="cost budget per request, 2N x latent pixels x k (default: --max-candidates candidates "
-                        "at the model's native size for 50 cloud steps); bounds a request's time and memory")
-    g.add_argument("--max-guidance-scale", type=float, default=_L.max_guidance_scale,
-                   help="(default %(default)s)")
-    h = p.add_argument_group("HTTP front (see HttpLimits in cloud/service.py)")
+    add_flags(p.add_argument_group("limits (checked before any model work; a violation is a 4xx naming the "
+                                   "limit)"), RequestLimits)
+    h = p.add_argument_group("HTTP front (HttpLimits in cloud/service_config.py)")
     h.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
                    help="HTTP parser (default auto: httptools when installed); the limits hold with either")
-    h.add_argument("--max-header-bytes", type=int, default=_H.max_header_bytes,
-                   help="request line + headers, else 431 (default %(default)s)")
-    h.add_argument("--max-headers", type=int, default=_H.max_headers, help="header fields, else 431 "
-                   "(default %(default)s)")
-    h.add_argument("--header-timeout", type=float, default=_H.header_timeout_s,
-                   help="seconds to send a request head, from connect or the previous answer (default %(default)s)")
-    h.add_argument("--keep-alive", type=float, default=_H.keep_alive_s,
-                   help="seconds an idle connection stays open (default %(default)s)")
-    h.add_argument("--body-timeout", type=float, default=_H.body_timeout_s,
-                   help="seconds to send the request body (default %(default)s)")
-    h.add_argument("--send-timeout", type=float, default=_H.send_timeout_s,
-                   help="seconds an answer the client does not read is kept (default %(default)s)")
-    h.add_argument("--max-connections", type=int, default=_H.max_connections,
-                   help="open connections; more are answered 503 and closed (default %(default)s)")
-    w = p.add_argument_group("worker")
-    w.add_argument("--queue-size", type=int, default=_D.queue_size,
-                   help="requests waiting beside the running one; more get 503 (default %(default)s)")
-    w.add_argument("--timeout", type=float, default=_D.request_timeout_s,
-                   help="seconds from arrival to answer, else 504 (default %(default)s)")
-    w.add_argument("--retry-after", type=int, default=_D.retry_after_s,
-                   help="Retry-After seconds on 503 (default %(default)s)")
-    w.add_argument("--batch-window-ms", type=float, default=_D.batch_window_ms,
-                   help="wait this long for requests with the same options to batch with; 0: one at a time "
-                        "(default %(default)s)")
-    w.add_argument("--max-batch-rows", type=int, default=_D.max_batch_rows,
-                   help="UNet rows per batch, 2 x its candidates (default %(default)s)")
-    w.add_argument("--no-warmup", action="store_true", help="ready as soon as the model is loaded")
-    w.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--log-prompts", action="store_true",
-                   help="DEBUGGING ONLY: write the candidate prompts to the log (off by default)")
+    add_flags(h, HttpLimits)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
-    return ServiceConfig(
-        model=args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
-        limits=RequestLimits(
-            max_candidates=args.max_candidates, max_steps=args.max_steps, max_switch_step=args.max_switch_step,
-            max_image_size=args.max_image_size, max_prompt_chars=args.max_prompt_chars,
-            max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-            max_cost=args.max_cost, max_guidance_scale=args.max_guidance_scale),
-        http=HttpLimits(
-            max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
-            header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive, body_timeout_s=args.body_timeout,
-            send_timeout_s=args.send_timeout, max_connections=args.max_connections),
-        queue_size=args.queue_size,
-        request_timeout_s=args.timeout, retry_after_s=args.retry_after, warmup=not args.no_warmup,
-        torch_threads=args.torch_threads, log_prompts=args.log_prompts,
-        batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows,
-        backend=args.backend, engines=args.engines, providers=args.providers,
-        compile=args.compile, compile_warmup=tuple(args.compile_warmup),
-    )
+    config: ServiceConfig = from_flags(ServiceConfig, args, limits=from_flags(RequestLimits, args),
+                                       http=from_flags(HttpLimits, args))
+    return config
 
 
 def checked_config(args: argparse.Namespace) -> ServiceConfig:
-    """The ServiceConfig of the flags; ValueError if a value is invalid or a local --model is missing."""
+    """The ServiceConfig of the flags; InputError if a value is invalid or a local --model is missing."""
     config = config_from_args(args)
     model = args.model
     if model is not None and (model.startswith((".", "/", "~")) or model.count("/") != 1) \
             and not Path(model).expanduser().exists():
-        raise ValueError(f"model directory {model!r} does not exist (a diffusers-layout directory or a hub id)")
+        raise InputError(f"model directory {model!r} does not exist (a diffusers-layout directory or a hub id)")
     return config
 
 
@@ -280,7 +201,7 @@ def front_protocol(parser: str, limits: HttpLimits,
     elif parser == "httptools":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base  # type: ignore[assignment]
     else:
-        raise ValueError(f"unknown HTTP parser {parser!r}; use auto, h11 or httptools")
+        raise InputError(f"unknown HTTP parser {parser!r}; use auto, h11 or httptools")
     attrs = {"front": limits, "on_refused": staticmethod(on_refused) if on_refused else None}
     return cast("type[asyncio.Protocol]", type(f"Front{base.__name__}", (_FrontMixin, base), attrs))
 
@@ -309,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = checked_config(args)
-    except ValueError as e:
+    except ObclipError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
     import uvicorn
 
@@ -329,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     server.run(sockets=None if args.fd is None else [socket.socket(fileno=args.fd)])
     if failed:
         print(f"error: could not load the model: {service.load_error}", file=sys.stderr)
-        return 1
+        # By its kind (a missing or corrupt model is an obclip error); anything else is a bug.
+        return failed[0].exit_code if isinstance(failed[0], ObclipError) else 1
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from obclip.runtime.noise import initial_noise
-from obclip.runtime.plan import AccelerationConfig, PlannedStep, make_plan
+from obclip.runtime.plan import AccelerationConfig, PlannedStep
 from obclip.runtime.protocol import RequestLimits, StepsRequest, encode_handoff
 
 from .modes import ModeSpec, TextTokens, TokenAlignment, align_tokens, mode_spec
@@ -140,7 +140,7 @@ class CloudStepRunner:
         first = requests[0]
         engine = self.engine
         acceleration = first.acceleration or AccelerationConfig.none(first.switch_step)
-        plan = make_plan(first.num_inference_steps, first.switch_step, acceleration)
+        plan = first.plan   # built once, when the request was made (its batch shares it)
         solver = engine.solver(first.num_inference_steps)
         # Batch reuse reads the pivot's cross-attention map word by word (modes.align_tokens).
         alignments = [align_tokens(engine.text_tokens(r.candidates)) if acceleration.reuses_attention else None

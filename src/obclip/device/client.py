@@ -13,18 +13,27 @@ the headers are fixed (method, path, Host, Content-Type, Accept, User-Agent,
 Content-Length, Connection: close, Accept-Encoding: identity); no request
 ids, no timestamps, no cookies. A retry sends the same bytes again.
 
-Errors, all subclasses of ``ServiceError`` (status, code, message); nothing
-else escapes a call, whatever the server sends:
-  ServiceRejected     4xx: the server's error code and message (never retried)
-  ServiceUnavailable  connection errors and 503, after the retries
-  ServiceTimeout      no complete answer within ``timeout_s``, or 504
-  ServiceFailed       other 5xx
-  BadResponse         an answer that is not a valid one for this request: not
-                      HTTP, over the size cap, truncated, wrong content type,
-                      wrong version, shapes, dtype, N, request hash, malformed
-                      header or metadata, NaN/inf (also a ProtocolError); the
-                      ``code`` says which. Never retried, except an answer cut
-                      short by the connection closing (code "truncated").
+Errors, by what the caller must do (runtime/errors.py); each carries ``status``, ``code`` and
+``message``, and nothing else escapes a call, whatever the server sends:
+  ServiceRejected     4xx: the server refused this request, with its error code and message.
+                      An ``InputError``: change the request; the same bytes would be refused again,
+                      so it is never retried.
+  ServiceUnavailable  connection errors, 503, and an answer cut short by the connection closing
+                      (code "truncated": a transport failure, before any byte of it is read as an
+                      answer), after the retries. A ``ServiceError``: may be retried.
+  ServiceTimeout      no complete answer within ``timeout_s``, or 504. A ``ServiceError``.
+  ServiceFailed       other 5xx. A ``ServiceError``.
+  BadResponse         an answer that is not a valid one for this request: not HTTP, over the
+                      size cap, wrong content type or status, a handoff that does not decode
+                      (wrong version, shapes, dtype, N, request hash, malformed header or
+                      metadata, NaN/inf); the ``code`` says which. An ``UntrustedAnswerError``,
+                      like a failed verification: it fails closed, is never retried and the
+                      request must not be resent (a hostile server could answer one member's
+                      guess with garbage and watch for the retry).
+
+The retry rule is the kind's ``retryable``: this client retries connection errors, 503 and
+truncation itself (same bytes, ``retries`` times); an app may retry a ``ServiceError`` later,
+never an ``InputError`` or an ``UntrustedAnswerError``.
 
 Hostile servers: ``timeout_s`` is one deadline for the whole call (connect,
 send, status line, headers, body, every retry and every wait between them),
@@ -54,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from obclip.runtime.errors import InputError, ObclipError, ServiceError, UntrustedAnswerError
+from obclip.runtime.options import check_fields, option
 from obclip.runtime.protocol import (
     HANDOFF_MEDIA_TYPE,
     MAX_HANDOFF_HEADER_BYTES,
@@ -61,7 +72,7 @@ from obclip.runtime.protocol import (
     STEPS_PATH,
     WIRE_DTYPES,
     Handoff,
-    ProtocolError,
+    HandoffError,
     StepsRequest,
     decode_handoff,
     parse_error_body,
@@ -78,65 +89,60 @@ MAX_LATENT_VALUES_PER_PIXEL = 1
 LatentShape = Callable[[int, int], tuple[int, int, int]]
 
 
-class ServiceError(Exception):
-    """The cloud service did not answer with a usable handoff."""
+class _FromService(ObclipError):
+    """A client error: the HTTP ``status`` (None before one arrived), a stable ``code`` and the
+    server's own ``message`` where it sent one."""
 
-    def __init__(self, text: str, *, status: int | None = None, code: str = "service_error",
+    def __init__(self, text: str, *, status: int | None = None, code: str | None = None,
                  message: str | None = None):
-        super().__init__(text)
-        self.status, self.code = status, code
-        self.message = text if message is None else message  # the server's own message where it sent one
+        super().__init__(text, code=code)
+        self.status = status
+        self.message = text if message is None else message
 
 
-class ServiceRejected(ServiceError):
-    """4xx: the server refused this request; ``code`` and ``message`` are the server's."""
+class ServiceRejected(_FromService, InputError):
+    """4xx: the server refused this request; ``code`` and ``message`` are the server's. Not retried."""
 
 
-class ServiceUnavailable(ServiceError):
-    """Could not reach the service, or it stayed busy (503), after all retries."""
+class ServiceUnavailable(_FromService, ServiceError):
+    """Could not reach the service, it stayed busy (503), or the answer was cut short, after all retries."""
 
 
-class ServiceTimeout(ServiceError):
+class ServiceTimeout(_FromService, ServiceError):
     """No complete answer in time (client deadline or the server's 504)."""
 
 
-class ServiceFailed(ServiceError):
+class ServiceFailed(_FromService, ServiceError):
     """The server failed (5xx other than 503/504)."""
 
 
-class BadResponse(ServiceError, ProtocolError):
-    """An answer that is not a valid one for our request; ``code`` names the defect."""
+class BadResponse(_FromService, UntrustedAnswerError):
+    """An answer that is not a valid one for our request; ``code`` names the defect. Never retried."""
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    url: str                          # base URL of the service, e.g. http://127.0.0.1:8000
-    timeout_s: float = 300.0          # the whole call: connect, send, answer, retries and waits
-    connect_timeout_s: float = 10.0   # the TCP (and TLS) connect of one attempt
-    retries: int = 3                  # extra attempts after connection errors and 503
-    backoff_s: float = 0.5            # wait before the first retry; doubles each time
-    max_backoff_s: float = 10.0       # cap on a wait, the server's Retry-After included
+    url: str = option(help="base URL of the service, e.g. http://127.0.0.1:8000", cli=False)
+    timeout_s: float = option(300.0, "seconds for the whole call: connect, send, wait, download and retries",
+                              gt=0, flag="--timeout")
+    connect_timeout_s: float = option(10.0, "seconds for the TCP (and TLS) connect of one attempt", gt=0,
+                                      flag="--connect-timeout")
+    retries: int = option(3, "retries on connection errors, truncated answers and 503", ge=0)
+    backoff_s: float = option(0.5, "seconds before the first retry; doubles each time", ge=0, flag="--backoff")
+    max_backoff_s: float = option(10.0, "cap on a wait between retries, the server's Retry-After included", gt=0,
+                                  flag="--max-backoff")
     # Cap on a 200 answer; None: derived from the request (response_cap). A set value caps it further.
-    max_response_bytes: int | None = None
-    ca_file: str | None = None        # https: CA bundle (default: the system's)
+    max_response_bytes: int | None = option(None, "cap on an answer's bytes (default: the most a valid answer "
+                                            "to the request can take)", ge=1)
+    ca_file: str | None = option(None, "https: CA bundle (default: the system's)")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"server URL {self.url!r} must look like http://host:port or https://host")
+            raise InputError(f"server URL {self.url!r} must look like http://host:port or https://host")
         if parts.query or parts.fragment:
-            raise ValueError(f"server URL {self.url!r} must not carry a query or fragment")
-        for name in ("timeout_s", "connect_timeout_s", "max_backoff_s"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        if not isinstance(self.backoff_s, (int, float)) or not math.isfinite(self.backoff_s) or self.backoff_s < 0:
-            raise ValueError(f"backoff_s must be a number >= 0, got {self.backoff_s!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
-        v = self.max_response_bytes
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"max_response_bytes must be a positive integer or None, got {v!r}")
+            raise InputError(f"server URL {self.url!r} must not carry a query or fragment")
 
 
 def response_cap(request: StepsRequest, latent_shape: LatentShape | None = None) -> int:
@@ -172,7 +178,9 @@ class CallStats:
 
 
 class _Retryable(Exception):
-    def __init__(self, error: ServiceError, delay: float | None = None):
+    """A failure the client retries itself (a ServiceError kind: connection, 503, truncation)."""
+
+    def __init__(self, error: ServiceUnavailable, delay: float | None = None):
         self.error, self.delay = error, delay
 
 
@@ -206,7 +214,7 @@ def check_handoff(data: bytes, request: StepsRequest,
     shape = expected_latent_shape or _claimed_latent_shape(data)
     try:
         return decode_handoff(data, request, shape)
-    except ProtocolError as e:
+    except HandoffError as e:
         raise BadResponse(f"the service's answer is not a valid handoff: {e}", status=200,
                           code="invalid_handoff") from None
 
@@ -288,7 +296,7 @@ class ServiceClient:
 
     # -- public ---------------------------------------------------------------------------------
     def __call__(self, request_bytes: bytes) -> Handoff:
-        request = StepsRequest.from_bytes(request_bytes)  # our own bytes: a ProtocolError here is a device bug
+        request = StepsRequest.from_bytes(request_bytes)  # our own bytes: a ProtocolError here is the caller's
         cfg = self.config
         stats = CallStats()
         t0 = time.monotonic()
@@ -300,7 +308,7 @@ class ServiceClient:
         if self.latent_shape is not None:
             expected = self.latent_shape(request.height, request.width)
         try:
-            error: ServiceError | None = None
+            error: ServiceUnavailable | None = None
             for attempt in range(cfg.retries + 1):
                 stats.attempts = attempt + 1
                 try:
@@ -328,7 +336,7 @@ class ServiceClient:
         try:
             status, _, _ = self._exchange("GET", "/readyz", None, CallStats(),
                                           time.monotonic() + self.config.timeout_s, ERROR_BODY_CAP)
-        except (_Retryable, ServiceError):
+        except (_Retryable, ObclipError):
             return False
         return status == 200
 
@@ -376,7 +384,7 @@ class ServiceClient:
         timer.start()
         try:
             return self._attempt(conn, method, path, body, stats, deadline, cap, expired)
-        except (ServiceError, _Retryable):
+        except (_FromService, _Retryable):
             if expired.is_set():
                 raise self._timeout() from None
             raise
@@ -416,18 +424,18 @@ class ServiceClient:
         stats.bytes_received += len(data)
         return resp.status, headers, data
 
-    def _classify(self, e: Exception) -> ServiceError | _Retryable:
+    def _classify(self, e: Exception) -> _FromService | _Retryable:
         """A failed exchange as the client's own error (retryable where the server may recover)."""
         url = self.config.url
         # A connection that closed mid-answer is a transport failure, not a verdict on the answer:
         # retried with the same bytes (a server killed mid-request, a restarting instance).
         if isinstance(e, _Truncated):
-            return _Retryable(BadResponse(f"the answer from {url} was truncated: {e} (the connection closed "
-                                          "mid-response)", code="truncated"))
+            return _Retryable(ServiceUnavailable(f"the answer from {url} was truncated: {e} (the connection "
+                                                 "closed mid-response)", code="truncated"))
         if isinstance(e, http.client.IncompleteRead):
-            return _Retryable(BadResponse(f"the answer from {url} was truncated: got {len(e.partial)} bytes "
-                                          "of a chunked body (the connection closed mid-response)",
-                                          code="truncated"))
+            return _Retryable(ServiceUnavailable(f"the answer from {url} was truncated: got {len(e.partial)} "
+                                                 "bytes of a chunked body (the connection closed mid-response)",
+                                                 code="truncated"))
         if isinstance(e, ConnectionRefusedError):
             return _Retryable(ServiceUnavailable(f"could not connect to {url}: connection refused "
                                                  "(is the service running?)", code="connection_refused"))

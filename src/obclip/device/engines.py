@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from obclip.runtime.errors import InputError
 from obclip.runtime.manifest import Manifest
 from obclip.runtime.sessions import open_session, ort, run
 
@@ -36,7 +37,7 @@ def resolve_providers(requested: tuple[str, ...] | str, available: list[str] | N
     full = tuple(PROVIDER_ALIASES.get(n.lower(), n) for n in names)
     missing = [n for n, f in zip(names, full) if f not in available]
     if missing or not full:
-        raise ValueError(f"onnxruntime providers {missing or list(names)} are not available in this onnxruntime "
+        raise InputError(f"onnxruntime providers {missing or list(names)} are not available in this onnxruntime "
                          f"build; it offers {available}. Install the build that has them instead of this one "
                          "(obclip[gpu], i.e. onnxruntime-gpu: CUDA, "
                          "onnxruntime-directml: DirectML, onnxruntime-mobile/the iOS and Android packages: CoreML, "
@@ -55,7 +56,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
-            raise ValueError(f"threads={self.threads!r} must be a positive integer or None (onnxruntime's default)")
+            raise InputError(f"threads={self.threads!r} must be a positive integer or None (onnxruntime's default)")
 
 
 class DeviceEngines:
@@ -74,7 +75,7 @@ class DeviceEngines:
         Called before anything is sent, so a size the device cannot finish never reaches the cloud."""
         f = self.manifest.vae_scale_factor
         if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} must be a positive multiple of {f} "
+            raise InputError(f"image size {height}x{width} must be a positive multiple of {f} "
                              "(the VAE's downscale factor)")
         # Dynamic graphs: the range their manifest states (the size must fit the UNet's skip connections).
         r = self.manifest.image_size
@@ -82,7 +83,7 @@ class DeviceEngines:
             lo, hi, mult = int(r["min"]), int(r["max"]), int(r["multiple"])
             for side in (height, width):
                 if not lo <= side <= hi or side % mult:
-                    raise ValueError(f"image size {height}x{width}: these device engines ({self.config.engines_dir}) "
+                    raise InputError(f"image size {height}x{width}: these device engines ({self.config.engines_dir}) "
                                      f"run heights and widths from {lo} to {hi} pixels in steps of {mult}; "
                                      f"choose --size in that range (e.g. {self.manifest.default_image_size})")
         # A graph exported with fixed height/width runs only that size: read it from the graph itself.
@@ -90,7 +91,7 @@ class DeviceEngines:
             dims = session.get_inputs()[0].shape[2:]
             fixed = [d for d in dims if isinstance(d, int)]
             if len(fixed) == 2 and (fixed[0] * f, fixed[1] * f) != (height, width):
-                raise ValueError(f"image size {height}x{width}: these device engines ({self.config.engines_dir}) "
+                raise InputError(f"image size {height}x{width}: these device engines ({self.config.engines_dir}) "
                                  f"were exported with a fixed {what} size of {fixed[0] * f}x{fixed[1] * f} "
                                  f"pixels; use --size {fixed[0] * f} or export engines with dynamic sizes")
         return (self.manifest.latent_channels, height // f, width // f)

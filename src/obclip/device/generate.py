@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.locations import default_engines_root
-from obclip.runtime.manifest import ManifestError
+from obclip.runtime.options import add_flags, from_flags
 
 from .cli import ProgressBar, add_generation_flags, generation_config, report_and_save, run_reported
 from .client import ClientConfig, ServiceClient, generate_image
@@ -42,29 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "coreml, nnapi, xnnpack, cuda, dml or full names), or 'auto': the first available of "
                         "CUDA, DirectML, CoreML, NNAPI, XNNPACK, then CPU (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds for the whole call: connect, send, wait, download and retries (default %(default)s)")
-    p.add_argument("--retries", type=int, default=3, help="retries on connection errors and 503 (default %(default)s)")
+    add_flags(p.add_argument_group("the service client (ClientConfig)"), ClientConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.server and args.method != Method.DEVICE_ONLY.value:
-        print("error: name the service with --server URL (or set OBCLIP_SERVER)", file=sys.stderr)
-        return 2
 
     def work() -> int:
+        if not args.server and args.method != Method.DEVICE_ONLY.value:
+            raise InputError("name the service with --server URL (or set OBCLIP_SERVER)")
         engines_dir = args.engines or default_engines_root() / "device"
         config = generation_config(args)
+        client = ServiceClient(from_flags(ClientConfig, args, url=args.server or "http://127.0.0.1"))
         if not (Path(engines_dir) / "manifest.json").is_file():
-            raise ManifestError(f"no device engines at {engines_dir}: export them first "
+            raise ArtifactError(f"no device engines at {engines_dir}: export them first "
                                 "(python export/build_engines.py [--device-model PATH]) or pass --engines")
         providers = "auto" if args.providers == "auto" else tuple(args.providers.split(","))
         pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir), providers=providers,
                                                              threads=args.threads)))
-        client = ServiceClient(ClientConfig(args.server or "http://127.0.0.1", timeout_s=args.timeout,
-                                            retries=args.retries))
         result = generate_image(args.prompt, client, pipeline, config, on_step=ProgressBar())
         report_and_save(result, config, client, args.out)
         return 0

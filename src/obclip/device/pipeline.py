@@ -23,9 +23,10 @@ from enum import Enum
 
 import numpy as np
 
+from obclip.runtime.errors import InputError
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import AccelerationConfig, make_plan
-from obclip.runtime.protocol import Handoff, ProtocolError, StepsRequest, decode_handoff
+from obclip.runtime.protocol import Handoff, HandoffError, StepsRequest, decode_handoff
 from obclip.runtime.solver import Schedule, SolverConfig, SolverState, initial_state, make_schedule, solver_step
 
 from .engines import DeviceEngines
@@ -70,18 +71,18 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
+            raise InputError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
         acc = self.acceleration
         if acc is not None and not isinstance(acc, AccelerationConfig):
-            raise ValueError(f"acceleration must be an AccelerationConfig (e.g. preset('paper-k10')), got {acc!r}")
+            raise InputError(f"acceleration must be an AccelerationConfig (e.g. preset('paper-k10')), got {acc!r}")
         if acc is not None:
             if self.method is Method.DEVICE_ONLY:
-                raise ValueError("a device-only run sends nothing to the cloud; drop the acceleration")
+                raise InputError("a device-only run sends nothing to the cloud; drop the acceleration")
             if acc.switch_step != self.k:
-                raise ValueError(f"the acceleration is for k={acc.switch_step} cloud steps but method "
+                raise InputError(f"the acceleration is for k={acc.switch_step} cloud steps but method "
                                  f"{self.method.value} runs k={self.k}; choose one for k={self.k}")
         if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.k <= self.num_inference_steps:
-            raise ValueError(f"switch_step k={self.k} must be in 0..T={self.num_inference_steps}")
+            raise InputError(f"switch_step k={self.k} must be in 0..T={self.num_inference_steps}")
 
     @property
     def k(self) -> int:
@@ -151,7 +152,7 @@ class DevicePipeline:
 
     def prepare(self, prompt: str, config: GenerationConfig) -> PreparedRequest:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty; type what the image should show")
+            raise InputError("the prompt is empty; type what the image should show")
         size = self.engines.manifest.default_image_size
         height, width = config.height or size, config.width or size
         self.engines.latent_shape(height, width)  # validates the size before anything is sent
@@ -193,7 +194,7 @@ class DevicePipeline:
             state = initial_state()
         else:
             if answer is None:
-                raise ValueError("this request ran cloud steps, so finish() needs the cloud's handoff")
+                raise InputError("this request ran cloud steps, so finish() needs the cloud's handoff")
             handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
             x, state = _members(handoff, [prepared.real_index])
         return self._device_steps(x, state, [prepared.prompt], schedule, config, on_step)
@@ -207,11 +208,11 @@ class DevicePipeline:
         finished them all); a generation never calls it. Row for row the same steps as finish().
         """
         if prepared.request is None or prepared.candidate_set is None:
-            raise ValueError("finish_candidates needs an ObCLIP request that ran cloud steps")
+            raise InputError("finish_candidates needs an ObCLIP request that ran cloud steps")
         cands = prepared.candidate_set.candidates
         bad = [i for i in indices if not 0 <= i < len(cands)]
         if bad or not indices:
-            raise ValueError(f"candidate indices {bad or indices} out of range 0..{len(cands) - 1}")
+            raise InputError(f"candidate indices {bad or indices} out of range 0..{len(cands) - 1}")
         latent_shape = self.engines.latent_shape(prepared.height, prepared.width)
         schedule = make_schedule(self.solver_config, config.num_inference_steps)
         handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
@@ -270,12 +271,12 @@ class DevicePipeline:
         if not isinstance(answer, Handoff):
             raise TypeError(f"the cloud transport returned {type(answer).__name__}; expected bytes or a Handoff")
         if answer.request_sha256 != request.sha256():
-            raise ProtocolError("handoff answers a different request (request_sha256 mismatch)")
+            raise HandoffError("handoff answers a different request (request_sha256 mismatch)")
         want = (request.n, *latent_shape)
         if answer.latents.shape != want or answer.prev_x0.shape != want:
-            raise ProtocolError(f"handoff latents have shape {list(answer.latents.shape)}, expected {list(want)}")
+            raise HandoffError(f"handoff latents have shape {list(answer.latents.shape)}, expected {list(want)}")
         if tuple(int(t) for t in timesteps) != answer.timesteps:
-            raise ProtocolError(f"the cloud's timestep schedule {list(answer.timesteps)} differs from the "
+            raise HandoffError(f"the cloud's timestep schedule {list(answer.timesteps)} differs from the "
                                 f"device's {[int(t) for t in timesteps]}: their scheduler configs disagree")
         return answer
 
@@ -286,7 +287,7 @@ class DevicePipeline:
         answer: bytes | Handoff | None = None
         if prepared.request is not None:
             if cloud is None:
-                raise ValueError(f"method {config.method.value} with k={config.k} needs a cloud to send the request to")
+                raise InputError(f"method {config.method.value} with k={config.k} needs a cloud to send the request to")
             t0 = time.perf_counter()
             answer = cloud(prepared.request.to_bytes())
             timings["cloud"] = time.perf_counter() - t0

@@ -21,8 +21,8 @@ square is
 
     rms(x_k) = sqrt(alpha_k^2 * E[x0^2] + sigma_k^2)        (~1 when E[x0^2] = 1)
 
-We bound E[x0^2] <= X0^2 (real images' latents have rms ~0.8-1.3; X0_RMS_MAX
-= 3 is generous at the usual guidance 7.5). Classifier-free guidance moves the
+We bound E[x0^2] <= X0^2 (X0_RMS_MAX = 3 is generous at the usual guidance 7.5 for
+real images' latents, docs/security.md). Classifier-free guidance moves the
 data prediction linearly: x0_g = x0_u + g * (x0_c - x0_u), so above the
 reference guidance G_REF = 7.5 the bound grows with it: X0 = X0_RMS_MAX *
 max(1, g / G_REF). The solver state ``prev_x0`` is the data prediction made at
@@ -37,17 +37,15 @@ further MARGIN:
     rms(prev_x0) <= MARGIN * (X0 + EPS_ERR * max(1, g) * (sigma/alpha)_{k-1})    (11.4 at k = 5, g = 7.5)
     max |value|  <= PEAK * the rms bound    (a Gaussian's peak over ~16k values is ~4.5 sigma)
 
-Measured on honest answers of the trained ObCLIP-Mini (max over held-out
-prompts and all 18 members): prev_x0 rms 7.0 at k = 5 with the paper preset
-(120 prompts), 8.0 at k = 5 and g = 15, 14 at g = 50; latent rms 2.5 at
-k = 10 and g = 50. A bound on prev_x0 that ignored the step and the guidance
-(4.5, before) refused such honest answers.
+What honest answers of the trained ObCLIP-Mini reach against these bounds is in
+docs/security.md ("The whole answer is verified"); a bound on prev_x0 that ignored
+the step and the guidance refused some of them.
 
 A latent at 10x the expected norm (rms ~10) fails every bound; 3e38 and
 NaN/inf fail them by far. There is deliberately no lower bound: at k = T
 (all steps in the cloud) sigma_k = 0 and a flat image has a small latent.
 
-What an active server can still learn (for the README): the check is
+What an active server can still learn (docs/security.md): the check is
 statistical, so a member replaced by a *plausible* but wrong latent (another
 prompt's trajectory, a different seed, a subtly shifted latent inside the
 envelope) passes, and the device finishes from it if it is the real one. The
@@ -70,16 +68,20 @@ from pathlib import Path
 
 import numpy as np
 
-from obclip.runtime.protocol import Handoff, ProtocolError
+from obclip.runtime.errors import InputError, UntrustedAnswerError
+from obclip.runtime.options import check_fields, option
+from obclip.runtime.protocol import Handoff
 from obclip.runtime.solver import Schedule
 
 
-class VerificationError(ProtocolError):
+class VerificationError(UntrustedAnswerError):
     """The cloud's answer failed the device's checks; the whole answer is refused.
 
     The message depends only on the answer, never on which member is real.
     Do not resend the same request after this error (a retry tells the server
-    its tampering was noticed, and a hostile server would answer the same way).
+    its tampering was noticed, and a hostile server would answer the same way):
+    it is an ``UntrustedAnswerError``, deliberately not a ``ServiceError`` (the
+    retryable kind) nor a ``ValueError``.
     """
 
 
@@ -87,11 +89,14 @@ class VerificationError(ProtocolError):
 class VerifyConfig:
     """Bounds of the statistics envelope (see the module docstring for how they follow)."""
 
-    x0_rms_max: float = 3.0   # per-element rms of a clean latent x0 at guidance <= reference_guidance, generous
-    margin: float = 1.5       # slack on top of the expected spread
-    reference_guidance: float = 7.5  # above it the x0 bound grows in proportion to the guidance scale
-    eps_error_max: float = 0.10      # rms error of the noise estimate, per unit of guidance (at least 1)
-    peak: float = 12.0        # largest |value| allowed, in units of the rms bound
+    x0_rms_max: float = option(3.0, "per-element rms of a clean latent x0 at guidance <= reference_guidance, "
+                               "generous", gt=0)
+    margin: float = option(1.5, "slack on top of the expected spread", gt=0)
+    reference_guidance: float = option(7.5, "above it the x0 bound grows in proportion to the guidance scale",
+                                       gt=0)
+    eps_error_max: float = option(0.10, "rms error of the noise estimate, per unit of guidance (at least 1)",
+                                  gt=0)
+    peak: float = option(12.0, "largest |value| allowed, in units of the rms bound", gt=0)
     # The envelope assumes a trained model (latents at unit variance). A model with random
     # weights (the test suite's) predicts noise badly, so its trajectories leave the envelope;
     # for it only the finiteness check applies. Decided from the device's own files, never
@@ -99,10 +104,7 @@ class VerifyConfig:
     statistics: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("x0_rms_max", "margin", "peak", "reference_guidance", "eps_error_max"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"VerifyConfig.{name} must be a positive number, got {value!r}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,10 @@ def envelope(schedule: Schedule, k: int, config: VerifyConfig = VerifyConfig(),
              guidance_scale: float = 7.5) -> Envelope:
     """The bounds for latents after k steps of this schedule at this guidance (the same for every member)."""
     if not 0 <= k <= schedule.num_inference_steps:
-        raise ValueError(f"k={k} is outside the {schedule.num_inference_steps}-step schedule")
+        raise InputError(f"k={k} is outside the {schedule.num_inference_steps}-step schedule")
     g = float(guidance_scale)
     if not np.isfinite(g) or g < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     x0 = config.x0_rms_max * max(1.0, g / config.reference_guidance)
     alpha, sigma = float(schedule.alpha_t[k]), float(schedule.sigma_t[k])
     latent = config.margin * float(np.sqrt(alpha**2 * x0**2 + sigma**2))

@@ -14,6 +14,10 @@ ArtifactError          an engines folder, manifest or export is missing, stale  
                        or corrupt: rebuild it (python export/build_engines.py)
 =====================  =====================================================  ====  ====
 
+Retrying is decided by the kind alone (``retryable``): only a ``ServiceError`` may be sent
+again, with the same bytes. An ``InputError`` would be refused again; an
+``UntrustedAnswerError`` must not be resent at all.
+
 ``InputError`` is also a ``ValueError`` (a bad argument is one, and callers that validate
 with ``except ValueError`` keep working). ``UntrustedAnswerError`` is deliberately *not* a
 ``ValueError``, an ``InputError`` or a ``ServiceError``: an app's ``except ServiceError:
@@ -30,11 +34,19 @@ class ObclipError(Exception):
 
     exit_code: ClassVar[int] = 1
     http_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False    # may the same request be sent again?
+    code: str = "error"                  # a stable name of the error (error bodies, logs, tests)
+
+    def __init__(self, message: str = "", *, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class InputError(ObclipError, ValueError):
     """The caller's input is invalid: fix it and run again."""
 
+    code = "invalid_input"
     exit_code = 2
     http_status = 422
 
@@ -43,21 +55,27 @@ class ServiceError(ObclipError):
     """The cloud service failed, refused for load, or could not be reached: the same request
     bytes may be sent again later."""
 
+    code = "service_unavailable"
     exit_code = 3
     http_status = 503
+    retryable = True
 
 
 class UntrustedAnswerError(ObclipError):
     """The server's answer failed the device's checks: the whole answer is refused and the
     request must not be sent again."""
 
+    code = "untrusted_answer"
     exit_code = 4
     http_status = 502
+    # What a command says first, whatever the details: the user must know nothing was resent.
+    summary: ClassVar[str] = "the server's answer failed verification; nothing was resent"
 
 
 class ArtifactError(ObclipError):
     """An engines folder, manifest or exported graph is missing, stale or corrupt: rebuild it."""
 
+    code = "artifact_error"
     exit_code = 5
     http_status = 500
 

@@ -25,13 +25,16 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .plan import AccelerationConfig
+from .errors import InputError, UntrustedAnswerError
+from .options import check_fields, option
+from .plan import AccelerationConfig, StepPlan, make_plan
 
 STEPS_PATH = "/v1/steps"                        # POST: request bytes in, handoff bytes out
 REQUEST_MEDIA_TYPE = "application/json"
@@ -49,8 +52,16 @@ MAX_GUIDANCE_SCALE = 100.0
 MAX_HANDOFF_HEADER_BYTES = 64 * 1024
 
 
-class ProtocolError(ValueError):
-    """Bytes on the wire that do not form a valid request or handoff."""
+class ProtocolError(InputError):
+    """Request bytes that do not form a valid request: the sender must fix the request.
+
+    A service answers it with ``status`` (422; 400 for bytes that are not a JSON object) and the
+    stable ``code``. A handoff that does not decode is a ``HandoffError`` instead: the two sides
+    of the wire call for opposite reactions (fix and resend; never resend)."""
+
+    def __init__(self, message: str, code: str = "invalid_request", status: int = 422):
+        super().__init__(message, code=code)
+        self.status = status
 
 
 class LimitExceeded(ProtocolError):
@@ -58,9 +69,16 @@ class LimitExceeded(ProtocolError):
     ``status`` (422, or 413 for the body size) with ``code`` and the ``limit`` object."""
 
     def __init__(self, code: str, name: str, limit: float, got: float, what: str, status: int = 422):
-        super().__init__(f"{what} is {got}, over the server's limit {name}={limit}")
-        self.code, self.status = code, status
+        super().__init__(f"{what} is {got}, over the server's limit {name}={limit}", code, status)
         self.limit = {"name": name, "max": limit, "got": got}
+
+
+class HandoffError(UntrustedAnswerError):
+    """The cloud's bytes are not a valid answer to our request (format, request hash, N, T, k,
+    timesteps, shapes, dtype, non-finite values). Fail closed: the whole answer is refused and
+    the request is not sent again, exactly as for a failed verification (device/verify.py)."""
+
+    code = "invalid_handoff"
 
 
 def error_body(code: str, message: str, limit: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -98,6 +116,9 @@ class StepsRequest:
     Nothing here may depend on which candidate is real: the candidate list is
     in canonical order and the options are chosen before the real value is
     looked at.
+
+    What is derived from a request is derived once per object: its canonical bytes, their
+    SHA-256 and its step plan (built, and so checked, when the request is made).
     """
 
     candidates: tuple[str, ...]
@@ -120,6 +141,10 @@ class StepsRequest:
             except (TypeError, ValueError) as e:
                 raise ProtocolError(f"bad acceleration: {e}") from None
         self.validate()
+        try:
+            _ = self.plan
+        except ValueError as e:
+            raise ProtocolError(f"no step plan for this request: {e}") from None
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -163,12 +188,26 @@ class StepsRequest:
     def n(self) -> int:
         return len(self.candidates)
 
-    def to_bytes(self) -> bytes:
+    @cached_property
+    def plan(self) -> StepPlan:
+        """The T-step plan of this request (its cloud steps run on the server)."""
+        acceleration = self.acceleration or AccelerationConfig.none(self.switch_step)
+        return make_plan(self.num_inference_steps, self.switch_step, acceleration)
+
+    @cached_property
+    def _canonical(self) -> bytes:
         d = asdict(self)
         d["candidates"] = list(self.candidates)
         d["guidance_scale"] = float(self.guidance_scale)
         d["acceleration"] = None if self.acceleration is None else self.acceleration.to_dict()
         return canonical_json(d)
+
+    @cached_property
+    def _sha256(self) -> str:
+        return hashlib.sha256(self._canonical).hexdigest()
+
+    def to_bytes(self) -> bytes:
+        return self._canonical
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StepsRequest:
@@ -176,11 +215,11 @@ class StepsRequest:
         try:
             obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and ints over the digit limit
-            raise ProtocolError(f"request is not UTF-8 JSON: {e}") from None
+            raise ProtocolError(f"request is not UTF-8 JSON: {e}", "malformed_json", 400) from None
         except RecursionError:
-            raise ProtocolError("request is not UTF-8 JSON: nested too deeply") from None
+            raise ProtocolError("request is not UTF-8 JSON: nested too deeply", "malformed_json", 400) from None
         if not isinstance(obj, dict):
-            raise ProtocolError("request must be a JSON object")
+            raise ProtocolError(f"request must be a JSON object, got {type(obj).__name__}", "malformed_json", 400)
         known = set(cls.__dataclass_fields__)
         unknown = set(obj) - known
         if unknown:
@@ -192,11 +231,13 @@ class StepsRequest:
             raise ProtocolError("candidates must be a list of strings")
         try:
             return cls(**obj)
-        except (TypeError, OverflowError, RecursionError) as e:  # e.g. a list where a number belongs
+        except ProtocolError:
+            raise
+        except (TypeError, ValueError, OverflowError, RecursionError) as e:  # e.g. a list where a number belongs
             raise ProtocolError(f"a request field has the wrong type: {e}") from None
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        return self._sha256
 
 
 # Image side when nothing better is known (no model loaded, e.g. the in-process step runner);
@@ -221,29 +262,23 @@ class RequestLimits:
     in-process step runner alike. ``None`` fields are resolved for the loaded model by
     ``for_model`` (a service does that once the model is loaded)."""
 
-    max_candidates: int = 32            # N
-    max_steps: int = 1000               # T, num_inference_steps
-    max_switch_step: int = 100          # k, the cloud steps one request may ask for
-    max_image_size: int | None = None   # height and width, pixels; None: 2 x the model's native size
-    max_prompt_chars: int = 1024        # per candidate
-    max_prompt_tokens: int | None = None  # per candidate, start/end included; None: the text encoder's context
-    max_body_bytes: int = 256 * 1024    # request body
-    # Cost budget: 2N x latent pixels x k (request_cost); None: max_candidates at the model's
-    # native size for DEFAULT_COST_STEPS cloud steps. Bounds a request's time and memory.
-    max_cost: int | None = None
-    max_guidance_scale: float = 50.0
+    max_candidates: int = option(32, "N, candidates per request", ge=1)
+    max_steps: int = option(1000, "T, num_inference_steps", ge=1)
+    max_switch_step: int = option(100, "k, cloud steps per request", ge=1)
+    max_image_size: int | None = option(None, "height and width in pixels (default: twice the model's native "
+                                        "size)", ge=1)
+    max_prompt_chars: int = option(1024, "characters per candidate", ge=1)
+    max_prompt_tokens: int | None = option(None, "tokens per candidate, start/end included (default: the text "
+                                           "encoder's context)", ge=1)
+    max_body_bytes: int = option(256 * 1024, "bytes of the request body", ge=1)
+    # Cost budget: 2N x latent pixels x k (request_cost). Bounds a request's time and memory.
+    max_cost: int | None = option(None, "cost budget per request, 2N x latent pixels x k (default: "
+                                  "max_candidates candidates at the model's native size for "
+                                  f"{DEFAULT_COST_STEPS} cloud steps); bounds a request's time and memory", ge=1)
+    max_guidance_scale: float = option(50.0, "classifier-free guidance scale", ge=0, le=MAX_GUIDANCE_SCALE)
 
     def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_steps", "max_switch_step", "max_image_size", "max_prompt_chars",
-                     "max_body_bytes", "max_prompt_tokens", "max_cost"):
-            v = getattr(self, name)
-            if v is None and name in ("max_prompt_tokens", "max_image_size", "max_cost"):
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        g = self.max_guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_GUIDANCE_SCALE:
-            raise ValueError(f"max_guidance_scale must be a number in [0, {MAX_GUIDANCE_SCALE:g}], got {g!r}")
+        check_fields(self)
 
     def for_model(self, native_size: int, latent_shape: Callable[[int, int], Sequence[int]]) -> RequestLimits:
         """These limits with the model-dependent defaults filled in: image side up to twice the
@@ -362,31 +397,31 @@ def _read_header(data: bytes) -> dict[str, Any]:
     """safetensors layout: u64 little-endian header length, JSON header, raw data.
     (safetensors.numpy.load drops __metadata__, so the header is read here.)"""
     if len(data) < 8:
-        raise ProtocolError(f"handoff is {len(data)} bytes; too short to hold a safetensors header (truncated?)")
+        raise HandoffError(f"handoff is {len(data)} bytes; too short to hold a safetensors header (truncated?)")
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
-        raise ProtocolError(f"handoff header claims {n} bytes but only {len(data) - 8} follow (truncated?)")
+        raise HandoffError(f"handoff header claims {n} bytes but only {len(data) - 8} follow (truncated?)")
     if n > MAX_HANDOFF_HEADER_BYTES:
-        raise ProtocolError(f"handoff header is {n} bytes, over the {MAX_HANDOFF_HEADER_BYTES} a handoff needs")
+        raise HandoffError(f"handoff header is {n} bytes, over the {MAX_HANDOFF_HEADER_BYTES} a handoff needs")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"handoff header is not JSON: {e}") from None
+        raise HandoffError(f"handoff header is not JSON: {e}") from None
     except RecursionError:
-        raise ProtocolError("handoff header is not JSON: nested too deeply") from None
+        raise HandoffError("handoff header is not JSON: nested too deeply") from None
     if not isinstance(header, dict):
-        raise ProtocolError("handoff header is not a JSON object")
+        raise HandoffError("handoff header is not a JSON object")
     body = len(data) - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             meta = info
             if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-                raise ProtocolError("handoff __metadata__ is not an object of strings")
+                raise HandoffError("handoff __metadata__ is not an object of strings")
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(type(o) is int and 0 <= o <= body for o in offsets) and offsets[0] <= offsets[1]):
-            raise ProtocolError(f"handoff tensor {_short(name)} has no valid data_offsets within the "
+            raise HandoffError(f"handoff tensor {_short(name)} has no valid data_offsets within the "
                                 f"{body} data bytes (truncated?)")
     return header
 
@@ -400,48 +435,48 @@ def _short(value: object, limit: int = 80) -> str:
 def decode_handoff(data: bytes, request: StepsRequest, expected_latent_shape: tuple[int, int, int],
                    expected_timesteps: Sequence[int] | np.ndarray | None = None) -> Handoff:
     """Device side: parse and validate the cloud's bytes against our own request. Any defect of
-    the bytes is a ProtocolError naming it (never another exception type)."""
+    the bytes is a HandoffError naming it (never another exception type)."""
     header = _read_header(data)
     meta: dict[str, str] = header.get("__metadata__") or {}
 
     def field_(key: str) -> str:
         if key not in meta:
-            raise ProtocolError(f"handoff metadata lacks {key!r}")
+            raise HandoffError(f"handoff metadata lacks {key!r}")
         return meta[key]
 
     def int_field(key: str) -> int:
         text = field_(key)
         if not re.fullmatch(r"-?[0-9]{1,18}", text):
-            raise ProtocolError(f"handoff metadata {key!r}={_short(text)} is not an integer")
+            raise HandoffError(f"handoff metadata {key!r}={_short(text)} is not an integer")
         return int(text)
 
     if field_("format") != HANDOFF_FORMAT:
-        raise ProtocolError(f"handoff format {_short(meta['format'])} is not {HANDOFF_FORMAT!r}; "
+        raise HandoffError(f"handoff format {_short(meta['format'])} is not {HANDOFF_FORMAT!r}; "
                             "the cloud and device versions differ, update one of them")
     if field_("request_sha256") != request.sha256():
-        raise ProtocolError("handoff answers a different request (request_sha256 mismatch)")
+        raise HandoffError("handoff answers a different request (request_sha256 mismatch)")
     checks = {"n": request.n, "num_inference_steps": request.num_inference_steps,
               "switch_step": request.switch_step, "step_index": request.switch_step}
     for key, want in checks.items():
         got = int_field(key)
         if got != want:
-            raise ProtocolError(f"handoff {key}={got}, expected {want}")
+            raise HandoffError(f"handoff {key}={got}, expected {want}")
     lower_order_nums = int_field("lower_order_nums")
     if not 0 <= lower_order_nums <= request.switch_step:
-        raise ProtocolError(f"handoff lower_order_nums={lower_order_nums} out of range 0..{request.switch_step}")
+        raise HandoffError(f"handoff lower_order_nums={lower_order_nums} out of range 0..{request.switch_step}")
     if field_("dtype") != request.wire_dtype:
-        raise ProtocolError(f"handoff dtype {_short(meta['dtype'])}, requested {request.wire_dtype!r}")
+        raise HandoffError(f"handoff dtype {_short(meta['dtype'])}, requested {request.wire_dtype!r}")
     try:
         raw_steps = json.loads(field_("timesteps"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raw_steps = None
     if not (isinstance(raw_steps, list) and all(type(t) is int and 0 <= t < 2**31 for t in raw_steps)):
-        raise ProtocolError("handoff timesteps are not a JSON list of integers in [0, 2**31)")
+        raise HandoffError("handoff timesteps are not a JSON list of integers in [0, 2**31)")
     timesteps = tuple(raw_steps)
     if len(timesteps) != request.num_inference_steps:
-        raise ProtocolError(f"handoff has {len(timesteps)} timesteps, expected T={request.num_inference_steps}")
+        raise HandoffError(f"handoff has {len(timesteps)} timesteps, expected T={request.num_inference_steps}")
     if expected_timesteps is not None and tuple(int(t) for t in expected_timesteps) != timesteps:
-        raise ProtocolError(f"the cloud's timestep schedule {list(timesteps)} differs from the device's "
+        raise HandoffError(f"the cloud's timestep schedule {list(timesteps)} differs from the device's "
                             f"{[int(t) for t in expected_timesteps]}: their scheduler configs disagree")
 
     want_shape = [request.n, *(int(d) for d in expected_latent_shape)]
@@ -449,22 +484,22 @@ def decode_handoff(data: bytes, request: StepsRequest, expected_latent_shape: tu
     for name in ("latents", "prev_x0"):
         info = header.get(name)
         if not isinstance(info, dict):
-            raise ProtocolError(f"handoff lacks tensor {name!r}")
+            raise HandoffError(f"handoff lacks tensor {name!r}")
         if info.get("shape") != want_shape:
-            raise ProtocolError(f"handoff {name} shape {_short(info.get('shape'))} != expected {want_shape}")
+            raise HandoffError(f"handoff {name} shape {_short(info.get('shape'))} != expected {want_shape}")
         if _ST_DTYPES.get(info.get("dtype")) is not want_dtype:  # type: ignore[arg-type]
-            raise ProtocolError(f"handoff {name} dtype {_short(info.get('dtype'))} != requested {request.wire_dtype}")
+            raise HandoffError(f"handoff {name} dtype {_short(info.get('dtype'))} != requested {request.wire_dtype}")
     try:
         tensors = st_load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ProtocolError(f"handoff bytes are not valid safetensors: {_short(str(e), 200)}") from None
+        raise HandoffError(f"handoff bytes are not valid safetensors: {_short(str(e), 200)}") from None
     out = {}
     for name in ("latents", "prev_x0"):
         if name not in tensors:
-            raise ProtocolError(f"handoff lacks tensor {name!r}")
+            raise HandoffError(f"handoff lacks tensor {name!r}")
         arr = tensors[name].astype(np.float32)
         if not np.isfinite(arr).all():
-            raise ProtocolError(f"handoff {name} holds non-finite values (NaN or inf)")
+            raise HandoffError(f"handoff {name} holds non-finite values (NaN or inf)")
         out[name] = arr
     return Handoff(
         latents=out["latents"], prev_x0=out["prev_x0"], lower_order_nums=lower_order_nums,
