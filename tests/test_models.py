@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from obclip.cloud.models import build_unet, load_clip_tokenizer, load_text_to_latent
-from obclip.device.tokenizer import ClipTokenizer
+from obclip.runtime.tokenizer import ClipTokenizer
 
 # docs/method.md's parameter counts (millions), to the precision the paper gives.
 PAPER_PARAMS_M = {"sd-v1.4": 859.5, "bk-sdm-small": 482.3, "bk-sdm-tiny": 323.3}
