@@ -275,7 +275,7 @@ def _jsonable(obj):
 
 
 def _engines_dir(args) -> str:
-    from obclip.export.build_engines import build_device_engines, ensure_default_engines
+    from obclip.export.device_engines import build_device_engines, ensure_default_engines
 
     if args.engines:
         return args.engines

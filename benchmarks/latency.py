@@ -419,7 +419,7 @@ def main(argv=None) -> int:
 
             engine = OrtEngine(args.engines, providers=args.providers, threads=args.threads)
             if model_name == "mini" and "torch" in args.backend:  # side by side only on the same weights
-                from obclip.export.build_engines import model_fingerprint
+                from obclip.export.staging import model_fingerprint
 
                 if (engine.manifest.source or {}).get("fingerprint") != model_fingerprint(Path(model_dir)):
                     print(f"error: the engines in {args.engines} were not exported from {model_dir}; export "

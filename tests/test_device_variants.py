@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from obclip.runtime.errors import ArtifactError
 from obclip.runtime.manifest import Manifest
 
 SMALL = dict(prompts=("a red circle",), calibration_prompts=("a blue square",), steps=3)
@@ -78,7 +79,7 @@ def test_a_trained_model_below_the_floor_is_refused(engines_dir, tmp_path, monke
 
     shutil.copytree(engines_dir, tmp_path / "device")
     monkeypatch.setitem(dv.PSNR_FLOOR, "fp16", 1000.0)
-    with pytest.raises(RuntimeError, match=r"fp16 device engines reach only .* \(floor 1000.0 dB\)"):
+    with pytest.raises(ArtifactError, match=r"fp16 device engines reach only .* \(floor 1000.0 dB\)"):
         dv.build_device_variant(tmp_path / "device", "fp16", tmp_path, dv.VariantCheck(**SMALL, enforce=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device"]  # nothing half-written
 

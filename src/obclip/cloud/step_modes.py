@@ -58,6 +58,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from obclip.runtime.errors import InputError
 from obclip.runtime.plan import SkipVariant, StepMode
 
 from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, SKIP_UP_SHALLOW, ModeSpec, TokenAlignment
@@ -409,7 +410,7 @@ class ObClipAttnProcessor:
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
         if attention_mask is not None:
-            raise ValueError("ObCLIP attention processors do not support attention masks")
+            raise InputError("ObCLIP attention processors do not support attention masks")
         current = self.slot.current
         if current is None:
             raise RuntimeError("the UNet has ObCLIP attention processors installed; call it through run_mode")
@@ -428,7 +429,7 @@ def _check_supported(name: str, attn: Any) -> None:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(f"attention module {name} uses {bad}, which the ObCLIP processors do not implement; "
+        raise InputError(f"attention module {name} uses {bad}, which the ObCLIP processors do not implement; "
                          "run this model without acceleration")
 
 
@@ -441,7 +442,7 @@ def check_unet(unet: Any) -> None:
     }
     used = {k: v for k, v in extras.items() if v is not None}
     if used:
-        raise ValueError(f"the accelerated UNet pass implements SD-style UNets only; this one sets {used}")
+        raise InputError(f"the accelerated UNet pass implements SD-style UNets only; this one sets {used}")
 
 
 def attention_modules(unet: Any) -> dict[str, Any]:
@@ -593,7 +594,7 @@ def _run_shallow_up_block(p: _Pass, block: Any, h: Tensor, res: tuple[Tensor, ..
     first of them; a step that fills the cache runs every layer and stores that input."""
     n = len(block.resnets)
     if n < 2 or getattr(block, "upsamplers", None) is not None:
-        raise ValueError("skip_variant 'deepcache-shallow' needs a last up block of >= 2 layers and no "
+        raise InputError("skip_variant 'deepcache-shallow' needs a last up block of >= 2 layers and no "
                          f"upsampler; this UNet's has {n} layers")
     start = n - 2
     attentions = getattr(block, "attentions", None) or [None] * n

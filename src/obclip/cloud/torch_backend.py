@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from obclip.runtime.errors import InputError
 from obclip.runtime.plan import PlannedStep
 from obclip.runtime.solver import SolverConfig, make_schedule
 
@@ -58,7 +59,7 @@ def guided_eps(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, 
 class TorchSolver:
     def __init__(self, scheduler: DPMSolverMultistepScheduler):
         if "sde" in str(scheduler.config.get("algorithm_type", "")):
-            raise ValueError("the cloud steps need a deterministic DPM-Solver++ (algorithm_type dpmsolver++)")
+            raise InputError("the cloud steps need a deterministic DPM-Solver++ (algorithm_type dpmsolver++)")
         self.scheduler = scheduler
         self.timesteps = tuple(int(t) for t in scheduler.timesteps)
 

@@ -24,6 +24,7 @@ from enum import Enum
 import numpy as np
 
 from obclip.runtime.denoise import denoise
+from obclip.runtime.errors import InputError
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import AccelerationConfig, make_plan
 from obclip.runtime.protocol import Handoff, ProtocolError, StepsRequest, decode_handoff
@@ -71,18 +72,18 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
+            raise InputError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
         acc = self.acceleration
         if acc is not None and not isinstance(acc, AccelerationConfig):
-            raise ValueError(f"acceleration must be an AccelerationConfig (e.g. preset('paper-k10')), got {acc!r}")
+            raise InputError(f"acceleration must be an AccelerationConfig (e.g. preset('paper-k10')), got {acc!r}")
         if acc is not None:
             if self.method is Method.DEVICE_ONLY:
-                raise ValueError("a device-only run sends nothing to the cloud; drop the acceleration")
+                raise InputError("a device-only run sends nothing to the cloud; drop the acceleration")
             if acc.switch_step != self.k:
-                raise ValueError(f"the acceleration is for k={acc.switch_step} cloud steps but method "
+                raise InputError(f"the acceleration is for k={acc.switch_step} cloud steps but method "
                                  f"{self.method.value} runs k={self.k}; choose one for k={self.k}")
         if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.k <= self.num_inference_steps:
-            raise ValueError(f"switch_step k={self.k} must be in 0..T={self.num_inference_steps}")
+            raise InputError(f"switch_step k={self.k} must be in 0..T={self.num_inference_steps}")
 
     @property
     def k(self) -> int:
@@ -152,7 +153,7 @@ class DevicePipeline:
 
     def prepare(self, prompt: str, config: GenerationConfig) -> PreparedRequest:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty; type what the image should show")
+            raise InputError("the prompt is empty; type what the image should show")
         size = self.engines.manifest.default_image_size
         height, width = config.height or size, config.width or size
         self.engines.latent_shape(height, width)  # validates the size before anything is sent
@@ -194,7 +195,7 @@ class DevicePipeline:
             state = initial_state()
         else:
             if answer is None:
-                raise ValueError("this request ran cloud steps, so finish() needs the cloud's handoff")
+                raise InputError("this request ran cloud steps, so finish() needs the cloud's handoff")
             handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
             x, state = _members(handoff, [prepared.real_index])
         return self._device_steps(x, state, [prepared.prompt], schedule, config, on_step)
@@ -208,11 +209,11 @@ class DevicePipeline:
         finished them all); a generation never calls it. Row for row the same steps as finish().
         """
         if prepared.request is None or prepared.candidate_set is None:
-            raise ValueError("finish_candidates needs an ObCLIP request that ran cloud steps")
+            raise InputError("finish_candidates needs an ObCLIP request that ran cloud steps")
         cands = prepared.candidate_set.candidates
         bad = [i for i in indices if not 0 <= i < len(cands)]
         if bad or not indices:
-            raise ValueError(f"candidate indices {bad or indices} out of range 0..{len(cands) - 1}")
+            raise InputError(f"candidate indices {bad or indices} out of range 0..{len(cands) - 1}")
         latent_shape = self.engines.latent_shape(prepared.height, prepared.width)
         schedule = make_schedule(self.solver_config, config.num_inference_steps)
         handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
@@ -279,7 +280,7 @@ class DevicePipeline:
         answer: bytes | Handoff | None = None
         if prepared.request is not None:
             if cloud is None:
-                raise ValueError(f"method {config.method.value} with k={config.k} needs a cloud to send the request to")
+                raise InputError(f"method {config.method.value} with k={config.k} needs a cloud to send the request to")
             t0 = time.perf_counter()
             answer = cloud(prepared.request.to_bytes())
             timings["cloud"] = time.perf_counter() - t0

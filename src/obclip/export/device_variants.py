@@ -51,6 +51,7 @@ import numpy as np
 
 from obclip.export.staging import staged_folder
 from obclip.runtime.denoise import denoise
+from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.graphs import DeviceGraphs, UNet
 from obclip.runtime.manifest import PRECISIONS, Manifest, sha256_file
 from obclip.runtime.noise import initial_noise
@@ -90,7 +91,7 @@ def parse_precisions(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in PRECISIONS]
     if bad or not names:
-        raise ValueError(f"--device-precision {text!r}: each must be one of {', '.join(PRECISIONS)}")
+        raise InputError(f"--device-precision {text!r}: each must be one of {', '.join(PRECISIONS)}")
     return ["fp32"] + [p for p in PRECISIONS[1:] if p in names]
 
 
@@ -290,10 +291,10 @@ def build_device_variant(fp32_dir: Path, precision: str, out: Path,
     """``out``/device-<precision> from the fp32 folder, atomically; refused (nothing written) when a
     trained model's variant falls below its PSNR floor."""
     if precision not in PRECISIONS[1:]:
-        raise ValueError(f"precision {precision!r}: build one of {PRECISIONS[1:]} from the fp32 folder")
+        raise InputError(f"precision {precision!r}: build one of {PRECISIONS[1:]} from the fp32 folder")
     base = Manifest.load(fp32_dir)
     if base.precision != "fp32":
-        raise ValueError(f"{fp32_dir} holds {base.precision} engines; variants are built from the fp32 folder")
+        raise InputError(f"{fp32_dir} holds {base.precision} engines; variants are built from the fp32 folder")
     target = variant_dir(out, precision)
     with staged_folder(target) as work:
         t0 = time.perf_counter()
@@ -327,9 +328,9 @@ def build_device_variant(fp32_dir: Path, precision: str, out: Path,
               f"fp32 mean {mean} dB, worst {result['image_psnr_min_db']} dB (floor {floor} dB on the mean, "
               f"{'enforced' if enforce else 'recorded only: random weights'})")
         if enforce and mean < floor:
-            raise RuntimeError(f"the {precision} device engines reach only {mean} dB mean PSNR against fp32 "
-                               f"(floor {floor} dB) on a trained model: not written; ship the fp32 or another "
-                               "variant (--device-precision)")
+            raise ArtifactError(f"the {precision} device engines reach only {mean} dB mean PSNR against fp32 "
+                                f"(floor {floor} dB) on a trained model: not written; ship the fp32 or another "
+                                "variant (--device-precision)")
         replace(manifest, variant_check=result).save(work)
     print(f"wrote {target / 'manifest.json'}")
     return Manifest.load(target)
