@@ -78,14 +78,6 @@ class Engine(Protocol):
     def solver(self, num_inference_steps: int) -> Solver: ...
 
 
-def __getattr__(name: str) -> Any:
-    # The torch helpers, for callers that import them from here (reference run, training, tests).
-    if name in ("guided_eps", "make_scheduler"):
-        from . import torch_backend
-        return getattr(torch_backend, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class CloudResult:
     latents: np.ndarray       # [N, C, h, w] float32
