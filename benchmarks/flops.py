@@ -161,7 +161,7 @@ class StepCounter:
         return unet, x, cond, uncond, t
 
     def plain_step(self, name: str, n: int) -> FlopBreakdown:
-        """One classifier-free-guided step of a plain UNet over 2n rows (as cloud.steps.guided_eps)."""
+        """One classifier-free-guided step of a plain UNet over 2n rows (as cloud.torch_backend.guided_eps)."""
         key = (name, n)
         if key not in self.plain:
             unet, x, cond, uncond, t = self._inputs(name, n)

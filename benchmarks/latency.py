@@ -6,7 +6,7 @@
 
 Rows (one request each, timed around ``CloudStepRunner.run``, the server's
 whole request: prompt encoding, shared noise, the plan's cloud steps
-through ``AcceleratedUNet``, the solver, the copy of the result to host):
+through ``step_modes.run_mode`` on the engine, the solver, the copy of the result to host):
 
     SD cloud only     N = 1, all T steps, the prompt as typed (not private)
     Hybrid SD         N = 1, k steps, the prompt as typed (not private)

@@ -226,7 +226,7 @@ class SharedWeightsWriter:
     """Writes mode graphs one at a time into ``folder/unet/<name>.onnx`` with their large
     initializers as external data in one ``weights.bin``, each distinct tensor stored once under
     a content-derived name. One graph at a time, so an exporter can delete each raw trace as soon
-    as it is added (a full-size UNet trace is 3.4 GB; fifteen of them do not fit on disk)."""
+    as it is added (a full-size UNet trace holds every weight; fifteen of them do not fit on disk)."""
 
     def __init__(self, folder: Path):
         self.folder = folder

@@ -20,7 +20,7 @@ once per image get the fp16 treatment (weights half size, no quantisation error)
                 percentile ranges), then MatMul/Gemm with constant weights, dynamic (per-channel
                 int8 weights, activations quantised per call); attention-score MatMuls (two
                 activations), norms, softmax and everything else stay float32;
-  text encoder: fp16 (dynamic int8 MatMuls cost the trained mini model ~20 dB on some prompts);
+  text encoder: fp16 (dynamic int8 MatMuls cost the trained mini model too much PSNR on some prompts);
   VAE decoder:  fp16.
 
 Every variant is checked on real trajectories (device-only runs, the device pipeline's loop, same

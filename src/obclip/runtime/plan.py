@@ -262,12 +262,10 @@ _OMITTED_AT_DEFAULT: dict[str, Any] = {"refresh_mode": RefreshMode.FULL.value,
 
 # paper-k5 / paper-k10: the paper's two server settings (T = 25, DPM-Solver): batch reuse before
 # r, attention cache from r, block skip from s, no refresh inside the cloud steps.
-# lean-k10: chosen from the measured Pareto front (docs/sweep/): no batch reuse; step 0 on the pivot
-# only, then the N unconditional rows merged exactly at step 1; full passes to r; attention cache
-# from r; DeepCache skip from s; guidance frozen (the stored uncond - cond residual) on cache and
-# skip steps; cross-attention K/V once per request. 17.81 T MACs at N = 6 (SD-v1.4, paper
-# convention) against paper-k10's 33.57; on ObCLIP-Mini v2 (120 held-out prompts, all 18
-# candidates) it loses 0.9 points of non-pivot "both" accuracy to the exact run (paper-k10: 1.1).
+# lean-k10: chosen from the measured Pareto front (docs/sweep/; its cost and accuracy are reported
+# there): no batch reuse; step 0 on the pivot only, then the N unconditional rows merged exactly at
+# step 1; full passes to r; attention cache from r; DeepCache skip from s; guidance frozen (the
+# stored uncond - cond residual) on cache and skip steps; cross-attention K/V once per request.
 PRESETS: dict[str, AccelerationConfig] = {
     "paper-k5": AccelerationConfig(switch_step=5, cache_step=3, skip_step=3),
     "paper-k10": AccelerationConfig(switch_step=10, cache_step=4, skip_step=6),
