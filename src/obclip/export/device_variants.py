@@ -99,15 +99,6 @@ def variant_dir(out: Path, precision: str) -> Path:
     return out / ("device" if precision == "fp32" else f"device-{precision}")
 
 
-def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
-    """Pixels the dynamic device graphs accept: multiples of the UNet's overall downsampling (its
-    skip connections must line up) times the VAE's, from half to twice the trained size."""
-    multiple = 2 ** (len(unet.config.block_out_channels) - 1) * vae_scale
-    lo = max(multiple, (default // 2) // multiple * multiple)
-    hi = max(lo, (2 * default) // multiple * multiple)
-    return {"min": lo, "max": hi, "multiple": multiple}
-
-
 # --- graph optimisation -------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from .errors import ArtifactError
 # NodeProto.attribute=5, AttributeProto t=5 g=6 tensors=10 graphs=11 sparse_tensor=22 sparse_tensors=23,
 # SparseTensorProto values=1 indices=2, TensorProto name=8 external_data=13,
 # StringStringEntryProto key=1 value=2.
-_GRAPH_FIELDS = {1: "node", 5: "initializer", 15: "sparse"}
+_GRAPH_FIELDS = {1: "node", 5: "tensor", 15: "sparse"}
 _ATTR_FIELDS = {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"}
 _MAX_DEPTH = 16
 
@@ -98,28 +98,28 @@ def _sparse(buf: Any, s: int, e: int, initializer: bool) -> Iterator[TensorRef]:
             yield _tensor(buf, a, b, initializer)
 
 
+def _stored(kind: str | None, buf: Any, s: int, e: int, initializer: bool, depth: int) -> Iterator[TensorRef]:
+    """The tensors in one field of a graph or a node attribute: a tensor, a sparse tensor, a graph."""
+    if kind == "tensor":
+        yield _tensor(buf, s, e, initializer)
+    elif kind == "sparse":
+        yield from _sparse(buf, s, e, initializer)
+    elif kind == "graph":
+        yield from _graph(buf, s, e, depth + 1)
+
+
 def _graph(buf: Any, s: int, e: int, depth: int) -> Iterator[TensorRef]:
     if depth > _MAX_DEPTH:
         raise ValueError("graphs nested too deep")
-    main = depth == 0
     for num, a, b in _fields(buf, s, e):
         kind = _GRAPH_FIELDS.get(num)
-        if kind == "initializer":
-            yield _tensor(buf, a, b, main)
-        elif kind == "sparse":
-            yield from _sparse(buf, a, b, main)
-        elif kind == "node":
-            for n2, x, y in _fields(buf, a, b):
-                if n2 != 5:   # attribute
-                    continue
+        if kind != "node":
+            yield from _stored(kind, buf, a, b, depth == 0, depth)
+            continue
+        for n2, x, y in _fields(buf, a, b):
+            if n2 == 5:   # attribute
                 for n3, p, q in _fields(buf, x, y):
-                    k = _ATTR_FIELDS.get(n3)
-                    if k == "tensor":
-                        yield _tensor(buf, p, q, False)
-                    elif k == "sparse":
-                        yield from _sparse(buf, p, q, False)
-                    elif k == "graph":
-                        yield from _graph(buf, p, q, depth + 1)
+                    yield from _stored(_ATTR_FIELDS.get(n3), buf, p, q, False, depth)
 
 
 _CACHE: dict[tuple[str, int, int], tuple[TensorRef, ...]] = {}
