@@ -176,7 +176,7 @@ class PivotRows(Rows):
         return [(t[i:i + 1], i % self.r, i >= self.r) for i in range(2 * self.r)]
 
     def to_full(self, t: Tensor) -> Tensor:
-        raise RuntimeError("a pivot-only step writes no cache")
+        raise NotImplementedError("a pivot-only step writes no cache")
 
     def halves(self, eps: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.one:

@@ -182,8 +182,8 @@ class _Pass:
         try:
             return self.reads[name]
         except KeyError:
-            raise RuntimeError(f"step mode {self.spec.mode.value} reads {what} {name}, but no earlier step of "
-                               "this request computed it; check the plan") from None
+            raise InputError(f"step mode {self.spec.mode.value} reads {what} {name}, but no earlier step of "
+                             "this request computed it; check the plan") from None
 
     def kv(self, name: str, attn: Any, which: str) -> Tensor:
         """cross_kv_once: the text side of cross-attention depends on the texts only, so it is projected
@@ -285,7 +285,7 @@ class ObClipAttnProcessor:
             raise InputError("ObCLIP attention processors do not support attention masks")
         current = self.slot.current
         if current is None:
-            raise RuntimeError("the UNet has ObCLIP attention processors installed; call it through run_mode")
+            raise InputError("the UNet has ObCLIP attention processors installed; call it through run_mode")
         return current.attention(self.name, attn, hidden_states, encoder_hidden_states)
 
 

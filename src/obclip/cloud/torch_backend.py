@@ -38,8 +38,9 @@ def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSol
     scheduler.set_timesteps(num_inference_steps, device="cpu")
     ours = make_schedule(SolverConfig.from_scheduler_config(model.scheduler_config), num_inference_steps)
     if not np.array_equal(scheduler.timesteps.numpy().astype(np.int64), ours.timesteps):
-        raise RuntimeError("diffusers and runtime.solver disagree on the timestep schedule for "
-                           f"{model.scheduler_config}; fix runtime/solver.py")
+        raise InputError("diffusers and runtime.solver disagree on the timestep schedule for "
+                         f"{model.scheduler_config}; use a model whose scheduler runtime/solver.py "
+                         "reproduces, or extend runtime/solver.py")
     return scheduler
 
 

@@ -45,7 +45,7 @@ def _varint(buf: Any, i: int) -> tuple[int, int]:
     shift = value = 0
     while True:
         if i >= len(buf):
-            raise ValueError("truncated varint")
+            raise OnnxReadError("truncated varint")
         b = buf[i]
         i += 1
         value |= (b & 0x7F) << shift
@@ -53,7 +53,7 @@ def _varint(buf: Any, i: int) -> tuple[int, int]:
             return value, i
         shift += 7
         if shift > 63:
-            raise ValueError("bad varint")
+            raise OnnxReadError("bad varint")
 
 
 def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -71,13 +71,13 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         elif wire == 2:
             n, i = _varint(buf, i)
             if i + n > end:
-                raise ValueError("truncated field")
+                raise OnnxReadError("truncated field")
             yield num, i, i + n
             i += n
         else:
-            raise ValueError(f"unsupported wire type {wire}")
+            raise OnnxReadError(f"unsupported wire type {wire}")
     if i != end:
-        raise ValueError("field overruns its message")
+        raise OnnxReadError("field overruns its message")
 
 
 def _tensor(buf: Any, s: int, e: int, initializer: bool) -> TensorRef:
@@ -110,7 +110,7 @@ def _stored(kind: str | None, buf: Any, s: int, e: int, initializer: bool, depth
 
 def _graph(buf: Any, s: int, e: int, depth: int) -> Iterator[TensorRef]:
     if depth > _MAX_DEPTH:
-        raise ValueError("graphs nested too deep")
+        raise OnnxReadError("graphs nested too deep")
     for num, a, b in _fields(buf, s, e):
         kind = _GRAPH_FIELDS.get(num)
         if kind != "node":
@@ -140,7 +140,7 @@ def onnx_tensors(path: str | Path) -> tuple[TensorRef, ...]:
                 for num, a, b in _fields(buf, 0, len(buf)):
                     if num == 7:
                         found.extend(_graph(buf, a, b, 0))
-            except (ValueError, IndexError) as e:
+            except (OnnxReadError, IndexError) as e:
                 raise OnnxReadError(f"{path} is not a readable ONNX file ({e}); rerun export: "
                                     "python export/build_engines.py") from None
         _CACHE[key] = tuple(found)
