@@ -44,6 +44,7 @@ import torch
 
 from obclip.cloud.flops import FlopBreakdown, FlopCounter, meta_unet, step_flops
 from obclip.cloud.modes import mode_spec
+from obclip.cloud.step_modes import MissingCacheError
 from obclip.runtime.plan import PRESETS, AccelerationConfig, PlannedStep, make_plan
 
 TERA = 1e12
@@ -188,9 +189,7 @@ class StepCounter:
         if self.exhaustive or skey not in self.setup or any(k not in self.steps for k in keys):
             try:
                 self._run(name, n, config, steps, keys, skip_known=not self.exhaustive)
-            except RuntimeError as e:
-                if "no earlier step" not in str(e):
-                    raise
+            except MissingCacheError:
                 # A cache the known (not run) steps would have filled: run them all.
                 self._run(name, n, config, steps, keys, skip_known=False)
         return self.setup[skey], [(s, self.steps[k]) for s, k in zip(steps, keys)]

@@ -17,9 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from obclip.cloud.flops import EXTRA_FORMULAS
 from obclip.cloud.models import build_unet
 from obclip.cloud.modes import ModeSpec, mode_spec
+from obclip.cloud.step_modes import MissingCacheError
 from obclip.cloud.steps import CloudStepRunner
 from obclip.cloud.torch_backend import guided_eps
-from obclip.runtime.errors import InputError
 from obclip.runtime.plan import (
     CLOUD,
     PRESETS,
@@ -359,7 +359,7 @@ def test_full_mode_is_the_plain_unet_and_surgery_is_undone(unets, inputs):
     assert torch.equal(eps, guided_eps(unet, x, torch.tensor(500), cond, uncond.expand(N, -1, -1), G))
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
     # also after an error inside the block
-    with pytest.raises(InputError, match="no earlier step of this request computed it"):
+    with pytest.raises(MissingCacheError, match="no earlier step of this request computed it"):
         run_steps(unet, preset("paper-k5"), inputs, [StepMode.CACHE])
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 

@@ -233,7 +233,7 @@ def default_models(root: Path = DEFAULT_MODELS_DIR) -> tuple[Path, Path]:
     pair = (root / "cloud", root / "device")
     missing = [str(p) for p in pair if not (p / "model_index.json").is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise ArtifactError(
             f"the embedded ObCLIP-Mini model pair is missing ({', '.join(missing)}). It ships with the "
             "obclip package: reinstall obclip (from a checkout: `git checkout -- src/obclip/models/obclip-mini`), "
             "or retrain it with `python -m mini.train --out src/obclip/models/obclip-mini` (see its "
@@ -270,13 +270,13 @@ def from_pretrained(cls, model: str, subfolder: str, **kwargs):
     is_local = path.exists()
     looks_local = model.startswith((".", "/", "~")) or Path(model).is_absolute() or model.count("/") != 1
     if not is_local and looks_local:
-        raise FileNotFoundError(
+        raise InputError(
             f"model directory {model!r} does not exist. Pass a diffusers-layout directory "
             "(model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a hub id "
             "such as CompVis/stable-diffusion-v1-4 where the hub is reachable."
         )
     if is_local and not (path / subfolder).is_dir():
-        raise FileNotFoundError(
+        raise InputError(
             f"model directory {model!r} has no {subfolder}/ folder; expected the diffusers layout "
             "(text_encoder/, tokenizer/, unet/, vae/, scheduler/)."
         )
@@ -284,7 +284,7 @@ def from_pretrained(cls, model: str, subfolder: str, **kwargs):
         return cls.from_pretrained(str(path) if is_local else model, subfolder=subfolder,
                                    local_files_only=is_local, **kwargs)
     except OSError as e:  # hub id unreachable, or files missing
-        raise FileNotFoundError(f"could not load {subfolder} from {model!r}: {e}") from e
+        raise InputError(f"could not load {subfolder} from {model!r}: {e}") from e
 
 
 @dataclass

@@ -67,6 +67,10 @@ from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, SKIP_UP_SHAL
 Tensor = torch.Tensor
 
 
+class MissingCacheError(InputError):
+    """A step mode reads a cache that no earlier step of the request wrote (a plan that skips one)."""
+
+
 @dataclass(frozen=True)
 class AlignmentTensors:
     """One request's token alignment as tensors (``modes.TokenAlignment``). ``starts``/``stops``/``weights``
@@ -182,8 +186,8 @@ class _Pass:
         try:
             return self.reads[name]
         except KeyError:
-            raise InputError(f"step mode {self.spec.mode.value} reads {what} {name}, but no earlier step of "
-                             "this request computed it; check the plan") from None
+            raise MissingCacheError(f"step mode {self.spec.mode.value} reads {what} {name}, but no earlier step "
+                                    "of this request computed it; check the plan") from None
 
     def kv(self, name: str, attn: Any, which: str) -> Tensor:
         """cross_kv_once: the text side of cross-attention depends on the texts only, so it is projected

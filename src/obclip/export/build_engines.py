@@ -27,9 +27,6 @@ from .device_engines import build_device_engines, ensure_default_engines, ensure
 
 __all__ = ["build_device_engines", "ensure_default_engines", "ensure_engines", "main"]
 
-# What a failed export says on stderr (exit 2): bad input, a refused check, a missing dependency.
-_REPORTED = (ObclipError, FileNotFoundError, ValueError, RuntimeError, ImportError)
-
 
 def add_cloud_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cloud engines (OUT/cloud; without --cloud-model or --device-model both sides of "
@@ -93,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             export_cloud(args, out)
         if args.device_model is not None or both:
             export_device(args, out)
-    except _REPORTED as e:
+    except ObclipError as e:   # bad input, a refused check, a missing dependency: its kind's exit code
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

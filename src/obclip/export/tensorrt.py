@@ -38,8 +38,8 @@ from .specs import ModeGraphSpec, Shape
 TIMING_CACHE = "timing.cache"
 
 
-class TensorRTUnavailable(RuntimeError):
-    """The TensorRT library or a CUDA GPU is missing."""
+class TensorRTUnavailable(InputError):
+    """The TensorRT library or a CUDA GPU is missing: install it, use a machine with one, or drop --tensorrt."""
 
 
 def require_tensorrt() -> Any:
