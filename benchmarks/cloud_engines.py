@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from obclip.device.engines import DeviceEngines, EngineConfig
     from obclip.device.pipeline import DevicePipeline, GenerationConfig
-    from obclip.export.build_engines import ensure_default_engines
+    from obclip.export.device_engines import ensure_default_engines
 
     torch_runner = CloudStepRunner(load_text_to_latent(resolve_model_dir(args.model, "cloud")))
     ort_runner = CloudStepRunner(engine=OrtEngine(args.engines))

@@ -119,7 +119,7 @@ def build(out: Path, reuse: bool, model: str | None, check_steps: int, check_pro
     if reuse and all((out / d / "manifest.json").is_file() for d in ("device", "device-fp16", "device-int8")):
         return
     from obclip.cloud.models import resolve_model_dir
-    from obclip.export.build_engines import build_device_engines
+    from obclip.export.device_engines import build_device_engines
     from obclip.export.device_variants import CHECK_PROMPTS, VariantCheck, build_device_variants
 
     out.mkdir(parents=True, exist_ok=True)

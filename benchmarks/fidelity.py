@@ -265,7 +265,7 @@ def print_table(rows: list[dict], result: dict, per_candidate: bool) -> None:
 
 
 def _engines_dir(args) -> str:
-    from obclip.export.build_engines import build_device_engines, ensure_default_engines
+    from obclip.export.device_engines import build_device_engines, ensure_default_engines
 
     if args.engines:
         return args.engines

@@ -6,11 +6,11 @@
 Every number is counted by ``cloud.flops`` (torch's FlopCounterMode) while
 full-size UNets run on the meta device (shapes only, no arithmetic): plain
 guided passes for the baselines, and every kind of cloud step of an ObCLIP
-plan run through ``cloud.acceleration.AcceleratedUNet`` in plan order. A
+plan run through ``cloud.step_modes.run_mode`` in plan order (``cloud.flops.step_flops``). A
 step's cost depends only on its ``ModeSpec`` (``cloud.modes.mode_spec``) and
 N (and, with ``cross_kv_once``, on which text projections earlier steps left), so
 each (configuration, N, spec, projections) cost is counted once, by running that step
-of a plan on an AcceleratedUNet whose earlier steps filled its caches, and
+of a plan through run_mode after the earlier steps filled its caches, and
 reused for the other steps with the same key; steps whose cost is already
 known are not run. ``--exhaustive`` runs every cloud step of every plan and
 checks that the memo holds.
@@ -38,13 +38,13 @@ import argparse
 import json
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
-from obclip.cloud.flops import FlopBreakdown, FlopCounter, meta_unet
+from obclip.cloud.flops import FlopBreakdown, FlopCounter, meta_unet, step_flops
 from obclip.cloud.modes import mode_spec
+from obclip.cloud.step_modes import MissingCacheError
 from obclip.runtime.plan import PRESETS, AccelerationConfig, PlannedStep, make_plan
 
 TERA = 1e12
@@ -162,7 +162,7 @@ class StepCounter:
         return unet, x, cond, uncond, t
 
     def plain_step(self, name: str, n: int) -> FlopBreakdown:
-        """One classifier-free-guided step of a plain UNet over 2n rows (as cloud.steps.guided_eps)."""
+        """One classifier-free-guided step of a plain UNet over 2n rows (as cloud.torch_backend.guided_eps)."""
         key = (name, n)
         if key not in self.plain:
             unet, x, cond, uncond, t = self._inputs(name, n)
@@ -181,7 +181,7 @@ class StepCounter:
 
     def plan_steps(self, name: str, n: int, config: AccelerationConfig, num_steps: int
                    ) -> tuple[FlopBreakdown, list[tuple[PlannedStep, FlopBreakdown]]]:
-        """(setup cost, [(step, cost)] for every cloud step), counted on AcceleratedUNet."""
+        """(setup cost, [(step, cost)] for every cloud step), counted through run_mode (cloud.flops.step_flops)."""
         plan = make_plan(num_steps, config.switch_step, config)
         steps = plan.cloud_steps
         keys = [self._key(name, n, config, s) for s in steps]
@@ -189,9 +189,7 @@ class StepCounter:
         if self.exhaustive or skey not in self.setup or any(k not in self.steps for k in keys):
             try:
                 self._run(name, n, config, steps, keys, skip_known=not self.exhaustive)
-            except RuntimeError as e:
-                if "no earlier step" not in str(e):
-                    raise
+            except MissingCacheError:
                 # A cache the known (not run) steps would have filled: run them all.
                 self._run(name, n, config, steps, keys, skip_known=False)
         return self.setup[skey], [(s, self.steps[k]) for s, k in zip(steps, keys)]
@@ -203,23 +201,27 @@ class StepCounter:
         table.setdefault(key, cost)
 
     def _run(self, name, n, config, steps, keys, skip_known: bool) -> None:
-        from obclip.cloud.acceleration import AcceleratedUNet
+        from obclip.cloud.step_modes import ModeInputs
 
         unet, x, cond, uncond, t = self._inputs(name, n)
-        with ExitStack() as stack:
-            with FlopCounter() as fc:
-                accel = stack.enter_context(AcceleratedUNet(unet, config, cond=cond, uncond=uncond,
-                                                            guidance_scale=self.guidance_scale, alignment=None))
-            self._remember(self.setup, (name, n, _cost_flags(config)), fc.breakdown, "request setup")
-            for i, (step, key) in enumerate(zip(steps, keys)):
-                if skip_known and all(k in self.steps for k in keys[i:]):
-                    break
-                if skip_known and key in self.steps:
-                    continue
-                with FlopCounter() as fc:
-                    accel.guided_eps(x, t, step)
-                self.passes += 1
-                self._remember(self.steps, key, fc.breakdown, f"{name} N={n} step {step.index} ({step.mode.value})")
+        with FlopCounter() as fc:   # the request's texts, as the step loop holds them: [empty, candidates]
+            text = torch.cat([uncond, cond])
+        self._remember(self.setup, (name, n, _cost_flags(config)), fc.breakdown, "request setup")
+        inputs = ModeInputs(x=x, timestep=t, text=text, guidance_scale=self.guidance_scale, sizes=(n,),
+                            alignment=(None,))
+        known, run = set(self.steps), []   # the steps whose cost is not known yet, up to the last of them
+        for i, key in enumerate(keys):
+            if skip_known and all(k in known for k in keys[i:]):
+                break
+            if skip_known and key in known:
+                continue
+            run.append((steps[i], key))
+            known.add(key)
+        by_step = {s.index: k for s, k in run}
+        for step, cost in step_flops(unet, config, [s for s, _ in run], inputs):
+            self.passes += 1
+            self._remember(self.steps, by_step[step.index], cost, f"{name} N={n} step {step.index} "
+                                                                  f"({step.mode.value})")
 
 
 # --- the table --------------------------------------------------------------------
@@ -319,7 +321,7 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
                     # A FULL step of the accelerated path must cost what the plain UNet does.
                     for s, b in costs:
                         if b != plain_n:
-                            mismatches.append(f"{pname} N={n} step {s.index}: AcceleratedUNet FULL step "
+                            mismatches.append(f"{pname} N={n} step {s.index}: run_mode FULL step "
                                               f"{b.flops} FLOPs != plain UNet {plain_n.flops}")
                 add(v, VARIANT_LABELS[v], "unaccelerated" if v == "obclip" else "accelerated", _serve(server[v]))
             per_step.setdefault(pname, {})[n] = steps_out
@@ -437,7 +439,7 @@ def format_table(result: dict) -> str:
     w("")
     problems = result["problems"]
     w(f"{result['unet_passes_run']} UNet passes counted on the meta device in {result['seconds']:.1f} s; "
-      + ("every unaccelerated row within 1% of the paper; FULL steps of AcceleratedUNet cost what the plain "
+      + ("every unaccelerated row within 1% of the paper; FULL steps through run_mode cost what the plain "
          "UNet does" if not problems else "PROBLEMS:\n  " + "\n  ".join(problems)))
     return "\n".join(out)
 

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from obclip.cloud.steps import CloudStepRunner
     from obclip.device.engines import DeviceEngines, EngineConfig
     from obclip.device.pipeline import DevicePipeline, GenerationConfig
-    from obclip.export.build_engines import ensure_default_engines
+    from obclip.export.device_engines import ensure_default_engines
 
     engines = args.engines or ensure_default_engines()
     pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines))))

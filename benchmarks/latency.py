@@ -6,7 +6,7 @@
 
 Rows (one request each, timed around ``CloudStepRunner.run``, the server's
 whole request: prompt encoding, shared noise, the plan's cloud steps
-through ``AcceleratedUNet``, the solver, the copy of the result to host):
+through ``step_modes.run_mode`` on the engine, the solver, the copy of the result to host):
 
     SD cloud only     N = 1, all T steps, the prompt as typed (not private)
     Hybrid SD         N = 1, k steps, the prompt as typed (not private)
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
 
             engine = OrtEngine(args.engines, providers=args.providers, threads=args.threads)
             if model_name == "mini" and "torch" in args.backend:  # side by side only on the same weights
-                from obclip.export.build_engines import model_fingerprint
+                from obclip.export.staging import model_fingerprint
 
                 if (engine.manifest.source or {}).get("fingerprint") != model_fingerprint(Path(model_dir)):
                     print(f"error: the engines in {args.engines} were not exported from {model_dir}; export "

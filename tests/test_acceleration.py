@@ -11,13 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _modes import ModeSteps  # tests/ is on sys.path under pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-from obclip.cloud.acceleration import AcceleratedUNet
 from obclip.cloud.flops import EXTRA_FORMULAS
 from obclip.cloud.models import build_unet
 from obclip.cloud.modes import ModeSpec, mode_spec
-from obclip.cloud.steps import CloudStepRunner, guided_eps
+from obclip.cloud.step_modes import MissingCacheError
+from obclip.cloud.steps import CloudStepRunner
+from obclip.cloud.torch_backend import guided_eps
 from obclip.runtime.plan import (
     CLOUD,
     PRESETS,
@@ -54,10 +56,10 @@ def step(i: int, mode: StepMode) -> PlannedStep:
 
 
 def run_steps(unet, config, inputs, modes, x=None, t=500, n=N):
-    """guided eps for a sequence of step modes on one AcceleratedUNet (same x and t each step)."""
+    """guided eps for a sequence of step modes on one ModeSteps (same x and t each step)."""
     cond, uncond, x0 = inputs
     x = x0[:n] if x is None else x
-    with AcceleratedUNet(unet, config, cond=cond[:n], uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, config, cond=cond[:n], uncond=uncond, guidance_scale=G) as acc:
         return [acc.guided_eps(x, torch.tensor(t), step(i, m)) for i, m in enumerate(modes)]
 
 
@@ -65,7 +67,7 @@ def counted(unet, config, inputs, modes, n=N):
     """FLOPs per step, by leaf-module name suffix, for a sequence of step modes."""
     cond, uncond, x = inputs
     out = []
-    with AcceleratedUNet(unet, config, cond=cond[:n], uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, config, cond=cond[:n], uncond=uncond, guidance_scale=G) as acc:
         for i, m in enumerate(modes):
             # EXTRA_FORMULAS: the CPU attention kernel, which FlopCounterMode does not count by itself
             with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as fc:
@@ -201,14 +203,14 @@ def test_frozen_guidance_halves_the_rows_and_uses_the_last_residual(unets, input
     # the residual is eps_uncond - eps_cond of the last step that computed both, per candidate
     g = torch.Generator().manual_seed(5)
     x2 = x + torch.randn(x.shape, generator=g)
-    with AcceleratedUNet(unet, frozen, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, frozen, cond=cond, uncond=uncond, guidance_scale=G) as acc:
         acc.guided_eps(x, torch.tensor(500), step(0, StepMode.FULL))
         first = acc.caches["guid/residual"]
         acc.guided_eps(x2, torch.tensor(400), step(1, StepMode.FULL))
         second = acc.caches["guid/residual"]
         eps = acc.guided_eps(x2, torch.tensor(400), step(2, StepMode.SKIP))
         assert acc.caches["guid/residual"] is second     # a frozen step does not overwrite it
-    with AcceleratedUNet(unet, plain, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, plain, cond=cond, uncond=uncond, guidance_scale=G) as acc:
         acc.guided_eps(x2, torch.tensor(400), step(0, StepMode.FULL))
         want = acc.guided_eps(x2, torch.tensor(400), step(1, StepMode.SKIP))
     assert first.shape == second.shape == x.shape and not torch.allclose(first, second)
@@ -284,11 +286,11 @@ def test_a_reuse_refresh_refills_every_cache(unets, inputs):
     config = AccelerationConfig(5, 1, 1, refresh_every=2, refresh_mode="reuse")
     modes = [config.mode(i) for i in range(5)]
     assert modes == [StepMode.REUSE, StepMode.CACHE_SKIP, StepMode.CACHE_SKIP, StepMode.REUSE, StepMode.CACHE_SKIP]
-    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
         eps = [acc.guided_eps(x_a if i < 3 else x_b, torch.tensor(500), step(i, m)) for i, m in enumerate(modes)]
     assert torch.equal(eps[3], eps[4])
     no_refresh = config.replace(refresh_every=0, refresh_mode="full")
-    with AcceleratedUNet(unet, no_refresh, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, no_refresh, cond=cond, uncond=uncond, guidance_scale=G) as acc:
         other = [acc.guided_eps(x_a if i < 3 else x_b, torch.tensor(500), step(i, no_refresh.mode(i)))
                  for i in range(5)]
     assert not torch.allclose(other[4], eps[4])
@@ -357,7 +359,7 @@ def test_full_mode_is_the_plain_unet_and_surgery_is_undone(unets, inputs):
     assert torch.equal(eps, guided_eps(unet, x, torch.tensor(500), cond, uncond.expand(N, -1, -1), G))
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
     # also after an error inside the block
-    with pytest.raises(RuntimeError, match="no earlier step of this request computed it"):
+    with pytest.raises(MissingCacheError, match="no earlier step of this request computed it"):
         run_steps(unet, preset("paper-k5"), inputs, [StepMode.CACHE])
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 
@@ -382,7 +384,7 @@ def test_block_skip_variants_differ_in_whether_the_latent_enters(unets, inputs, 
     unet = unets["mini"]
     cond, uncond, x = inputs
     config = AccelerationConfig(5, 1, 1, skip_variant=variant, batch_reuse=False, attention_cache=False)
-    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
         acc.guided_eps(x, torch.tensor(500), step(0, StepMode.FULL))
         a = acc.guided_eps(x, torch.tensor(400), step(1, StepMode.SKIP))
         b = acc.guided_eps(x + 1.0, torch.tensor(400), step(2, StepMode.SKIP))
@@ -393,7 +395,7 @@ def _run_steps(unet, config, inputs, modes, hooks, ran: set) -> set:
     """Run the modes in order, keeping in ``ran`` what the hooks saw at the last step; remove the hooks."""
     try:
         cond, uncond, x = inputs
-        with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+        with ModeSteps(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
             for i, m in enumerate(modes):
                 ran.clear()
                 acc.guided_eps(x, torch.tensor(500), step(i, m))
@@ -511,7 +513,7 @@ def test_exact_extras_change_nothing_and_save_work(unets, inputs):
 
 def test_reuse_reads_the_pivot_map_through_the_alignment(unets, inputs):
     """A candidate with shifted tokens uses the pivot's map at its own positions, not the raw one."""
-    from obclip.cloud.acceleration import TokenAlignment
+    from obclip.cloud.modes import TokenAlignment
 
     unet = unets["mini"]
     cond, uncond, x = inputs
@@ -523,9 +525,9 @@ def test_reuse_reads_the_pivot_map_through_the_alignment(unets, inputs):
                                          for i in range(N)),
                            identity=tuple(i != 2 for i in range(N)))
     config = AccelerationConfig(5, 3, 3, attention_cache=False, block_skip=False)
-    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
+    with ModeSteps(unet, config, cond=cond, uncond=uncond, guidance_scale=G) as acc:
         plain = acc.guided_eps(x, torch.tensor(500), step(0, StepMode.REUSE))
-    with AcceleratedUNet(unet, config, cond=cond, uncond=uncond, guidance_scale=G, alignment=shift) as acc:
+    with ModeSteps(unet, config, cond=cond, uncond=uncond, guidance_scale=G, alignment=shift) as acc:
         aligned = acc.guided_eps(x, torch.tensor(500), step(0, StepMode.REUSE))
     for i in range(N):
         assert torch.equal(plain[i], aligned[i]) == (i != 2)

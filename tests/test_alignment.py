@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from obclip.cloud.acceleration import token_alignment
 from obclip.cloud.models import load_clip_tokenizer
 from obclip.cloud.modes import align_tokens, text_tokens
 from obclip.cloud.step_modes import AlignmentTensors, _aligned_cross
@@ -20,6 +19,11 @@ L = 77
 @pytest.fixture(scope="module")
 def tok():
     return load_clip_tokenizer()
+
+
+def token_alignment(tok, candidates: list[str]):
+    """Every candidate's tokens aligned to candidate 0's, as the step loop aligns them."""
+    return align_tokens(text_tokens(tok.backend_tokenizer, candidates, tok.model_max_length, tok.pad_token_id))
 
 
 def tokens(tok, text: str) -> list[str]:

@@ -359,9 +359,9 @@ def test_mode_sessions_keep_no_arena_of_their_own(cloud_engines):
     from obclip.cloud.engine_backend import OrtEngine
 
     engine = OrtEngine(cloud_engines)
-    sessions = [g.session for g in engine._graphs.values()] + [engine._text, engine._cross_kv]
+    sessions = [g.session for g in engine._graphs.values()] + [engine.text_encoder.session, engine._cross_kv]
     assert not any(s.get_session_options().enable_cpu_mem_arena for s in sessions if s is not None)
-    assert OrtEngine(cloud_engines, memory_arena=True)._text.get_session_options().enable_cpu_mem_arena
+    assert OrtEngine(cloud_engines, memory_arena=True).text_encoder.session.get_session_options().enable_cpu_mem_arena
 
 
 def test_engine_memory_benchmark_serves_without_torch_and_reports_memory(cloud_engines):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from obclip.cloud.modes import ModeSpec, plan_specs
+from obclip.runtime.errors import ArtifactError
 from obclip.runtime.manifest import Manifest, ManifestHashError, ManifestMissingError
 from obclip.runtime.plan import preset
 from obclip.runtime.protocol import StepsRequest
@@ -137,7 +138,7 @@ def test_a_failed_check_leaves_nothing(folders, check, tmp_path):
 
     fp32, _ = folders
     strict = replace(check, presets=(), graph_tolerance=0.0)
-    with pytest.raises(RuntimeError, match="differ from fp32 by more than"):
+    with pytest.raises(ArtifactError, match="differ from fp32 by more than"):
         build_cloud_fp16(fp32, tmp_path, strict)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ManifestMissingError, match=f"build the engines first: .* --out {tmp_path}$"):
@@ -201,7 +202,7 @@ def test_tensorrt_takes_the_folders_precision(folders):
 def test_the_cloud_precision_flag_says_what_it_builds():
     import argparse
 
-    from obclip.export.cloud_engines import add_cloud_arguments
+    from obclip.export.build_engines import add_cloud_arguments
 
     p = argparse.ArgumentParser()
     add_cloud_arguments(p)

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from obclip.runtime.errors import ArtifactError
 from obclip.runtime.manifest import Manifest
 
 SMALL = dict(prompts=("a red circle",), calibration_prompts=("a blue square",), steps=3)
@@ -78,7 +79,7 @@ def test_a_trained_model_below_the_floor_is_refused(engines_dir, tmp_path, monke
 
     shutil.copytree(engines_dir, tmp_path / "device")
     monkeypatch.setitem(dv.PSNR_FLOOR, "fp16", 1000.0)
-    with pytest.raises(RuntimeError, match=r"fp16 device engines reach only .* \(floor 1000.0 dB\)"):
+    with pytest.raises(ArtifactError, match=r"fp16 device engines reach only .* \(floor 1000.0 dB\)"):
         dv.build_device_variant(tmp_path / "device", "fp16", tmp_path, dv.VariantCheck(**SMALL, enforce=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device"]  # nothing half-written
 
@@ -109,9 +110,15 @@ def test_precision_flag():
 
 
 def test_providers_are_configuration(engines_dir):
-    from obclip.device.engines import DeviceEngines, EngineConfig, resolve_providers
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.runtime.sessions import resolve_providers
 
     assert resolve_providers(("cpu",)) == ("CPUExecutionProvider",)
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("cuda", gpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert resolve_providers("tensorrt", gpu) == tuple(gpu)  # what TensorRT cannot take runs on CUDA, then CPU
+    assert resolve_providers("coreml,cpu", ["CoreMLExecutionProvider", "CPUExecutionProvider"]) == \
+        ("CoreMLExecutionProvider", "CPUExecutionProvider")
     assert resolve_providers("auto", ["CoreMLExecutionProvider", "CPUExecutionProvider"]) == \
         ("CoreMLExecutionProvider", "CPUExecutionProvider")
     assert resolve_providers(("coreml",), ["CoreMLExecutionProvider", "CPUExecutionProvider"]) == \
@@ -126,10 +133,13 @@ def test_providers_are_configuration(engines_dir):
 
 def test_the_export_check_runs_the_pipelines_trajectory(engines_dir, device_pipeline):
     from obclip.device.pipeline import GenerationConfig, Method
-    from obclip.export.device_variants import VariantCheck, _DeviceRun
+    from obclip.export.device_variants import VariantCheck, device_only_run
+    from obclip.runtime.graphs import DeviceGraphs
 
     check = VariantCheck(steps=3, seed=5)
-    latent, image = _DeviceRun(engines_dir)("a red circle", check)
+    feeds = []
+    latent, image = device_only_run(DeviceGraphs(engines_dir), "a red circle", check, feeds)
+    assert len(feeds) == 3 and set(feeds[0]) == {"sample", "timestep", "encoder_hidden_states"}
     result = device_pipeline.generate("a red circle", None, GenerationConfig(
         method=Method.DEVICE_ONLY, num_inference_steps=3, seed=5, guidance_scale=check.guidance_scale))
     np.testing.assert_array_equal(latent, result.latent)

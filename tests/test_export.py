@@ -39,11 +39,12 @@ def test_missing_or_stale_manifest_is_clear(tmp_path, engines_dir):
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path, model_dirs, monkeypatch):
-    import obclip.export.build_engines as be
+    import obclip.export.device_engines as de
+    import obclip.export.onnx_export as ox
 
-    monkeypatch.setattr(be, "OPSET", 1)  # no exporter supports opset 1: the export fails midway
+    monkeypatch.setattr(ox, "OPSET", 1)  # no exporter supports opset 1: the export fails midway
     with pytest.raises(Exception):  # noqa: B017 - whichever error the exporter raises for opset 1
-        be.build_device_engines(str(model_dirs[1]), tmp_path)
+        de.build_device_engines(str(model_dirs[1]), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -81,7 +82,7 @@ def test_engines_are_reexported_when_the_model_changes(tmp_path, model_dirs, eng
     """ensure_engines exports once, reuses while the weights are unchanged, re-exports after a retrain."""
     import shutil
 
-    import obclip.export.build_engines as be
+    import obclip.export.device_engines as be
 
     model = tmp_path / "device-model"
     shutil.copytree(model_dirs[1], model)

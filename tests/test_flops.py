@@ -124,7 +124,8 @@ def test_real_meta_and_fake_unet_passes_count_the_same():
 
 def test_speedups_do_not_change_counts():
     """Shape-only shortcuts and skipping per-module attribution are exact."""
-    from obclip.cloud.acceleration import AcceleratedUNet
+    from obclip.cloud.flops import step_flops
+    from obclip.cloud.step_modes import ModeInputs
 
     unet = meta_unet("mini-small")
     assert unet_pass_flops(unet, batch=2) == unet_pass_flops(unet, batch=2, shortcuts=False, per_module=True)
@@ -132,16 +133,13 @@ def test_speedups_do_not_change_counts():
     n, dev = 3, torch.device("meta")
     cond, uncond = torch.empty(n, 77, 64, device=dev), torch.empty(1, 77, 64, device=dev)
     x, t = torch.empty(n, 4, 16, 16, device=dev), torch.tensor(10, device=dev)
+    inputs = ModeInputs(x=x, timestep=t, text=torch.cat([uncond, cond]), guidance_scale=7.5, sizes=(n,),
+                        alignment=(None,))
     cfg = AccelerationConfig(4, 2, 3, cross_kv_once=True, merge_step0_uncond=True)
     runs = []
     for fast in (True, False):
-        with AcceleratedUNet(unet, cfg, cond=cond, uncond=uncond, guidance_scale=7.5) as accel:
-            costs = []
-            for step in make_plan(10, 4, cfg).cloud_steps:
-                with FlopCounter(shortcuts=fast, per_module=not fast) as fc:
-                    accel.guided_eps(x, t, step)
-                costs.append(fc.breakdown)
-        runs.append(costs)
+        steps = make_plan(10, 4, cfg).cloud_steps
+        runs.append([b for _, b in step_flops(unet, cfg, steps, inputs, shortcuts=fast, per_module=not fast)])
     assert runs[0] == runs[1]
     assert len({c.flops for c in runs[0]}) == 4  # merged-reuse step 0, reuse, cache, cache+skip
 

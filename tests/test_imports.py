@@ -116,3 +116,105 @@ def test_the_torch_check_can_fail():
 def test_cloud_loads_no_device_or_app_code():
     loaded = _loaded_by("cloud")
     assert not loaded & {"obclip.device", "obclip.app", "obclip.export"}, loaded
+
+
+# --- no import cycle anywhere in the package ---------------------------------------------
+
+
+def _module_name(root: Path, path: Path) -> str:
+    rel = path.relative_to(root.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the obclip modules it imports, from every import statement in ``root`` (an obclip
+    package tree): module level and inside functions alike, relative imports resolved, ``from pkg
+    import sub`` counted as importing the submodule ``pkg.sub``."""
+    files = {_module_name(root, p): p for p in sorted(root.rglob("*.py")) if "models" not in p.relative_to(root).parts}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in files else module for a in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t in files and t != name)
+        graph[name] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of modules that import each other, as one cycle through it each."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:   # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_a_cycle(graph, set(c)) for c in components]
+
+
+def _a_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """One cycle through a strongly connected component: start, ..., start."""
+    start = min(component)
+    paths = {start: [start]}
+    todo = [start]
+    while todo:   # breadth first, inside the component, back to start
+        v = todo.pop(0)
+        for w in sorted(graph[v] & component):
+            if w == start:
+                return paths[v] + [start]
+            if w not in paths:
+                paths[w] = paths[v] + [w]
+                todo.append(w)
+    raise AssertionError(f"{sorted(component)} is not strongly connected")
+
+
+def test_no_import_cycle_anywhere():
+    cycles = import_cycles(import_graph(PACKAGE))
+    assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_catches_a_planted_function_local_cycle(tmp_path):
+    tree = tmp_path / "obclip"
+    shutil.copytree(PACKAGE, tree, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    assert import_cycles(import_graph(tree)) == []
+    # runtime/solver.py imports nothing of runtime/denoise.py; denoise.py imports the solver.
+    solver = tree / "runtime" / "solver.py"
+    solver.write_text(solver.read_text() + "\n\ndef _planted():\n    from . import denoise  # planted\n")
+    assert import_cycles(import_graph(tree)) == [["obclip.runtime.denoise", "obclip.runtime.solver",
+                                                   "obclip.runtime.denoise"]]

@@ -72,7 +72,7 @@ def test_resume_continues_from_the_checkpoint(trained):
 
 def test_packaged_pair_loads_like_any_model_dir(trained):
     from obclip.cloud.models import load_text_to_latent
-    from obclip.cloud.steps import make_scheduler
+    from obclip.cloud.torch_backend import make_scheduler
 
     out, work, _, log = trained
     cloud, device = load_text_to_latent(str(out / "cloud")), load_text_to_latent(str(out / "device"))

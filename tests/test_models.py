@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from obclip.cloud.models import build_unet, load_clip_tokenizer, load_text_to_latent
-from obclip.device.tokenizer import ClipTokenizer
+from obclip.runtime.errors import InputError
+from obclip.runtime.tokenizer import ClipTokenizer
 
 # docs/method.md's parameter counts (millions), to the precision the paper gives.
 PAPER_PARAMS_M = {"sd-v1.4": 859.5, "bk-sdm-small": 482.3, "bk-sdm-tiny": 323.3}
@@ -27,13 +28,13 @@ def test_bk_sdm_small_has_no_mid_block_and_one_layer_per_block():
 def test_unknown_names_and_missing_directories_are_clear():
     with pytest.raises(ValueError, match="unknown UNet config 'sd-v9'"):
         build_unet("sd-v9")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         load_text_to_latent("/nonexistent/model/dir")
 
 
 def test_directory_without_a_component_is_clear(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="no tokenizer/ folder"):
+    with pytest.raises(InputError, match="no tokenizer/ folder"):
         load_text_to_latent(str(tmp_path))
 
 

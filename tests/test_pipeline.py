@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from obclip.device.oblivious import ObliviousError, TransformConfig
 from obclip.device.pipeline import GenerationConfig, Method
-from obclip.device.tokenizer import PromptTooLongError
 from obclip.runtime.protocol import StepsRequest
+from obclip.runtime.tokenizer import PromptTooLongError
 
 TEMPLATES = [
     "{age} {eth} {gender} in hat Fashion portrait photo",

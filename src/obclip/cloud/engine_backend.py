@@ -22,99 +22,31 @@ kept per request under ``r<i>/<name>``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from obclip.runtime.errors import ArtifactError
+from obclip.runtime.graphs import TextEncoder
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, ManifestMismatchError
-from obclip.runtime.sessions import ort
+from obclip.runtime.sessions import SessionConfig, open_session, ort, resolve_providers
 from obclip.runtime.solver import SolverConfig, initial_state, make_schedule, solver_step
+from obclip.runtime.tokenizer import ClipTokenizer
+from obclip.runtime.weights import SharedWeights
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
 
-# --providers: a short name -> onnxruntime's execution providers, best first.
-PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
 
-
-def resolve_providers(name: str) -> tuple[str, ...]:
-    if name not in PROVIDERS:
-        raise ValueError(f"--providers must be one of {sorted(PROVIDERS)}, got {name!r}")
-    wanted = PROVIDERS[name]
-    if wanted[0] not in ort.get_available_providers():
-        raise ValueError(f"onnxruntime here has no {wanted[0]} (available: {ort.get_available_providers()}); "
-                         "for cuda/tensorrt: pip uninstall -y onnxruntime && "
-                         "pip install 'obclip[gpu]' (onnxruntime-gpu)")
-    return wanted
-
-
-_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-
-class SharedWeights:
-    """The mode graphs' shared weights file, read once and given to every session by name."""
-
-    def __init__(self, path: Path, index: Mapping[str, Sequence[Any]]):
-        self.path = path
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
-        self.values: dict[str, Any] = {}
-        for name, (offset, dtype, shape) in index.items():
-            dt = np.dtype(dtype)
-            count = int(np.prod(shape)) if shape else 1
-            array = np.frombuffer(self._map, dtype=dt, count=count, offset=int(offset)).reshape(shape)
-            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
-
-    def session(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                threads: int | None = None, optimization: str = "extended",
-                memory_arena: bool = False) -> ort.InferenceSession:
-        options = _options(threads, memory_arena)
-        # Prepacked copies of the weights would be made per session; the shared buffer is the point.
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        # "all" adds layout transforms (NCHWc on CPU) that copy every conv weight per session: measured on a
-        # narrow SD-v1.4 export, 4 mode graphs took +166 MB with "all" and +65 MB with "extended" (41 MB weights).
-        options.graph_optimization_level = _LEVELS[optimization]
-        for name in _initializer_names(path) & set(self.values):
-            options.add_initializer(name, self.values[name])
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-
-
-def _initializer_names(path: Path) -> set[str]:
-    """Names of the external initializers of a graph written by SharedWeightsWriter: 'w.<hash>'."""
-    data = path.read_bytes()
-    names, i = set(), data.find(b"w.")
-    while i >= 0:
-        name = data[i:i + 26]
-        if len(name) == 26 and all(c in b"0123456789abcdef" for c in name[2:]):
-            names.add(name.decode())
-        i = data.find(b"w.", i + 1)
-    return names
-
-
-def _options(threads: int | None, memory_arena: bool) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    # A CPU arena per session keeps the largest activations it ever held, and there is a session per
-    # step mode, so a server's memory grew with every mode it had run: full-size SD-v1.4 at 256 px,
-    # N = 2, anonymous memory 1.3 GB after one preset and 3.7 GB after three (benchmarks/engine_memory.py).
-    # Without arenas it stays flat at no measured cost in time.
-    options.enable_cpu_mem_arena = memory_arena
-    return options
-
-
-def _session(path: Path, providers: Sequence[str], threads: int | None,
-             memory_arena: bool = False) -> ort.InferenceSession:
-    options = _options(threads, memory_arena)
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
+                   memory_arena: bool = False) -> SessionConfig:
+    """How the cloud's sessions are opened. A CPU arena per session keeps the largest activations it
+    ever held, and there is a session per step mode, so with arenas a server's memory grows with every
+    mode it has run (benchmarks/engine_memory.py measures it); without them it stays flat."""
+    return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
+                         memory_arena=memory_arena)
 
 
 class NumpySolver:
@@ -194,8 +126,8 @@ class OrtBatch:
             for name in graph.reads:
                 value = caches.get(prefix + name, writes.get(prefix + name))
                 if value is None:
-                    raise RuntimeError(f"step mode {spec.name} reads {name}, but no earlier step of this request "
-                                       "computed it; check the plan")
+                    raise ArtifactError(f"step mode {spec.name} reads {name}, but no earlier step of this request "
+                                        "computed it: the engines' mode table does not match the plan; re-export")
                 feeds[name] = value
             wanted = engine.inputs_of(graph.session)
             outs = graph.session.run(None, {k: v for k, v in feeds.items() if k in wanted})
@@ -239,52 +171,35 @@ class OrtEngine:
         self.vae_scale_factor = manifest.vae_scale_factor
         self.default_image_size = manifest.default_image_size
         self.latent_multiple = int(src.get("latent_multiple", 1))
-        self.providers = resolve_providers(providers)
+        config = session_config(providers, threads, optimization, memory_arena)
+        self.providers = config.providers
         self.tokenizer_json = (folder / manifest.tokenizer).read_text()
-        self._tok = Tokenizer.from_str(self.tokenizer_json)
-        self._tok.no_padding()
-        self._tok.no_truncation()
-        self._text = _session(manifest.path_of("text_encoder"), self.providers, threads, memory_arena)
-        weights = folder / "unet" / "weights.bin"
-        index = json.loads((folder / "unet" / "weights.json").read_text())
-        self._weights = SharedWeights(weights, index)
+        self.tokenizer = ClipTokenizer(folder / manifest.tokenizer, manifest.text_max_length, manifest.pad_token_id,
+                                       json=self.tokenizer_json)
+        # The text encoder runs once per request: onnxruntime's default graph optimisations.
+        text_config = replace(config, optimization=None)
+        self.text_encoder = TextEncoder(open_session(manifest.path_of("text_encoder"), text_config),
+                                        manifest.components["text_encoder"], self.tokenizer)
+        self._weights = SharedWeights.from_index(folder / "unet" / "weights.bin", folder / "unet" / "weights.json")
         self._graphs: dict[str, _Graph] = {}
         for name, info in manifest.modes.items():
-            session = self._weights.session(manifest.path_of(info["component"]), self.providers, threads,
-                                            optimization, memory_arena)
+            session = self._weights.session(manifest.path_of(info["component"]), config)
             self._graphs[name] = _Graph(session, info.get("reads", ()), info.get("writes", ()))
         self._cross_kv = None
         if "unet/cross_kv" in manifest.components:
-            self._cross_kv = self._weights.session(manifest.path_of("unet/cross_kv"), self.providers, threads,
-                                                   optimization, memory_arena)
+            self._cross_kv = self._weights.session(manifest.path_of("unet/cross_kv"), config)
+        self.geometry = manifest.geometry(source="the exported cloud graphs")
         self._inputs: dict[int, set[str]] = {}
 
     # -- what the step loop and the service ask --------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be a multiple of {f} (the VAE's downscale factor)")
-        h, w = height // f, width // f
-        m = self.latent_multiple
-        if h % m or w % m:
-            raise ValueError(f"image size {height}x{width}: the exported graphs need multiples of {m * f} px")
-        return (self.manifest.latent_channels, h, w)
+        return self.geometry.latent_shape(height, width)
 
     def text_tokens(self, texts: Sequence[str]) -> list[TextTokens]:
-        return text_tokens(self._tok, texts, self.text_max_length, self.manifest.pad_token_id)
-
-    def _ids(self, texts: Sequence[str]) -> np.ndarray:
-        n = self.text_max_length
-        ids = np.full((len(texts), n), self.manifest.pad_token_id, dtype=np.int64)
-        for row, text in enumerate(texts):
-            enc = self._tok.encode(text).ids
-            if len(enc) > n:
-                raise ValueError(f"a prompt is {len(enc)} tokens, over the text encoder's limit of {n}; shorten it")
-            ids[row, :len(enc)] = enc
-        return ids
+        return text_tokens(self.tokenizer.backend, texts, self.text_max_length, self.manifest.pad_token_id)
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        return self._text.run(["last_hidden_state"], {"input_ids": self._ids(prompts)})[0]
+        return self.text_encoder.encode(prompts)
 
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
               guidance_scale: float) -> OrtBatch:

@@ -38,7 +38,7 @@ supplied per counter through ``custom_mapping``; nothing global changes.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -384,3 +384,24 @@ def unet_pass_flops(unet, batch: int = 1, latent_hw: tuple[int, int] | None = No
     with torch.no_grad():
         _, fl = count_flops(unet, x, t, encoder_hidden_states=text, shortcuts=shortcuts, per_module=per_module)
     return fl
+
+
+# --- the cloud steps of a plan ------------------------------------------------------------
+
+def step_flops(unet, config, steps, inputs, shortcuts: bool = True,
+               per_module: bool = False) -> Iterator[tuple[Any, FlopBreakdown]]:
+    """(step, its FLOPs) for each of ``steps`` (``PlannedStep``s of ``config``'s plan), run in order
+    through ``step_modes.run_mode`` on the same ``inputs`` (``ModeInputs``), each reading the caches
+    the steps before it wrote: what the cloud step loop runs, step by step, counted."""
+    from .modes import mode_spec
+    from .step_modes import processors_installed, run_mode
+
+    caches: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), processors_installed(unet):
+        for step in steps:
+            spec = mode_spec(config, step.index, step.mode)
+            with FlopCounter(shortcuts=shortcuts, per_module=per_module) as fc:
+                _, writes = run_mode(unet, spec, inputs, caches)
+            caches.update(writes)
+            assert fc.breakdown is not None
+            yield step, fc.breakdown

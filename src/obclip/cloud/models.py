@@ -23,7 +23,10 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
+from obclip.runtime.errors import ArtifactError, InputError
+from obclip.runtime.geometry import LatentGeometry
 from obclip.runtime.locations import clip_bpe_dir, embedded_models_dir
+from obclip.runtime.tokenizer import PromptTooLongError
 
 # Loading bars for a handful of files are noise in a service's log.
 diffusers_logging.disable_progress_bar()
@@ -71,8 +74,8 @@ _MINI_UNET = dict(
     layers_per_block=2,
     cross_attention_dim=64,
     # diffusers reads this as the number of heads (SD-v1.4's 8 heads are 40-320
-    # wide). 2 heads of 16/32 channels here: 8 heads of 4 channels doubled a
-    # CPU training step (measured: 4.2 s vs 2.0 s at batch 64 on one core).
+    # wide). 2 heads of 16/32 channels here: 8 heads of 4 channels made a CPU
+    # training step much slower.
     attention_head_dim=2,
     norm_num_groups=8,
 )
@@ -158,7 +161,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 
 def _named(table: dict[str, dict], kind: str, name: str) -> dict:
     if name not in table:
-        raise ValueError(f"unknown {kind} config {name!r}; known: {', '.join(sorted(table))}")
+        raise InputError(f"unknown {kind} config {name!r}; known: {', '.join(sorted(table))}")
     return dict(table[name])
 
 
@@ -186,7 +189,7 @@ def load_clip_tokenizer() -> CLIPTokenizerFast:
         pad_token="<|endoftext|>", model_max_length=77,
     )
     if len(tok) != 49408:
-        raise RuntimeError(f"CLIP tokenizer from {CLIP_BPE_DIR} has {len(tok)} tokens, expected 49408")
+        raise ArtifactError(f"CLIP tokenizer from {CLIP_BPE_DIR} has {len(tok)} tokens, expected 49408")
     return tok
 
 
@@ -200,7 +203,7 @@ def write_random_model(spec_name: str, out_dir: str | Path, seed: int = 0) -> Pa
 
     spec = MODEL_SPECS[spec_name] if spec_name in MODEL_SPECS else None
     if spec is None:
-        raise ValueError(f"unknown model spec {spec_name!r}; known: {', '.join(sorted(MODEL_SPECS))}")
+        raise InputError(f"unknown model spec {spec_name!r}; known: {', '.join(sorted(MODEL_SPECS))}")
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
         vae=build_vae(spec.vae),
@@ -230,7 +233,7 @@ def default_models(root: Path = DEFAULT_MODELS_DIR) -> tuple[Path, Path]:
     pair = (root / "cloud", root / "device")
     missing = [str(p) for p in pair if not (p / "model_index.json").is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise ArtifactError(
             f"the embedded ObCLIP-Mini model pair is missing ({', '.join(missing)}). It ships with the "
             "obclip package: reinstall obclip (from a checkout: `git checkout -- src/obclip/models/obclip-mini`), "
             "or retrain it with `python -m mini.train --out src/obclip/models/obclip-mini` (see its "
@@ -247,9 +250,9 @@ def model_schema(model: str) -> str | None:
     try:
         schema = json.loads(info.read_text()).get("schema")
     except (OSError, ValueError, AttributeError):
-        raise ValueError(f"{info} is not a JSON object; fix or delete it") from None
+        raise ArtifactError(f"{info} is not a JSON object; fix or delete it") from None
     if schema is not None and not isinstance(schema, str):
-        raise ValueError(f"{info}: 'schema' must be the name of a schema, got {schema!r}")
+        raise ArtifactError(f"{info}: 'schema' must be the name of a schema, got {schema!r}")
     return schema
 
 
@@ -267,13 +270,13 @@ def from_pretrained(cls, model: str, subfolder: str, **kwargs):
     is_local = path.exists()
     looks_local = model.startswith((".", "/", "~")) or Path(model).is_absolute() or model.count("/") != 1
     if not is_local and looks_local:
-        raise FileNotFoundError(
+        raise InputError(
             f"model directory {model!r} does not exist. Pass a diffusers-layout directory "
             "(model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a hub id "
             "such as CompVis/stable-diffusion-v1-4 where the hub is reachable."
         )
     if is_local and not (path / subfolder).is_dir():
-        raise FileNotFoundError(
+        raise InputError(
             f"model directory {model!r} has no {subfolder}/ folder; expected the diffusers layout "
             "(text_encoder/, tokenizer/, unet/, vae/, scheduler/)."
         )
@@ -281,7 +284,7 @@ def from_pretrained(cls, model: str, subfolder: str, **kwargs):
         return cls.from_pretrained(str(path) if is_local else model, subfolder=subfolder,
                                    local_files_only=is_local, **kwargs)
     except OSError as e:  # hub id unreachable, or files missing
-        raise FileNotFoundError(f"could not load {subfolder} from {model!r}: {e}") from e
+        raise InputError(f"could not load {subfolder} from {model!r}: {e}") from e
 
 
 @dataclass
@@ -306,18 +309,17 @@ class TextToLatentModel:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be a multiple of {f} (the VAE's downscale factor)")
-        return (self.latent_channels, height // f, width // f)
+        geometry = LatentGeometry(self.latent_channels, self.vae_scale_factor, default_size=self.default_image_size,
+                                  source=f"the model {self.model_id}")
+        return geometry.latent_shape(height, width)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=False, return_tensors="pt").input_ids
         if ids.shape[1] > self.tokenizer.model_max_length:
-            raise ValueError(f"a prompt is {ids.shape[1]} tokens, over the text encoder's limit of "
-                             f"{self.tokenizer.model_max_length}; shorten it")
+            raise PromptTooLongError(f"a prompt is {ids.shape[1]} tokens, over the text encoder's limit of "
+                                     f"{self.tokenizer.model_max_length}; shorten it")
         device = self.unet.device
         return self.text_encoder(ids.to(device))[0].to(self.unet.dtype)
 

@@ -18,7 +18,7 @@ cond x N]), except ``kv/*``, which hold the projections of the unique texts
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,6 +231,21 @@ def mode_spec(config: AccelerationConfig | None, index: int, mode: StepMode | No
         frozen_guidance=frozen,
         write_residual=config.frozen_guidance is not FrozenGuidance.OFF and not frozen and not pivot,
     )
+
+
+def spec_to_dict(spec: ModeSpec) -> dict:
+    return {"mode": spec.mode.value, "skip_variant": spec.skip_variant.value,
+            "write_attention": spec.write_attention, "write_skip": spec.write_skip,
+            "cross_kv_once": spec.cross_kv_once, "merged": spec.merged,
+            "frozen_guidance": spec.frozen_guidance, "write_residual": spec.write_residual}
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> ModeSpec:
+    # Fields added later default to off, so manifests written before them still load.
+    return ModeSpec(StepMode(d["mode"]), SkipVariant(d["skip_variant"]), bool(d["write_attention"]),
+                    bool(d["write_skip"]), bool(d["cross_kv_once"]), bool(d["merged"]),
+                    frozen_guidance=bool(d.get("frozen_guidance", False)),
+                    write_residual=bool(d.get("write_residual", False)))
 
 
 def plan_specs(config: AccelerationConfig | None, switch_step: int) -> list[ModeSpec]:

@@ -34,10 +34,10 @@ step that evaluates both halves stores when the option is on (``write_residual``
 It reads the conditional half of the caches, and writes its rows into both
 halves of a cache it fills (only frozen steps read those; docs/method.md 7.7).
 
-Row layout: [unconditional x N, conditional x N], the two guidance groups;
-candidate 0 is the pivot. Merged (step p = ``pivot_only_steps`` with ``merge_step0_uncond``):
-[unconditional x 1, conditional x N] (all N latents are still z_T's then). Caches are
-always stored in the full 2N layout. A batch of requests (``inputs.sizes``)
+Row layout (``cloud/layouts.py``, one type per layout): [unconditional x N, conditional x N],
+the two guidance groups; candidate 0 is the pivot. Merged (step p = ``pivot_only_steps`` with
+``merge_step0_uncond``): [unconditional x 1, conditional x N] (all N latents are still z_T's
+then). Caches are always stored in the full 2N layout. A batch of requests (``inputs.sizes``)
 concatenates them per guidance half: [uncond of request 0, ..., of R-1, cond
 of request 0, ...]; groups, pivots, alignment and texts are per request, and a
 request's rows only ever read their own rows of a cache, so caches stay per
@@ -58,11 +58,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from obclip.runtime.plan import SkipVariant, StepMode
+from obclip.runtime.errors import InputError
+from obclip.runtime.plan import SkipVariant
 
+from .layouts import Rows, expand_rows, rows_for
 from .modes import ATTN, KV, RESIDUAL, SKIP_MID, SKIP_RES, SKIP_UP, SKIP_UP_SHALLOW, ModeSpec, TokenAlignment
 
 Tensor = torch.Tensor
+
+
+class MissingCacheError(InputError):
+    """A step mode reads a cache that no earlier step of the request wrote (a plan that skips one)."""
 
 
 @dataclass(frozen=True)
@@ -110,135 +116,6 @@ class ModeInputs:
     guidance_scale: float | Tensor
     sizes: tuple[int, ...] | None = None                       # N_r per request; None: one request, N from x
     alignment: Sequence[AlignmentTensors | None] | None = None  # per request, batch reuse only
-
-
-def _rows(t: Tensor, n: Any) -> Tensor:
-    """A one-row tensor as n rows (a view); -1 keeps the other sizes dynamic in traced graphs."""
-    return t.expand(n, *([-1] * (t.dim() - 1)))
-
-
-# --- row layout ---------------------------------------------------------------------
-
-
-class _Layout:
-    """Rows of one step, per request and guidance half. With one request every op is a
-    slice from the start or end, a chunk or an expand, so traced graphs keep N dynamic."""
-
-    def __init__(self, sizes: tuple[int, ...] | None, merged: bool, x: Tensor, cond_only: bool = False,
-                 pivot_only: bool = False):
-        if merged + cond_only + pivot_only > 1:
-            raise ValueError("a step's rows are merged, conditional-only or pivot-only, not several of them")
-        self.one = sizes is None or len(sizes) == 1
-        self.sizes = sizes if sizes is not None else (int(x.shape[0]),)
-        self.n_x = x.shape[0]   # traced when exporting
-        self.merged = merged
-        self.cond_only = cond_only   # frozen guidance: the conditional rows only
-        self.pivot_only = pivot_only  # pivot-only step: candidate 0's two rows per request
-        self.r = len(self.sizes)
-        offs = [0]
-        for n in self.sizes:
-            offs.append(offs[-1] + n)
-        self.c_off = tuple(offs[:-1])                                   # request r's rows in a guidance half
-        self.t_off = tuple(o + i for i, o in enumerate(self.c_off))     # its empty prompt among the texts
-
-    def unet_rows(self, x: Tensor) -> Tensor:
-        if self.cond_only:
-            return x
-        if self.pivot_only:
-            pivots = x[:1] if self.one else torch.cat([x[o:o + 1] for o in self.c_off])
-            return torch.cat([pivots, pivots])
-        if not self.merged:
-            return torch.cat([x, x])
-        if self.one:
-            return torch.cat([x[:1], x])
-        return torch.cat([x[o:o + 1] for o in self.c_off] + [x])
-
-    def text_rows(self, t: Tensor) -> Tensor:
-        """A per-text tensor ([empty, cands] per request) -> one row per UNet row."""
-        if self.cond_only:
-            return t[1:] if self.one else torch.cat([t[a + 1:a + 1 + n] for a, n in zip(self.t_off, self.sizes)])
-        if self.pivot_only:
-            return self.pivot_texts(t)
-        if self.one:
-            return t if self.merged else torch.cat([_rows(t[:1], self.n_x), t[1:]])
-        uncond = [t[a:a + 1] if self.merged else _rows(t[a:a + 1], n)
-                  for a, n in zip(self.t_off, self.sizes)]
-        return torch.cat(uncond + [t[a + 1:a + 1 + n] for a, n in zip(self.t_off, self.sizes)])
-
-    def pivot_texts(self, t: Tensor) -> Tensor:
-        """The pivots' texts in group order: each request's empty prompt, then its candidate 0."""
-        if self.one:
-            return t[:2]
-        return torch.cat([t[a:a + 1] for a in self.t_off] + [t[a + 1:a + 2] for a in self.t_off])
-
-    def text_groups(self, t: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Per request: (its empty prompt's row, its candidates' rows) of a per-text tensor."""
-        if self.one:
-            return [(t[:1], t[1:])]
-        return [(t[a:a + 1], t[a + 1:a + 1 + n]) for a, n in zip(self.t_off, self.sizes)]
-
-    def groups(self, t: Tensor) -> list[tuple[Tensor, int, bool]]:
-        """(rows, request, conditional) of every guidance group, in row order; a group's first row is its pivot."""
-        if self.cond_only:
-            return [(t, 0, True)] if self.one else [(t[o:o + n], r, True)
-                                                    for r, (o, n) in enumerate(zip(self.c_off, self.sizes))]
-        if self.pivot_only:
-            return [(t[i:i + 1], i % self.r, i >= self.r) for i in range(2 * self.r)]
-        if self.one:
-            u, c = (t[:1], t[1:]) if self.merged else t.chunk(2)
-            return [(u, 0, False), (c, 0, True)]
-        m = self.r if self.merged else sum(self.sizes)
-        if self.merged:
-            uncond = [t[i:i + 1] for i in range(self.r)]
-        else:
-            uncond = [t[o:o + n] for o, n in zip(self.c_off, self.sizes)]
-        cond = [t[m + o:m + o + n] for o, n in zip(self.c_off, self.sizes)]
-        return [(g, r, False) for r, g in enumerate(uncond)] + [(g, r, True) for r, g in enumerate(cond)]
-
-    def to_full(self, t: Tensor) -> Tensor:
-        """A merged step's rows in the full layout, so caches have one shape. A conditional-only
-        step's rows go into both halves: only conditional-only steps read what it writes."""
-        if self.cond_only:
-            return torch.cat([t, t])
-        if self.pivot_only:
-            raise RuntimeError("a pivot-only step writes no cache")
-        if not self.merged:
-            return t
-        if self.one:
-            return torch.cat([_rows(t[:1], self.n_x), t[1:]])
-        return torch.cat([_rows(t[i:i + 1], n) for i, n in enumerate(self.sizes)] + [t[self.r:]])
-
-    def from_full(self, t: Tensor) -> Tensor:
-        """A cache in the full layout -> this step's rows of it."""
-        if not self.cond_only:
-            return t
-        return t.chunk(2)[1] if self.one else t[sum(self.sizes):]
-
-    def halves(self, eps: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(unconditional, conditional) eps of the candidates; a conditional-only step's
-        unconditional eps is its conditional eps plus the frozen guidance residual."""
-        if self.cond_only:
-            assert residual is not None
-            return eps + residual, eps
-        if self.pivot_only:   # every candidate gets its pivot's eps
-            if self.one:
-                return _rows(eps[:1], self.n_x), _rows(eps[1:2], self.n_x)
-            u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
-            c = torch.cat([_rows(eps[self.r + i:self.r + i + 1], n) for i, n in enumerate(self.sizes)])
-            return u, c
-        if not self.merged:
-            eps_u, eps_c = eps.chunk(2)
-            return eps_u, eps_c
-        if self.one:
-            return eps[:1], eps[1:]   # broadcast over the candidates
-        eps_u = torch.cat([_rows(eps[i:i + 1], n) for i, n in enumerate(self.sizes)])
-        return eps_u, eps[self.r:]
-
-
-    def request_rows(self, r: int) -> tuple[slice, slice]:
-        """Request r's unconditional and conditional rows in the full layout (what caches hold)."""
-        o, n, m = self.c_off[r], self.sizes[r], sum(self.sizes)
-        return slice(o, o + n), slice(m + o, m + o + n)
 
 
 # --- attention ------------------------------------------------------------------------
@@ -301,7 +178,7 @@ def _aligned_cross(q: Tensor, k: Tensor, v: Tensor, scale: float, al: AlignmentT
 class _Pass:
     """One call of run_mode: what the attention processors read and write. Dropped after the call."""
 
-    def __init__(self, spec: ModeSpec, layout: _Layout, inputs: ModeInputs, reads: Mapping[str, Tensor],
+    def __init__(self, spec: ModeSpec, layout: Rows, inputs: ModeInputs, reads: Mapping[str, Tensor],
                  writes: dict[str, Tensor]):
         self.spec, self.layout, self.inputs, self.reads, self.writes = spec, layout, inputs, reads, writes
 
@@ -309,8 +186,8 @@ class _Pass:
         try:
             return self.reads[name]
         except KeyError:
-            raise RuntimeError(f"step mode {self.spec.mode.value} reads {what} {name}, but no earlier step of "
-                               "this request computed it; check the plan") from None
+            raise MissingCacheError(f"step mode {self.spec.mode.value} reads {what} {name}, but no earlier step "
+                                    "of this request computed it; check the plan") from None
 
     def kv(self, name: str, attn: Any, which: str) -> Tensor:
         """cross_kv_once: the text side of cross-attention depends on the texts only, so it is projected
@@ -385,7 +262,7 @@ class _Pass:
                 # Every unconditional row of a request has the empty prompt's values and,
                 # under reuse, the pivot's map: the rows are equal, so compute one.
                 one = _shared_map_attention(q[g], k[g], v, attn.scale)
-                outs.append(_rows(one, rows.shape[0]))
+                outs.append(expand_rows(one, rows.shape[0]))
             else:
                 al = alignment[r] if (conditional and alignment is not None) else None
                 outs.append(_aligned_cross(q[g], k[g], v, attn.scale, al))
@@ -409,10 +286,10 @@ class ObClipAttnProcessor:
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
         if attention_mask is not None:
-            raise ValueError("ObCLIP attention processors do not support attention masks")
+            raise InputError("ObCLIP attention processors do not support attention masks")
         current = self.slot.current
         if current is None:
-            raise RuntimeError("the UNet has ObCLIP attention processors installed; call it through run_mode")
+            raise InputError("the UNet has ObCLIP attention processors installed; call it through run_mode")
         return current.attention(self.name, attn, hidden_states, encoder_hidden_states)
 
 
@@ -428,7 +305,7 @@ def _check_supported(name: str, attn: Any) -> None:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(f"attention module {name} uses {bad}, which the ObCLIP processors do not implement; "
+        raise InputError(f"attention module {name} uses {bad}, which the ObCLIP processors do not implement; "
                          "run this model without acceleration")
 
 
@@ -441,7 +318,7 @@ def check_unet(unet: Any) -> None:
     }
     used = {k: v for k, v in extras.items() if v is not None}
     if used:
-        raise ValueError(f"the accelerated UNet pass implements SD-style UNets only; this one sets {used}")
+        raise InputError(f"the accelerated UNet pass implements SD-style UNets only; this one sets {used}")
 
 
 def attention_modules(unet: Any) -> dict[str, Any]:
@@ -476,8 +353,7 @@ def run_mode(unet: Any, spec: ModeSpec, inputs: ModeInputs,
     if slot is None:
         with processors_installed(unet):
             return run_mode(unet, spec, inputs, caches)
-    layout = _Layout(inputs.sizes, spec.merged, inputs.x, cond_only=spec.frozen_guidance,
-                     pivot_only=spec.mode is StepMode.PIVOT)
+    layout = rows_for(spec, inputs.sizes, inputs.x)
     writes: dict[str, Tensor] = {}
     slot.current = p = _Pass(spec, layout, inputs, caches, writes)
     try:
@@ -593,7 +469,7 @@ def _run_shallow_up_block(p: _Pass, block: Any, h: Tensor, res: tuple[Tensor, ..
     first of them; a step that fills the cache runs every layer and stores that input."""
     n = len(block.resnets)
     if n < 2 or getattr(block, "upsamplers", None) is not None:
-        raise ValueError("skip_variant 'deepcache-shallow' needs a last up block of >= 2 layers and no "
+        raise InputError("skip_variant 'deepcache-shallow' needs a last up block of >= 2 layers and no "
                          f"upsampler; this UNet's has {n} layers")
     start = n - 2
     attentions = getattr(block, "attentions", None) or [None] * n

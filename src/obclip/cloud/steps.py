@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from obclip.runtime.errors import InputError
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import AccelerationConfig, PlannedStep
 from obclip.runtime.protocol import RequestLimits, StepsRequest, encode_handoff
@@ -77,14 +78,6 @@ class Engine(Protocol):
     def solver(self, num_inference_steps: int) -> Solver: ...
 
 
-def __getattr__(name: str) -> Any:
-    # The torch helpers, for callers that import them from here (reference run, training, tests).
-    if name in ("guided_eps", "make_scheduler"):
-        from . import torch_backend
-        return getattr(torch_backend, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class CloudResult:
     latents: np.ndarray       # [N, C, h, w] float32
@@ -100,7 +93,7 @@ class CloudStepRunner:
     def __init__(self, model: Any = None, limits: RequestLimits = RequestLimits(), *, engine: Engine | None = None):
         if engine is None:
             if model is None:
-                raise ValueError("give a model (torch backend) or an engine")
+                raise InputError("give a model (torch backend) or an engine")
             from .torch_backend import TorchEngine
             engine = TorchEngine(model)
         self.engine = engine
@@ -120,12 +113,12 @@ class CloudStepRunner:
     @staticmethod
     def check_batchable(requests: Sequence[StepsRequest]) -> None:
         if not requests:
-            raise ValueError("a batch needs at least one request")
+            raise InputError("a batch needs at least one request")
         first = requests[0]
         for i, other in enumerate(requests[1:], 1):
             for f in BATCH_FIELDS:
                 if getattr(other, f) != getattr(first, f):
-                    raise ValueError(f"requests 0 and {i} cannot be batched: their {f} differ "
+                    raise InputError(f"requests 0 and {i} cannot be batched: their {f} differ "
                                      f"({getattr(first, f)!r} vs {getattr(other, f)!r})")
 
     def run_batch(self, requests: Sequence[StepsRequest],

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from obclip.runtime.errors import InputError
 from obclip.runtime.plan import PlannedStep
 from obclip.runtime.solver import SolverConfig, make_schedule
 
@@ -37,8 +38,9 @@ def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSol
     scheduler.set_timesteps(num_inference_steps, device="cpu")
     ours = make_schedule(SolverConfig.from_scheduler_config(model.scheduler_config), num_inference_steps)
     if not np.array_equal(scheduler.timesteps.numpy().astype(np.int64), ours.timesteps):
-        raise RuntimeError("diffusers and runtime.solver disagree on the timestep schedule for "
-                           f"{model.scheduler_config}; fix runtime/solver.py")
+        raise InputError("diffusers and runtime.solver disagree on the timestep schedule for "
+                         f"{model.scheduler_config}; use a model whose scheduler runtime/solver.py "
+                         "reproduces, or extend runtime/solver.py")
     return scheduler
 
 
@@ -58,7 +60,7 @@ def guided_eps(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, 
 class TorchSolver:
     def __init__(self, scheduler: DPMSolverMultistepScheduler):
         if "sde" in str(scheduler.config.get("algorithm_type", "")):
-            raise ValueError("the cloud steps need a deterministic DPM-Solver++ (algorithm_type dpmsolver++)")
+            raise InputError("the cloud steps need a deterministic DPM-Solver++ (algorithm_type dpmsolver++)")
         self.scheduler = scheduler
         self.timesteps = tuple(int(t) for t in scheduler.timesteps)
 

@@ -23,11 +23,12 @@ from enum import Enum
 
 import numpy as np
 
+from obclip.runtime.denoise import denoise
 from obclip.runtime.errors import InputError
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import AccelerationConfig, make_plan
 from obclip.runtime.protocol import Handoff, HandoffError, StepsRequest, decode_handoff
-from obclip.runtime.solver import Schedule, SolverConfig, SolverState, initial_state, make_schedule, solver_step
+from obclip.runtime.solver import Schedule, SolverConfig, SolverState, initial_state, make_schedule
 
 from .engines import DeviceEngines
 from .oblivious import CandidateSet, ObliviousTransform, TransformConfig
@@ -221,23 +222,15 @@ class DevicePipeline:
 
     def _device_steps(self, x: np.ndarray, state: SolverState, prompts: list[str], schedule: Schedule,
                       config: GenerationConfig, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """The plan's device steps on rows x (one per prompt), classifier-free guided."""
+        """The plan's device steps on rows x (one per prompt), classifier-free guided (runtime.denoise)."""
         engines = self.engines
         plan = make_plan(config.num_inference_steps, config.k)
         if not plan.device_steps:
             return x
-        b = len(prompts)
         # The device conditions its own steps on the prompt exactly as typed.
         text = engines.encode_text(["", *(self._fit(p) for p in prompts)])
-        text = np.concatenate([np.repeat(text[:1], b, axis=0), text[1:]])  # rows: [uncond x b, cond x b]
-        for n, step in enumerate(plan.device_steps):
-            t = float(schedule.timesteps[step.index])
-            out = engines.unet(np.concatenate([x, x]), t, text)
-            eps = out[:b] + config.guidance_scale * (out[b:] - out[:b])
-            x, state = solver_step(schedule, self.solver_config, state, eps, x)
-            if on_step is not None:
-                on_step(n + 1, len(plan.device_steps))
-        return x
+        return denoise(engines.unet, text, x, state, schedule, self.solver_config,
+                       [step.index for step in plan.device_steps], config.guidance_scale, on_step)
 
     def _fit(self, prompt: str) -> str:
         """The longest prefix of the prompt (whole words) within the text encoder's context:

@@ -39,13 +39,11 @@ built beside the target and moved into place at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
 import time
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,13 +54,17 @@ import torch
 from onnx import numpy_helper
 
 from obclip.cloud.models import TextToLatentModel, load_text_to_latent, model_schema
-from obclip.cloud.modes import ALIGN_INPUTS, ModeSpec, plan_specs
+from obclip.cloud.modes import ALIGN_INPUTS, ModeSpec, plan_specs, spec_to_dict
 from obclip.cloud.step_modes import AlignmentTensors, ModeInputs, cross_kv, processors_installed, run_mode
-from obclip.export.staging import staged_folder
+from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.manifest import EXPORT_VERSION, Component, Manifest, ManifestError, sha256_file
 from obclip.runtime.plan import AccelerationConfig, SkipVariant, StepMode, preset
+from obclip.runtime.weights import SharedWeights
 
-OPSET = 17
+from .onnx_export import TextEncoderModule, export_component, max_rel_diff, to_torch, trace
+from .specs import ModeGraphSpec, cross_kv_spec, request_spec, text_encoder_spec
+from .staging import model_fingerprint, staged_folder
+
 WEIGHTS = "unet/weights.bin"
 WEIGHTS_INDEX = "unet/weights.json"
 _ALIGN = 4096          # weight offsets, so onnxruntime can map them
@@ -91,7 +93,7 @@ def export_configs(which: str) -> list[AccelerationConfig]:
                  p.replace(skip_variant=SkipVariant.DEEPCACHE_SHALLOW, attention_cache=False),
                  p.replace(pivot_only_steps=1)]
     elif which != "presets":
-        raise ValueError(f"--modes must be presets or all, got {which!r}")
+        raise InputError(f"--modes must be presets or all, got {which!r}")
     out = []
     for c in base:
         for kv, merge in ((False, False), (True, False), (False, True), (True, True)):
@@ -109,47 +111,27 @@ def export_specs(which: str) -> list[ModeSpec]:
     return specs
 
 
-def spec_to_dict(spec: ModeSpec) -> dict:
-    return {"mode": spec.mode.value, "skip_variant": spec.skip_variant.value,
-            "write_attention": spec.write_attention, "write_skip": spec.write_skip,
-            "cross_kv_once": spec.cross_kv_once, "merged": spec.merged,
-            "frozen_guidance": spec.frozen_guidance, "write_residual": spec.write_residual}
-
-
-def spec_from_dict(d: Mapping[str, Any]) -> ModeSpec:
-    # Fields added later default to off, so manifests written before them still load.
-    return ModeSpec(StepMode(d["mode"]), SkipVariant(d["skip_variant"]), bool(d["write_attention"]),
-                    bool(d["write_skip"]), bool(d["cross_kv_once"]), bool(d["merged"]),
-                    frozen_guidance=bool(d.get("frozen_guidance", False)),
-                    write_residual=bool(d.get("write_residual", False)))
-
-
 # --- the traced modules ---------------------------------------------------------------
 
 
 class ModeGraph(torch.nn.Module):
     """``run_mode`` for one spec and one request, with flat tensor inputs and outputs (what the exporter traces)."""
 
-    def __init__(self, unet: Any, spec: ModeSpec, reads: list[str], writes: list[str]):
+    def __init__(self, unet: Any, spec: ModeGraphSpec):
         super().__init__()
-        self.unet, self.spec, self.reads, self.writes = unet, spec, list(reads), list(writes)
-
-    def input_names(self) -> list[str]:
-        align = list(ALIGN_INPUTS) if self.spec.aligned else []
-        return ["sample", "timestep", "text", "guidance_scale", *align, *self.reads]
-
-    def output_names(self) -> list[str]:
-        return ["eps", *self.writes]
+        self.unet, self.spec = unet, spec
+        self.reads = [n for n in spec.input_names if n in spec.traced]
+        self.writes = [n for n in spec.output_names if n in spec.traced]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 guidance_scale: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         alignment = None
-        if self.spec.aligned:
+        if self.spec.mode.aligned:
             alignment = (AlignmentTensors(*rest[:len(ALIGN_INPUTS)]),)
             rest = rest[len(ALIGN_INPUTS):]
         inputs = ModeInputs(x=sample, timestep=timestep, text=text, guidance_scale=guidance_scale,
                             sizes=None, alignment=alignment)
-        eps, writes = run_mode(self.unet, self.spec, inputs, dict(zip(self.reads, rest)))
+        eps, writes = run_mode(self.unet, self.spec.mode, inputs, dict(zip(self.reads, rest)))
         return (eps, *(writes[n] for n in self.writes))
 
 
@@ -177,46 +159,40 @@ class _Recorder(dict):
 
 @dataclass
 class _Example:
-    """A random single-request batch and the caches every mode may read, at one N and latent size."""
+    """A random single-request batch (the request inputs every mode graph takes) and the caches every
+    mode may read, at one N and latent side."""
 
-    inputs: ModeInputs
-    caches: dict[str, torch.Tensor]   # per skip variant: filled by a full step that writes everything
-    caches_dc: dict[str, torch.Tensor]
+    n: int
+    side: int
+    feeds: dict[str, torch.Tensor]       # sample, timestep, text, guidance_scale, alignment tables
+    caches: dict[SkipVariant, dict[str, torch.Tensor]]   # per skip variant: a full step that writes everything
     kv: dict[str, torch.Tensor]
-    caches_dcs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def inputs(self) -> ModeInputs:
+        f = self.feeds
+        return ModeInputs(x=f["sample"], timestep=f["timestep"], text=f["text"], guidance_scale=f["guidance_scale"],
+                          sizes=None, alignment=(AlignmentTensors(*(f[n] for n in ALIGN_INPUTS)),))
 
 
-def _example(lm: TextToLatentModel, n: int, size: int, seed: int) -> _Example:
-    g = torch.Generator().manual_seed(seed)
+def _example(lm: TextToLatentModel, n: int, side: int, seed: int) -> _Example:
     unet = lm.unet
-    c, d, length = unet.config.in_channels, lm.text_encoder.config.hidden_size, lm.tokenizer.model_max_length
-    x = torch.randn(n, c, size, size, generator=g)
-    text = torch.randn(n + 1, length, d, generator=g)
-    starts = torch.arange(length).repeat(n, 1)
-    stops = starts + 1
-    weights = torch.ones(n, length)
-    if n > 1:  # one candidate reading a 3-column word and one sharing a column, so the sums are exercised
-        stops[-1, 1] = 4
-        starts[-1, 2:] = torch.arange(3, length + 1).clamp(max=length - 1)
-        stops[-1, 2:] = starts[-1, 2:] + 1
-        weights[-1, -2:] = 0.5
-    inputs = ModeInputs(x=x, timestep=torch.tensor([601.0]), text=text, guidance_scale=torch.tensor([7.5]),
-                        sizes=None, alignment=(AlignmentTensors(starts, stops, weights),))
+    spec = request_spec(lm.latent_channels, int(lm.tokenizer.model_max_length), int(lm.text_encoder.config.hidden_size))
+    feeds = to_torch(spec.sample(spec.dims(n, side), np.random.default_rng(seed)))
+    x, text = feeds["sample"], feeds["text"]
     with torch.no_grad():
         caches = {}
         for variant in SkipVariant:
             writer = ModeSpec(StepMode.FULL, variant, write_attention=True, write_skip=True, write_residual=True)
             _, w = run_mode(unet, writer, ModeInputs(x=x * 0.9, timestep=torch.tensor([801.0]), text=text,
-                                                     guidance_scale=inputs.guidance_scale), {})
+                                                     guidance_scale=feeds["guidance_scale"]), {})
             caches[variant] = w
         kv = cross_kv(unet, text)
-    return _Example(inputs, caches[SkipVariant.FASTER_DIFFUSION], caches[SkipVariant.DEEPCACHE], kv,
-                    caches[SkipVariant.DEEPCACHE_SHALLOW])
+    return _Example(n, side, feeds, caches, kv)
 
 
 def _cache_pool(ex: _Example, spec: ModeSpec) -> dict[str, torch.Tensor]:
-    pool = dict({SkipVariant.DEEPCACHE: ex.caches_dc,
-                 SkipVariant.DEEPCACHE_SHALLOW: ex.caches_dcs}.get(spec.skip_variant, ex.caches))
+    pool = dict(ex.caches[spec.skip_variant])
     if spec.cross_kv_once:
         pool.update(ex.kv)
     return pool
@@ -238,48 +214,9 @@ def _cache_shapes(unet: Any, spec: ModeSpec, ex: _Example, reads: list[str], wri
 
 
 def _feeds(graph: ModeGraph, ex: _Example) -> dict[str, torch.Tensor]:
-    i = ex.inputs
-    feeds = {"sample": i.x, "timestep": i.timestep, "text": i.text,
-             "guidance_scale": torch.as_tensor(i.guidance_scale, dtype=torch.float32)}
-    if graph.spec.aligned:
-        assert i.alignment is not None and i.alignment[0] is not None
-        al = i.alignment[0]
-        feeds.update(zip(ALIGN_INPUTS, (al.starts, al.stops, al.weights)))
-    pool = _cache_pool(ex, graph.spec)
-    feeds.update({n: pool[n] for n in graph.reads})
-    return feeds
-
-
-def _dynamic_axes(names: Iterable[str], feeds: Mapping[str, torch.Tensor] | None = None) -> dict:
-    axes: dict[str, dict[int, str]] = {}
-    for name in names:
-        if name in ("sample", "eps"):
-            axes[name] = {0: "n", 2: "h", 3: "w"}
-        elif name in ("text",):
-            axes[name] = {0: "n_text"}
-        elif name in ALIGN_INPUTS:
-            axes[name] = {0: "n"}
-        elif name.startswith("kv/"):
-            axes[name] = {0: "n_text"}
-        elif name.startswith("attn/"):
-            axes[name] = {0: "rows", 1: f"{name}:len"}
-        elif name.startswith("skip/"):
-            axes[name] = {0: "rows", 2: f"{name}:h", 3: f"{name}:w"}
-        elif name.startswith("guid/"):
-            axes[name] = {0: "n", 2: "h", 3: "w"}
-    return axes
-
-
-def _trace(module: torch.nn.Module, feeds: Mapping[str, torch.Tensor], outputs: list[str], path: Path) -> float:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about every Python branch on a shape; the check against torch is what counts.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(feeds.values()), str(path), input_names=list(feeds), output_names=outputs,
-                          dynamic_axes=_dynamic_axes([*feeds, *outputs]), opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
-    return time.perf_counter() - t0
+    """The graph's inputs on an example, in input order: the request's, then the caches it reads."""
+    pool = _cache_pool(ex, graph.spec.mode)
+    return {n: ex.feeds[n] if n in ex.feeds else pool[n] for n in graph.spec.input_names}
 
 
 # --- one weights file for every graph ---------------------------------------------------
@@ -289,7 +226,7 @@ class SharedWeightsWriter:
     """Writes mode graphs one at a time into ``folder/unet/<name>.onnx`` with their large
     initializers as external data in one ``weights.bin``, each distinct tensor stored once under
     a content-derived name. One graph at a time, so an exporter can delete each raw trace as soon
-    as it is added (a full-size UNet trace is 3.4 GB; fifteen of them do not fit on disk)."""
+    as it is added (a full-size UNet trace holds every weight; fifteen of them do not fit on disk)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -357,8 +294,7 @@ class SharedWeightsWriter:
 
 
 def _rel_diff(got: list[np.ndarray], want: list[torch.Tensor]) -> float:
-    diff = max(float(np.abs(g.astype(np.float64) - w.double().numpy()).max()) for g, w in zip(got, want))
-    scale = max(1.0, max(float(w.abs().max()) for w in want))
+    diff, scale = max_rel_diff(got, [w.numpy() for w in want])
     return diff / scale
 
 
@@ -371,10 +307,8 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                         precision: str = "fp32") -> Manifest:
     """Export the cloud model at ``model`` into ``out``/cloud, atomically; graphs already exported
     there for the same model files, precision and export version are reused, not re-traced."""
-    from .build_engines import _TextForExport, export_component, model_fingerprint
-
     if precision != "fp32":
-        raise ValueError("the cloud model is traced in fp32 only; the fp16 folder is converted from it: "
+        raise InputError("the cloud model is traced in fp32 only; the fp16 folder is converted from it: "
                          "export.cloud_fp16.build_cloud_fp16 (--cloud-precision fp16)")
     lm = load_text_to_latent(model)
     lm.unet.eval()
@@ -391,14 +325,12 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
     t_start = time.perf_counter()
     with staged_folder(target) as work:
         print(f"exporting cloud model {model} -> {target} ({len(specs)} step modes)")
-        g = torch.Generator().manual_seed(0)
-        length = lm.tokenizer.model_max_length
-        ids = lambda b: torch.randint(0, lm.text_encoder.config.vocab_size, (b, length), generator=g)  # noqa: E731
-        comps = {"text_encoder": export_component(
-            "text_encoder", _TextForExport(lm.text_encoder), {"input_ids": ids(1)},
-            ["last_hidden_state", "pooler_output"],
-            {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
-            work, {"input_ids": ids(3)}, tolerance)}
+        rng = np.random.default_rng(0)
+        length, text_dim = int(lm.tokenizer.model_max_length), int(lm.text_encoder.config.hidden_size)
+        text_spec = text_encoder_spec(length, text_dim, lm.text_encoder.config.vocab_size)
+        comps = {"text_encoder": export_component(TextEncoderModule(lm.text_encoder), text_spec, work,
+                                                  text_spec.sample({"batch": 1}, rng),
+                                                  text_spec.sample({"batch": 3}, rng), tolerance)}
         (work / "tokenizer").mkdir()
         lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
 
@@ -411,12 +343,15 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
             graphs = {}
             for spec in specs:
                 reads, writes = mode_io(lm.unet, spec, trace_ex)
-                graphs[spec.name] = ModeGraph(lm.unet, spec, reads, writes)
+                # cache shapes at the traced N and size (the specs scale them: TensorRT profiles, checks)
+                shapes = _cache_shapes(lm.unet, spec, trace_ex, reads, writes)
+                graph_spec = ModeGraphSpec.build(spec, reads, writes, shapes, lm.latent_channels, length, text_dim,
+                                                 trace_ex.n, trace_ex.side)
+                graphs[spec.name] = ModeGraph(lm.unet, graph_spec)
                 modes_table[spec.name] = {"component": f"unet/{spec.name}", "spec": spec_to_dict(spec),
-                                          "reads": reads, "writes": writes,
-                                          # cache shapes at the traced N and size (TensorRT profiles scale them)
-                                          "shapes": _cache_shapes(lm.unet, spec, trace_ex, reads, writes)}
+                                          "reads": reads, "writes": writes, "shapes": shapes}
             kv_names = sorted(trace_ex.kv)
+            kv_spec = cross_kv_spec({n: list(v.shape) for n, v in trace_ex.kv.items()}, length, text_dim)
             # Each trace goes into the shared weights file as soon as it is made and its raw copy
             # (every weight again) is deleted, so disk holds at most one raw trace at a time.
             with SharedWeightsWriter(work) as writer:
@@ -425,7 +360,7 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                         writer.add(name, previous[name])
                         print(f"  {name:28s} up to date, reused")
                         continue
-                    secs = _trace(graph, _feeds(graph, trace_ex), graph.output_names(), raw / name / "model.onnx")
+                    secs = trace(graph, graph.spec, _feeds(graph, trace_ex), raw / name / "model.onnx")
                     writer.add(name, raw / name / "model.onnx")
                     shutil.rmtree(raw / name)
                     print(f"  {name:28s} traced in {secs:5.1f} s")
@@ -433,16 +368,14 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                     if "cross_kv" in previous:
                         writer.add("cross_kv", previous["cross_kv"])
                     else:
-                        _trace(CrossKVGraph(lm.unet, kv_names), {"text": trace_ex.inputs.text}, kv_names,
-                               raw / "cross_kv" / "model.onnx")
+                        trace(CrossKVGraph(lm.unet, kv_names), kv_spec, {"text": trace_ex.feeds["text"]},
+                              raw / "cross_kv" / "model.onnx")
                         writer.add("cross_kv", raw / "cross_kv" / "model.onnx")
                         shutil.rmtree(raw / "cross_kv")
             shutil.rmtree(raw, ignore_errors=True)
 
             # The check: the files as the runtime opens them, against the torch definition.
-            from obclip.cloud.engine_backend import SharedWeights
-
-            shared = SharedWeights(work / WEIGHTS, json.loads((work / WEIGHTS_INDEX).read_text()))
+            shared = SharedWeights.from_index(work / WEIGHTS, work / WEIGHTS_INDEX)
             for name, graph in graphs.items():
                 path = work / "unet" / f"{name}.onnx"
                 session = shared.session(path)
@@ -450,29 +383,29 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                 with torch.no_grad():
                     want = list(graph(*feeds.values()))
                 wanted_inputs = {i.name for i in session.get_inputs()}
-                got = session.run(graph.output_names(), {k: v.numpy() for k, v in feeds.items()
-                                                         if k in wanted_inputs})
+                got = session.run(graph.spec.output_names, {k: v.numpy() for k, v in feeds.items()
+                                                            if k in wanted_inputs})
                 diff = _rel_diff(got, want)
                 print(f"  {name:28s} onnxruntime vs torch max|a-b|/max(1,|b|) {diff:.2e}")
                 if not diff <= tolerance:
-                    raise RuntimeError(f"step mode {name}: the ONNX graph differs from torch by {diff:.3e} "
-                                       f"(> {tolerance:.1e}); the export is wrong, not saved")
+                    raise ArtifactError(f"step mode {name}: the ONNX graph differs from torch by {diff:.3e} "
+                                        f"(> {tolerance:.1e}); the export is wrong, not saved")
                 comps[f"unet/{name}"] = Component(path=f"unet/{name}.onnx", format="onnx",
-                                                  inputs=tuple(graph.input_names()),
-                                                  outputs=tuple(graph.output_names()),
+                                                  inputs=tuple(graph.spec.input_names),
+                                                  outputs=tuple(graph.spec.output_names),
                                                   sha256=sha256_file(path), check_max_abs_diff=diff)
                 modes_table[name]["check_rel_diff"] = diff
             if with_kv:
                 path = work / "unet" / "cross_kv.onnx"
                 session = shared.session(path)
-                text = check_ex.inputs.text
+                text = check_ex.feeds["text"]
                 got = session.run(kv_names, {"text": text.numpy()})
                 with torch.no_grad():
                     want_kv = cross_kv(lm.unet, text)
                 diff = _rel_diff(got, [want_kv[n] for n in kv_names])
                 print(f"  {'cross_kv':28s} onnxruntime vs torch max|a-b|/max(1,|b|) {diff:.2e}")
                 if not diff <= tolerance:
-                    raise RuntimeError(f"cross_kv differs from torch by {diff:.3e}; the export is wrong, not saved")
+                    raise ArtifactError(f"cross_kv differs from torch by {diff:.3e}; the export is wrong, not saved")
                 comps["unet/cross_kv"] = Component(path="unet/cross_kv.onnx", format="onnx", inputs=("text",),
                                                    outputs=tuple(kv_names), sha256=sha256_file(path),
                                                    check_max_abs_diff=diff)
@@ -487,8 +420,8 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
             schema=model_schema(model), modes=modes_table,
             files={WEIGHTS: sha256_file(work / WEIGHTS), WEIGHTS_INDEX: sha256_file(work / WEIGHTS_INDEX)},
             source={"model": str(model), "fingerprint": fingerprint, "precision": precision,
-                    "export_version": EXPORT_VERSION, "latent_multiple": m, "trace_n": 2, "trace_latent": 2 * m,
-                    "text_dim": int(lm.text_encoder.config.hidden_size)},
+                    "export_version": EXPORT_VERSION, "latent_multiple": m, "trace_n": trace_ex.n,
+                    "trace_latent": trace_ex.side, "text_dim": text_dim},
         )
         manifest.save(work)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
@@ -510,51 +443,3 @@ def _reusable(target: Path, fingerprint: str, precision: str) -> dict[str, Path]
     if "unet/cross_kv" in m.components:
         out["cross_kv"] = m.path_of("unet/cross_kv")
     return out
-
-
-# --- command line (build_engines.py hands these flags over) -------------------------------------
-
-
-def add_cloud_arguments(p: Any) -> None:
-    g = p.add_argument_group("cloud engines (OUT/cloud; without --cloud-model or --device-model both sides of "
-                             "the embedded pair are exported)")
-    g.add_argument("--cloud-model", default=None,
-                   help="cloud model: a diffusers-layout directory (exports OUT/cloud)")
-    g.add_argument("--cloud-modes", default="presets", choices=["presets", "all"],
-                   help="step modes to export: those of none-k*, paper-k5, paper-k10 with and without the exact "
-                        "extras, lean-k10 and the paper's '+ cache' row without batch reuse (presets), or also "
-                        "DeepCache and every switch combination (all)")
-    g.add_argument("--cloud-precision", default="fp32", choices=["fp32", "fp16"],
-                   help="fp32: OUT/cloud; fp16: also OUT/cloud-fp16, converted from OUT/cloud (float16 weights "
-                        "and compute, float32 inputs/outputs) and checked against it, graph by graph and "
-                        "end to end (for --providers cuda or --tensorrt)")
-    g.add_argument("--cloud-tolerance", default=1e-4, type=float,
-                   help="max |onnxruntime - torch| / max(1, |torch|) per graph (default %(default)s)")
-    g.add_argument("--tensorrt", action="store_true",
-                   help="also build TensorRT engines for the cloud graphs, from OUT/cloud-fp16 with "
-                        "--cloud-precision fp16, else OUT/cloud (needs tensorrt and a GPU)")
-
-
-def export_cloud_cli(args: Any) -> int:
-    import sys
-
-    from obclip.cloud.models import resolve_model_dir
-    from obclip.runtime.locations import default_engines_root
-
-    out = args.out if args.out is not None else default_engines_root()
-    try:
-        model = resolve_model_dir(args.cloud_model, "cloud")
-        build_cloud_engines(model, out, modes=args.cloud_modes, tolerance=args.cloud_tolerance)
-        engines = out / "cloud"
-        if args.cloud_precision == "fp16":
-            from .cloud_fp16 import build_cloud_fp16
-
-            engines = build_cloud_fp16(out / "cloud", out).root
-        if args.tensorrt:
-            from .tensorrt import build_cloud_tensorrt
-
-            build_cloud_tensorrt(engines)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -20,7 +20,7 @@ once per image get the fp16 treatment (weights half size, no quantisation error)
                 percentile ranges), then MatMul/Gemm with constant weights, dynamic (per-channel
                 int8 weights, activations quantised per call); attention-score MatMuls (two
                 activations), norms, softmax and everything else stay float32;
-  text encoder: fp16 (dynamic int8 MatMuls cost the trained mini model ~20 dB on some prompts);
+  text encoder: fp16 (dynamic int8 MatMuls cost the trained mini model too much PSNR on some prompts);
   VAE decoder:  fp16.
 
 Every variant is checked on real trajectories (device-only runs, the device pipeline's loop, same
@@ -50,8 +50,13 @@ from typing import Any
 import numpy as np
 
 from obclip.export.staging import staged_folder
+from obclip.runtime.denoise import denoise
+from obclip.runtime.errors import ArtifactError, InputError
+from obclip.runtime.graphs import DeviceGraphs, UNet
 from obclip.runtime.manifest import PRECISIONS, Manifest, sha256_file
-from obclip.runtime.sessions import open_session, ort, run
+from obclip.runtime.noise import initial_noise
+from obclip.runtime.sessions import SessionConfig, open_session
+from obclip.runtime.solver import SolverConfig, initial_state, make_schedule
 
 # ops kept float32 in the fp16 variant (on top of onnxruntime's default block list)
 FP16_KEEP_FP32 = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
@@ -86,7 +91,7 @@ def parse_precisions(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in PRECISIONS]
     if bad or not names:
-        raise ValueError(f"--device-precision {text!r}: each must be one of {', '.join(PRECISIONS)}")
+        raise InputError(f"--device-precision {text!r}: each must be one of {', '.join(PRECISIONS)}")
     return ["fp32"] + [p for p in PRECISIONS[1:] if p in names]
 
 
@@ -94,20 +99,10 @@ def variant_dir(out: Path, precision: str) -> Path:
     return out / ("device" if precision == "fp32" else f"device-{precision}")
 
 
-def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
-    """Pixels the dynamic device graphs accept: multiples of the UNet's overall downsampling (its
-    skip connections must line up) times the VAE's, from half to twice the trained size."""
-    multiple = 2 ** (len(unet.config.block_out_channels) - 1) * vae_scale
-    lo = max(multiple, (default // 2) // multiple * multiple)
-    hi = max(lo, (2 * default) // multiple * multiple)
-    return {"min": lo, "max": hi, "multiple": multiple}
-
-
 # --- graph optimisation -------------------------------------------------------------------
 
 
-def optimise_onnx(path: Path, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  external_above: int | None = None) -> None:
+def optimise_onnx(path: Path, level: str = "basic", external_above: int | None = None) -> None:
     """Apply onnxruntime's graph optimisations at ``level`` and save the result over ``path``.
     A graph (with its weights) above ``external_above`` bytes is saved as model.onnx + model.onnx.data."""
     external_above = EXTERNAL_DATA_ABOVE if external_above is None else external_above
@@ -115,15 +110,11 @@ def optimise_onnx(path: Path, level: ort.GraphOptimizationLevel = ort.GraphOptim
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     tmp = Path(tempfile.mkdtemp(prefix=".opt-", dir=folder))
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.optimized_model_filepath = str(tmp / path.name)
+        entries = {}
         if size > external_above:
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             path.name + ".data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                             "1024")
-        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            entries = {"session.optimized_model_external_initializers_file_name": path.name + ".data",
+                       "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}
+        open_session(path, SessionConfig(optimization=level), save_optimized=tmp / path.name, entries=entries)
         for f in folder.iterdir():  # the exporter's files (one per tensor for large models) go
             if f.is_file():
                 f.unlink()
@@ -197,56 +188,40 @@ def to_int8(name: str, src: Path, dst: Path, calibration: list[dict[str, np.ndar
 # --- trajectories: calibration and the check -----------------------------------------------
 
 
-class _DeviceRun:
-    """A device-only run of one engines folder, step for step as ``device/pipeline.py`` does it
-    (export may not import device/, so this is the same loop over the runtime's solver)."""
+class RecordingUNet:
+    """A UNet that also keeps every feed it runs (int8 calibration records the fp32 UNet's inputs)."""
 
-    def __init__(self, folder: Path):
-        from tokenizers import Tokenizer
+    def __init__(self, unet: UNet, record: list[dict[str, np.ndarray]]):
+        self.unet, self.record = unet, record
 
-        from obclip.runtime.solver import SolverConfig
+    def __call__(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        feeds = self.unet.feeds(sample, timestep, encoder_hidden_states)
+        self.record.append(feeds)
+        return self.unet.run(feeds)
 
-        self.m = m = Manifest.load(folder)
-        self.text, self.unet, self.vae = (open_session(m.path_of(n)) for n in ("text_encoder", "unet", "vae_decoder"))
-        self.tokenizer = Tokenizer.from_file(str(m.root / m.tokenizer))
-        self.solver = SolverConfig.from_scheduler_config(m.scheduler_config)
 
-    def ids(self, prompts: list[str]) -> np.ndarray:
-        ids = np.full((len(prompts), self.m.text_max_length), self.m.pad_token_id, np.int64)
-        for row, text in enumerate(prompts):
-            enc = self.tokenizer.encode(text).ids[: self.m.text_max_length]
-            ids[row, : len(enc)] = enc
-        return ids
-
-    def __call__(self, prompt: str, check: VariantCheck,
-                 record: list[dict[str, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(final latent [1, C, h, w], image uint8 [H, W, 3]); ``record`` collects the UNet's inputs."""
-        from obclip.runtime.noise import initial_noise
-        from obclip.runtime.solver import initial_state, make_schedule, solver_step
-
-        m, side = self.m, self.m.default_image_size // self.m.vae_scale_factor
-        text = run(self.text, "last_hidden_state", input_ids=self.ids(["", prompt]))
-        schedule = make_schedule(self.solver, check.steps)
-        x, state = initial_noise(check.seed, (1, m.latent_channels, side, side)), initial_state()
-        for t in schedule.timesteps:
-            feed = {"sample": np.concatenate([x, x]).astype(np.float32),
-                    "timestep": np.full((2,), float(t), np.float32), "encoder_hidden_states": text}
-            if record is not None:
-                record.append(feed)
-            out = run(self.unet, "out_sample", **feed)
-            eps = out[:1] + check.guidance_scale * (out[1:] - out[:1])
-            x, state = solver_step(schedule, self.solver, state, eps, x)
-        image = run(self.vae, "sample", latent_sample=(x / m.vae_scaling_factor).astype(np.float32))
-        image = np.clip(image / 2 + 0.5, 0.0, 1.0)[0].transpose(1, 2, 0)
-        return x, (image * 255).round().astype(np.uint8)
+def device_only_run(graphs: DeviceGraphs, prompt: str, check: VariantCheck,
+                    record: list[dict[str, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A device-only run of one engines folder through the device's own loop (``runtime.denoise``, as
+    ``DevicePipeline.finish`` runs it with k = 0): (final latent [1, C, h, w], image uint8 [H, W, 3]).
+    ``record`` collects the UNet's inputs."""
+    m = graphs.manifest
+    solver = SolverConfig.from_scheduler_config(m.scheduler_config)
+    schedule = make_schedule(solver, check.steps)
+    shape = graphs.latent_shape(m.default_image_size, m.default_image_size)
+    unet = graphs.unet if record is None else RecordingUNet(graphs.unet, record)
+    text = graphs.encode_text(["", prompt])
+    x = denoise(unet, text, initial_noise(check.seed, (1, *shape)), initial_state(), schedule, solver,
+                range(check.steps), check.guidance_scale)
+    return x, graphs.decode(x)[0]
 
 
 def record_unet_inputs(fp32: Path, check: VariantCheck) -> list[dict[str, np.ndarray]]:
     """The fp32 UNet's inputs at every step of device-only runs of the calibration prompts."""
     feeds: list[dict[str, np.ndarray]] = []
-    runner = _DeviceRun(fp32)
+    graphs = DeviceGraphs(fp32)
     for prompt in check.calibration_prompts:
-        runner(prompt, check, feeds)
+        device_only_run(graphs, prompt, check, feeds)
     return feeds
 
 
@@ -257,10 +232,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare_variant(fp32: Path, variant: Path, check: VariantCheck) -> dict[str, Any]:
     """Device-only runs of the check prompts on both folders, same seeds: latent and image agreement."""
-    ref, var = _DeviceRun(fp32), _DeviceRun(variant)
+    ref, var = DeviceGraphs(fp32), DeviceGraphs(variant)
     latent_diff, psnrs = [], []
     for prompt in check.prompts:
-        (la, ia), (lb, ib) = ref(prompt, check), var(prompt, check)
+        (la, ia), (lb, ib) = device_only_run(ref, prompt, check), device_only_run(var, prompt, check)
         latent_diff.append(float(np.abs(la - lb).max()))
         psnrs.append(psnr(ia, ib))
     finite = [p for p in psnrs if math.isfinite(p)]
@@ -283,8 +258,7 @@ def _component_diff(fp32: Manifest, variant: Path, name: str) -> float:
     """Max abs difference of one component against its fp32 graph on one random input
     (token ids for the text encoder; batch 2 at the default size; timestep 500)."""
     c = fp32.components[name]
-    ref, var = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-                for p in (fp32.root / c.path, variant / c.path))
+    ref, var = (open_session(p) for p in (fp32.root / c.path, variant / c.path))
     rng = np.random.default_rng(0)
     side = fp32.default_image_size // fp32.vae_scale_factor
     feed = {}
@@ -308,10 +282,10 @@ def build_device_variant(fp32_dir: Path, precision: str, out: Path,
     """``out``/device-<precision> from the fp32 folder, atomically; refused (nothing written) when a
     trained model's variant falls below its PSNR floor."""
     if precision not in PRECISIONS[1:]:
-        raise ValueError(f"precision {precision!r}: build one of {PRECISIONS[1:]} from the fp32 folder")
+        raise InputError(f"precision {precision!r}: build one of {PRECISIONS[1:]} from the fp32 folder")
     base = Manifest.load(fp32_dir)
     if base.precision != "fp32":
-        raise ValueError(f"{fp32_dir} holds {base.precision} engines; variants are built from the fp32 folder")
+        raise InputError(f"{fp32_dir} holds {base.precision} engines; variants are built from the fp32 folder")
     target = variant_dir(out, precision)
     with staged_folder(target) as work:
         t0 = time.perf_counter()
@@ -345,9 +319,9 @@ def build_device_variant(fp32_dir: Path, precision: str, out: Path,
               f"fp32 mean {mean} dB, worst {result['image_psnr_min_db']} dB (floor {floor} dB on the mean, "
               f"{'enforced' if enforce else 'recorded only: random weights'})")
         if enforce and mean < floor:
-            raise RuntimeError(f"the {precision} device engines reach only {mean} dB mean PSNR against fp32 "
-                               f"(floor {floor} dB) on a trained model: not written; ship the fp32 or another "
-                               "variant (--device-precision)")
+            raise ArtifactError(f"the {precision} device engines reach only {mean} dB mean PSNR against fp32 "
+                                f"(floor {floor} dB) on a trained model: not written; ship the fp32 or another "
+                                "variant (--device-precision)")
         replace(manifest, variant_check=result).save(work)
     print(f"wrote {target / 'manifest.json'}")
     return Manifest.load(target)

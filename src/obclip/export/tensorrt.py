@@ -24,21 +24,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from obclip.cloud.modes import ALIGN_INPUTS
+from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.manifest import Manifest
 from obclip.runtime.protocol import RequestLimits
 
-Shape = tuple[int, ...]
+from .specs import ModeGraphSpec, Shape
+
 TIMING_CACHE = "timing.cache"
 
 
-class TensorRTUnavailable(RuntimeError):
-    """The TensorRT library or a CUDA GPU is missing."""
+class TensorRTUnavailable(InputError):
+    """The TensorRT library or a CUDA GPU is missing: install it, use a machine with one, or drop --tensorrt."""
 
 
 def require_tensorrt() -> Any:
@@ -84,52 +85,17 @@ class ProfileRange:
         max_px = limits.max_image_size or 2 * manifest.default_image_size
         hi = max_px // f // m * m
         if hi < m:
-            raise ValueError(f"max_image_size {max_px} px is below the graphs' smallest side {m * f} px")
+            raise InputError(f"max_image_size {max_px} px is below the graphs' smallest side {m * f} px")
         native = min(max(manifest.default_image_size // f // m * m, m), hi)
         n_max = limits.max_candidates
         return cls(n=(1, min(opt_n, n_max), n_max), latent=(m, native, hi))
 
 
-def _scaled(name: str, traced: Sequence[int], n: int, side: int, trace_n: int, trace_side: int) -> Shape:
-    """A cache tensor's shape at N candidates and a square latent side, from its traced shape."""
-    s = list(traced)
-    if name.startswith("kv/"):
-        return (n + 1, *s[1:])
-    if name.startswith("guid/"):   # [N, C, h, w]: one row per candidate, the latent's size
-        return (n, s[1], side, side)
-    rows = 2 * n
-    if name.startswith("attn/"):   # [2N, tokens, C]: tokens scale with the latent area
-        per_side = trace_side * trace_side // s[1]   # downscale^2 at this module's level
-        return (rows, side * side // per_side, s[2])
-    if name.startswith("skip/"):   # [2N, C, h, w]
-        down = trace_side // s[2]
-        return (rows, s[1], side // down, side // down)
-    raise ValueError(f"unknown cache tensor {name!r}")
-
-
 def profile_shapes(manifest: Manifest, mode: str, rng: ProfileRange) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """(min, opt, max) shape of every input of a mode graph."""
-    info = manifest.modes[mode]
-    src = manifest.source or {}
-    trace_n, trace_side = int(src["trace_n"]), int(src["trace_latent"])
-    c, length, dim = manifest.latent_channels, manifest.text_max_length, int(src["text_dim"])
-    out: dict[str, tuple[Shape, Shape, Shape]] = {}
-
-    def at(fn: Any) -> tuple[Shape, Shape, Shape]:
-        return tuple(fn(n, side) for n, side in zip(rng.n, rng.latent))  # type: ignore[return-value]
-
-    out["sample"] = at(lambda n, side: (n, c, side, side))
-    out["timestep"] = ((1,), (1,), (1,))
-    out["text"] = at(lambda n, side: (n + 1, length, dim))
-    out["guidance_scale"] = ((1,), (1,), (1,))
-    if info["spec"]["mode"] == "reuse":
-        for name in ALIGN_INPUTS:
-            out[name] = at(lambda n, side: (n, length))
-    for name in info["reads"]:
-        traced = info["shapes"][name]
-        out[name] = at(lambda n, side, name=name, traced=traced: _scaled(name, traced, n, side, trace_n,
-                                                                           trace_side))
-    return out
+    """(min, opt, max) shape of every input of a mode graph, from its spec (``export/specs.py``)."""
+    spec = ModeGraphSpec.from_manifest(manifest, mode)
+    points = [spec.shapes(spec.dims(n, side)) for n, side in zip(rng.n, rng.latent)]
+    return {name: (points[0][name], points[1][name], points[2][name]) for name in spec.input_names}
 
 
 def engine_key(onnx_sha256: str, trt_version: str, gpu: str, precision: str,
@@ -153,7 +119,7 @@ def build_engine(trt: Any, onnx_path: Path, shapes: Mapping[str, tuple[Shape, Sh
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):   # reads the external weights beside the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise ArtifactError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -166,7 +132,7 @@ def build_engine(trt: Any, onnx_path: Path, shapes: Mapping[str, tuple[Shape, Sh
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path}")
+        raise ArtifactError(f"TensorRT failed to build an engine for {onnx_path}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(bytes(serialized))
@@ -182,7 +148,7 @@ def build_cloud_tensorrt(engines: Path, limits: RequestLimits = RequestLimits(),
     if precision is None:
         precision = manifest.precision
     elif precision != manifest.precision:
-        raise ValueError(f"{engines} holds {manifest.precision} graphs, not {precision}: the strongly typed "
+        raise InputError(f"{engines} holds {manifest.precision} graphs, not {precision}: the strongly typed "
                          "network takes the graphs' types; build from OUT/cloud-fp16 for fp16 engines")
     trt = require_tensorrt()
     gpu = gpu_name() or ""

@@ -14,6 +14,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from .errors import ArtifactError
+
 EMBEDDED_MODEL = "obclip-mini"
 
 
@@ -21,8 +23,8 @@ def package_path(*parts: str) -> Path:
     """A file or folder shipped inside the installed ``obclip`` package."""
     path = resources.files("obclip").joinpath(*parts)
     if not isinstance(path, Path):  # e.g. imported from a zip archive
-        raise RuntimeError(f"obclip's data file {'/'.join(parts)} is not on the file system; "
-                           "install obclip as a regular (unzipped) package")
+        raise ArtifactError(f"obclip's data file {'/'.join(parts)} is not on the file system; "
+                            "install obclip as a regular (unzipped) package")
     return path
 
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import ArtifactError
+from .geometry import LatentGeometry
+from .onnx_file import OnnxReadError, external_locations
 
 JSON = dict[str, Any]
 
@@ -34,8 +37,8 @@ EXPORT_VERSION = 2        # bump when the exported graphs' contract changes: old
 _REEXPORT = "rerun export: python export/build_engines.py"
 
 
-class ManifestError(ValueError):
-    """A manifest that is missing, malformed or points at missing files."""
+class ManifestError(ArtifactError):
+    """A manifest that is missing, malformed or points at missing files: re-export."""
 
 
 class ManifestMissingError(ManifestError):
@@ -104,6 +107,17 @@ class Manifest:
 
     REQUIRED = {"device": ("text_encoder", "unet", "vae_decoder"), "cloud": ("text_encoder",)}
 
+    def geometry(self, fixed: tuple[int, int] | None = None, source: str | None = None) -> LatentGeometry:
+        """The sizes these engines run: the VAE's factor, the cloud graphs' latent multiple, the device
+        graphs' dynamic range (``fixed``: the latent size of graphs exported for one size only)."""
+        r = self.image_size
+        return LatentGeometry(
+            channels=self.latent_channels, vae_scale_factor=self.vae_scale_factor,
+            latent_multiple=int((self.source or {}).get("latent_multiple", 1)),
+            size_range=None if r is None else (int(r["min"]), int(r["max"]), int(r["multiple"])),
+            fixed=fixed, default_size=self.default_image_size,
+            source=source or f"these {self.side} engines ({self.root})")
+
     def path_of(self, name: str) -> Path:
         if name not in self.components:
             raise ManifestMissingError(f"manifest {self.root / MANIFEST_NAME} has no component {name!r}; "
@@ -159,7 +173,7 @@ class Manifest:
             p = self.root / c.path
             _check_hash(p, c.sha256, f"component {name}")
             if c.format == "onnx":
-                for location in onnx_external_locations(p):
+                for location in _external_locations(p):
                     _confined(p.parent, location, f"{p}: external data",
                               root=self.root)
         for rel, digest in self.files.items():
@@ -344,103 +358,8 @@ def _check_hash(path: Path, digest: str, what: str) -> None:
                                 f"the file was changed after the export; {_REEXPORT}")
 
 
-# --- external data inside ONNX files (a minimal protobuf reader: the runtime has no onnx package) ---------
-
-# field numbers in onnx.proto: ModelProto.graph=7, GraphProto.node=1 initializer=5 sparse_initializer=15,
-# NodeProto.attribute=5, AttributeProto t=5 g=6 tensors=10 graphs=11 sparse_tensor=22 sparse_tensors=23,
-# SparseTensorProto values=1 indices=2, TensorProto external_data=13, StringStringEntryProto key=1 value=2.
-_GRAPH_FIELDS = {1: "node", 5: "tensor", 15: "sparse"}
-_ATTR_FIELDS = {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"}
-
-
-def _varint(buf: Any, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("bad varint")
-
-
-def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of every length-delimited field in buf[start:end]; others skipped."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            _, i = _varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            if i + n > end:
-                raise ValueError("truncated field")
-            yield num, i, i + n
-            i += n
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    if i != end:
-        raise ValueError("field overruns its message")
-
-
-def _tensor_locations(buf: Any, s: int, e: int) -> Iterator[str]:
-    for num, a, b in _fields(buf, s, e):
-        if num == 13:
-            entry = {k: bytes(buf[x:y]) for k, x, y in _fields(buf, a, b)}
-            if entry.get(1) == b"location":
-                yield entry.get(2, b"").decode("utf-8", "replace")
-
-
-def _graph_locations(buf: Any, s: int, e: int, depth: int = 0) -> Iterator[str]:
-    if depth > 16:
-        raise ValueError("graphs nested too deep")
-    for num, a, b in _fields(buf, s, e):
-        kind = _GRAPH_FIELDS.get(num)
-        if kind == "tensor":
-            yield from _tensor_locations(buf, a, b)
-        elif kind == "sparse":
-            for n2, x, y in _fields(buf, a, b):
-                if n2 in (1, 2):
-                    yield from _tensor_locations(buf, x, y)
-        elif kind == "node":
-            for n2, x, y in _fields(buf, a, b):
-                if n2 == 5:   # attribute
-                    for n3, p, q in _fields(buf, x, y):
-                        k = _ATTR_FIELDS.get(n3)
-                        if k == "tensor":
-                            yield from _tensor_locations(buf, p, q)
-                        elif k == "graph":
-                            yield from _graph_locations(buf, p, q, depth + 1)
-
-
-_LOCATIONS: dict[tuple[str, int, int], tuple[str, ...]] = {}
-
-
-def onnx_external_locations(path: str | Path) -> tuple[str, ...]:
-    """Every external-data location an ONNX file names (cached by path, size and mtime)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _LOCATIONS:
-        with open(path, "rb") as f:
-            if st.st_size == 0:
-                raise ManifestFormatError(f"{path} is empty; {_REEXPORT}")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                try:
-                    found: set[str] = set()
-                    for num, a, b in _fields(buf, 0, len(buf)):
-                        if num == 7:
-                            found.update(_graph_locations(buf, a, b))
-                except (ValueError, IndexError) as e:
-                    raise ManifestFormatError(f"{path} is not a readable ONNX file ({e}); {_REEXPORT}") from None
-        _LOCATIONS[key] = tuple(sorted(found))
-    return _LOCATIONS[key]
+def _external_locations(path: Path) -> tuple[str, ...]:
+    try:
+        return external_locations(path)
+    except OnnxReadError as e:
+        raise ManifestFormatError(str(e)) from None

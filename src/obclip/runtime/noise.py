@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 MAX_SEED = 2**63 - 1
 
 
@@ -33,15 +35,15 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     e.g. (1, 4, 64, 64) for a 512 px SD latent.
     """
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})")
+        raise InputError(f"seed must be an int in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})")
     if not 0 <= int(seed) <= MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed}")
+        raise InputError(f"seed must be an int in [0, 2**63 - 1], got {seed}")
     dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
     if (
         not dims
         or any(isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) for d in dims)
         or any(d < 1 for d in dims)
     ):
-        raise ValueError(f"shape must be a non-empty tuple of positive ints, e.g. (1, 4, 64, 64); got {shape!r}")
+        raise InputError(f"shape must be a non-empty tuple of positive ints, e.g. (1, 4, 64, 64); got {shape!r}")
     rng = np.random.Generator(np.random.PCG64(int(seed)))
     return rng.standard_normal(tuple(int(d) for d in dims), dtype=np.float32)

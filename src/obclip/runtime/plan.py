@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .errors import InputError
+
 CLOUD = "cloud"
 DEVICE = "device"
 
@@ -102,13 +104,13 @@ class FrozenGuidance(str, Enum):
 def _require_int(name: str, value: object) -> int:
     # bool is an int subclass; a True step count is a bug, not 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        raise InputError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     return int(value)
 
 
 def _require_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+        raise InputError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -142,41 +144,41 @@ class AccelerationConfig:
         try:
             object.__setattr__(self, "skip_variant", SkipVariant(self.skip_variant))
         except ValueError:
-            raise ValueError(f"skip_variant {self.skip_variant!r} must be one of "
+            raise InputError(f"skip_variant {self.skip_variant!r} must be one of "
                              f"{[v.value for v in SkipVariant]}") from None
         for name, kind in (("refresh_mode", RefreshMode), ("frozen_guidance", FrozenGuidance)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
-                raise ValueError(f"{name} {getattr(self, name)!r} must be one of "
+                raise InputError(f"{name} {getattr(self, name)!r} must be one of "
                                  f"{[v.value for v in kind]}") from None
         k, r, s = self.switch_step, self.cache_step, self.skip_step
         if min(k, r, s, self.refresh_every) < 0:
-            raise ValueError(f"k={k}, r={r}, s={s}, refresh_every={self.refresh_every} must all be >= 0")
+            raise InputError(f"k={k}, r={r}, s={s}, refresh_every={self.refresh_every} must all be >= 0")
         if not r <= s <= k:
-            raise ValueError(f"need cache point r <= skip point s <= switch point k, got r={r}, s={s}, k={k}")
+            raise InputError(f"need cache point r <= skip point s <= switch point k, got r={r}, s={s}, k={k}")
         # A cache is read only after a step has filled it.
         if self.attention_cache and r == 0 and k > 0:
-            raise ValueError("attention_cache needs cache_step r >= 1: step 0 has no cached attention to reuse")
+            raise InputError("attention_cache needs cache_step r >= 1: step 0 has no cached attention to reuse")
         if self.block_skip and s == 0 and k > 0:
-            raise ValueError("block_skip needs skip_step s >= 1: step 0 has no cached encoder features")
+            raise InputError("block_skip needs skip_step s >= 1: step 0 has no cached encoder features")
         p = self.pivot_only_steps
         if not 0 <= p <= k:
-            raise ValueError(f"pivot_only_steps p={p} must be in [0, switch point k={k}]")
+            raise InputError(f"pivot_only_steps p={p} must be in [0, switch point k={k}]")
         # A step that reads a cache must read what a step over every candidate wrote, not the pivot's.
         if p and self.attention_cache and r < k and p >= r:
-            raise ValueError(f"pivot_only_steps p={p} must be < cache_step r={r}: the attention cache read from "
+            raise InputError(f"pivot_only_steps p={p} must be < cache_step r={r}: the attention cache read from "
                              "step r on must come from a step that evaluated every candidate")
         if p and self.block_skip and s < k and p >= s:
-            raise ValueError(f"pivot_only_steps p={p} must be < skip_step s={s}: the encoder features read from "
+            raise InputError(f"pivot_only_steps p={p} must be < skip_step s={s}: the encoder features read from "
                              "step s on must come from a step that evaluated every candidate")
         if self.refresh_mode is not RefreshMode.FULL and not self.refresh_every:
-            raise ValueError(f"refresh_mode {self.refresh_mode.value!r} needs refresh_every >= 1 "
+            raise InputError(f"refresh_mode {self.refresh_mode.value!r} needs refresh_every >= 1 "
                              "(with refresh_every=0 no step refreshes)")
         if self.frozen_guidance is FrozenGuidance.SKIP and not self.block_skip:
-            raise ValueError("frozen_guidance 'skip' needs block_skip: it freezes the guidance on block-skip steps")
+            raise InputError("frozen_guidance 'skip' needs block_skip: it freezes the guidance on block-skip steps")
         if self.frozen_guidance is FrozenGuidance.CACHED and not (self.attention_cache or self.block_skip):
-            raise ValueError("frozen_guidance 'cached' needs attention_cache or block_skip: it freezes the "
+            raise InputError("frozen_guidance 'cached' needs attention_cache or block_skip: it freezes the "
                              "guidance on the steps that read a cache")
 
     @classmethod
@@ -243,14 +245,14 @@ class AccelerationConfig:
     @classmethod
     def from_dict(cls, d: object) -> AccelerationConfig:
         if not isinstance(d, dict):
-            raise ValueError(f"acceleration must be an object of {sorted(cls.__dataclass_fields__)}, got {d!r}")
+            raise InputError(f"acceleration must be an object of {sorted(cls.__dataclass_fields__)}, got {d!r}")
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"acceleration has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+            raise InputError(f"acceleration has unknown fields {sorted(unknown)}; known: {sorted(known)}")
         missing = {"switch_step", "cache_step", "skip_step"} - set(d)
         if missing:
-            raise ValueError(f"acceleration is missing fields {sorted(missing)}")
+            raise InputError(f"acceleration is missing fields {sorted(missing)}")
         return cls(**d)
 
 
@@ -260,12 +262,10 @@ _OMITTED_AT_DEFAULT: dict[str, Any] = {"refresh_mode": RefreshMode.FULL.value,
 
 # paper-k5 / paper-k10: the paper's two server settings (T = 25, DPM-Solver): batch reuse before
 # r, attention cache from r, block skip from s, no refresh inside the cloud steps.
-# lean-k10: chosen from the measured Pareto front (docs/sweep/): no batch reuse; step 0 on the pivot
-# only, then the N unconditional rows merged exactly at step 1; full passes to r; attention cache
-# from r; DeepCache skip from s; guidance frozen (the stored uncond - cond residual) on cache and
-# skip steps; cross-attention K/V once per request. 17.81 T MACs at N = 6 (SD-v1.4, paper
-# convention) against paper-k10's 33.57; on ObCLIP-Mini v2 (120 held-out prompts, all 18
-# candidates) it loses 0.9 points of non-pivot "both" accuracy to the exact run (paper-k10: 1.1).
+# lean-k10: chosen from the measured Pareto front (docs/sweep/; its cost and accuracy are reported
+# there): no batch reuse; step 0 on the pivot only, then the N unconditional rows merged exactly at
+# step 1; full passes to r; attention cache from r; DeepCache skip from s; guidance frozen (the
+# stored uncond - cond residual) on cache and skip steps; cross-attention K/V once per request.
 PRESETS: dict[str, AccelerationConfig] = {
     "paper-k5": AccelerationConfig(switch_step=5, cache_step=3, skip_step=3),
     "paper-k10": AccelerationConfig(switch_step=10, cache_step=4, skip_step=6),
@@ -281,7 +281,7 @@ def preset(name: str) -> AccelerationConfig:
         return PRESETS[name]
     if name.startswith("none-k") and name[6:].isdigit():
         return AccelerationConfig.none(int(name[6:]))
-    raise ValueError(f"unknown acceleration preset {name!r}; known: {sorted(PRESETS)} or none-k<k>")
+    raise InputError(f"unknown acceleration preset {name!r}; known: {sorted(PRESETS)} or none-k<k>")
 
 
 @dataclass(frozen=True)
@@ -316,14 +316,14 @@ def make_plan(num_inference_steps: int, switch_step: int,
     t = _require_int("num_inference_steps", num_inference_steps)
     k = _require_int("switch_step", switch_step)
     if t < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {t}")
+        raise InputError(f"num_inference_steps must be >= 1, got {t}")
     if not 0 <= k <= t:
-        raise ValueError(
+        raise InputError(
             f"switch_step must be in [0, num_inference_steps={t}], got {k}: "
             "use 0 for device-only, num_inference_steps for cloud-only"
         )
     if acceleration is not None and acceleration.switch_step != k:
-        raise ValueError(f"acceleration is for switch point k={acceleration.switch_step} but the plan has "
+        raise InputError(f"acceleration is for switch point k={acceleration.switch_step} but the plan has "
                          f"k={k}; pick a preset for k={k} or set switch_step to {acceleration.switch_step}")
     steps = tuple(
         PlannedStep(i, CLOUD, acceleration.mode(i) if acceleration else StepMode.FULL) if i < k

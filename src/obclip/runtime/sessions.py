@@ -1,4 +1,4 @@
-"""Thin onnxruntime helpers: open a session with clear errors, run it by name.
+"""onnxruntime for all of obclip: one provider resolver, one options object, one session opener.
 
 Every obclip module takes onnxruntime from here (``from obclip.runtime.sessions import ort``), so a
 missing or doubled runtime is reported once, with the fix. The runtime is a per-target extra (as
@@ -10,14 +10,17 @@ side by side.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RUNTIME_MISSING", "available_providers", "doubled_runtime_message", "installed_runtimes",
-           "open_session", "ort", "run"]
+from .errors import ArtifactError, InputError
+
+__all__ = ["RUNTIME_MISSING", "SessionConfig", "available_providers", "doubled_runtime_message",
+           "installed_runtimes", "open_session", "ort", "resolve_providers", "run"]
 
 # Distributions that each install the ``onnxruntime`` module.
 RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
@@ -57,19 +60,100 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def open_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> ort.InferenceSession:
+# "auto" tries these in order, keeping those this onnxruntime build offers; CPU always comes last,
+# so nodes an accelerator cannot run fall back to it (onnxruntime assigns each node to the first
+# listed provider that runs it).
+PROVIDER_FALLBACK_ORDER = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider",
+                           "NnapiExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "directml": "DmlExecutionProvider", "dml": "DmlExecutionProvider",
+                    "coreml": "CoreMLExecutionProvider", "nnapi": "NnapiExecutionProvider",
+                    "xnnpack": "XnnpackExecutionProvider"}
+# Nodes TensorRT cannot take run on CUDA before they fall back to the CPU.
+_THEN_CUDA = "TensorrtExecutionProvider"
+
+
+def resolve_providers(requested: Sequence[str] | str, available: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Provider names (full or short: "cuda", "coreml", "cpu"...; a comma-separated string is split),
+    or "auto", -> the list handed to onnxruntime: TensorRT followed by CUDA, CPU appended as the
+    last fallback. A provider this onnxruntime build lacks is an InputError naming the fix."""
+    available = available_providers() if available is None else list(available)
+    names = tuple(n.strip() for n in requested.split(",")) if isinstance(requested, str) else tuple(requested)
+    if names == ("auto",):
+        return tuple(p for p in PROVIDER_FALLBACK_ORDER if p in available)
+    full = tuple(PROVIDER_ALIASES.get(n.lower(), n) for n in names)
+    missing = [n for n, f in zip(names, full) if f not in available]
+    if missing or not full:
+        raise InputError(f"onnxruntime providers {missing or list(names)} are not available in this onnxruntime "
+                         f"build; it offers {available}. Install the build that has them instead of this one "
+                         "(pip uninstall -y onnxruntime && pip install 'obclip[gpu]', i.e. onnxruntime-gpu: CUDA "
+                         "and TensorRT; onnxruntime-directml: DirectML; onnxruntime-mobile/the iOS and Android "
+                         "packages: CoreML, NNAPI, XNNPACK) or use providers=\"auto\"")
+    out = list(dict.fromkeys(full))
+    if _THEN_CUDA in out and "CUDAExecutionProvider" not in out and "CUDAExecutionProvider" in available:
+        out.insert(out.index(_THEN_CUDA) + 1, "CUDAExecutionProvider")
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return tuple(out)
+
+
+OPTIMIZATION_LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How every onnxruntime session of obclip is opened (device graphs, cloud graphs, export checks)."""
+
+    providers: tuple[str, ...] | str = ("CPUExecutionProvider",)   # names, short names, or "auto"
+    threads: int | None = None              # intra-op threads; None: onnxruntime's default
+    optimization: str | None = None         # "disabled", "basic", "extended", "all"; None: onnxruntime's default
+    memory_arena: bool | None = None        # the CPU memory arena; None: onnxruntime's default (on)
+    prepacking: bool = True                 # False: no per-session prepacked copies of shared weights
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise InputError(f"threads={self.threads!r} must be a positive integer or None (onnxruntime's default)")
+        if self.optimization is not None and self.optimization not in OPTIMIZATION_LEVELS:
+            raise InputError(f"optimization={self.optimization!r} must be one of {sorted(OPTIMIZATION_LEVELS)} "
+                             "or None (onnxruntime's default)")
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.optimization is not None:
+            options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
+        if self.memory_arena is not None:
+            options.enable_cpu_mem_arena = self.memory_arena
+        if not self.prepacking:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        return options
+
+
+def open_session(path: str | Path, config: SessionConfig = SessionConfig(), *,
+                 initializers: Mapping[str, ort.OrtValue] | None = None,
+                 save_optimized: Path | None = None,
+                 entries: Mapping[str, str] | None = None) -> ort.InferenceSession:
+    """The one way obclip opens an ONNX graph. ``initializers``: tensors handed to the session by
+    name instead of read from the file (shared weights, mapped once); ``save_optimized``: also write
+    the graph as optimised at ``config.optimization`` there (offline optimisation); ``entries``:
+    further session config entries."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} not found; run python export/build_engines.py")
-    missing = [p for p in providers if p not in ort.get_available_providers()]
-    if missing:
-        raise ValueError(f"onnxruntime providers {missing} are not available here; available: "
-                         f"{ort.get_available_providers()} (for CUDA/TensorRT: pip uninstall -y onnxruntime && "
-                         "pip install 'obclip[gpu]')")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+        raise ArtifactError(f"ONNX model {path} not found; run python export/build_engines.py")
+    providers = resolve_providers(config.providers)
+    options = config.session_options()
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
+    if save_optimized is not None:
+        options.optimized_model_filepath = str(save_optimized)
+    for key, value in (entries or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
@@ -77,6 +161,7 @@ def run(session: ort.InferenceSession, output: str, **inputs: np.ndarray) -> np.
     """Run one output by name; inputs by name, so a reordered graph cannot swap them."""
     names = {i.name for i in session.get_inputs()}
     if set(inputs) != names:
-        raise ValueError(f"session expects inputs {sorted(names)}, got {sorted(inputs)}")
+        raise ArtifactError(f"the graph takes inputs {sorted(names)}, obclip feeds {sorted(inputs)}: it was exported "
+                            "for another version; rerun python export/build_engines.py")
     out: np.ndarray = session.run([output], inputs)[0]
     return out

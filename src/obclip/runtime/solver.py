@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError
+
 _BETA_SCHEDULES = ("linear", "scaled_linear")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 _TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -75,7 +77,7 @@ def _is_int(value: object) -> bool:
 def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:
     # Types must match too: in Python 1 == True and 0 == False.
     if not any(type(value) is type(c) and value == c for c in choices):
-        raise ValueError(f"unsupported scheduler option {key}={reprlib.repr(value)}; "
+        raise InputError(f"unsupported scheduler option {key}={reprlib.repr(value)}; "
                          f"supported: {', '.join(map(repr, choices))}")
 
 
@@ -101,21 +103,21 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
+            raise InputError(f"num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
         for key in ("beta_start", "beta_end"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise ValueError(f"{key} must be a number, got {value!r}")
+                raise InputError(f"{key} must be a number, got {value!r}")
             if not 0.0 < float(value) < 1.0:
-                raise ValueError(f"{key} must be in (0, 1), got {value!r}")
+                raise InputError(f"{key} must be in (0, 1), got {value!r}")
             object.__setattr__(self, key, float(value))
         _check_choice("beta_schedule", self.beta_schedule, _BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, _PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, _TIMESTEP_SPACINGS)
         if not _is_int(self.steps_offset) or self.steps_offset < 0:
-            raise ValueError(f"steps_offset must be an int >= 0, got {self.steps_offset!r}")
+            raise InputError(f"steps_offset must be an int >= 0, got {self.steps_offset!r}")
         if not _is_int(self.solver_order) or int(self.solver_order) not in _SOLVER_ORDERS:
-            raise ValueError(f"unsupported scheduler option solver_order={self.solver_order!r}; supported: 1, 2")
+            raise InputError(f"unsupported scheduler option solver_order={self.solver_order!r}; supported: 1, 2")
         _check_choice("lower_order_final", self.lower_order_final, (True, False))
         _check_choice("final_sigmas_type", self.final_sigmas_type, _FINAL_SIGMAS_TYPES)
         for key in ("num_train_timesteps", "steps_offset", "solver_order"):
@@ -128,10 +130,10 @@ class SolverConfig:
         ``config`` is any diffusers scheduler config dict (e.g. SD-v1.4's
         PNDMScheduler ``scheduler_config.json``). Missing keys take diffusers'
         DPMSolverMultistepScheduler defaults; keys that do not concern
-        DPM-Solver++ are ignored; options we do not implement raise ValueError.
+        DPM-Solver++ are ignored; options we do not implement raise InputError.
         """
         if not isinstance(config, Mapping):
-            raise ValueError(f"scheduler config must be a mapping, got {type(config).__name__}")
+            raise InputError(f"scheduler config must be a mapping, got {type(config).__name__}")
         for key, allowed in _UNSUPPORTED.items():
             if key in config:
                 _check_choice(key, config[key], allowed)
@@ -209,13 +211,13 @@ def make_schedule(config: SolverConfig, num_inference_steps: int) -> Schedule:
     """The schedule ``DPMSolverMultistepScheduler.set_timesteps(num_inference_steps)`` builds."""
     t, n = num_inference_steps, config.num_train_timesteps
     if not _is_int(t) or not 1 <= t <= n:
-        raise ValueError(f"num_inference_steps must be an int in [1, {n}] (num_train_timesteps), got {t!r}")
+        raise InputError(f"num_inference_steps must be an int in [1, {n}] (num_train_timesteps), got {t!r}")
     t = int(t)
     timesteps = _timesteps(config, t)
     # diffusers would silently run a different number of steps or repeat a
     # timestep (zero step size -> NaN) here; refuse instead.
     if len(timesteps) != t or len(np.unique(timesteps)) != t or timesteps.min() < 0 or timesteps.max() >= n:
-        raise ValueError(
+        raise InputError(
             f"timestep_spacing={config.timestep_spacing!r} with num_inference_steps={t} gives {len(timesteps)} "
             f"timesteps, {len(np.unique(timesteps))} distinct, in [{timesteps.min()}, {timesteps.max()}], not {t} "
             f"distinct values in [0, {n}) as the solver needs; "
@@ -252,14 +254,14 @@ class SolverState:
         for key in ("step_index", "lower_order_nums"):
             value = getattr(self, key)
             if not _is_int(value) or value < 0:
-                raise ValueError(f"SolverState.{key} must be an int >= 0, got {value!r}")
+                raise InputError(f"SolverState.{key} must be an int >= 0, got {value!r}")
         if self.lower_order_nums > self.step_index:
-            raise ValueError(
+            raise InputError(
                 f"SolverState.lower_order_nums={self.lower_order_nums} exceeds step_index={self.step_index}: "
                 "a counter of steps taken cannot exceed the steps taken"
             )
         if self.prev_x0 is not None and not isinstance(self.prev_x0, np.ndarray):
-            raise ValueError(f"SolverState.prev_x0 must be a numpy array or None, got {type(self.prev_x0).__name__}")
+            raise InputError(f"SolverState.prev_x0 must be a numpy array or None, got {type(self.prev_x0).__name__}")
 
 
 def initial_state() -> SolverState:
@@ -281,12 +283,12 @@ def solver_step(
     """
     i, t = state.step_index, schedule.num_inference_steps
     if i >= t:
-        raise ValueError(f"step_index {i} is past the last step of a {t}-step schedule")
+        raise InputError(f"step_index {i} is past the last step of a {t}-step schedule")
     model_output, sample = np.asarray(model_output), np.asarray(sample)
     if model_output.shape != sample.shape:
-        raise ValueError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
+        raise InputError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
     if state.lower_order_nums > config.solver_order:
-        raise ValueError(f"lower_order_nums {state.lower_order_nums} exceeds solver_order {config.solver_order}")
+        raise InputError(f"lower_order_nums {state.lower_order_nums} exceeds solver_order {config.solver_order}")
 
     x = sample.astype(np.float64)
     alpha_s, sigma_s = schedule.alpha_t[i], schedule.sigma_t[i]
@@ -311,12 +313,12 @@ def solver_step(
         x_next = (sigma_t / sigma_s) * x - phi * x0
     else:
         if state.prev_x0 is None:
-            raise ValueError(
+            raise InputError(
                 f"step {i} is a second-order step but SolverState.prev_x0 is None; carry the previous data "
                 "prediction across the handoff (or restart with lower_order_nums=0)"
             )
         if state.prev_x0.shape != sample.shape:
-            raise ValueError(f"prev_x0 shape {state.prev_x0.shape} != sample shape {sample.shape}")
+            raise InputError(f"prev_x0 shape {state.prev_x0.shape} != sample shape {sample.shape}")
         # 2M midpoint: a finite difference of the last two data predictions.
         r0 = (schedule.lambda_t[i] - schedule.lambda_t[i - 1]) / h
         d1 = (x0 - state.prev_x0.astype(np.float64)) / r0

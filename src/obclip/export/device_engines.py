@@ -1,0 +1,104 @@
+"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer).
+
+Writes ``<out>/device/``: one ``model.onnx`` per component, ``tokenizer/tokenizer.json`` and
+``manifest.json`` (what ``runtime/graphs.py`` opens). Each graph is declared once
+(``export/specs.py``), traced, run once through onnxruntime on another batch and size and compared
+with torch; the max abs difference is printed and recorded, and an export that disagrees fails.
+The folder is built beside the target and moved into place at the end, so a failed export never
+leaves a half-written engine folder.
+
+Tensor names follow optimum's ONNX export, so tools that read those work:
+text encoder ``input_ids`` -> ``last_hidden_state``, ``pooler_output``;
+UNet ``sample``, ``timestep``, ``encoder_hidden_states`` -> ``out_sample``;
+VAE decoder ``latent_sample`` -> ``sample``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from diffusers import AutoencoderKL
+
+from obclip.cloud.models import from_pretrained, load_text_to_latent, model_schema, resolve_model_dir
+from obclip.runtime.locations import default_engines_root
+from obclip.runtime.manifest import Manifest, ManifestError, sha256_file
+
+from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, export_component
+from .specs import text_encoder_spec, unet_spec, vae_decoder_spec
+from .staging import model_fingerprint, staged_folder
+
+
+def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
+    """Pixels the dynamic device graphs accept: multiples of the UNet's overall downsampling (its
+    skip connections must line up) times the VAE's, from half to twice the trained size."""
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1) * vae_scale
+    lo = max(multiple, (default // 2) // multiple * multiple)
+    hi = max(lo, (2 * default) // multiple * multiple)
+    return {"min": lo, "max": hi, "multiple": multiple}
+
+
+def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Manifest:
+    """Export the device model at ``model`` into ``out``/device, atomically."""
+    lm = load_text_to_latent(model)
+    vae = from_pretrained(AutoencoderKL, model, "vae").eval()
+    target = out / "device"
+    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(target) as work:
+        print(f"exporting device model {model} -> {target}")
+        max_len = int(lm.tokenizer.model_max_length)
+        c, h, w = lm.latent_shape(lm.default_image_size, lm.default_image_size)
+        text_dim = int(lm.text_encoder.config.hidden_size)
+        rng = np.random.default_rng(0)
+        # Dynamic height/width: the check runs another (non-square) size and batch than the trace.
+        size_range = image_size_range(lm.unet, lm.vae_scale_factor, lm.default_image_size)
+        m = size_range["multiple"] // lm.vae_scale_factor
+        traced, checked = {"height": h, "width": w}, {"height": h + m, "width": w + 2 * m}
+        text = text_encoder_spec(max_len, text_dim, lm.text_encoder.config.vocab_size)
+        exports = (
+            (TextEncoderModule(lm.text_encoder), text, {"batch": 1}, {"batch": 2}),
+            (UNetModule(lm.unet), unet_spec(c, max_len, text_dim), {"batch": 2, **traced}, {"batch": 4, **checked}),
+            (VaeDecoderModule(vae), vae_decoder_spec(c), {"batch": 1, **traced}, {"batch": 2, **checked}),
+        )
+        comps = {spec.name: export_component(module, spec, work, spec.sample(trace, rng), spec.sample(check, rng),
+                                             tolerance, optimise=True)
+                 for module, spec, trace, check in exports}
+        # External-data files beside each graph (large models), hashed in the manifest too.
+        files = {str(f.relative_to(work)): sha256_file(f) for f in sorted(work.rglob("*"))
+                 if f.is_file() and f.name != "model.onnx"}
+        (work / "tokenizer").mkdir()
+        lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
+        manifest = Manifest(
+            side="device", model_id=str(model), components=comps, tokenizer="tokenizer/tokenizer.json",
+            text_max_length=max_len, pad_token_id=int(lm.tokenizer.pad_token_id),
+            latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
+            default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
+            schema=model_schema(model), files=files, precision="fp32", image_size=size_range,
+        )
+        manifest.save(work)
+    print(f"wrote {target / 'manifest.json'}")
+    return Manifest.load(target)
+
+
+def ensure_engines(device_model: str, out: Path) -> Path:
+    """``<out>/device`` exported from a local device model dir, reused while its manifest names
+    that model and the model's files are unchanged (``source.json`` beside the manifest)."""
+    target = out / "device"
+    model = Path(device_model).resolve()
+    want = {"model": str(model), "fingerprint": model_fingerprint(model)}
+    try:
+        current = (Manifest.load(target).model_id == str(model)
+                   and json.loads((target / "source.json").read_text()) == want)
+    except (ManifestError, OSError, ValueError):
+        current = False
+    if not current:  # missing, stale, or exported from another model or other weights
+        build_device_engines(str(model), out)
+        (target / "source.json").write_text(json.dumps(want, indent=1))
+    return target
+
+
+def ensure_default_engines() -> Path:
+    """``$OBCLIP_HOME/engines/device`` for the embedded default model, exported on first use."""
+    return ensure_engines(resolve_model_dir(None, "device"), default_engines_root())

@@ -1,0 +1,110 @@
+"""Tracing a torch module to ONNX from its graph spec, and checking the file against torch.
+
+The exporter is the classic TorchScript one (``dynamo=False``): the tracer specialises the Python
+control flow of a module once, which is what one graph per component (and per step mode) wants,
+and keeps the shape arithmetic dynamic along the spec's dynamic axes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from obclip.runtime.errors import ArtifactError
+from obclip.runtime.manifest import Component, sha256_file
+from obclip.runtime.sessions import open_session
+
+from .specs import GraphSpec
+
+OPSET = 17
+
+
+class TextEncoderModule(torch.nn.Module):
+    """A CLIP text encoder with optimum's outputs: input_ids -> last_hidden_state, pooler_output."""
+
+    def __init__(self, text_encoder: Any):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNetModule(torch.nn.Module):
+    """diffusers' UNet2DConditionModel as a graph: sample, timestep, encoder_hidden_states -> out_sample."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderModule(torch.nn.Module):
+    """A VAE's decoder: latent_sample -> sample."""
+
+    def __init__(self, vae: Any):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> Any:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def to_torch(feeds: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+
+
+def trace(module: torch.nn.Module, spec: GraphSpec, feeds: Mapping[str, torch.Tensor], path: Path) -> float:
+    """Write ``module`` traced on ``feeds`` (the spec's inputs, in order) to ``path``; returns seconds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python branch on a shape; the check against torch is what counts.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(feeds[n] for n in spec.input_names), str(path),
+                          input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    return time.perf_counter() - t0
+
+
+def max_rel_diff(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, float]:
+    """(max |got - want| over all outputs, max(1, max |want|)): the check's difference and its scale."""
+    diff = max(float(np.abs(g.astype(np.float64) - w.astype(np.float64)).max()) for g, w in zip(got, want))
+    return diff, max(1.0, max(float(np.abs(w).max()) for w in want))
+
+
+def export_component(module: torch.nn.Module, spec: GraphSpec, folder: Path, sample: Mapping[str, np.ndarray],
+                     check: Mapping[str, np.ndarray], tolerance: float, optimise: bool = False) -> Component:
+    """Trace ``module`` on ``sample`` into ``folder/<spec.name>/model.onnx``, run the file in onnxruntime
+    on ``check`` (another batch and size) against torch, and refuse it when they differ by more than
+    ``tolerance`` x max(1, |torch|). ``optimise``: save onnxruntime's provider-independent graph
+    optimisations offline, so app start-up does not redo them."""
+    from .device_variants import optimise_onnx
+
+    path = folder / spec.name / "model.onnx"
+    exported = trace(module, spec, to_torch(sample), path)
+    if optimise:
+        optimise_onnx(path)
+    session = open_session(path)
+    with torch.no_grad():
+        want = module(*to_torch(check).values())
+    want = want if isinstance(want, tuple) else (want,)
+    got = session.run(spec.output_names, dict(check))
+    diff, scale = max_rel_diff(got, [w.numpy() for w in want])
+    print(f"  {spec.name:13s} exported in {exported:5.1f} s, {path.stat().st_size / 1e6:8.1f} MB, "
+          f"onnxruntime vs torch max abs diff {diff:.2e}")
+    if not diff <= tolerance * scale:
+        raise ArtifactError(f"{spec.name}: ONNX output differs from torch by {diff:.3e} (> {tolerance * scale:.1e}); "
+                            "the export is wrong, not saved")
+    return Component(path=f"{spec.name}/model.onnx", format="onnx", inputs=tuple(spec.input_names),
+                     outputs=tuple(spec.output_names), sha256=sha256_file(path), check_max_abs_diff=diff)
