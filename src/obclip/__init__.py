@@ -52,6 +52,15 @@ _EXPORTS = {
     "BadResponse": "obclip.device.client",             # UntrustedAnswerError
     "ObliviousError": "obclip.device.oblivious",
     "ManifestError": "obclip.runtime.manifest",
+    "ManifestMissingError": "obclip.runtime.manifest",
+    "ManifestFormatError": "obclip.runtime.manifest",
+    "ManifestPathError": "obclip.runtime.manifest",
+    "ManifestHashError": "obclip.runtime.manifest",
+    "ManifestMismatchError": "obclip.runtime.manifest",
+    "OnnxReadError": "obclip.runtime.onnx_file",
+    "PromptTooLongError": "obclip.runtime.tokenizer",
+    "MissingCacheError": "obclip.cloud.step_modes",
+    "TensorRTUnavailable": "obclip.export.tensorrt",
     "LocalServiceError": "obclip.app.local",           # ServiceError
     "Overloaded": "obclip.cloud.worker",               # ServiceError (server side: 503)
     "ShuttingDown": "obclip.cloud.worker",             # ServiceError (server side: 503)
