@@ -492,7 +492,7 @@ def resolve_engines(device_model: str, engines: str | None = None, cache: Path =
     (ensure_default_engines); else exported once into ``cache``/<hash of the path>/device and reused
     while the model's files are unchanged."""
     from obclip.cloud.models import DEFAULT_MODELS_DIR
-    from obclip.export.build_engines import ensure_default_engines, ensure_engines
+    from obclip.export.device_engines import ensure_default_engines, ensure_engines
 
     if engines:
         return engines

@@ -16,7 +16,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines_dir(model_dirs, tmp_path_factory):
-    from obclip.export.build_engines import build_device_engines
+    from obclip.export.device_engines import build_device_engines
 
     out = tmp_path_factory.mktemp("engines")
     build_device_engines(str(model_dirs[1]), out)

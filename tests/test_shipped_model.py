@@ -31,7 +31,7 @@ def shipped(tmp_path_factory):
     from obclip.cloud.steps import CloudStepRunner
     from obclip.device.engines import DeviceEngines, EngineConfig
     from obclip.device.pipeline import DevicePipeline
-    from obclip.export.build_engines import ensure_engines
+    from obclip.export.device_engines import ensure_engines
 
     cloud_dir, device_dir = default_models()
     engines = ensure_engines(str(device_dir), tmp_path_factory.mktemp("shipped-engines"))

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ArtifactError("with --cloud-model, export the matching device model first "
                                 "(python export/build_engines.py --device-model PATH) and pass --engines")
         else:
-            from obclip.export.build_engines import ensure_default_engines
+            from obclip.export.device_engines import ensure_default_engines
 
             engines_dir = ensure_default_engines()
         config = generation_config(args)

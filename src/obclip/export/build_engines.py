@@ -23,9 +23,8 @@ from obclip.runtime.errors import ObclipError
 from obclip.runtime.locations import default_engines_root
 
 from . import cloud_engines, cloud_fp16, device_engines, device_variants, tensorrt
-from .device_engines import build_device_engines, ensure_default_engines, ensure_engines
 
-__all__ = ["build_device_engines", "ensure_default_engines", "ensure_engines", "main"]
+__all__ = ["add_cloud_arguments", "build_parser", "main"]
 
 
 def add_cloud_arguments(p: argparse.ArgumentParser) -> None:
