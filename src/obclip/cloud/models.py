@@ -75,7 +75,7 @@ _MINI_UNET = dict(
     cross_attention_dim=64,
     # diffusers reads this as the number of heads (SD-v1.4's 8 heads are 40-320
     # wide). 2 heads of 16/32 channels here: 8 heads of 4 channels made a CPU
-    # training step much slower.
+    # training step much slower (docs/benchmarks.md).
     attention_head_dim=2,
     norm_num_groups=8,
 )
