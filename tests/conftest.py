@@ -1,8 +1,28 @@
-"""Shared fixtures: a small random cloud/device model pair, exported once per session."""
+"""Shared fixtures (a small random cloud/device model pair, exported once per session) and the
+``gpu`` marker's skip. Shared functions live in tests/helpers.py; tests never import each other."""
 
 from __future__ import annotations
 
 import pytest
+
+
+def _cuda_missing() -> str | None:
+    """Why this machine cannot run the ``gpu`` tests, or None when it can."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed, so no CUDA device can be found"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    reason = _cuda_missing() if gpu_items else None
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 PACKAGE = REPO / "src" / "obclip"
 DOC = REPO / "docs" / "architecture.md"
 

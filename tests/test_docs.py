@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
+ROOT = REPO
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 # Pages other branches of issue 22/23 write; linked from here before they land.
@@ -123,7 +125,7 @@ def test_benchmark_tables_are_what_their_json_says():
 
 
 def test_report_check_fails_on_a_table_edited_by_hand_and_the_rewrite_restores_it(tmp_path):
-    from _bench import load_benchmark
+    from helpers import load_benchmark
 
     report = load_benchmark("report")
     page = ROOT / "docs" / "benchmarks.md"

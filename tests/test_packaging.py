@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
+ROOT = REPO
 SCRIPTS = {"obclip-demo", "obclip-candidates", "obclip-serve", "obclip-generate", "obclip-ray-serve"}
 
 

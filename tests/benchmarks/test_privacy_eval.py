@@ -9,9 +9,10 @@ import unicodedata
 from dataclasses import dataclass
 
 import pytest
-from _bench import BENCHMARKS, load_benchmark
 
 from obclip.device.oblivious import ObliviousError
+
+from helpers import BENCHMARKS, load_benchmark
 
 pe = load_benchmark("privacy_eval")
 DATA = BENCHMARKS / "data" / "privacy"

@@ -13,7 +13,7 @@ to reproduce it from the seed alone. So both sides draw z_T with exactly
 The generator is numpy's PCG64 seeded with ``seed``, drawing float32 standard
 normals (numpy's ziggurat). numpy promises this stream only for the same
 numpy build; its algorithms rarely change, but a numpy feature release may
-change them (NEP 19). tests/test_plan.py pins the first values for a known
+change them (NEP 19). tests/runtime/test_plan.py pins the first values for a known
 seed, so an upgrade that changes the stream fails there instead of silently
 giving cloud and device different z_T. Never draw z_T with torch's generator
 on one side only.

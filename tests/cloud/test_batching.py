@@ -10,11 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from _modes import ModeSteps  # tests/ is on sys.path under pytest
 
 from obclip.cloud.steps import CloudStepRunner
 from obclip.runtime.plan import CLOUD, AccelerationConfig, PlannedStep, StepMode, preset
 from obclip.runtime.protocol import StepsRequest, decode_handoff
+
+from helpers import ModeSteps
 
 CANDS = [
     ("a photo of an old man", "a photo of a middle-aged man", "a photo of a young man"),
@@ -115,10 +116,10 @@ def test_caches_stay_per_request(cloud_model):
 # --- through the service ------------------------------------------------------------------------
 
 uvicorn = pytest.importorskip("uvicorn")
-from test_service import Running, serve_in_thread  # noqa: E402  (tests/ is on sys.path under pytest)
-
 from obclip.cloud.service import Service  # noqa: E402
 from obclip.cloud.service_config import ServiceConfig  # noqa: E402
+
+from helpers import Running, serve_in_thread  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,7 @@ def _concurrently(running, bodies, **kw):
     return out
 
 
+@pytest.mark.service
 def test_concurrent_requests_are_batched_and_answer_what_they_would_alone(batching, cloud_runner):
     running, batches = batching
     bodies = [_body(i, wire_dtype="float16" if i == 1 else "float32") for i in range(3)]
@@ -195,6 +197,7 @@ def test_concurrent_requests_are_batched_and_answer_what_they_would_alone(batchi
     assert status == 200 and len(batches) == 1 and len(batches[0]) == 1
 
 
+@pytest.mark.service
 def test_different_options_are_not_batched_together(batching):
     running, batches = batching
     bodies = [_body(0), _body(1, num_inference_steps=5), _body(2, guidance_scale=5.0), _body(3)]
@@ -209,6 +212,7 @@ def test_different_options_are_not_batched_together(batching):
     assert sum(len(b) for b in batches) == 4 and len(batches) <= 3   # bodies 0 and 3 could batch
 
 
+@pytest.mark.service
 def test_a_timed_out_request_does_not_break_its_batch(batching, monkeypatch):
 
     running, batches = batching
@@ -243,6 +247,7 @@ def test_a_timed_out_request_does_not_break_its_batch(batching, monkeypatch):
     assert got.latents.shape[0] == len(CANDS[1])
 
 
+@pytest.mark.service
 def test_window_zero_runs_one_at_a_time(model_dirs):
     service = Service(ServiceConfig(model=str(model_dirs[0]), batch_window_ms=0, warmup=False))
     batches = []

@@ -19,7 +19,8 @@ import torch
 
 from mini.train import Hyper, bk_teacher_name, init_student_from_teacher, main
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 CKPT_EVERY, DIE_AT = 4, 6
 TINY = [
     "--budget-scale", "0.002",  # of these budgets: vae 3 steps, text-unet 12, distil 6

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from _bench import load_benchmark
+import pytest
+
+from helpers import load_benchmark
+
+pytestmark = pytest.mark.service
 
 
 def test_load_benchmark_smoke(model_dirs, capsys):

@@ -11,12 +11,13 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import obclip
+
+from helpers import REPO, serve_in_thread
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -37,23 +38,19 @@ from obclip.device.verify import VerificationError  # noqa: E402
 from obclip.runtime.errors import ArtifactError, InputError, ServiceError, UntrustedAnswerError  # noqa: E402
 from obclip.runtime.protocol import HandoffError, ProtocolError, StepsRequest, encode_handoff  # noqa: E402
 
+pytestmark = pytest.mark.service
+
 PROMPT = "a photo of an old woman"
 
 
 # -- helpers: a real service, and raw socket servers ----------------------------------------------
 @pytest.fixture(scope="module")
 def service_url(model_dirs):
-    from obclip.cloud.http_app import create_app
     from obclip.cloud.service import Service
     from obclip.cloud.service_config import ServiceConfig
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     service = Service(ServiceConfig(model=str(model_dirs[0])))
-    server = uvicorn.Server(uvicorn.Config(create_app(service=service), log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    server, thread, port = serve_in_thread(service)
     url = f"http://127.0.0.1:{port}"
     client = ServiceClient(ClientConfig(url, retries=0))
     deadline = time.monotonic() + 60
@@ -607,6 +604,6 @@ def test_client_sends_only_standard_library_http():
     out = subprocess.run([sys.executable, "-c", "import obclip.device.client, obclip.device.generate, sys; "
                           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                           "{'requests', 'httpx', 'urllib3', 'aiohttp', 'starlette', 'uvicorn', 'torch'}))"],
-                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -49,6 +49,7 @@ def test_the_pair_ships_trained_weights_within_the_size_budget():
     assert (DEFAULT_MODELS_DIR / "MODEL_CARD.md").is_file()
 
 
+@pytest.mark.slow
 def test_obclip_images_have_the_prompted_colour_and_shape(shipped):
     from mini.analyser import analyse
     from obclip.device.oblivious import TransformConfig

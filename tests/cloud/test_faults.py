@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from dataclasses import replace
 
 import pytest
+
+from helpers import serve_in_thread
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -20,6 +21,8 @@ from obclip.cloud.serve import uvicorn_config  # noqa: E402
 from obclip.cloud.service import Service  # noqa: E402
 from obclip.cloud.service_config import HttpLimits, ServiceConfig  # noqa: E402
 from obclip.runtime.protocol import RequestLimits, StepsRequest  # noqa: E402
+
+pytestmark = pytest.mark.service
 
 FRONT = HttpLimits(max_header_bytes=8192, max_headers=32, header_timeout_s=1.0, keep_alive_s=0.5,
                    body_timeout_s=1.0, send_timeout_s=2.0, max_connections=12)
@@ -80,13 +83,7 @@ def error_code(status_headers_body) -> tuple[int, str]:
 def serve(service: Service, parser: str):
     """uvicorn with ``parser`` in a thread; the service is started (and closed) by the caller, so
     one loaded model serves the servers of both parsers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(service, parser=parser, log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    return server, thread, sock.getsockname()[1]
+    return serve_in_thread(config=uvicorn_config(service, parser=parser, log_config=None, lifespan="off"))
 
 
 def wait_ready(live: Live) -> None:

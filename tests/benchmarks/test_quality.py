@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from _bench import load_benchmark
 
 from obclip.runtime.plan import AccelerationConfig
+
+from helpers import load_benchmark
 
 quality = load_benchmark("quality")
 

@@ -6,9 +6,10 @@ import math
 import time
 
 import pytest
-from _bench import load_benchmark
 
 from obclip.runtime.plan import AccelerationConfig
+
+from helpers import load_benchmark
 
 fidelity = load_benchmark("fidelity")
 latency = load_benchmark("latency")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _modes import ModeSteps  # tests/ is on sys.path under pytest
 from torch.utils.flop_counter import FlopCounterMode
 
 from obclip.cloud.flops import EXTRA_FORMULAS
@@ -31,6 +30,8 @@ from obclip.runtime.plan import (
     preset,
 )
 from obclip.runtime.protocol import ProtocolError, StepsRequest
+
+from helpers import ModeSteps
 
 N = 4
 G = 7.5
@@ -185,6 +186,7 @@ def test_only_frozen_steps_read_what_a_frozen_step_wrote(frozen):
     assert checked > 100
 
 
+@pytest.mark.slow
 def test_frozen_guidance_halves_the_rows_and_uses_the_last_residual(unets, inputs):
     unet = unets["mini"]
     cond, uncond, x = inputs

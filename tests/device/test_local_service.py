@@ -6,6 +6,8 @@ import pytest
 
 from obclip.app.local import LocalService, LocalServiceConfig, LocalServiceError
 
+pytestmark = pytest.mark.service
+
 
 def test_child_service_answers_then_is_stopped(model_dirs):
     from obclip.device.client import ClientConfig, ServiceClient

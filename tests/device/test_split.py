@@ -28,7 +28,8 @@ def reference(cloud_model, device_torch_model, prepared, k):
         height=prepared.height, width=prepared.width).numpy()
 
 
-@pytest.mark.parametrize("k", [0, 5, 10, 25])
+@pytest.mark.parametrize("k", [0, pytest.param(5, marks=pytest.mark.slow), 10,
+                               pytest.param(25, marks=pytest.mark.slow)])
 def test_split_equals_single_process(k, device_pipeline, cloud_runner, cloud_model, device_torch_model):
     config = GenerationConfig(method=Method.OBCLIP, num_inference_steps=T, switch_step=k, seed=1234)
     prepared, _, latent = split_latent(device_pipeline, cloud_runner, config)

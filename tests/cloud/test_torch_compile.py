@@ -28,6 +28,7 @@ def compiled_runner(cloud_model):
     return CloudStepRunner(engine=TorchEngine(cloud_model, compile_mode="reduce-overhead", compile_backend="aot_eager"))
 
 
+@pytest.mark.slow
 def test_compiled_modes_give_the_eager_handoff_and_compile_once_per_mode_and_shape(cloud_runner, compiled_runner):
     from torch._dynamo.utils import counters
 
@@ -44,6 +45,7 @@ def test_compiled_modes_give_the_eager_handoff_and_compile_once_per_mode_and_sha
     assert len(compiled_runner.engine._compiled) >= 6              # one compiled function per step mode
 
 
+@pytest.mark.slow
 def test_compiled_batches_match_eager_batches(cloud_runner, compiled_runner):
     requests = [_request(preset("paper-k5"), seed=3),
                 _request(preset("paper-k5"), seed=4, candidates=("a red square", "a blue circle", "a green star"))]

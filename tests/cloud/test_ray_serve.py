@@ -25,6 +25,8 @@ from obclip.runtime.protocol import (
     StepsRequest,  # noqa: E402
 )
 
+pytestmark = pytest.mark.service
+
 PREFIX = "/obclip"
 MAX_N = 4
 

@@ -4,16 +4,16 @@ on 127.0.0.1 with an ephemeral port and the small random cloud model."""
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
-import socket
 import threading
 import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
+
+from helpers import Running, serve_in_thread
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -24,38 +24,9 @@ from obclip.cloud.service import Service  # noqa: E402
 from obclip.cloud.service_config import ServiceConfig  # noqa: E402
 from obclip.runtime.protocol import RequestLimits, StepsRequest, decode_handoff  # noqa: E402
 
+pytestmark = pytest.mark.service
+
 QUEUE = 2
-
-
-class Running:
-    def __init__(self, service: Service, port: int):
-        self.service, self.port = service, port
-
-    def http(self, method: str, path: str, body=None, headers=None, timeout: float = 60.0, **kw):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {}, **kw)
-            resp = conn.getresponse()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-        finally:
-            conn.close()
-
-    def post(self, body: bytes, content_type: str = "application/json", **kw):
-        return self.http("POST", "/v1/steps", body, {"Content-Type": content_type}, **kw)
-
-    def sample(self, name: str, **labels) -> float:
-        return self.service.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def serve_in_thread(service: Service):
-    """uvicorn in a background thread on an ephemeral port; returns (server, thread, port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service=service), log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    return server, thread, sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,7 @@ Full-size UNets run on the meta device: shapes only, a pass in well under a
 second, no memory.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +15,7 @@ from torch.utils.flop_counter import flop_registry
 from obclip.cloud.flops import EXTRA_FORMULAS, FlopBreakdown, FlopCounter, count_flops, meta_unet, unet_pass_flops
 from obclip.runtime.plan import PRESETS, AccelerationConfig, make_plan
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_benchmark():
-    name = "obclip_benchmarks_flops"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "flops.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from helpers import load_benchmark
 
 
 def _close(ours, ref, tol):
@@ -170,7 +157,7 @@ def test_breakdown_conventions_and_arithmetic():
 # --- the benchmark ----------------------------------------------------------------------
 
 def test_benchmark_unaccelerated_rows_match_the_paper():
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     result = bench.compute("sd-v1.4", devices=("bk-sdm-small",), presets=("paper-k5",), ns=(4,),
                            variants=("obclip",))
     assert result["problems"] == []
@@ -187,7 +174,7 @@ def test_benchmark_unaccelerated_rows_match_the_paper():
 
 
 def test_benchmark_json_lists_every_named_preset_and_n(capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     assert bench.main(["--json", "--n", "6", "--devices", "bk-sdm-small"]) == 0
     out = json.loads(capsys.readouterr().out)
     entries = {(e["preset"], e["n"]): e for e in out["presets"]}
@@ -206,7 +193,7 @@ def test_benchmark_json_lists_every_named_preset_and_n(capsys):
 
 def test_benchmark_memo_agrees_with_running_every_step():
     """Counting each (mode, N, step 0) once equals counting every step of every plan."""
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     preset = AccelerationConfig(4, 2, 3)  # (reuse | full) x 2, cache, cache+skip
     # "cache": step 1 has step 0's key and is not run; "exact": step 0 is its own key.
     variants = ("cache", "exact")
@@ -232,7 +219,7 @@ def _config_costs(bench, *configs, n=3, model="mini"):
 
 
 def test_benchmark_counts_any_config_given_as_json(capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     label, config = bench.parse_config('k4={"switch_step": 4, "cache_step": 2, "skip_step": 3}')
     assert (label, config) == ("k4", AccelerationConfig(4, 2, 3))
     assert bench.parse_config('{"switch_step": 4, "cache_step": 2, "skip_step": 3}')[1] == config
@@ -247,7 +234,7 @@ def test_benchmark_counts_any_config_given_as_json(capsys):
 
 
 def test_a_reuse_refresh_costs_a_reuse_step():
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     base = AccelerationConfig(6, 2, 3, refresh_every=2)
     (full_steps, full_total), (reuse_steps, reuse_total) = _config_costs(bench, base,
                                                                          base.replace(refresh_mode="reuse"))
@@ -257,7 +244,7 @@ def test_a_reuse_refresh_costs_a_reuse_step():
 
 
 def test_frozen_guidance_halves_the_frozen_steps():
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     base = AccelerationConfig(6, 2, 4)   # R R C C X X
     (plain, plain_total), (skip, _), (cached, cached_total) = _config_costs(
         bench, base, base.replace(frozen_guidance="skip"), base.replace(frozen_guidance="cached"))
@@ -267,7 +254,7 @@ def test_frozen_guidance_halves_the_frozen_steps():
 
 
 def test_pivot_only_steps_cost_one_candidate_and_the_merge_moves_to_step_p():
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     n = 3
     base = AccelerationConfig(6, 3, 4, merge_step0_uncond=True)      # R R R C X X
     (plain, plain_total), (pivot, pivot_total) = _config_costs(bench, base, base.replace(pivot_only_steps=1), n=n)
@@ -278,7 +265,7 @@ def test_pivot_only_steps_cost_one_candidate_and_the_merge_moves_to_step_p():
 
 
 def test_deepcache_shallowest_branch_is_the_cheapest_skip_step():
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     base = AccelerationConfig(4, 2, 2)   # R R X X
     (fd, _), (dc, _), (dcs, _) = _config_costs(bench, *(base.replace(skip_variant=v) for v in
                                                         ("faster-diffusion", "deepcache", "deepcache-shallow")))
@@ -294,6 +281,6 @@ def test_deepcache_shallowest_branch_is_the_cheapest_skip_step():
                        refresh_mode="reuse", frozen_guidance="cached", skip_variant="deepcache-shallow"),
 ])
 def test_benchmark_memo_holds_for_the_new_options_and_text_projections(config):
-    bench = _load_benchmark()
+    bench = load_benchmark("flops")
     counted = [bench.StepCounter(exhaustive=e).plan_steps("mini-small", 3, config, 10) for e in (False, True)]
     assert counted[0] == counted[1]

@@ -14,7 +14,6 @@ people is refused by the cap.
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -23,7 +22,9 @@ from hypothesis import strategies as st
 from obclip.device.oblivious import ObliviousError, ObliviousTransform, Schema, TransformConfig, main
 from obclip.device.sensitive import generalize_emoji, normalize
 
-DATA = Path(__file__).parent / "data"
+from helpers import TEST_DATA
+
+DATA = TEST_DATA
 SENSITIVE = [json.loads(line) for line in (DATA / "privacy_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
 CLEAN = [json.loads(line)["prompt"] for line in (DATA / "clean_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
 
