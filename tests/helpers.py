@@ -109,3 +109,13 @@ def serve_in_thread(service=None, *, config=None):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     return server, thread, sock.getsockname()[1]
+
+
+def steps_request_bytes(**kw) -> bytes:
+    """A small valid request's bytes (two candidates, 4 steps, k = 2, 64 px); ``kw`` overrides fields."""
+    from obclip.runtime.protocol import StepsRequest
+
+    fields = dict(candidates=("a photo of a man", "a photo of a woman"), seed=1, num_inference_steps=4,
+                  switch_step=2, guidance_scale=7.5, height=64, width=64)
+    fields.update(kw)
+    return StepsRequest(**fields).to_bytes()

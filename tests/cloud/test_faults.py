@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from helpers import serve_in_thread
+from helpers import serve_in_thread, steps_request_bytes
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -119,11 +119,7 @@ def live(request, service):
     thread.join(15)
 
 
-def body(**kw) -> bytes:
-    fields = dict(candidates=("a photo of a man", "a photo of a woman"), seed=1, num_inference_steps=4,
-                  switch_step=2, guidance_scale=7.5, height=64, width=64)
-    fields.update(kw)
-    return StepsRequest(**fields).to_bytes()
+body = steps_request_bytes
 
 
 def with_field(name: str, raw_value: str) -> bytes:

@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import Running, serve_in_thread
+from helpers import Running, serve_in_thread, steps_request_bytes
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -49,11 +49,7 @@ def running(model_dirs):
     thread.join(15)
 
 
-def request_bytes(**kw) -> bytes:
-    fields = dict(candidates=("a photo of a man", "a photo of a woman"), seed=1, num_inference_steps=4,
-                  switch_step=2, guidance_scale=7.5, height=64, width=64)
-    fields.update(kw)
-    return StepsRequest(**fields).to_bytes()
+request_bytes = steps_request_bytes
 
 
 def raw(**overrides) -> bytes:
