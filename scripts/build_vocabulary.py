@@ -65,6 +65,8 @@ FEMININE_SUFFIXES = ("ess", "ette", "trix")
 # Lexicographer files whose entities a national adjective pertains to (nation, people, language).
 NATIONAL_LEXFILES = frozenset({15, 14, 10})  # noun.location, noun.group, noun.communication
 OTHER_LANGUAGES = ("es", "fr", "de", "it", "pt", "nl", "pl", "tr", "id")
+LATIN_NAME = re.compile(r"LATIN (?:LETTER SMALL CAPITAL|SMALL LETTER|CAPITAL LETTER|SUBSCRIPT SMALL LETTER|"
+                        r"LETTER) (?:DOTLESS )?([A-Z])(?: WITH [A-Z ]+)?")
 NAME_RANK = 1000           # a first or last name this popular in any country counts as a name
 TOP_NAME_RANK = 50         # ... and one this popular in an English-speaking country is never also a word ("john")
 ENGLISH_COUNTRIES = ("US", "GB", "CA", "AU", "IE", "NZ")
@@ -240,7 +242,8 @@ def country_words() -> set[str]:
 
 
 def confusables_table() -> dict[str, str]:
-    """Non-ASCII characters Unicode lists as confusable with ASCII letters, and the letters."""
+    """Non-ASCII letters that imitate ASCII letters, and the letters: Unicode's confusables
+    (confusable-homoglyphs) and the Latin letters Unicode's names say they are."""
     import confusable_homoglyphs
 
     data = json.loads((Path(confusable_homoglyphs.__file__).parent / "confusables.json").read_text(encoding="utf-8"))
@@ -252,6 +255,13 @@ def confusables_table() -> dict[str, str]:
                 if (len(src) == 1 and not src.isascii() and dst.isascii() and dst.isalpha()
                         and unicodedata.category(src)[0] in "LM"):
                     table[src].add(dst)
+    # Unicode's character names give the rest of the Latin look-alikes: small capitals, modifier
+    # and subscript letters, letters with a stroke or hook that do not decompose ("ᴍ", "ø", "ı").
+    for code in range(0x80, 0x20000):
+        ch = chr(code)
+        m = LATIN_NAME.fullmatch(unicodedata.name(ch, ""))
+        if m and unicodedata.category(ch)[0] == "L" and unicodedata.normalize("NFKD", ch) == ch:
+            table[ch] = {m.group(1).lower()}
     out = {}
     for ch, targets in sorted(table.items()):
         # NFKC already folds compatibility forms (fullwidth, mathematical letters).
@@ -399,9 +409,9 @@ def build(top: int) -> dict:
     first_names, last_names, top_first_names = name_words(vocab)
 
     def thing_noun(w: str) -> bool:
-        """Is the word's first common noun sense an animal, plant, food or artefact ("tiger")?"""
+        """Is the word also a common noun for an animal, plant, food or artefact ("tiger")?"""
         senses = [wordnet.common_senses(lem) for lem, pos in wordnet.lemmas(w) if pos == "n"]
-        return any(ss and ss[0]["lexfile"] in (5, 6, 13, 20) for ss in senses)
+        return any(s["lexfile"] in (5, 6, 13, 20) for ss in senses for s in ss)
     # Typos: the attribute words a careful reader would recognise, one edit from a kept word.
     typo_targets: dict[str, list[str]] = defaultdict(list)
     for t in (set(seeds) | lower_bearing | pairs) - contextual:
@@ -481,7 +491,7 @@ def build(top: int) -> dict:
     # Every word that tells an attribute, whether or not wordfreq's list holds it, so that the
     # device names a class ("a word that tells gender"), never the value's own word.
     for w in sensitive | contextual:
-        if WORD.fullmatch(w) and w not in keep:
+        if WORD.fullmatch(w) and (w not in keep or w in contextual):
             told.setdefault(w, attribute_of[w])
     return {"rows": rows, "told": told, "compounds": sorted(compounds), "removed": removed,
             "candidates": len(candidates),
