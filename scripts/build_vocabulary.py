@@ -479,6 +479,9 @@ def build(top: int) -> dict:
         parts = re.split(r"[_-]", lemma)
         if len(parts) < 2 or not any(p in attribute_parts for p in parts) or any(p in cues for p in parts):
             continue
+        # "to a man" (unanimously): a phrase of function words reads a person in a prompt.
+        if "_" in lemma and any(p in closed_class for p in lemma.split("_")):
+            continue
         senses = [s for pos in by_pos for s in wordnet.senses(lemma, pos)]
         if any(s["lexfile"] == PERSON_LEXFILE or ("n", o) in bearing_syn
                or set(re.findall(r"[a-z]+", s["gloss"].split(";")[0].lower())) & person_gloss

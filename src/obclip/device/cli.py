@@ -18,7 +18,7 @@ from obclip.runtime.plan import preset
 from obclip.runtime.protocol import ProtocolError
 
 from .client import ServiceClient, ServiceError
-from .oblivious import ObliviousError, TransformConfig
+from .oblivious import UNPROTECTED_POLICIES, ObliviousError, TransformConfig
 from .pipeline import GenerationConfig, GenerationResult, Method, describe_sent
 
 EXIT_BAD_INPUT = 2      # the user's input or files: fix them and run again
@@ -52,9 +52,10 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="attribute schema: a shipped name (person, shapes) or a JSON file "
                         "(default: the one the model was trained for, else person)")
     p.add_argument("--max-candidates", type=int, default=32, help="refuse sets larger than this (default 32)")
-    p.add_argument("--unprotected", default="refuse", choices=["refuse", "warn", "allow"],
-                   help="a sensitive word the schema cannot protect (e.g. 'latina', 'in her 40s'): refuse the "
-                        "prompt and say what to write instead (default), warn and send it as typed, or allow it")
+    p.add_argument("--unprotected", default="device-only", choices=list(UNPROTECTED_POLICIES),
+                   help="a word the device cannot vouch for (a name, 'latina', 'in her 40s', a typo; "
+                        "docs/privacy.md): send nothing and generate on the device alone (device-only, "
+                        "default), or refuse the prompt; unsafe-send sends it as typed (UNSAFE, research only)")
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:

@@ -211,6 +211,9 @@ class Parser:
                 entry = self.single_words[target] if target is not None else None
             if self._plain(word) or (entry is not None and entry.kind == "head"):
                 return True
+            if entry is not None and entry.kind == "modifier" and entry.key in self.schema.person_modifiers \
+                    and entry.key not in self.ambiguous:
+                return True  # a gender adjective used as the noun: "a white male"
             if entry is None:
                 others += 1
                 if others > _MAX_GAP_WORDS or word in self.breakers:
@@ -310,10 +313,10 @@ class Parser:
     def _is_mention(self, span: Span) -> bool:
         if any(w.entry.kind in ("head", "plain") for w in span.words) or self.schema.standalone_modifiers:
             return True
-        # An attribute some of whose words are colours as well ("white", "black") cannot be told
-        # a person without a head noun, for any of its values: no slot, so its word is not
-        # vouched ("a woman who is Asian" and "... who is Black" both stay on the device).
-        if any(w.entry.key in self.ambiguous for w in span.words):
+        # A word of an attribute some of whose words are colours as well ("white", "black") cannot
+        # be told a person when it ends the phrase, for any of its values: no slot, so the word is
+        # not vouched ("a woman who is Asian" and "... who is Black" both stay on the device).
+        if span.words[-1].entry.key in self.ambiguous:
             return False
         # Headless modifiers name a person when used as a noun: plural ("two asians"), or
         # closing a phrase ("an old indian with wrinkles", "a young asian.", "an asian, smiling";

@@ -35,7 +35,8 @@ _NUMBER_WORDS = frozenset(
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred".split())
 # An age cue before a number ("age 52", "turned 40") or after it ("52 years old", "6 months old").
 _AGE_BEFORE = frozenset("age ages aged turned turning turns birthday bday".split())
-_AGE_AFTER = frozenset("old yo".split())
+_AGE_AFTER = frozenset("yo y.o yrs-old year-old years-old".split())
+_SPANS = frozenset("year years yr yrs month months week weeks day days".split())
 # Words a number may sit behind and still describe the person before them ("a woman of 45",
 # "she is 34", "a man who is 52", "in his early 40s").
 _LINKS = frozenset("is was are were be being been of at about around approximately nearly almost who that just "
@@ -206,8 +207,6 @@ def _word_ok(text: str, toks: list[Tok], i: int, w: str, vocab: Vocabulary, ctx:
     if entry is None:
         return (w in ctx.plain_heads or _base(w) in ctx.plain_heads) and w not in vocab.told \
             and w not in ctx.schema_words
-    if "N" in entry.flags and toks[i].text[:1].isupper():
-        return False  # "Rose", "Hope" as a name
     if "A" in entry.flags:
         return _describes_a_thing(text, toks, i, vocab, ctx)
     return True
@@ -247,9 +246,9 @@ def _age(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) ->
     for j in range(max(0, i - 2), i):
         if toks[j].word in _AGE_BEFORE and same_clause(toks[j].end, tok.start):
             return found
-    for j in range(i + 1, min(len(toks), i + 4)):
-        if toks[j].word in _AGE_AFTER and same_clause(tok.end, toks[j].start):
-            return found
+    after = [t.word for t in toks[i + 1:i + 3]]
+    if after[:1] and after[0] in _AGE_AFTER or after[:1] and after[0] in _SPANS and after[1:] == ["old"]:
+        return found
     j = i - 1
     while j >= 0 and same_clause(toks[j].end, tok.start):
         prev = toks[j]
@@ -257,8 +256,8 @@ def _age(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) ->
                 or vocab.person_noun(prev.word):
             return found
         entry = vocab.get(prev.word)
-        if entry is None and prev.text[:1].isupper():
-            return found  # after a name
+        if prev.text[:1].isupper() and (entry is None or "N" in entry.flags):
+            return found  # after a name ("Maria, 28", "Rose, 28")
         if prev.word not in _LINKS:
             return None
         j -= 1
