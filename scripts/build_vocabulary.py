@@ -67,12 +67,12 @@ NATIONAL_LEXFILES = frozenset({15, 14, 10})  # noun.location, noun.group, noun.c
 OTHER_LANGUAGES = ("es", "fr", "de", "it", "pt", "nl", "pl", "tr", "id")
 LATIN_NAME = re.compile(r"LATIN (?:LETTER SMALL CAPITAL|SMALL LETTER|CAPITAL LETTER|SUBSCRIPT SMALL LETTER|"
                         r"LETTER) (?:DOTLESS )?([A-Z])(?: WITH [A-Z ]+)?")
+DICTIONARY_TOP = 150000    # ... and, of wordfreq's words up to this rank, those WordNet has
 NAME_RANK = 1000           # a first or last name this popular in any country counts as a name
-TOP_NAME_RANK = 50         # ... and one this popular in an English-speaking country is never also a word ("john")
-ENGLISH_COUNTRIES = ("US", "GB", "CA", "AU", "IE", "NZ")
+TOP_NAME_RANK = 50         # ... and a first name this popular is a word only if SemCor tags it often ("john")
 COMMON_SENSE_COUNT = 3     # SemCor tags of its lower-case senses that make a name also a common word ("rose")
 CLOSED_CLASS_RANK = 1000   # words this frequent that WordNet lacks are function words ("the", "from"), not names
-RARER_THAN_TYPO = 1.5      # zipf: a word this much rarer than a sensitive word one edit away is a typo
+RARER_THAN_TYPO = 2.0      # zipf: a dictionary word this much rarer than an attribute word one edit away is its typo
 
 
 # ----------------------------------------------------------------------------- WordNet
@@ -202,9 +202,11 @@ def schema_words() -> tuple[dict[str, str], set[str]]:
                   and (e.person_only or e.key == "age")}
     for attr in ("gender", "age", "ethnicity"):
         data = json.loads((DEVICE / "lexicons" / f"{attr}.json").read_text(encoding="utf-8"))
-        listed = [*data.get("words", {}), *data.get("contextual", {}), *(w for pair in data.get("pairs", []) for w in pair)]
+        paired = {w for pair in data.get("pairs", []) for w in pair}
+        listed = [*data.get("words", {}), *data.get("contextual", {}), *sorted(paired)]
         words.update({w: attr for w in listed if " " not in w})
         contextual |= {w for w in data.get("contextual", {}) if " " not in w} | set(data.get("unless_compound", []))
+        contextual |= {w for w in paired if (w,) not in schema.lexicon}
     cues = json.loads((DEVICE / "lexicons" / "context_cues.json").read_text(encoding="utf-8"))["cues"]
     words.update({w: c["attribute"] for w, c in cues.items() if " " not in w})
     return words, contextual
@@ -212,7 +214,7 @@ def schema_words() -> tuple[dict[str, str], set[str]]:
 
 def name_words(vocab: set[str]) -> tuple[set[str], set[str], set[str]]:
     """Words of the candidate list that are popular first names and last names in some country,
-    and the first names among the most popular in an English-speaking country."""
+    and the first names among the most popular in some country."""
     import names_dataset
 
     folder = Path(names_dataset.__file__).parent / "v3"
@@ -224,7 +226,7 @@ def name_words(vocab: set[str]) -> tuple[set[str], set[str], set[str]]:
                     and any(r is not None and r <= NAME_RANK for r in info.get("rank", {}).values())})
         if fname.startswith("first"):
             out.append({name.lower() for name, info in table.items() if name.lower() in vocab
-                        and any((info.get("rank", {}).get(c) or NAME_RANK) <= TOP_NAME_RANK for c in ENGLISH_COUNTRIES)})
+                        and any(r is not None and r <= TOP_NAME_RANK for r in info.get("rank", {}).values())})
         del table
     return out[0], out[2], out[1]
 
@@ -288,7 +290,9 @@ def build(top: int) -> dict:
 
     removed: dict[str, set[str]] = defaultdict(set)
     ranked = [w for w in top_n_list("en", top) if WORD.fullmatch(w)]
-    candidates = ranked
+    # Beyond the top words, the rarer ones a dictionary has ("windowsill", "cobblestones").
+    rarer = [w for w in top_n_list("en", DICTIONARY_TOP)[top:] if WORD.fullmatch(w) and wordnet.lemmas(w)]
+    candidates = ranked + rarer
     vocab = set(candidates)
     seeds, contextual = schema_words()
     schema_heads = head_words()
@@ -301,7 +305,9 @@ def build(top: int) -> dict:
     aged_syn = wordnet.closure(AGE_ROOTS)
     national_syn = {k for k in wordnet.closure(ORIGIN_ROOTS) if any(w[:1].isupper() for w in wordnet.synsets[k]["words"])}
     for key, s in wordnet.synsets.items():
-        if key[0] == "n" and s["lexfile"] == PERSON_LEXFILE:
+        # A person, or a title or form of address ("senorita": noun.communication), whose gloss
+        # names a gender.
+        if key[0] == "n" and s["lexfile"] in (PERSON_LEXFILE, 10):
             if set(re.findall(r"[a-z]+", s["gloss"].split(";")[0].lower())) & GENDER_GLOSS:
                 gendered_syn.add(key)
     # Believers: person nouns tied (derivation or domain) to a religion ("Sikh" -> Sikhism).
@@ -341,13 +347,15 @@ def build(top: int) -> dict:
                 continue
             if (sym == "\\" and target["lexfile"] in NATIONAL_LEXFILES and any(w[:1].isupper() for w in target["words"])) \
                     or (sym in ("+", "\\") and (("n", o) in national_syn or ("n", o) in religions)):
-                adjectives.update(lemma_of(w) for w in s["words"])
+                # Only where it is the word's first sense: "korean", "french"; not "gothic" (a style first).
+                adjectives.update(lemma_of(w) for w in s["words"]
+                                  if wordnet.index.get(lemma_of(w), {}).get("a", [None])[0] == key[1])
     countries = {w for w in country_words() if w not in wordnet.lowercase}
 
     # Feminine suffix pairs among person nouns: both members are gendered (goddess and god).
     def is_person(w: str) -> bool:
         return any(s["lexfile"] == PERSON_LEXFILE for lem, pos in wordnet.lemmas(w) if pos == "n"
-                   for s in wordnet.senses(lem, "n"))
+                   for s in wordnet.common_senses(lem))
 
     pairs = set()
     for w in vocab:
@@ -357,7 +365,9 @@ def build(top: int) -> dict:
                 for base in {stem, stem + "e", stem[:-1], stem[:-2] + "or" if stem.endswith("tr") else stem}:
                     if len(base) >= 3 and base in vocab and is_person(base):
                         pairs |= {w, base}
-    removed["feminine pair"] = pairs
+    # Both members are attribute words only where they describe a person: "god rays", "a giant
+    # octopus", "master bedroom" are vouched, "a greek god" and "a greek goddess" are not.
+    contextual |= pairs - schema_heads
 
     # Person nouns compounded with a gendered or aged person noun ("mailman", "councilwoman").
     lower_bearing = {lemma_of(w) for k in gendered_syn | aged_syn for w in wordnet.synsets[k]["words"]
@@ -408,6 +418,10 @@ def build(top: int) -> dict:
 
     first_names, last_names, top_first_names = name_words(vocab)
 
+    def lowercase_word(w: str) -> bool:
+        """Does WordNet have the word, or its lemma, in lower case (a common word, not only a name)?"""
+        return w in wordnet.lowercase or any(lem in wordnet.lowercase for lem, _ in wordnet.lemmas(w))
+
     def thing_noun(w: str) -> bool:
         """Is the word also a common noun for an animal, plant, food or artefact ("tiger")?"""
         senses = [wordnet.common_senses(lem) for lem, pos in wordnet.lemmas(w) if pos == "n"]
@@ -435,20 +449,24 @@ def build(top: int) -> dict:
             told[w] = bearing[1]
             continue
         # A first name tells a gender: kept only if it is also a common word ("rose"); a surname
-        # only if WordNet has it in lower case ("baker").
+        # only if WordNet has it in lower case ("baker"). "anne's" is a name too.
+        bare = w[:-2] if w.endswith(("'s", "s'")) else w
         if w in closed_class:
             pass
-        elif (w in first_names and (w in top_first_names or not thing_noun(w)) and wordnet.count(w) < COMMON_SENSE_COUNT
-              or w in last_names and w not in wordnet.lowercase):
+        elif (bare in first_names | last_names and not lowercase_word(w)
+              or w in top_first_names and wordnet.count(w) < COMMON_SENSE_COUNT and not thing_noun(w)):
             removed["name"].add(w)
             told[w] = "name"
             continue
         zipf = zipf_frequency(w, "en")
-        if not lemmas and w not in closed_class and max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf:
-            removed["other language"].add(w)
+        # A word no dictionary has is a function word, or unvetted: a surname, a brand, slang
+        # ("bf", "bruh"), a word of another language ("mujer"). Only function words stay.
+        if not lemmas and w not in closed_class:
+            why = "other language" if max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf else "not in WordNet"
+            removed[why].add(w)
             continue
         near = typo_targets.get(w, [])
-        if any(zipf + RARER_THAN_TYPO < zipf_frequency(t, "en") or (not lemmas and zipf < zipf_frequency(t, "en"))
+        if any((not lemmas and zipf < zipf_frequency(t, "en")) or zipf + RARER_THAN_TYPO < zipf_frequency(t, "en")
                for t in near):
             removed["one edit from an attribute word"].add(w)
             told[w] = "misspelling"
@@ -486,6 +504,9 @@ def build(top: int) -> dict:
         if any(s["lexfile"] == PERSON_LEXFILE or ("n", o) in bearing_syn
                or set(re.findall(r"[a-z]+", s["gloss"].split(";")[0].lower())) & person_gloss
                for s, o in zip(senses, [o for pos in by_pos for o in wordnet.index[lemma][pos]])):
+            continue
+        # "Afro-American" (adjective): a national or ethnic word that is no noun of a thing.
+        if any(attribute_of.get(p) == "ethnicity" for p in parts) and set(by_pos) - {"n"}:
             continue
         # "old age", "old times": a stretch of a life, not a thing.
         if any(p in contextual for p in parts) and any(s["lexfile"] in (7, 26, 28) for s in senses):

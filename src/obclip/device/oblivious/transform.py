@@ -187,6 +187,7 @@ class ObliviousTransform:
                                  function_words)
         self._schema_words = frozenset(k[0] for k in self.schema.lexicon if len(k) == 1) | frozenset(
             self.schema.pronoun_words)
+        self._function_words = pr.non_noun_words if pr is not None else frozenset()
 
     def __call__(self, prompt: str) -> CandidateSet:
         if not isinstance(prompt, str):
@@ -258,12 +259,14 @@ class ObliviousTransform:
         ctx = Context(protected=[(s.start, s.end) for s in protected],
                       persons=[(p.span.start, p.span.end) for p in persons if p.span is not None]
                       + [(p.token.start, p.token.end) for p in pronouns],
-                      plain_heads=self.schema.plain_heads, schema_words=self._schema_words)
+                      plain_heads=self.schema.plain_heads, schema_words=self._schema_words,
+                      function_words=self._function_words)
         covered_by_lexicon = [(f.start, f.end) for f in findings]
         findings += [f for f in unvouched(text, self.vocabulary, ctx)
                      if not any(a <= f.start and f.end <= b for a, b in covered_by_lexicon)]
         findings.sort(key=lambda f: (f.start, f.end))
-        if findings:  # nothing will be sent: the cap (a limit on what is sent) does not apply
+        if findings and self.config.unprotected != "unsafe-send":
+            # Nothing will be sent: the cap (a limit on what is sent) does not apply.
             return _Outcome(text, (), (), -1, slots, protected, generalised, findings)
         self._check_cap(slots)
         if not slots:

@@ -24,8 +24,9 @@ from obclip.runtime.locations import package_path
 from ..sensitive import Finding
 from .vocabulary import Vocabulary
 
-# A token: letters and digits, with inner apostrophes and hyphens ("don't", "mother-of-pearl").
-TOKEN = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*(?:-[^\W_]+(?:['\u2019][^\W_]+)*)*")
+# A token: a decimal number ("1.3" in a prompt weight), or letters and digits with inner
+# apostrophes and hyphens ("don't", "mother-of-pearl").
+TOKEN = re.compile(r"\d+(?:[.,]\d+)+|[^\W_]+(?:['\u2019][^\W_]+)*(?:-[^\W_]+(?:['\u2019][^\W_]+)*)*")
 _NUMBER = re.compile(r"\d{1,3}(?:[.,]\d+)?(?:s|'s|th|st|nd|rd)?")
 _YEARS = re.compile(r"\d{4}s?|\d+[.,]\d+|\d{5,}")  # "1990s", "3.5", "10000": never an age
 _MEASURE = re.compile(r"\d+(?:[.,]\d+)?(?:k|mm|cm|m|km|px|p|d|x|fps|mp|hz|kg|g|ml|l|in|ft|gb|mb|v|w)")
@@ -83,6 +84,7 @@ class Context:
     persons: list[tuple[int, int]]     # person mentions and pronouns (protected or not)
     plain_heads: frozenset[str]        # the schema's person nouns that carry no attribute
     schema_words: frozenset[str]       # single words of the schema (attribute words, protected in a slot)
+    function_words: frozenset[str]     # words that are never nouns ("in", "a", "with")
 
 
 def compound_spans(text: str, vocab: Vocabulary) -> list[tuple[int, int]]:
@@ -224,7 +226,7 @@ def _describes_a_thing(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ct
         if any(a <= t.start < b for a, b in ctx.persons) or t.word in ctx.plain_heads:
             return False
         entry = vocab.get(t.word) or vocab.get(_base(t.word))
-        if entry is None:
+        if entry is None or t.word in ctx.function_words:
             return False
         if t.word.endswith(("ing", "ed")) or (entry.pos and entry.pos[0] != "n" and "a" in entry.pos):
             continue  # another adjective or a participle: look further
