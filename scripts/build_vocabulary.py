@@ -199,7 +199,7 @@ def schema_words() -> tuple[dict[str, str], set[str]]:
         if len(k) == 1 and e.values:
             words[k[0]] = "gender" if "gender" in e.values else sorted(e.values)[0]
     contextual = {k[0] for k, e in schema.lexicon.items() if len(k) == 1 and e.kind == "modifier"
-                  and (e.person_only or e.key == "age")}
+                  and (e.person_only or e.key in ("age", "ethnicity"))}
     for attr in ("gender", "age", "ethnicity"):
         data = json.loads((DEVICE / "lexicons" / f"{attr}.json").read_text(encoding="utf-8"))
         paired = {w for pair in data.get("pairs", []) for w in pair}
@@ -351,6 +351,9 @@ def build(top: int) -> dict:
                 adjectives.update(lemma_of(w) for w in s["words"]
                                   if wordnet.index.get(lemma_of(w), {}).get("a", [None])[0] == key[1])
     countries = {w for w in country_words() if w not in wordnet.lowercase}
+    # A national or ethnic adjective describes a thing as often as a person ("a Japanese garden",
+    # "French onion soup"): vouched only before a thing, like "old".
+    contextual |= {w for w in adjectives if WORD.fullmatch(w)}
 
     # Feminine suffix pairs among person nouns: both members are gendered (goddess and god).
     def is_person(w: str) -> bool:
@@ -385,7 +388,7 @@ def build(top: int) -> dict:
     removed["person compound"] = compounds_of_heads
 
     aged_adjectives = wordnet.similar(AGE_ADJECTIVES)
-    attribute_of: dict[str, str] = {w: "ethnicity" for w in adjectives | countries}
+    attribute_of: dict[str, str] = {w: "ethnicity" for w in adjectives}
     attribute_of.update({w: "age" for w in aged_adjectives})
     attribute_of.update({w: "gender" for w in pairs})
     attribute_of.update({w: "gender" for w in compounds_of_heads})
@@ -436,14 +439,43 @@ def build(top: int) -> dict:
             for v in variants & vocab:
                 typo_targets[v].append(t)
 
+    def capitalised_bearing(w: str) -> str | None:
+        """The attribute a word tells when capitalised, if only then ("Swede"/"swede", "Polish"/"polish")."""
+        for lem, pos in wordnet.lemmas(w):
+            for o in wordnet.index[lem][pos]:
+                syn = wordnet.synsets[(pos, o)]
+                if not any(x[:1].isupper() and lemma_of(x) == lem for x in syn["words"]):
+                    continue
+                if pos == "n" and ("n", o) in bearing_syn:
+                    return "gender" if ("n", o) in gendered_syn else "age" if ("n", o) in aged_syn else "ethnicity"
+                if pos == "a" and lem in adjectives:
+                    return attribute_of.get(lem, "ethnicity")
+        return None
+
+    def place(w: str) -> bool:
+        """A place name: a country, or a word whose first sense is a capitalised location ("Seoul")."""
+        if w in countries:
+            return True
+        for lem, pos in sorted(wordnet.lemmas(w)):
+            senses = wordnet.senses(lem, "n") if pos == "n" else []
+            if senses and senses[0]["lexfile"] == 15 and any(x[:1].isupper() and lemma_of(x) == lem
+                                                              for x in senses[0]["words"]):
+                return True
+        return False
+
     keep: dict[str, str] = {}
     told: dict[str, str] = {}  # removed word -> what it tells (for the device's messages)
-    for w in candidates:
+    # Contextual words are vouched (before a thing) whether or not wordfreq's list holds them, so
+    # that both members of a pair get the same treatment (bachelor, bachelorette).
+    for w in candidates + sorted(c for c in contextual if WORD.fullmatch(c) and c not in vocab):
         lemmas = wordnet.lemmas(w)
-        if w in contextual:
+        # "polish", "swede": an ordinary word in lower case, an attribute word capitalised (flag C).
+        homograph = w not in seeds and lowercase_word(w) and not bears_by_sense(w) \
+            and capitalised_bearing(w) is not None
+        if w in contextual and not homograph:
             keep[w] = "A"
             continue
-        bearing = bears(w)
+        bearing = None if homograph else bears(w)
         if bearing is not None:
             removed[bearing[0]].add(w)
             told[w] = bearing[1]
@@ -453,8 +485,9 @@ def build(top: int) -> dict:
         bare = w[:-2] if w.endswith(("'s", "s'")) else w
         if w in closed_class:
             pass
-        elif (bare in first_names | last_names and not lowercase_word(w)
-              or w in top_first_names and wordnet.count(w) < COMMON_SENSE_COUNT and not thing_noun(w)):
+        elif not place(w) and (bare in first_names | last_names and not lowercase_word(w)
+                               or w in top_first_names and wordnet.count(w) < COMMON_SENSE_COUNT
+                               and not thing_noun(w)):
             removed["name"].add(w)
             told[w] = "name"
             continue
@@ -471,7 +504,17 @@ def build(top: int) -> dict:
             removed["one edit from an attribute word"].add(w)
             told[w] = "misspelling"
             continue
-        keep[w] = "N" if w in first_names | last_names and w not in closed_class else ""
+        # A place name is vouched capitalised; near a person it may tell origin ("a man from Seoul"),
+        # which the device reads from the flag L.
+        if place(w):
+            keep[w] = "L"
+            continue
+        flags = "N" if w in first_names | last_names and w not in closed_class else ""
+        told_capitalised = capitalised_bearing(w)
+        if told_capitalised is not None:
+            flags += "C"  # an attribute word when capitalised: vouched in lower case only
+            told[w] = told_capitalised
+        keep[w] = flags
 
     rows = []
     for w, f in keep.items():
@@ -485,25 +528,54 @@ def build(top: int) -> dict:
             f += "P"
         elif any(s["lexfile"] == PERSON_LEXFILE for ss in noun_senses for s in ss):
             f += "p"
+        if pos_letters[:1] == "n" and any(ss and ss[0]["lexfile"] == 14 for ss in noun_senses):
+            f += "G"  # first a group of people ("couple", "band", "family")
         rows.append((w, pos_letters, f))
 
-    # Collocations that hold an attribute word but name no person and say nothing of one
-    # ("king cobra", "mother-of-pearl"; not "old man", "old age", "mother superior").
+    # Collocations that hold an attribute word, a name, a person noun or a word the vocabulary lacks
+    # but name no person and say nothing of one ("king cobra", "mother-of-pearl", "queen bee",
+    # "Great Dane", "picket fence", "art nouveau"; not "old man", "old age", "mother superior"):
+    # vouched as a whole. Those that hold an attribute word and name or involve people ("bachelor
+    # party", "stag party") are person collocations: never vouched.
     person_gloss = GENDER_GLOSS | {"person", "people", "someone", "child", "children", "aged", "age", "old",
-                                   "young", "elderly", "baby", "infant", "youth"}
-    attribute_parts = sensitive | contextual | lower_bearing
+                                   "young", "elderly", "baby", "infant", "youth", "he", "she", "his", "her"} \
+        | lower_bearing | pairs
+    thing_lexfiles = {5, 6, 13, 17, 20, 27}  # animal, artifact, food, object, plant, substance
+    attribute_parts = sensitive | contextual | lower_bearing | {w for w, a in told.items() if a != "misspelling"}
+    person_words = {w for w, _, f in rows if "P" in f or "p" in f}
     compounds = set()
+    places: set[str] = set()
+    person_compounds = set()
     for lemma, by_pos in wordnet.index.items():
         parts = re.split(r"[_-]", lemma)
-        if len(parts) < 2 or not any(p in attribute_parts for p in parts) or any(p in cues for p in parts):
+        if len(parts) < 2 or any(p in cues for p in parts):
             continue
-        # "to a man" (unanimously): a phrase of function words reads a person in a prompt.
-        if "_" in lemma and any(p in closed_class for p in lemma.split("_")):
+        bearing_part = any(p in attribute_parts for p in parts)
+        # Only collocations the device would otherwise read wrongly: one with a part that is not
+        # vouched alone (a common word the filters removed), or a person noun ("picket").
+        if not (bearing_part or any(p in person_words or (p in vocab and p not in keep) for p in parts)):
             continue
-        senses = [s for pos in by_pos for s in wordnet.senses(lemma, pos)]
-        if any(s["lexfile"] == PERSON_LEXFILE or ("n", o) in bearing_syn
-               or set(re.findall(r"[a-z]+", s["gloss"].split(";")[0].lower())) & person_gloss
-               for s, o in zip(senses, [o for pos in by_pos for o in wordnet.index[lemma][pos]])):
+        # "to a man" (unanimously): one content word among function words reads a person in a
+        # prompt; "Statue of Liberty" has two.
+        if "_" in lemma and sum(p not in closed_class for p in lemma.split("_")) < 2:
+            continue
+        offsets = [(pos, o) for pos in by_pos for o in wordnet.index[lemma][pos]]
+        senses = [wordnet.synsets[k] for k in offsets]
+        proper = all(not any(lemma_of(x) == lemma and x[:1].islower() for x in s["words"]) for s in senses)
+        if any(s["lexfile"] == PERSON_LEXFILE or k in bearing_syn
+               or (s["lexfile"] not in thing_lexfiles
+                   and set(re.findall(r"[a-z]+", s["gloss"].split(";")[0].lower())) & person_gloss)
+               for s, k in zip(senses, offsets)):
+            # Only where a part is vouched alone (a word vouched before a thing, "bachelor party"):
+            # elsewhere the part is never vouched anyway.
+            if any(keep.get(p, "").startswith("A") or "C" in keep.get(p, "") for p in parts):
+                person_compounds.add(lemma.replace("_", " "))
+            continue
+        # A proper name of a place ("New York"): vouched, and marked, since after "from" it tells
+        # where a person comes from. Of a group or event ("Queen Anne's War"): not a thing.
+        if proper and senses[0]["lexfile"] == 15:
+            places.add(lemma.replace("_", " "))
+        elif proper and not any(s["lexfile"] in thing_lexfiles for s in senses):
             continue
         # "Afro-American" (adjective): a national or ethnic word that is no noun of a thing.
         if any(attribute_of.get(p) == "ethnicity" for p in parts) and set(by_pos) - {"n"}:
@@ -518,6 +590,7 @@ def build(top: int) -> dict:
         if WORD.fullmatch(w) and (w not in keep or w in contextual):
             told.setdefault(w, attribute_of[w])
     return {"rows": rows, "told": told, "compounds": sorted(compounds), "removed": removed,
+            "person_compounds": sorted(person_compounds), "places": places,
             "candidates": len(candidates),
             "confusables": confusables_table()}
 
@@ -568,7 +641,10 @@ def main() -> int:
     (args.out / "words.tsv").write_text("".join(f"{w}\t{p}\t{f}\n" for w, p, f in rows), encoding="utf-8")
     (args.out / "attribute_words.tsv").write_text(
         "".join(f"{w}\t{a}\n" for w, a in sorted(result["told"].items())), encoding="utf-8")
-    (args.out / "compounds.txt").write_text("".join(c + "\n" for c in result["compounds"]), encoding="utf-8")
+    (args.out / "compounds.txt").write_text(
+        "".join(c + ("\tL" if c in result["places"] else "") + "\n" for c in result["compounds"]), encoding="utf-8")
+    (args.out / "person_compounds.txt").write_text("".join(c + "\n" for c in result["person_compounds"]),
+                                                  encoding="utf-8")
     (args.out / "confusables.json").write_text(
         json.dumps(result["confusables"], ensure_ascii=False, indent=0, sort_keys=True) + "\n", encoding="utf-8")
     versions = {p: importlib.metadata.version(p) for p in
@@ -618,7 +694,8 @@ def main() -> int:
     for why, words in sorted(removed.items()):
         sample = ", ".join(sorted(words)[:12])
         lines.append(f"- removed as {why}: {len(words)} (e.g. {sample})")
-    lines += [f"- compounds: {len(result['compounds'])}", f"- confusables: {len(result['confusables'])}", ""]
+    lines += [f"- compounds: {len(result['compounds'])}", f"- person compounds: {len(result['person_compounds'])}",
+              f"- confusables: {len(result['confusables'])}", ""]
     (args.out / "PROVENANCE.md").write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {args.out}: {len(rows)} words, {len(result['compounds'])} compounds, "
           f"{len(result['confusables'])} confusables")

@@ -133,6 +133,9 @@ class Parser:
         spans = compound_spans(prompt, vocabulary) if vocabulary is not None else []
         self.in_compound = frozenset(i for i, t in enumerate(self.tokens) if any(a <= t.start < b for a, b in spans))
         self.pronouns: list[Pronoun] = []
+        # Stretches that name people the device cannot tell apart by word class ("a toddler girl":
+        # two person nouns for one person; "an elderly couple, he ... she": pronouns for a group).
+        self.unclear: list[tuple[int, int]] = []
         pr = schema.pronouns
         self.breakers = frozenset(pr.non_noun_words if pr is not None else ()) | frozenset(schema.pronoun_words)
         # Cases a determiner-like word can stand for ("her": object/determiner, "his": determiner/possessive).
@@ -161,7 +164,8 @@ class Parser:
         vocabulary's person nouns (WordNet: first sense a person) that are not schema words."""
         if word in self.schema.plain_heads:
             return True
-        return self.vocabulary is not None and self.vocabulary.person_noun(word) and (word,) not in self.schema.lexicon
+        return self.vocabulary is not None and self.vocabulary.person_noun(word) and (word,) not in self.schema.lexicon \
+            and word not in self.vocabulary.told  # "Mexican", "bachelor": attribute words, not plain nouns
 
     def _match(self, i: int) -> tuple[Entry, int] | None:
         """Longest lexicon phrase starting at token i (tokens separated by spaces only)."""
@@ -184,12 +188,31 @@ class Parser:
         word = toks[i].text.lower()
         if self._plain(word):
             return Entry("plain", "", {}, False), 1
+        generalised = self._generalised(i)
+        if generalised is not None and self._head_follows(i + 1):
+            return generalised, 1
         if word not in self.schema.pronoun_words:
             # A misspelt schema word ("womna") is read as the word it misspells.
             target = typo_of(word, self.single_words)
             if target is not None:
                 return self.single_words[target], 1
         return None
+
+    def _generalised(self, i: int) -> Entry | None:
+        """A vocabulary word that tells a generalised attribute but is no schema word ("Mexican",
+        "Latina", "Sikh"): a modifier of that attribute whose value the schema lacks ("")."""
+        if self.vocabulary is None or not self.schema.generalised:
+            return None
+        tok = self.tokens[i]
+        word = tok.text.lower()
+        attribute = self.vocabulary.told.get(word)
+        if attribute not in self.schema.generalised or (word,) in self.schema.lexicon:
+            return None
+        entry = self.vocabulary.get(word)
+        if entry is not None and "C" in entry.flags and tok.text == word:
+            return None  # "swede" in lower case is a vegetable
+        assert attribute is not None
+        return Entry("modifier", attribute, {attribute: ""}, False, person_only=True)
 
     def _head_follows(self, i: int) -> bool:
         """Is a head or plain noun at token i, after joinable text, other modifiers, or up to
@@ -214,10 +237,12 @@ class Parser:
             if entry is not None and entry.kind == "modifier" and entry.key in self.schema.person_modifiers \
                     and entry.key not in self.ambiguous:
                 return True  # a gender adjective used as the noun: "a white male"
+            if entry is None and self._generalised(i) is not None:
+                entry = self._generalised(i)  # "a Mexican, Catholic woman"
             if entry is None:
                 others += 1
-                if others > _MAX_GAP_WORDS or word in self.breakers:
-                    return False
+                if others > _MAX_GAP_WORDS or word in self.breakers or self._thing_noun(word):
+                    return False  # "a white tiger cub": the colour of the tiger
             elif entry.kind != "modifier":
                 return False
             prev_end, i = toks[i].end, i + 1
@@ -227,6 +252,7 @@ class Parser:
         spans: list[Span] = []
         pronouns: list[Pronoun] = []
         open_span: Span | None = None
+        closed: MatchedWord | None = None  # the head noun that just ended a mention
         i = 0
         while i < len(self.tokens):
             tok = self.tokens[i]
@@ -235,6 +261,7 @@ class Parser:
                 hit = Entry("plain", "", {}, False), 1
             if hit is None:
                 open_span = None
+                closed = None
                 if tok.age is None and tok.text.lower() in self.schema.pronoun_words:
                     pronouns.append(self._pronoun(i))
                 i += 1
@@ -246,6 +273,10 @@ class Parser:
             word = MatchedWord(entry, tok.start, end_tok.end, text, style, i, i + k - 1)
             # Adjacent words (spaces, brackets, quotes, weights between) describe one
             # person; a head noun ends the mention ("man woman" is two people).
+            if closed is not None and entry.kind == "head" and entry.values and closed.entry.values \
+                    and only_space(self.prompt, closed.end, word.start):
+                self.unclear.append((closed.start, word.end))  # "toddler girl", "baby boy"
+            closed = None
             if open_span is not None and joinable(self.prompt, open_span.end, word.start):
                 open_span.words.append(word)
                 if only_space(self.prompt, open_span.groups[-1][-1].end, word.start):
@@ -257,8 +288,21 @@ class Parser:
                 spans.append(open_span)
             if entry.kind in ("head", "plain"):
                 open_span = None
+                closed = word
             i += k
         return spans, pronouns
+
+    def _group_noun(self, word: str) -> bool:
+        """A noun for a group of people ("couple", "family", "band")."""
+        entry = self.vocabulary.get(word) if self.vocabulary is not None else None
+        return entry is not None and "G" in entry.flags
+
+    def _thing_noun(self, word: str) -> bool:
+        """A word that is first a noun and names no person ("tiger", "board")."""
+        if self.vocabulary is None or word.endswith(("ing", "ed")):
+            return False
+        entry = self.vocabulary.get(word)
+        return entry is not None and entry.pos[:1] == "n" and not {"P", "p"} & set(entry.flags)
 
     def _made_a_person(self, span: Span, i: int) -> bool:
         """Does a modifier of a person attribute (schema 'person_modifiers': "female", "asian")
@@ -273,7 +317,8 @@ class Parser:
         if word in self.breakers or self.vocabulary is None:
             return False
         entry = self.vocabulary.get(word)
-        return entry is not None and entry.noun
+        # A noun that may name a person ("lifeguard", "quarterback"); "a Japanese garden" is a thing.
+        return entry is not None and entry.noun and bool({"P", "p"} & set(entry.flags))
 
     def _mentions(self, spans: list[Span]) -> list[Span]:
         """Attach adjectives to a head a few words on ("a young, smiling woman"); keep headless
@@ -441,7 +486,11 @@ class Parser:
         assert self.schema.pronouns is not None
         attr = self.schema.pronouns.attribute
         if not persons:
-            # Only pronouns ("he smiles"): they all describe one unnamed person.
+            # Only pronouns ("he smiles"): they all describe one unnamed person, unless a group of
+            # people is in the prompt ("an elderly couple, he ... she"): then who is who is unclear.
+            groups = [t for t in self.tokens if self._group_noun(t.text.lower())]
+            if groups:
+                self.unclear += [(p.token.start, p.token.end) for p in pronouns]
             persons.append(Person(pronouns[0].token.start, None, {}, f"{pronouns[0].token.text!r}"))
         for p in pronouns:
             before = [k for k, person in enumerate(persons) if person.span is None or person.span.end <= p.token.start]
@@ -457,6 +506,9 @@ class Parser:
                     f"the person instead."
                 )
             p.person = k
+            span = persons[k].span
+            if span is not None and (span.plural or (span.head is not None and self._group_noun(span.head.text.lower()))):
+                self.unclear.append((p.token.start, p.token.end))  # "he" for "two men", "a family"
             # Bound by position, never by value: a pronoun that disagrees with its person
             # ("she and her husband") is rendered from the person's slot like any other, so
             # the decision to send or refuse never depends on the values.

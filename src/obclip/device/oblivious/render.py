@@ -114,6 +114,8 @@ def _render_span(schema: Schema, prompt: str, span: Span, values: dict[str, str]
             last = head is None and gi == last_group and j == len(attrs) - 1
             mine = next((w for w in mods if w.entry.key == a), None)
             style = mine.style if mine is not None and mine is not span.words[0] else span.styles.get(a, "lower")
+            if a in schema.capitalised and style == "lower":
+                style = "title"  # "white" and "Asian" give the same set
             words.append(apply_style(plur if (span.plural and last) else sing, style))
         if head_fam is not None and has_head:
             sing, plur = head_fam.forms[tuple(values[a] for a in head_fam.varies)]

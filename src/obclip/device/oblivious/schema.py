@@ -101,6 +101,11 @@ class Schema:
     # Attributes whose modifiers make the noun after them a person ("a female lifeguard"),
     # whatever that noun is; other modifiers ("old") need a person noun.
     person_modifiers: frozenset[str] = frozenset()
+    # Attributes whose other words (the vocabulary's, not the schema's: "Mexican") open the
+    # attribute's slot before a person noun, their value unrepresented (docs/privacy.md).
+    generalised: frozenset[str] = frozenset()
+    # Attributes whose rendered words are capitalised whatever was typed ("Asian", "Caucasian").
+    capitalised: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Schema:
@@ -170,6 +175,8 @@ class _SchemaBuilder:
         if not isinstance(person_modifiers, list) or not all(isinstance(a, str) and a in modifiers
                                                               for a in person_modifiers):
             _fail(f"'person_modifiers' must be a list of attributes with modifiers: {sorted(modifiers)}")
+        generalised = self._attribute_list("generalised_attributes", modifiers)
+        capitalised = self._attribute_list("capitalised_modifiers", modifiers)
         standalone = self.data.get("standalone_modifiers", True)
         if not isinstance(standalone, bool):
             _fail("'standalone_modifiers' must be true or false")
@@ -188,10 +195,18 @@ class _SchemaBuilder:
             standalone_modifiers=standalone,
             plain_heads=plain,
             person_modifiers=frozenset(person_modifiers),
+            generalised=generalised,
+            capitalised=capitalised,
             lexicon=dict(self.lexicon),
             pronoun_words=pronoun_words,
             max_phrase=max((len(k) for k in self.lexicon), default=1),
         )
+
+    def _attribute_list(self, key: str, modifiers: Mapping[str, Modifier]) -> frozenset[str]:
+        raw = self.data.get(key, [])
+        if not isinstance(raw, list) or not all(isinstance(a, str) and a in modifiers for a in raw):
+            _fail(f"{key!r} must be a list of attributes with modifiers: {sorted(modifiers)}")
+        return frozenset(raw)
 
     def _add(self, word: str, entry: Entry, where: str) -> None:
         toks = _tokens_of(word, where)

@@ -162,6 +162,12 @@ def describe(finding: Finding) -> str:
         return "a name"
     if finding.attribute == "misspelling":
         return "a misspelt attribute word"
+    if finding.attribute == "person":
+        return "people the device cannot tell apart (two person nouns for one, or pronouns for a group)"
+    if finding.why == "place of origin":
+        return "a place a person comes from"
+    if finding.why == "spelled-out letters":
+        return "a word spelled out letter by letter"
     if finding.attribute == "unknown":
         return f"{finding.text!r} (not in the vouched vocabulary)"
     return f"a word that tells {finding.attribute}"
@@ -256,6 +262,9 @@ class ObliviousTransform:
 
         protected = self._protected(persons, pronouns, slot_of)
         findings = self._lexicon_findings(text, persons, pronouns, slot_of, protected)
+        findings += [Finding(a, b, text[a:b], "person", "unclear people", "one person noun per person")
+                     for a, b in parser.unclear]
+        generalised += self._generalised(persons)
         ctx = Context(protected=[(s.start, s.end) for s in protected],
                       persons=[(p.span.start, p.span.end) for p in persons if p.span is not None]
                       + [(p.token.start, p.token.end) for p in pronouns],
@@ -274,7 +283,10 @@ class ObliviousTransform:
 
         names = list(slots)
         assignments = [dict(zip(names, combo)) for combo in itertools.product(*slots.values())]
-        real = {name: persons[k].values[a] for k, named in enumerate(slot_of) for a, name in named}
+        # A value the schema lacks ("Mexican": generalised) is kept as the first value: the device's
+        # own steps follow the prompt as typed.
+        real = {name: persons[k].values[a] or self.schema.values(a)[0]
+                for k, named in enumerate(slot_of) for a, name in named}
         rendered = [render(self.schema, text, persons, pronouns, slot_of, asg) for asg in assignments]
         candidates = tuple(c for c, _ in rendered)
         if len(set(candidates)) != len(candidates):  # defensive: the schema validation should make this impossible
@@ -305,6 +317,12 @@ class ObliviousTransform:
                                  for g in result.generalised]
         record["unprotected"] = [f.as_dict() for f in result.unprotected]
         return record
+
+    @staticmethod
+    def _generalised(persons: list[Person]) -> list[Generalised]:
+        """Words whose value the schema lacks, rewritten to every value of their slot."""
+        return [Generalised(w.text, "every value of " + a, a) for p in persons if p.span is not None
+                for w in p.span.words for a, v in w.entry.values.items() if v == ""]
 
     def _protected(self, persons: list[Person], pronouns: list[Pronoun],
                    slot_of: list[list[tuple[str, str]]]) -> list[ProtectedSpan]:

@@ -5,7 +5,8 @@ PROVENANCE.md). Read-only lookups; loaded once per process."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
+import re
 
 from obclip.runtime.locations import package_path
 
@@ -13,7 +14,10 @@ from obclip.runtime.locations import package_path
 @dataclass(frozen=True)
 class Word:
     pos: str    # WordNet parts of speech, most senses first (n v a r), "" for a function word
-    flags: str  # P: a person noun, p: may be a person, N: also a first name, A: an attribute word about a person
+    # P: a person noun, p: may be a person, N: also a name (vouched in lower case only), C: an
+    # attribute word when capitalised ("Swede"; vouched in lower case only), A: an attribute word
+    # when it describes a person (vouched before a thing), L: a place name
+    flags: str
 
     @property
     def noun(self) -> bool:
@@ -25,10 +29,22 @@ class Vocabulary:
     words: dict[str, Word]
     told: dict[str, str]                     # a word left out -> what it tells (gender, age, name, ...)
     compounds: frozenset[tuple[str, ...]]    # collocations vouched as a whole ("king cobra")
+    places: frozenset[tuple[str, ...]]       # those of them that name a place ("new york")
+    person_compounds: frozenset[tuple[str, ...]]  # collocations that tell an attribute ("bachelor party")
     max_compound: int
 
     def get(self, word: str) -> Word | None:
         return self.words.get(word)
+
+    @cached_property
+    def near_told(self) -> frozenset[str]:
+        """Every word left out (attribute words, names), and each with one letter deleted: a
+        word that shares one of these with a typo is too close to one for the typo to be vouched."""
+        out: set[str] = set()
+        for w in self.told:
+            out.add(w)
+            out.update(w[:k] + w[k + 1:] for k in range(len(w)))
+        return frozenset(out)
 
     def person_noun(self, word: str) -> bool:
         w = self.words.get(word)
@@ -43,5 +59,15 @@ def load_vocabulary() -> Vocabulary:
         w, pos, flags = line.split("\t")
         words[w] = Word("" if pos == "-" else pos, flags)
     told = dict(line.split("\t") for line in (folder / "attribute_words.tsv").read_text(encoding="utf-8").splitlines())
-    compounds = frozenset(tuple(c.split()) for c in (folder / "compounds.txt").read_text(encoding="utf-8").splitlines())
-    return Vocabulary(words, told, compounds, max(len(c) for c in compounds))
+    lines = [line.split("\t") for line in (folder / "compounds.txt").read_text(encoding="utf-8").splitlines()]
+    compounds = frozenset(_phrase(c[0]) for c in lines)
+    places = frozenset(_phrase(c[0]) for c in lines if c[1:] == ["L"])
+    person_compounds = frozenset(
+        _phrase(c) for c in (folder / "person_compounds.txt").read_text(encoding="utf-8").splitlines())
+    return Vocabulary(words, told, compounds, places, person_compounds,
+                      max(len(c) for c in compounds | person_compounds))
+
+
+def _phrase(text: str) -> tuple[str, ...]:
+    """A collocation as words: "mother-of-pearl" and "mother of pearl" alike."""
+    return tuple(re.split(r"[\s-]+", text))

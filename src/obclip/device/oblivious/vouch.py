@@ -5,9 +5,14 @@ Vouched: the words a slot renders (protected spans, rewritten in every candidate
 of the shipped vocabulary (device/vocabulary/words.tsv: common English words with every
 attribute-bearing word, name and near-typo of one removed), the schema's plain person nouns
 that the vocabulary does not mark, collocations such as "king cobra", numbers that are not
-ages, punctuation and prompt-weight syntax. Everything else is a Finding: a name, another
-script or language, a typo, leetspeak, a hashtag, a LoRA or embedding name, an attribute word
-no slot protects, a context cue ("pregnant"), a number next to an age cue.
+ages, punctuation and prompt syntax (weights, "<lora:...>", "--ar 2:3"). Also vouched, by rule:
+run-together words, hashtags and tag names that split into vouched words only ("#goldenhour",
+"watercolor_style"), contractions of vouched words, a typo of a vouched word that is no near
+spelling of an attribute word ("lighthuose"), and the names of artists a prompt cites for its
+style ("by Greg Rutkowski", "Wes Anderson style"). Everything else is a Finding: a name,
+another script or language, a typo of an attribute word, leetspeak, an attribute word no slot
+protects, a context cue ("pregnant") next to a person, a number that is an age, a place of
+origin ("a man from Seoul").
 
 Every rule reads word classes and positions, never which value of an attribute a word has.
 """
@@ -16,37 +21,63 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from obclip.runtime.locations import package_path
 
 from ..sensitive import Finding
-from .vocabulary import Vocabulary
+from .vocabulary import Vocabulary, Word
 
 # A token: a decimal number ("1.3" in a prompt weight), or letters and digits with inner
 # apostrophes and hyphens ("don't", "mother-of-pearl").
 TOKEN = re.compile(r"\d+(?:[.,]\d+)+|[^\W_]+(?:['\u2019][^\W_]+)*(?:-[^\W_]+(?:['\u2019][^\W_]+)*)*")
-_NUMBER = re.compile(r"\d{1,3}(?:[.,]\d+)?(?:s|'s|th|st|nd|rd)?")
-_YEARS = re.compile(r"\d{4}s?|\d+[.,]\d+|\d{5,}")  # "1990s", "3.5", "10000": never an age
-_MEASURE = re.compile(r"\d+(?:[.,]\d+)?(?:k|mm|cm|m|km|px|p|d|x|fps|mp|hz|kg|g|ml|l|in|ft|gb|mb|v|w)")
+_NUMBER = re.compile(r"\d{1,3}(?:[.,]\d+)?(?:s|'s)?")
+_ORDINAL = re.compile(r"\d{1,3}(?:th|st|nd|rd)")
+_DECADE = re.compile(r"\d{4}s|\d0s|'\d0s")             # "1990s", "80s": an era, never an age
+_YEAR = re.compile(r"1[89]\d\d|20\d\d")                 # "born in 1958"
+_OTHER_NUMBER = re.compile(r"\d+[.,]\d+|\d{4,}")       # "3.5", "10000": never an age
+_MEASURE = re.compile(r"\d+(?:[.,]\d+)?(?:k|mm|cm|m|km|px|p|d|x|fps|mp|hz|kg|g|ml|l|in|ft|gb|mb|v|w|am|pm)"
+                      r"|v\d+(?:[.,]\d+)?|\d+:\d+")
 _AGE_UNIT = re.compile(r"\d{1,3}(?:yo|y|yr|yrs|m|mo)")
 _NUMBER_WORDS = frozenset(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred".split())
+_ORDINAL_WORDS = frozenset(
+    "tenth eleventh twelfth thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth "
+    "twentieth thirtieth fortieth fiftieth sixtieth seventieth eightieth ninetieth hundredth".split())
 # An age cue before a number ("age 52", "turned 40") or after it ("52 years old", "6 months old").
 _AGE_BEFORE = frozenset("age ages aged turned turning turns birthday bday".split())
 _AGE_AFTER = frozenset("yo y.o yrs-old year-old years-old".split())
 _SPANS = frozenset("year years yr yrs month months week weeks day days".split())
-# Words a number may sit behind and still describe the person before them ("a woman of 45",
-# "she is 34", "a man who is 52", "in his early 40s").
-_LINKS = frozenset("is was are were be being been of at about around approximately nearly almost who that just "
-                   "only roughly early mid late aged age".split())
+# Nouns after an ordinal that make it a date or a place, not an age ("19th century", "5th floor").
+_ORDINAL_THINGS = frozenset("century centuries floor floors street avenue st ave edition place row".split())
+_CLAUSE_END = re.compile(r"[.!?;\n]")
 # Text between two words of one phrase: spaces, brackets, quotes, prompt weights.
 _JOIN = re.compile(r"(?:[-\s()\[\]{}<>\"'\u201c\u201d\u2018\u2019*_]|:\s*-?\d+(?:\.\d+)?)*")
-_CLAUSE_END = re.compile(r"[.!?;\n]")
 # How far after an attribute word the thing it describes may come ("an old, rusty car").
 _REACH = 4
+# Prompt syntax: adapter tags ("<lora:name:0.8>", "embedding:name") and Midjourney parameters
+# ("--ar 2:3 --v 6"). Their keywords are syntax, not words; the names inside are read as words.
+_TAG_KEYWORDS = frozenset("lora lyco locon hypernet embedding ti textual_inversion".split())
+_PARAMETER_KEYWORDS = frozenset("ar aspect v version niji style stylize s chaos c q quality seed sameseed "
+                                "no iw tile weird w sref cref sw cw raw".split())
+# Contractions: a vouched word and one of these ("we'll", "here's", "didn't").
+_CONTRACTIONS = frozenset("s ll re ve d t m".split())
+# Words that cite an artist for style when a name follows ("painted by", "in the style of").
+_STYLE_BY = frozenset("by".split())
+_STYLE_CUES = frozenset("art artwork painting painted drawing drawn illustration illustrated photo photograph "
+                        "photographed photography shot sketch sketched sculpture poster directed designed made "
+                        "inspired render rendered concept print engraving etching woodcut".split())
+_STYLE_AFTER = frozenset("style aesthetic aesthetics".split())
+# Run-together words: parts this long at least, so that "golden" is not "g" + "old" + "en".
+_MIN_PART = 3
+# A typo of a vouched word: this long at least ("lighthuose"); shorter ones collide with names.
+_MIN_TYPO = 5
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Places after these tell where a person comes from ("a man from Seoul", "born in Accra").
+_ORIGIN = frozenset("from".split())
+_ORIGIN_PAIRS = frozenset({("born", "in"), ("raised", "in"), ("native", "of"), ("grew", "up")})
 
 
 @dataclass(frozen=True)
@@ -85,37 +116,63 @@ class Context:
     plain_heads: frozenset[str]        # the schema's person nouns that carry no attribute
     schema_words: frozenset[str]       # single words of the schema (attribute words, protected in a slot)
     function_words: frozenset[str]     # words that are never nouns ("in", "a", "with")
+    things: list[tuple[int, int]] = field(default_factory=list)  # vouched collocations (set by unvouched)
 
 
-def compound_spans(text: str, vocab: Vocabulary) -> list[tuple[int, int]]:
-    """Stretches of text that are a vouched collocation ("king cobra", "grandfather clocks"),
-    longest first, words separated by single spaces."""
+def phrase_spans(text: str, phrases: frozenset[tuple[str, ...]], longest: int) -> list[tuple[int, int]]:
+    """Stretches of text that are one of the phrases, longest first, words separated by single
+    spaces or hyphens; a last word may carry a plural s ("grandfather clocks")."""
     toks = tokens(text)
+    words = [w for t in toks for w in t.word.split("-")]
+    spans = [(a, b) for t in toks for a, b in _part_spans(t)]
     out: list[tuple[int, int]] = []
     i = 0
-    while i < len(toks):
-        for k in range(min(vocab.max_compound, len(toks) - i), 0, -1):
-            if k > 1 and any(text[toks[j].end:toks[j + 1].start] != " " for j in range(i, i + k - 1)):
+    while i < len(words):
+        for k in range(min(longest, len(words) - i), 0, -1):
+            if k > 1 and any(text[spans[j][1]:spans[j + 1][0]] not in (" ", "-") for j in range(i, i + k - 1)):
                 continue
-            key = [t.word for t in toks[i:i + k]]
+            key = words[i:i + k]
             last = key[-1]
             forms = [key] + [key[:-1] + [last[: -len(s)]] for s in ("s", "es") if last.endswith(s)]
-            if any(tuple(f) in vocab.compounds for f in forms):
-                out.append((toks[i].start, toks[i + k - 1].end))
+            if any(tuple(f) in phrases for f in forms):
+                out.append((spans[i][0], spans[i + k - 1][1]))
                 i += k - 1
                 break
         i += 1
     return out
 
 
+def _part_spans(tok: Tok) -> list[tuple[int, int]]:
+    out, pos = [], tok.start
+    for part in tok.text.split("-"):
+        out.append((pos, pos + len(part)))
+        pos += len(part) + 1
+    return out
+
+
+def compound_spans(text: str, vocab: Vocabulary) -> list[tuple[int, int]]:
+    """Stretches of text that are a vouched collocation ("king cobra", "mother-of-pearl")."""
+    return phrase_spans(text, vocab.compounds, vocab.max_compound)
+
+
 def unvouched(text: str, vocab: Vocabulary, ctx: Context) -> list[Finding]:
     """The words of text the device cannot vouch for, as Findings (empty: everything is vouched)."""
     toks = tokens(text)
     compound = compound_spans(text, vocab)
+    ctx.things = compound
     out: list[Finding] = []
-    out += _cues(text, toks)
+    if ctx.persons:  # a cue or a place tells something only of a person in the picture
+        out += _cues(text, toks)
+        out += _origins(text, toks, vocab, ctx)
+    for a, b in phrase_spans(text, vocab.person_compounds, vocab.max_compound):
+        if not covered(text, a, b, ctx.protected):
+            attr = next((vocab.told[w] for w in re.split(r"[\s-]+", text[a:b].lower()) if w in vocab.told), "gender")
+            out.append(Finding(a, b, text[a:b], attr, "tells " + attr, "a word from the vouched vocabulary"))
+    out += _spelled_out(text, toks)
+    styled = _style_names(text, toks, vocab)
     for i, tok in enumerate(toks):
-        if covered(text, tok.start, tok.end, ctx.protected) or covered(text, tok.start, tok.end, compound):
+        if covered(text, tok.start, tok.end, ctx.protected) or covered(text, tok.start, tok.end, compound) \
+                or i in styled or _syntax(text, tok):
             continue
         finding = _check(text, toks, i, vocab, ctx)
         if finding is not None:
@@ -143,16 +200,97 @@ def _cues(text: str, toks: list[Tok]) -> list[Finding]:
     return out
 
 
+def _origins(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context) -> list[Finding]:
+    """A place after "from" or "born in" in a prompt with a person: where someone comes from."""
+    out = []
+    places = phrase_spans(text, vocab.places, vocab.max_compound)
+    for i, tok in enumerate(toks):
+        entry = vocab.get(tok.word)
+        place = entry is not None and "L" in entry.flags or any(a == tok.start for a, _ in places)
+        if not place or i == 0:
+            continue
+        before = [t.word for t in toks[max(0, i - 2):i]]
+        if before[-1:] and before[-1] in _ORIGIN or tuple(before) in _ORIGIN_PAIRS:
+            out.append(Finding(tok.start, tok.end, tok.text, "ethnicity", "place of origin",
+                               "no place of origin for a person"))
+    return out
+
+
+def _spelled_out(text: str, toks: list[Tok]) -> list[Finding]:
+    """Three or more single letters in a row ("a W O M A N"): a word spelled out, never vouched."""
+    out = []
+    i = 0
+    while i < len(toks):
+        j = i
+        while j < len(toks) and len(toks[j].word) == 1 and toks[j].word.isalpha() \
+                and (j == i or text[toks[j - 1].end:toks[j].start] == " "):
+            j += 1
+        if j - i >= 3:
+            out.append(Finding(toks[i].start, toks[j - 1].end, text[toks[i].start:toks[j - 1].end], "unknown",
+                               "spelled-out letters", "the word written out"))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _syntax(text: str, tok: Tok) -> bool:
+    """A keyword of prompt syntax in its place: "<lora:", "embedding:", "--ar"."""
+    before, after = text[max(0, tok.start - 2):tok.start], text[tok.end:tok.end + 1]
+    if tok.word in _TAG_KEYWORDS and after == ":":
+        return True
+    return tok.word in _PARAMETER_KEYWORDS and before == "--"
+
+
+def _style_names(text: str, toks: list[Tok], vocab: Vocabulary) -> set[int]:
+    """Tokens of the artists a prompt cites for its style: capitalised words that are no
+    vouched word, right after "by" (itself after a comma or a word of art: "painted by"), after
+    "style of", or right before "style" ("Wes Anderson style"); several joined by "and" or
+    commas. The artist is not in the picture, so the name tells nothing about who is."""
+    out: set[int] = set()
+
+    def name_at(j: int) -> bool:
+        t = toks[j]
+        return t.text[:1].isupper() and t.word.isalpha() and (vocab.get(t.word) is None
+                                                              or "N" in vocab.get(t.word).flags)  # type: ignore[union-attr]
+
+    def run_from(j: int) -> list[int]:
+        """Names from token j on, joined by spaces, "and" or commas."""
+        run: list[int] = []
+        while j < len(toks) and name_at(j):
+            run.append(j)
+            j += 1
+            if j < len(toks) and (toks[j].word == "and" or "," in text[toks[j - 1].end:toks[j].start]):
+                k = j + 1 if toks[j].word == "and" else j
+                if k < len(toks) and name_at(k):
+                    j = k
+        return run
+
+    for i, tok in enumerate(toks):
+        if tok.word in _STYLE_BY and i + 1 < len(toks):
+            prev_gap = text[toks[i - 1].end:tok.start] if i > 0 else ""
+            if i == 0 or "," in prev_gap or toks[i - 1].word in _STYLE_CUES:
+                out.update(run_from(i + 1))
+        if tok.word == "of" and i > 0 and toks[i - 1].word in _STYLE_AFTER and i + 1 < len(toks):
+            out.update(run_from(i + 1))
+        if tok.word in _STYLE_AFTER and i > 0:
+            j = i - 1
+            while j >= 0 and name_at(j) and (j == i - 1 or text[toks[j].end:toks[j + 1].start] == " "):
+                out.add(j)
+                j -= 1
+    return out
+
+
 def _check(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) -> Finding | None:
     tok = toks[i]
     w = tok.word
-    if _is_number(w):
-        return _age(text, toks, i, vocab, ctx) if not _YEARS.fullmatch(w) else None
+    if _is_number(w) or _ORDINAL.fullmatch(w) or w in _ORDINAL_WORDS:
+        return _age(text, toks, i, vocab, ctx)
     if _AGE_UNIT.fullmatch(w):
         return Finding(tok.start, tok.end, tok.text, "age", "numeric age", "an age word before the person noun")
     if _MEASURE.fullmatch(w):
         return None
-    if _word_ok(text, toks, i, w, vocab, ctx):
+    if _word_ok(text, toks, i, tok, vocab, ctx):
         return None
     if "-" in w and w not in vocab.told:
         # A hyphenated word no list holds as a whole: each part must be vouched on its own
@@ -170,10 +308,30 @@ def _check(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) 
                 if bad is not None:
                     return _whole(tok, bad)
                 continue
-            if not _word_ok(text, rest, j, part.word, vocab, ctx):
+            if _object_of_participle(parts, j, vocab, ctx):
+                continue
+            if not _word_ok(text, rest, j, part, vocab, ctx):
                 return _whole(tok, _unknown(part, vocab))
         return None
+    if "'" in w:
+        base, _, suffix = w.rpartition("'")
+        if suffix in _CONTRACTIONS and base and (vocab.get(base) is not None
+                                                 or covered(text, tok.start, tok.start + len(base), ctx.protected)):
+            return None
+    # Lower case only: a capitalised run of letters may be a name.
+    if w.isalpha() and tok.text == w and (_splits_into_vouched(w, vocab, ctx) or _typo_of_vouched(tok, vocab, ctx)):
+        return None
     return _unknown(tok, vocab)
+
+
+def _object_of_participle(parts: list[Tok], j: int, vocab: Vocabulary, ctx: Context) -> bool:
+    """A person noun that is the object of the participle after it ("man-eating"): it names
+    what the thing does, not who is in the picture."""
+    if j + 1 >= len(parts) or not parts[j + 1].word.endswith("ing"):
+        return False
+    nxt = vocab.get(parts[j + 1].word)
+    return nxt is not None and "v" in nxt.pos and parts[j].word in ctx.schema_words | ctx.plain_heads \
+        and len(parts) == j + 2
 
 
 def _whole(tok: Tok, part: Finding) -> Finding:
@@ -197,27 +355,41 @@ def _base(word: str) -> str:
 
 
 def _is_number(w: str) -> bool:
-    if _NUMBER.fullmatch(w) or _YEARS.fullmatch(w):
+    if _NUMBER.fullmatch(w) or _YEAR.fullmatch(w) or _DECADE.fullmatch(w) or _OTHER_NUMBER.fullmatch(w):
         return True
     parts = w.split("-")
     return all(p in _NUMBER_WORDS or (p.endswith("ies") and p[:-3] + "y" in _NUMBER_WORDS) for p in parts)
 
 
-def _word_ok(text: str, toks: list[Tok], i: int, w: str, vocab: Vocabulary, ctx: Context) -> bool:
+def _entry(w: str, vocab: Vocabulary) -> Word | None:
+    return vocab.get(w) or vocab.get(_base(w))
+
+
+def _word_ok(text: str, toks: list[Tok], i: int, tok: Tok, vocab: Vocabulary, ctx: Context) -> bool:
     """Is this (non-number) word vouched where it stands?"""
-    entry = vocab.get(w) or vocab.get(_base(w))
+    w = tok.word
+    entry = _entry(w, vocab)
     if entry is None:
         return (w in ctx.plain_heads or _base(w) in ctx.plain_heads) and w not in vocab.told \
             and w not in ctx.schema_words
+    if ("N" in entry.flags or "C" in entry.flags) and any(c.isupper() for c in tok.text):
+        return False  # "Rose", "Swede": a name or an attribute word when capitalised
     if "A" in entry.flags:
-        return _describes_a_thing(text, toks, i, vocab, ctx)
+        gendered = vocab.told.get(w, vocab.told.get(_base(w))) == "gender"
+        return _describes_a_thing(text, toks, i, entry, vocab, ctx, gendered)
     return True
 
 
-def _describes_a_thing(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) -> bool:
-    """An attribute word about people ("old", "white", "baby") is vouched only before the thing it
-    describes, a noun that is no person ("an old photograph", "a white horse", "an old, rusty car"),
-    never before a person, at the end of a phrase or after a verb ("she is old")."""
+def _describes_a_thing(text: str, toks: list[Tok], i: int, word: Word, vocab: Vocabulary, ctx: Context,
+                       gendered: bool) -> bool:
+    """An attribute word about people ("old", "white", "Korean", "bachelor") is vouched only
+    before the thing it describes, a noun that is no person ("an old photograph", "a white
+    horse", "a Japanese garden", "an old, rusty car"), never before a person, at the end of a
+    phrase or after a verb ("she is old"). A gendered person noun with no adjective sense
+    ("bachelor", "bachelorette") names a person even before a thing ("a bachelor party"); an age
+    noun before a thing gives the thing's age ("a baby elephant")."""
+    if "P" in word.flags and "a" not in word.pos and gendered:
+        return False
     for j in range(i + 1, min(i + 1 + _REACH, len(toks))):
         gap = text[toks[j - 1].end:toks[j].start]
         if not (_JOIN.fullmatch(gap) or gap.strip() == ","):
@@ -225,22 +397,101 @@ def _describes_a_thing(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ct
         t = toks[j]
         if any(a <= t.start < b for a, b in ctx.persons) or t.word in ctx.plain_heads:
             return False
-        entry = vocab.get(t.word) or vocab.get(_base(t.word))
+        if any(a <= t.start < b for a, b in ctx.things):
+            return True  # a vouched collocation names no person ("a white picket fence")
+        entry = _entry(t.word, vocab)
         if entry is None or t.word in ctx.function_words:
             return False
         if t.word.endswith(("ing", "ed")) or (entry.pos and entry.pos[0] != "n" and "a" in entry.pos):
             continue  # another adjective or a participle: look further
-        return entry.noun and "P" not in entry.flags and "A" not in entry.flags
+        return entry.noun and not ({"P", "A", "G"} & set(entry.flags))
     return False
 
 
+def _typo_of_vouched(tok: Tok, vocab: Vocabulary, ctx: Context) -> bool:
+    """A lower-case word one edit (a letter dropped, added, changed or two swapped) from a plain
+    vouched word, and not within about two edits of any attribute word or name
+    ("lighthuose"): a typo that says nothing about a person."""
+    w = tok.word
+    if len(w) < _MIN_TYPO or tok.text != w:
+        return False
+    near = vocab.near_told
+    if w in near or any(w[:k] + w[k + 1:] in near for k in range(len(w))) or w in ctx.schema_words:
+        return False
+    return any(_plain_word(v, vocab) and len(v) >= _MIN_TYPO for v in _one_edit(w))
+
+
+def _one_edit(w: str) -> set[str]:
+    splits = [(w[:k], w[k:]) for k in range(len(w) + 1)]
+    out = {a + b[1:] for a, b in splits if b}
+    out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
+    out |= {a + c + b[1:] for a, b in splits if b for c in _LETTERS}
+    out |= {a + c + b for a, b in splits for c in _LETTERS}
+    out.discard(w)
+    return out
+
+
+def _plain_word(w: str, vocab: Vocabulary) -> bool:
+    """A vouched word with nothing to watch for: no person, name, attribute or place flag."""
+    entry = vocab.get(w)
+    return entry is not None and not (set(entry.flags) & set("PpNCAL"))
+
+
+def _splits_into_vouched(w: str, vocab: Vocabulary, ctx: Context) -> bool:
+    """A run-together word, a hashtag or a tag name ("goldenhour", "summervibes") that splits
+    into vouched words of 3+ letters, and in no way into one that tells an attribute
+    ("momlife", "oldman", "girlsquad"): vouched. An attribute word before a thing is fine
+    ("whiteboard"), as it would be with a space."""
+    n = len(w)
+    if n < 2 * _MIN_PART:
+        return False
+    # ok[k]: w[:k] splits into parts that are all fine; bad[k]: some split of w[:k] holds an
+    # attribute word. Parts that tell an attribute are told words or schema words.
+    ok = [False] * (n + 1)
+    bad = [False] * (n + 1)
+    reach = [False] * (n + 1)
+    ok[0] = reach[0] = True
+    for k in range(_MIN_PART, n + 1):
+        for j in range(0, k - _MIN_PART + 1):
+            if not reach[j]:
+                continue
+            part = w[j:k]
+            told = part in vocab.told or part in ctx.schema_words
+            entry = vocab.get(part)
+            if told or entry is not None:
+                reach[k] = True
+            if told and not (entry is not None and "A" in entry.flags):
+                bad[k] = True
+            elif bad[j] and (told or entry is not None):
+                bad[k] = True
+            if ok[j] and entry is not None and _part_ok(part, entry, w[k:], vocab):
+                ok[k] = True
+    return ok[n] and not bad[n]
+
+
+def _part_ok(part: str, entry: Word, rest: str, vocab: Vocabulary) -> bool:
+    """A part of a run-together word (typed in lower case): vouched, and an attribute word only
+    before a thing ("white" + "board")."""
+    if "A" in entry.flags:
+        nxt = next((vocab.get(rest[:k]) for k in range(len(rest), _MIN_PART - 1, -1) if vocab.get(rest[:k])), None)
+        return nxt is not None and nxt.noun and not ({"P", "A"} & set(nxt.flags))
+    return True
+
+
 def _age(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) -> Finding | None:
-    """A number is an age when an age cue is next to it ("age: 52", "6 months old", "turned 40")
-    or when it follows a person with only linking words between ("a woman, 45", "a girl of
-    sixteen", "she is 34", "Maria, 28"); elsewhere it is a count or a measure ("3 apples")."""
+    """A number is an age when an age cue is next to it ("age: 52", "6 months old", "turned 40"),
+    or when it stands in a clause with a person and counts nothing ("a woman, 45", "a girl of
+    sixteen", "she is 34", "approaching 30", "pushing ninety", "Maria, 28"); a year in a clause
+    with a person is a birth year ("born in 1958"); an ordinal is a birthday or an anniversary
+    ("her 90th birthday", "their 50th anniversary") unless it dates or places a thing ("19th
+    century"). A number before a noun counts it ("3 apples", "two women"); a decade ("1920s")
+    is an era."""
     tok = toks[i]
+    w = tok.word
     found = Finding(tok.start, tok.end, tok.text, "age", "numeric age",
                     "an age word right before the person noun ('a middle-aged woman')")
+    if _DECADE.fullmatch(w) or _OTHER_NUMBER.fullmatch(w) and not _YEAR.fullmatch(w):
+        return None
 
     def same_clause(a: int, b: int) -> bool:
         return _CLAUSE_END.search(text, a, b) is None
@@ -251,16 +502,36 @@ def _age(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) ->
     after = [t.word for t in toks[i + 1:i + 3]]
     if after[:1] and after[0] in _AGE_AFTER or after[:1] and after[0] in _SPANS and after[1:] == ["old"]:
         return found
+    if not _person_in_clause(text, toks, i, vocab, ctx):
+        return None
+    if _YEAR.fullmatch(w):
+        before = [t.word for t in toks[max(0, i - 2):i]]
+        return found if {"born", "since"} & set(before) or before == ["class", "of"] else None
+    nxt = toks[i + 1] if i + 1 < len(toks) and _JOIN.fullmatch(text[tok.end:toks[i + 1].start]) else None
+    if _ORDINAL.fullmatch(w) or w in _ORDINAL_WORDS:
+        return None if nxt is not None and nxt.word in _ORDINAL_THINGS else found
+    if nxt is not None:
+        entry = _entry(nxt.word, vocab)
+        counted = entry is not None and entry.noun and nxt.word not in ctx.function_words \
+            and not (nxt.word.endswith("ing") and "v" in entry.pos)  # "approaching 30 looking out"
+        if counted or nxt.word in ctx.plain_heads or any(a <= nxt.start < b for a, b in ctx.persons) \
+                or _MEASURE.fullmatch(nxt.word):
+            return None  # "3 apples", "two women", "2 cats"
+    return found
+
+
+def _person_in_clause(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) -> bool:
+    """Is a person (a mention, a pronoun, a person noun or a capitalised name) in the clause of
+    token i, before it?"""
+    tok = toks[i]
     j = i - 1
-    while j >= 0 and same_clause(toks[j].end, tok.start):
+    while j >= 0 and _CLAUSE_END.search(text, toks[j].end, tok.start) is None:
         prev = toks[j]
         if any(a <= prev.start < b for a, b in ctx.persons) or prev.word in ctx.plain_heads \
                 or vocab.person_noun(prev.word):
-            return found
+            return True
         entry = vocab.get(prev.word)
-        if prev.text[:1].isupper() and (entry is None or "N" in entry.flags):
-            return found  # after a name ("Maria, 28", "Rose, 28")
-        if prev.word not in _LINKS:
-            return None
+        if prev.text[:1].isupper() and prev.word.isalpha() and (entry is None or "N" in entry.flags):
+            return True  # after a name ("Maria, 28", "Rose, 28")
         j -= 1
-    return None
+    return False
