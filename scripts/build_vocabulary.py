@@ -207,8 +207,8 @@ def schema_words() -> tuple[dict[str, str], set[str]]:
         words.update({w: attr for w in listed if " " not in w})
         contextual |= {w for w in data.get("contextual", {}) if " " not in w} | set(data.get("unless_compound", []))
         contextual |= {w for w in paired if (w,) not in schema.lexicon}
-    cues = json.loads((DEVICE / "lexicons" / "context_cues.json").read_text(encoding="utf-8"))["cues"]
-    words.update({w: c["attribute"] for w, c in cues.items() if " " not in w})
+    # Context cues ("pregnant", "crib") stay in the vocabulary: they describe things too ("a
+    # crib in a nursery"); the device finds them next to a person on its own.
     return words, contextual
 
 
@@ -392,7 +392,7 @@ def build(top: int) -> dict:
     attribute_of.update({w: "age" for w in aged_adjectives})
     attribute_of.update({w: "gender" for w in pairs})
     attribute_of.update({w: "gender" for w in compounds_of_heads})
-    attribute_of.update({w: seeds.get(w, "age") for w in contextual})
+    attribute_of.update({w: seeds.get(w, attribute_of.get(w, "age")) for w in contextual})
     attribute_of.update(seeds)
     sensitive = set(attribute_of) - contextual
 
@@ -471,7 +471,7 @@ def build(top: int) -> dict:
         lemmas = wordnet.lemmas(w)
         # "polish", "swede": an ordinary word in lower case, an attribute word capitalised (flag C).
         homograph = w not in seeds and lowercase_word(w) and not bears_by_sense(w) \
-            and capitalised_bearing(w) is not None
+            and capitalised_bearing(w) == "ethnicity"
         if w in contextual and not homograph:
             keep[w] = "A"
             continue
@@ -511,7 +511,7 @@ def build(top: int) -> dict:
             continue
         flags = "N" if w in first_names | last_names and w not in closed_class else ""
         told_capitalised = capitalised_bearing(w)
-        if told_capitalised is not None:
+        if told_capitalised == "ethnicity":
             flags += "C"  # an attribute word when capitalised: vouched in lower case only
             told[w] = told_capitalised
         keep[w] = flags
@@ -553,7 +553,11 @@ def build(top: int) -> dict:
         bearing_part = any(p in attribute_parts for p in parts)
         # Only collocations the device would otherwise read wrongly: one with a part that is not
         # vouched alone (a common word the filters removed), or a person noun ("picket").
-        if not (bearing_part or any(p in person_words or (p in vocab and p not in keep) for p in parts)):
+        proper_lemma = all(not any(lemma_of(x) == lemma and x[:1].islower() for x in wordnet.synsets[(pos, o)]["words"])
+                           for pos in by_pos for o in wordnet.index[lemma][pos])
+        # "Statue of Liberty": a proper name whose parts are names when capitalised.
+        if not (bearing_part or any(p in person_words or (p in vocab and p not in keep)
+                                    or (proper_lemma and {"N", "C"} & set(keep.get(p, ""))) for p in parts)):
             continue
         # "to a man" (unanimously): one content word among function words reads a person in a
         # prompt; "Statue of Liberty" has two.

@@ -241,8 +241,10 @@ class Parser:
                 entry = self._generalised(i)  # "a Mexican, Catholic woman"
             if entry is None:
                 others += 1
-                if others > _MAX_GAP_WORDS or word in self.breakers or self._thing_noun(word):
-                    return False  # "a white tiger cub": the colour of the tiger
+                if others > _MAX_GAP_WORDS or word in self.breakers:
+                    return False
+                if self._thing_noun(word) and not self._noun_follows_at(i + 1):
+                    return False  # "a white tiger": the colour of the tiger; "a white truck driver" reads on
             elif entry.kind != "modifier":
                 return False
             prev_end, i = toks[i].end, i + 1
@@ -291,6 +293,15 @@ class Parser:
                 closed = word
             i += k
         return spans, pronouns
+
+    def _noun_follows_at(self, i: int) -> bool:
+        """Is token i a noun right after a space ("truck" -> "driver")?"""
+        if i >= len(self.tokens) or self.prompt[self.tokens[i - 1].end:self.tokens[i].start] != " ":
+            return False
+        word = self.tokens[i].text.lower()
+        entry = self.vocabulary.get(word) if self.vocabulary is not None else None
+        return (entry is not None and entry.pos[:1] == "n") or self._plain(word) \
+            or (word,) in self.schema.lexicon
 
     def _group_noun(self, word: str) -> bool:
         """A noun for a group of people ("couple", "family", "band")."""

@@ -75,6 +75,8 @@ _MIN_PART = 3
 # A typo of a vouched word: this long at least ("lighthuose"); shorter ones collide with names.
 _MIN_TYPO = 5
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Words for a person that are no mention ("someone in a niqab").
+_SOMEONE = frozenset("someone somebody anyone anybody everyone everybody nobody whoever".split())
 # Places after these tell where a person comes from ("a man from Seoul", "born in Accra").
 _ORIGIN = frozenset("from".split())
 _ORIGIN_PAIRS = frozenset({("born", "in"), ("raised", "in"), ("native", "of"), ("grew", "up")})
@@ -161,7 +163,7 @@ def unvouched(text: str, vocab: Vocabulary, ctx: Context) -> list[Finding]:
     compound = compound_spans(text, vocab)
     ctx.things = compound
     out: list[Finding] = []
-    if ctx.persons:  # a cue or a place tells something only of a person in the picture
+    if _person_present(toks, vocab, ctx):  # a cue or a place tells something only of a person in the picture
         out += _cues(text, toks)
         out += _origins(text, toks, vocab, ctx)
     for a, b in phrase_spans(text, vocab.person_compounds, vocab.max_compound):
@@ -187,17 +189,39 @@ def covered(text: str, start: int, end: int, spans: list[tuple[int, int]]) -> bo
     return all(any(a <= i < b for a, b in spans) for i in range(start, end) if text[i].isalnum())
 
 
+def _person_present(toks: list[Tok], vocab: Vocabulary, ctx: Context) -> bool:
+    """Is someone in the picture: a mention, a pronoun, a person noun, "someone", a name?"""
+    if ctx.persons:
+        return True
+    for t in toks:
+        entry = vocab.get(t.word)
+        if t.word in _SOMEONE or t.word in ctx.plain_heads or (entry is not None and "P" in entry.flags):
+            return True
+        if t.text[:1].isupper() and t.word.isalpha() and (entry is None or "N" in entry.flags):
+            return True  # perhaps a name
+    return False
+
+
 def _cues(text: str, toks: list[Tok]) -> list[Finding]:
     out = []
     words = [t.word for t in toks]
     for cue in context_cues():
         n = len(cue.words)
         for i in range(len(toks) - n + 1):
-            if tuple(words[i:i + n]) == cue.words:
+            key = words[i:i + n]
+            if tuple(key) == cue.words or tuple(key[:-1] + [_singular(key[-1])]) == cue.words:
                 a, b = toks[i].start, toks[i + n - 1].end
                 out.append(Finding(a, b, text[a:b], cue.attribute, "context cue",
                                    f"a description that does not imply {cue.attribute}"))
     return out
+
+
+def _singular(word: str) -> str:
+    """A plural's singular, for matching cues in any number ("saris", "tuxedos")."""
+    for suffix in ("es", "s"):
+        if word.endswith(suffix) and len(word) > len(suffix) + 2:
+            return word[: -len(suffix)]
+    return word
 
 
 def _origins(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context) -> list[Finding]:
@@ -404,7 +428,24 @@ def _describes_a_thing(text: str, toks: list[Tok], i: int, word: Word, vocab: Vo
             return False
         if t.word.endswith(("ing", "ed")) or (entry.pos and entry.pos[0] != "n" and "a" in entry.pos):
             continue  # another adjective or a participle: look further
-        return entry.noun and not ({"P", "A", "G"} & set(entry.flags))
+        if not entry.noun or {"P", "A", "G"} & set(entry.flags) or "_" in gap:
+            return False  # "korean_idol": a tag the device cannot read as a phrase
+        return not _person_compound_head(text, toks, j, vocab, ctx)
+    return False
+
+
+def _person_compound_head(text: str, toks: list[Tok], j: int, vocab: Vocabulary, ctx: Context) -> bool:
+    """Does the noun at token j start a noun compound whose head is a person ("truck driver",
+    "sushi chef")?"""
+    k = j + 1
+    while k < len(toks) and text[toks[k - 1].end:toks[k].start] == " ":
+        t = toks[k]
+        if any(a <= t.start < b for a, b in ctx.persons) or t.word in ctx.plain_heads or vocab.person_noun(t.word):
+            return True
+        entry = _entry(t.word, vocab)
+        if entry is None or entry.pos[:1] != "n" or t.word in ctx.function_words:
+            return False
+        k += 1
     return False
 
 
@@ -456,7 +497,8 @@ def _splits_into_vouched(w: str, vocab: Vocabulary, ctx: Context) -> bool:
             if not reach[j]:
                 continue
             part = w[j:k]
-            told = part in vocab.told or part in ctx.schema_words
+            # A name matters from 4 letters ("maria"); "gol" in "goldenhour" is no name there.
+            told = (part in vocab.told and (len(part) > 3 or vocab.told[part] != "name")) or part in ctx.schema_words
             entry = vocab.get(part)
             if told or entry is not None:
                 reach[k] = True
@@ -510,6 +552,8 @@ def _age(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) ->
     nxt = toks[i + 1] if i + 1 < len(toks) and _JOIN.fullmatch(text[tok.end:toks[i + 1].start]) else None
     if _ORDINAL.fullmatch(w) or w in _ORDINAL_WORDS:
         return None if nxt is not None and nxt.word in _ORDINAL_THINGS else found
+    if nxt is not None and nxt.word in _SPANS:
+        return found  # "a toddler (2 yrs)", "a baby, 6 months"
     if nxt is not None:
         entry = _entry(nxt.word, vocab)
         counted = entry is not None and entry.noun and nxt.word not in ctx.function_words \
