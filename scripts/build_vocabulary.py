@@ -199,7 +199,7 @@ def schema_words() -> tuple[dict[str, str], set[str]]:
         if len(k) == 1 and e.values:
             words[k[0]] = "gender" if "gender" in e.values else sorted(e.values)[0]
     contextual = {k[0] for k, e in schema.lexicon.items() if len(k) == 1 and e.kind == "modifier"
-                  and (e.person_only or e.key in ("age", "ethnicity"))}
+                  and (e.person_only or e.key in ("age", "ethnicity", "gender"))}
     for attr in ("gender", "age", "ethnicity"):
         data = json.loads((DEVICE / "lexicons" / f"{attr}.json").read_text(encoding="utf-8"))
         paired = {w for pair in data.get("pairs", []) for w in pair}

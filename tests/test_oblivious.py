@@ -26,7 +26,7 @@ T64 = ObliviousTransform(TransformConfig(max_candidates=64))
 TEMPLATES = [
     "$age $ethnicity $gender in hat Fashion portrait photo",
     "High-quality, face portrait photo of $a $age $ethnicity $gender, wearing glasses",
-    "Close-up portrait photo of $a $age $ethnicity $gender with fine wrinkles around $his eyes",
+    "Close-up portrait photo of $a $age $ethnicity $gender with soft light around $his eyes",
     "$A $age $ethnicity $gender smiling at the camera, studio lighting",
     "Photo of $a $age $ethnicity $gender reading a book in a cafe, $he looks happy",
     "Oil painting of $a $age $ethnicity $gender standing in a wheat field",
@@ -108,7 +108,7 @@ def test_pronoun_alone_makes_gender_occur():
 def test_a_headless_ethnicity_word_stays_on_the_device():
     # "an old indian with ..." (no head noun): "white"/"black" are colours there, so no value of
     # the attribute gets a slot without a head; the word is not vouched, nothing is sent.
-    results = [T(f"Close-up portrait photo of an old {e} with fine wrinkles around his eyes")
+    results = [T(f"Close-up portrait photo of an old {e} with soft light around his eyes")
                for e in ("indian", "white", "black", "asian")]
     assert all(r.device_only and r.candidates == () for r in results)
     assert len({r.reason for r in results}) == 1 and "a word that tells ethnicity" in results[0].reason
@@ -246,13 +246,19 @@ def test_pronoun_case_comes_from_the_context_not_the_value():
 
 def test_articles_agree():
     result = T("a photo of a old european man")
-    assert "a photo of a young european man" in result.candidates
-    assert "a photo of an old european man" in result.candidates
-    assert "a photo of an old asian man" in result.candidates
-    assert "a photo of a middle-aged indian woman" in result.candidates
+    assert "a photo of a young European man" in result.candidates
+    assert "a photo of an old European man" in result.candidates
+    assert "a photo of an old Asian man" in result.candidates
+    assert "a photo of a middle-aged Indian woman" in result.candidates
     for c in result.candidates:
-        assert not re.search(r"\ba (old|asian|african|indian)\b", c)
-        assert not re.search(r"\ban (young|middle|european|caucasian)", c)
+        assert not re.search(r"\ba (old|asian|african|indian)\b", c, re.IGNORECASE)
+        assert not re.search(r"\ban (young|middle|european|caucasian)", c, re.IGNORECASE)
+
+
+def test_ethnicity_is_capitalised_whatever_was_typed():
+    # "white" and "Asian" are typed in different cases; the set must not tell which was typed.
+    assert T("a white receptionist").candidates == T("an Asian receptionist").candidates
+    assert "a Caucasian receptionist" in T("a Black receptionist").candidates
 
 
 def test_casing_follows_the_user():

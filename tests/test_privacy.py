@@ -98,9 +98,18 @@ def sent_share(prompts):
     return sum(outcome(DEFAULT, p)[0] == "sent" for p in prompts) / len(prompts)
 
 
+# Clean prompts kept on the device: the cost of failing closed (docs/privacy.md, "Known limits").
+CLEAN_KEPT = {
+    "a japanese garden with a koi pond": "'koi': not in WordNet 3.x, and more frequent in other languages",
+    "a bowl of ramen with chopsticks": "'ramen': a first name in names-dataset, not in WordNet 3.x",
+    "a pile of colorful macarons": "'macarons': not in WordNet 3.x; as a typo of 'macaroons' it is near "
+                                   "'macaroni', which WordNet's first sense makes a person (a dandy)",
+}
+
+
 def test_clean_prompts_are_rarely_kept_on_the_device_and_never_varied_by_age():
     kept = [p for p in CLEAN if outcome(DEFAULT, p)[0] != "sent"]
-    assert len(kept) <= 0.05 * len(CLEAN), kept
+    assert kept == list(CLEAN_KEPT)
     # An age word describing a thing is vouched as typed ("an old photograph of a lighthouse").
     assert DEFAULT("an old photograph of a lighthouse").n == 1
 
@@ -169,13 +178,17 @@ def test_issue_examples_render_plausibly():
 @pytest.mark.parametrize("prompt, word, told", [
     ("a woman-owned bakery", "woman-owned", "a word that tells gender"),
     ("a young-looking man", "young-looking", "a word that tells age"),
-    ("a latina woman with curly hair", "latina", "a word that tells ethnicity"),
+    ("two latinas with curly hair", "latinas", "a word that tells ethnicity"),
     ("a woman in her 40s", "in his/her 40s", "an age given in numbers"),
     ("a greek goddess", "goddess", "a word that tells gender"),
     ("a baby in a crib", "baby", "a word that tells age"),
     ("a man aged 60", "aged 60", "an age given in numbers"),
-    ("a dark-skinned man", "dark-skinned", "a word that tells ethnicity"),
-    ("a mexican grandmother", "mexican", "a word that tells ethnicity"),
+    ("a man, dark-skinned", "dark-skinned", "a word that tells ethnicity"),
+    ("a mexican sitting on a bench", "mexican", "a word that tells ethnicity"),
+    ("Maria reading in a cafe", "Maria", "a name"),
+    ("a woman with a long beard", "beard", "a context cue for gender"),
+    ("a guy from Seoul in a cafe", "Seoul", "a place a person comes from"),
+    ("a toddler girl in pigtails", "toddler girl", "people the device cannot tell apart"),
 ])
 def test_unvouched_words_keep_the_prompt_on_the_device(prompt, word, told):
     result = DEFAULT(prompt)
@@ -189,10 +202,21 @@ def test_unvouched_words_keep_the_prompt_on_the_device(prompt, word, told):
 
 
 def test_unsafe_send_sends_unvouched_words_loudly():
-    result = UNSAFE("a latina woman with curly hair")
+    result = UNSAFE("Maria, a woman with curly hair")
     assert not result.device_only and result.n == 2
-    assert [f.text for f in result.unprotected] == ["latina"]
+    assert [f.text for f in result.unprotected] == ["Maria"]
     assert result.warnings and all(w.startswith("UNSAFE") for w in result.warnings)
+
+
+@pytest.mark.parametrize("words", [("latina", "asian", "korean", "mexican", "white", "arab", "Sikh", "dark-skinned")])
+def test_every_ethnicity_word_gives_the_same_set(words):
+    # Words the schema has no value for are generalised: the same slot, the same set, so that
+    # the server cannot tell "Mexican" from "Korean" by whether or how a request comes.
+    sets = {DEFAULT(f"a {w} nurse checking a chart").candidates for w in words}
+    assert len(sets) == 1 and len(next(iter(sets))) == 5
+    mexican = DEFAULT("a Mexican nurse checking a chart")
+    assert [g.text for g in mexican.generalised] == ["Mexican"]
+    assert mexican.candidates[mexican.real_index] == "a Caucasian nurse checking a chart"  # the first value
 
 
 @pytest.mark.parametrize("old", ["warn", "allow"])
@@ -206,8 +230,8 @@ def test_the_old_sending_policies_are_gone(old):
     ("a wo\u200bman with a hat", "a woman with a hat"),     # zero-width space inside the word
     ("a m\u0430n in a hat", "a man in a hat"),              # Cyrillic a
     ("a womna walking", "a woman walking"),                 # misspelling of a protected word
-    ("a white man in a suit", "a caucasian man in a suit"),
-    ("a japanese woman in a kimono", "an asian woman in a kimono"),
+    ("a white man in a suit", "a Caucasian man in a suit"),
+    ("a japanese woman in a raincoat", "an Asian woman in a raincoat"),
     ("a fireman rescuing a cat", "a fireman rescuing a cat"),
     ("a kid eating ice cream", "a child eating ice cream"),
     ("a forty-five-year-old woman", "a middle-aged woman"),    # numeric ages, digits or words
@@ -244,18 +268,18 @@ def test_compound_nouns_are_not_age_words():
 
 def test_audit_cli_writes_json_lines(tmp_path, capsys):
     f = tmp_path / "prompts.txt"
-    f.write_text("a young asian woman\na latina woman\na red car\n", encoding="utf-8")
+    f.write_text("a young asian woman\nMaria in a cafe\na red car\n", encoding="utf-8")
     assert main(["--audit", str(f)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["prompt"] for r in rows] == ["a young asian woman", "a latina woman", "a red car"]
+    assert [r["prompt"] for r in rows] == ["a young asian woman", "Maria in a cafe", "a red car"]
     for r in rows:
         assert set(r) >= {"prompt", "n", "device_only", "reason", "protected", "refused", "unprotected"}
     assert rows[0]["n"] == 30 and rows[0]["refused"] is None and len(rows[0]["protected"]) == 3
-    assert rows[1]["device_only"] and rows[1]["n"] == 0 and [u["text"] for u in rows[1]["unprotected"]] == ["latina"]
+    assert rows[1]["device_only"] and rows[1]["n"] == 0 and [u["text"] for u in rows[1]["unprotected"]] == ["Maria"]
     assert rows[2] == {**rows[2], "n": 1, "device_only": False, "refused": None, "protected": [], "unprotected": []}
     assert main(["--audit", str(f), "--unprotected", "refuse"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert rows[1]["refused"] and rows[1]["unprotected"][0]["text"] == "latina"
+    assert rows[1]["refused"] and rows[1]["unprotected"][0]["text"] == "Maria"
 
 
 # A wider fuzz than test_oblivious's: weights, brackets, quotes, numeric ages, person-only aliases,

@@ -275,9 +275,11 @@ class Parser:
             word = MatchedWord(entry, tok.start, end_tok.end, text, style, i, i + k - 1)
             # Adjacent words (spaces, brackets, quotes, weights between) describe one
             # person; a head noun ends the mention ("man woman" is two people).
-            if closed is not None and entry.kind == "head" and entry.values and closed.entry.values \
-                    and only_space(self.prompt, closed.end, word.start):
-                self.unclear.append((closed.start, word.end))  # "toddler girl", "baby boy"
+            if closed is not None and entry.kind != "plain" and only_space(self.prompt, closed.end, word.start) \
+                    and (entry.values or closed.entry.values):
+                # A person noun right before another person's words: "toddler girl", "baby boy",
+                # "person young man". Which words describe whom is unclear.
+                self.unclear.append((closed.start, word.end))
             closed = None
             if open_span is not None and joinable(self.prompt, open_span.end, word.start):
                 open_span.words.append(word)
@@ -328,8 +330,9 @@ class Parser:
         if word in self.breakers or self.vocabulary is None:
             return False
         entry = self.vocabulary.get(word)
-        # A noun that may name a person ("lifeguard", "quarterback"); "a Japanese garden" is a thing.
-        return entry is not None and entry.noun and bool({"P", "p"} & set(entry.flags))
+        # A noun that is first a person ("lifeguard", "quarterback"); "a Japanese garden", "a male
+        # peacock" are not people.
+        return entry is not None and entry.noun and "P" in entry.flags
 
     def _mentions(self, spans: list[Span]) -> list[Span]:
         """Attach adjectives to a head a few words on ("a young, smiling woman"); keep headless

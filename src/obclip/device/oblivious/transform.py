@@ -194,6 +194,7 @@ class ObliviousTransform:
         self._schema_words = frozenset(k[0] for k in self.schema.lexicon if len(k) == 1) | frozenset(
             self.schema.pronoun_words)
         self._function_words = pr.non_noun_words if pr is not None else frozenset()
+        self._nouns = self.schema.mention_nouns()
 
     def __call__(self, prompt: str) -> CandidateSet:
         if not isinstance(prompt, str):
@@ -269,7 +270,7 @@ class ObliviousTransform:
                       persons=[(p.span.start, p.span.end) for p in persons if p.span is not None]
                       + [(p.token.start, p.token.end) for p in pronouns],
                       plain_heads=self.schema.plain_heads, schema_words=self._schema_words,
-                      function_words=self._function_words)
+                      function_words=self._function_words, nouns=self._nouns)
         covered_by_lexicon = [(f.start, f.end) for f in findings]
         findings += [f for f in unvouched(text, self.vocabulary, ctx)
                      if not any(a <= f.start and f.end <= b for a, b in covered_by_lexicon)]

@@ -41,7 +41,9 @@ class Vocabulary:
         """Every word left out (attribute words, names), and each with one letter deleted: a
         word that shares one of these with a typo is too close to one for the typo to be vouched."""
         out: set[str] = set()
-        for w in self.told:
+        for w, what in self.told.items():
+            if what == "misspelling":  # a dictionary word one edit from an attribute word: already one away
+                continue
             out.add(w)
             out.update(w[:k] + w[k + 1:] for k in range(len(w)))
         return frozenset(out)

@@ -118,6 +118,7 @@ class Context:
     plain_heads: frozenset[str]        # the schema's person nouns that carry no attribute
     schema_words: frozenset[str]       # single words of the schema (attribute words, protected in a slot)
     function_words: frozenset[str]     # words that are never nouns ("in", "a", "with")
+    nouns: frozenset[str] = frozenset()  # the schema's person nouns (heads and plain heads)
     things: list[tuple[int, int]] = field(default_factory=list)  # vouched collocations (set by unvouched)
 
 
@@ -164,11 +165,16 @@ def unvouched(text: str, vocab: Vocabulary, ctx: Context) -> list[Finding]:
     ctx.things = compound
     out: list[Finding] = []
     if _person_present(toks, vocab, ctx):  # a cue or a place tells something only of a person in the picture
-        out += _cues(text, toks)
+        out += [f for f in _cues(text, toks) if not covered(text, f.start, f.end, ctx.protected)]
         out += _origins(text, toks, vocab, ctx)
     for a, b in phrase_spans(text, vocab.person_compounds, vocab.max_compound):
-        if not covered(text, a, b, ctx.protected):
-            attr = next((vocab.told[w] for w in re.split(r"[\s-]+", text[a:b].lower()) if w in vocab.told), "gender")
+        # The words that make it tell something: attribute words no slot rewrites, capitalised
+        # where only their capitalised form tells one ("Wise Men", not "a wise man").
+        telling = [t for t in toks if a <= t.start < b and t.word in vocab.told
+                   and not covered(text, t.start, t.end, ctx.protected)
+                   and not ("C" in getattr(vocab.get(t.word), "flags", "") and t.text == t.word)]
+        if telling:
+            attr = vocab.told[telling[0].word]
             out.append(Finding(a, b, text[a:b], attr, "tells " + attr, "a word from the vouched vocabulary"))
     out += _spelled_out(text, toks)
     styled = _style_names(text, toks, vocab)
@@ -241,12 +247,13 @@ def _origins(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context) -> lis
 
 
 def _spelled_out(text: str, toks: list[Tok]) -> list[Finding]:
-    """Three or more single letters in a row ("a W O M A N"): a word spelled out, never vouched."""
+    """Three or more single letters in a row ("a W O M A N"; "a" and "I" are words): a word
+    spelled out, never vouched."""
     out = []
     i = 0
     while i < len(toks):
         j = i
-        while j < len(toks) and len(toks[j].word) == 1 and toks[j].word.isalpha() \
+        while j < len(toks) and len(toks[j].word) == 1 and toks[j].word.isalpha() and toks[j].word not in "ai" \
                 and (j == i or text[toks[j - 1].end:toks[j].start] == " "):
             j += 1
         if j - i >= 3:
@@ -354,8 +361,7 @@ def _object_of_participle(parts: list[Tok], j: int, vocab: Vocabulary, ctx: Cont
     if j + 1 >= len(parts) or not parts[j + 1].word.endswith("ing"):
         return False
     nxt = vocab.get(parts[j + 1].word)
-    return nxt is not None and "v" in nxt.pos and parts[j].word in ctx.schema_words | ctx.plain_heads \
-        and len(parts) == j + 2
+    return nxt is not None and "v" in nxt.pos and parts[j].word in ctx.nouns and len(parts) == j + 2
 
 
 def _whole(tok: Tok, part: Finding) -> Finding:
