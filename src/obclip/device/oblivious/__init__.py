@@ -13,6 +13,7 @@ policy), cli (obclip-candidates). Pure standard library except detector's onnxru
 """
 
 from .cli import main
+from .detector import OnnxTokenClassifier
 from .schema import DEFAULT_SCHEMA, Entry, ObliviousError, Schema, schema_file
 from .transform import (
     UNPROTECTED_POLICIES,
@@ -25,5 +26,5 @@ from .transform import (
 )
 
 __all__ = ["DEFAULT_SCHEMA", "UNPROTECTED_POLICIES", "CandidateSet", "Entry", "ObliviousError",
-           "ObliviousTransform", "ProtectedSpan", "Schema", "SpanDetector", "TransformConfig", "describe",
-           "main", "schema_file"]
+           "ObliviousTransform", "OnnxTokenClassifier", "ProtectedSpan", "Schema", "SpanDetector",
+           "TransformConfig", "describe", "main", "schema_file"]

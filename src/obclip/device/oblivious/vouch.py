@@ -349,8 +349,10 @@ def _check(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) 
         if suffix in _CONTRACTIONS and base and (vocab.get(base) is not None
                                                  or covered(text, tok.start, tok.start + len(base), ctx.protected)):
             return None
-    # Lower case only: a capitalised run of letters may be a name.
-    if w.isalpha() and tok.text == w and (_splits_into_vouched(w, vocab, ctx) or _typo_of_vouched(tok, vocab, ctx)):
+    # Words no list holds, in lower case only (a capitalised run of letters may be a name).
+    unknown = _entry(w, vocab) is None and w not in vocab.told and _base(w) not in vocab.told
+    if unknown and w.isalpha() and tok.text == w and (_splits_into_vouched(w, vocab, ctx)
+                                                      or _typo_of_vouched(tok, vocab, ctx)):
         return None
     return _unknown(tok, vocab)
 
