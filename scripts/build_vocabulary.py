@@ -16,15 +16,18 @@ Sources (pip-installable; none is a run-time dependency):
         confusable-homoglyphs==3.3.1
     python scripts/build_vocabulary.py            # writes src/obclip/device/vocabulary/*
 
-Outputs:
-  words.tsv        word <TAB> parts of speech (primary first; n v a r, "-" for none)
+Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byte the same):
+  words.tsv.gz     word <TAB> parts of speech (primary first; n v a r, "-" for none)
                    <TAB> flags (P: first noun sense is a person, p: some noun sense is a person,
-                   N: also a common name (vouched lowercase only), A: an attribute word only when it
-                   describes a person ("old" car vs "old" man))
-  attribute_words.tsv  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
-                   words left out, so that a message names a word's class, never its value
-  compounds.txt    WordNet collocations that hold an attribute word but name no person
-                   ("king cobra", "mother-of-pearl"): vouched as a whole, never a slot
+                   G: first noun sense a group of people, N: also a common name, C: an attribute
+                   word when capitalised (both vouched in lower case only), A: an attribute word
+                   only when it describes a person ("old" car vs "old" man), L: a place name)
+  attribute_words.tsv.gz  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
+                   words left out or flagged A/C, so that a message names a word's class, never its value
+  compounds.txt.gz WordNet collocations vouched as a whole ("king cobra", "mother-of-pearl",
+                   "picket fence"), <TAB>L for a place name ("new york")
+  person_compounds.txt.gz  collocations that tell an attribute although each word may be vouched
+                   alone ("bachelor party")
   confusables.json look-alike character -> the Latin letter(s) it imitates
   PROVENANCE.md    packages, versions, command, date, filters, counts
 """
@@ -642,13 +645,18 @@ def main() -> int:
     result = build(args.top)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sorted(result["rows"])
-    (args.out / "words.tsv").write_text("".join(f"{w}\t{p}\t{f}\n" for w, p, f in rows), encoding="utf-8")
-    (args.out / "attribute_words.tsv").write_text(
-        "".join(f"{w}\t{a}\n" for w, a in sorted(result["told"].items())), encoding="utf-8")
-    (args.out / "compounds.txt").write_text(
-        "".join(c + ("\tL" if c in result["places"] else "") + "\n" for c in result["compounds"]), encoding="utf-8")
-    (args.out / "person_compounds.txt").write_text("".join(c + "\n" for c in result["person_compounds"]),
-                                                  encoding="utf-8")
+    # The word lists ship gzipped (a fixed mtime, so a rebuild is byte for byte the same):
+    # read them with zcat.
+    def write_gz(name: str, text: str) -> None:
+        (args.out / name).write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+
+    for stale in ("words.tsv", "attribute_words.tsv", "compounds.txt", "person_compounds.txt"):
+        (args.out / stale).unlink(missing_ok=True)
+    write_gz("words.tsv.gz", "".join(f"{w}\t{p}\t{f}\n" for w, p, f in rows))
+    write_gz("attribute_words.tsv.gz", "".join(f"{w}\t{a}\n" for w, a in sorted(result["told"].items())))
+    write_gz("compounds.txt.gz",
+             "".join(c + ("\tL" if c in result["places"] else "") + "\n" for c in result["compounds"]))
+    write_gz("person_compounds.txt.gz", "".join(c + "\n" for c in result["person_compounds"]))
     (args.out / "confusables.json").write_text(
         json.dumps(result["confusables"], ensure_ascii=False, indent=0, sort_keys=True) + "\n", encoding="utf-8")
     versions = {p: importlib.metadata.version(p) for p in
@@ -661,7 +669,7 @@ def main() -> int:
         "",
         "| package | version | what it gives |",
         "| --- | --- | --- |",
-        f"| wordfreq | {versions['wordfreq']} | `top_n_list('en', {args.top})`: the candidate words; "
+        f"| wordfreq | {versions['wordfreq']} | `top_n_list('en', ...)`: the candidate words; "
         f"`zipf_frequency` for the language and typo filters |",
         f"| wn | {versions['wn']} | its bundled WordNet database files: parts of speech, person nouns "
         f"(noun.person), gendered and aged nouns (hyponyms of female/male person, juvenile, old person, "
@@ -671,25 +679,40 @@ def main() -> int:
         f"| confusable-homoglyphs | {versions['confusable-homoglyphs']} | Unicode confusables.txt: "
         f"look-alike letters -> ASCII |",
         "",
-        "Filters, in order (a word leaves at the first that matches):",
+        f"Candidates: wordfreq's top {args.top} English words, and those of its top {DICTIONARY_TOP} that "
+        "WordNet has. Filters, in order (a word leaves at the first that matches):",
         "",
         "1. letters with inner apostrophes or hyphens only (digits are not words; the transform reads numbers);",
-        "2. context-dependent attribute words of the schema and lexicons (person-only aliases such as 'white', "
-        "age words, lexicon 'contextual' and 'unless_compound' words) stay, flagged A: vouched only where they "
-        "describe a thing, never a person;",
-        "3. attribute-bearing words in any inflection (WordNet morphy): every single word of the person schema, "
-        "of the gender/age/ethnicity lexicons and of the context cues; WordNet's gendered nouns (hyponyms of "
-        "female/male person, person nouns whose gloss names a gender), aged nouns and the similar-to adjectives "
-        "of young/old, capitalised person nouns (nationalities, peoples, believers, named people) and adjectives "
-        "that pertain to a capitalised place, group, person or language, unless WordNet also has the word in "
-        "lower case; country names WordNet has only capitalised; feminine suffix pairs among person nouns "
-        "(goddess and god, hostess and host); person nouns compounded with a gendered or aged word (mailman);",
-        f"4. names: first or last names ranked <= {NAME_RANK} in some country of names-dataset, unless WordNet "
-        "has them in lower case (then flagged N: vouched only in lower case);",
-        "5. other languages: words WordNet does not know that are more frequent in one of "
-        f"{', '.join(OTHER_LANGUAGES)} than in English (wordfreq);",
+        "2. words that tell an attribute only when they describe a person stay, flagged A (vouched only before "
+        "a thing: 'an old photograph', 'a Japanese garden', 'a male connector'): every single-word modifier of "
+        "the person schema, the lexicons' 'contextual' and 'unless_compound' words, the similar-to adjectives of "
+        "young/old, national and ethnic adjectives (pertaining to a capitalised place, people, person or "
+        "language, as their first sense), feminine suffix pairs among person nouns and the lexicons' gender "
+        "pairs (god and goddess, bachelor and bachelorette);",
+        "3. attribute-bearing words in any inflection (WordNet morphy): the schema's other words and the "
+        "lexicons' 'words'; WordNet's gendered nouns (hyponyms of female/male person, person nouns or forms of "
+        "address whose gloss names a gender), aged nouns, capitalised person nouns (nationalities, peoples, "
+        "believers, named people); person nouns compounded with a gendered or aged word (mailman). A word "
+        "WordNet also has in lower case for something else stays, flagged C when its capitalised form tells "
+        "ethnicity ('Swede'/'swede', 'Polish'/'polish': vouched in lower case only);",
+        f"4. names: first or last names ranked <= {NAME_RANK} in some country of names-dataset (and first names "
+        f"ranked <= {TOP_NAME_RANK} that SemCor rarely tags as words), unless WordNet has them in lower case "
+        "(then flagged N: vouched in lower case only) or they are place names;",
+        "5. words WordNet lacks (beyond the most frequent function words): unvetted (surnames, brands, slang, "
+        f"other languages: those more frequent in one of {', '.join(OTHER_LANGUAGES)});",
         f"6. typos: words one edit from an attribute word of 3+ letters that WordNet does not know or that are "
         f"{RARER_THAN_TYPO} zipf rarer than it.",
+        "",
+        "Flags of kept words: P first noun sense a person, p some noun sense a person, G first noun sense a group "
+        "of people ('couple'), L a place name (after 'from' it tells where a person comes from), A, C, N as above. "
+        "Context cues (lexicons/context_cues.json) stay: the device finds them next to a person.",
+        "",
+        "compounds.txt.gz: WordNet collocations the device would otherwise read wrongly, vouched as a whole: "
+        "those holding an attribute word, a name, a person noun, a proper name's capitalised name-like word or a "
+        "word the filters removed, that name no person and whose gloss names none unless they are an animal, "
+        "artefact, food, object, plant or substance ('king cobra', 'queen bee', 'Great Dane', 'picket fence', "
+        "'Statue of Liberty'); place names flagged L. person_compounds.txt.gz: those that hold an attribute "
+        "word vouched alone and name or involve people ('bachelor party').",
         "",
         "Counts:",
         "",

@@ -1,12 +1,14 @@
-"""The vouched vocabulary the device ships (device/vocabulary/, built by
+"""The vouched vocabulary the device ships (device/vocabulary/*.gz, built by
 scripts/build_vocabulary.py from wordfreq, WordNet, names-dataset and pycountry; see its
 PROVENANCE.md). Read-only lookups; loaded once per process."""
 
 from __future__ import annotations
 
+import gzip
+import re
 from dataclasses import dataclass
 from functools import cache, cached_property
-import re
+from pathlib import Path
 
 from obclip.runtime.locations import package_path
 
@@ -57,17 +59,21 @@ class Vocabulary:
 def load_vocabulary() -> Vocabulary:
     folder = package_path("device", "vocabulary")
     words: dict[str, Word] = {}
-    for line in (folder / "words.tsv").read_text(encoding="utf-8").splitlines():
+    for line in _lines(folder / "words.tsv.gz"):
         w, pos, flags = line.split("\t")
         words[w] = Word("" if pos == "-" else pos, flags)
-    told = dict(line.split("\t") for line in (folder / "attribute_words.tsv").read_text(encoding="utf-8").splitlines())
-    lines = [line.split("\t") for line in (folder / "compounds.txt").read_text(encoding="utf-8").splitlines()]
+    told = dict(line.split("\t") for line in _lines(folder / "attribute_words.tsv.gz"))
+    lines = [line.split("\t") for line in _lines(folder / "compounds.txt.gz")]
     compounds = frozenset(_phrase(c[0]) for c in lines)
     places = frozenset(_phrase(c[0]) for c in lines if c[1:] == ["L"])
     person_compounds = frozenset(
-        _phrase(c) for c in (folder / "person_compounds.txt").read_text(encoding="utf-8").splitlines())
+        _phrase(c) for c in _lines(folder / "person_compounds.txt.gz"))
     return Vocabulary(words, told, compounds, places, person_compounds,
                       max(len(c) for c in compounds | person_compounds))
+
+
+def _lines(path: Path) -> list[str]:
+    return gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
 
 
 def _phrase(text: str) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 vouch for (docs/privacy.md).
 
 Vouched: the words a slot renders (protected spans, rewritten in every candidate), the words
-of the shipped vocabulary (device/vocabulary/words.tsv: common English words with every
+of the shipped vocabulary (device/vocabulary/words.tsv.gz: common English words with every
 attribute-bearing word, name and near-typo of one removed), the schema's plain person nouns
 that the vocabulary does not mark, collocations such as "king cobra", numbers that are not
 ages, punctuation and prompt syntax (weights, "<lora:...>", "--ar 2:3"). Also vouched, by rule:
