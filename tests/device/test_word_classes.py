@@ -38,7 +38,7 @@ def modifier_words(attribute):
 
 def head_families():
     out = []
-    for name, fam in SCHEMA.heads.items():
+    for fam in SCHEMA.heads.values():
         if fam.varies:
             out.append(sorted({sing for sing, _ in fam.forms.values()}))
     return out

@@ -9,8 +9,8 @@ Finding; TransformConfig(detector=...) merges them with the rules so that the de
 add protection, never remove it (docs/privacy.md).
 
 Only this module needs more than the standard library (onnxruntime, tokenizers, numpy), and it
-imports them when a detector is made. The transform runs the detector on the first candidate with the rewritten words masked out, so
-its answer is the same whichever value is real.
+imports them when a detector is made. The transform runs the detector on the first candidate
+with the rewritten words masked out, so its answer is the same whichever value is real.
 """
 
 from __future__ import annotations

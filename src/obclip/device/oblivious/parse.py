@@ -164,8 +164,9 @@ class Parser:
         vocabulary's person nouns (WordNet: first sense a person) that are not schema words."""
         if word in self.schema.plain_heads:
             return True
-        return self.vocabulary is not None and self.vocabulary.person_noun(word) and (word,) not in self.schema.lexicon \
-            and word not in self.vocabulary.told  # "Mexican", "bachelor": attribute words, not plain nouns
+        # "Mexican", "bachelor" are attribute words, not plain nouns.
+        return self.vocabulary is not None and self.vocabulary.person_noun(word) \
+            and (word,) not in self.schema.lexicon and word not in self.vocabulary.told
 
     def _match(self, i: int) -> tuple[Entry, int] | None:
         """Longest lexicon phrase starting at token i (tokens separated by spaces only)."""
@@ -521,7 +522,8 @@ class Parser:
                 )
             p.person = k
             span = persons[k].span
-            if span is not None and (span.plural or (span.head is not None and self._group_noun(span.head.text.lower()))):
+            group = span is not None and span.head is not None and self._group_noun(span.head.text.lower())
+            if span is not None and (span.plural or group):
                 self.unclear.append((p.token.start, p.token.end))  # "he" for "two men", "a family"
             # Bound by position, never by value: a pronoun that disagrees with its person
             # ("she and her husband") is rendered from the person's slot like any other, so

@@ -282,8 +282,8 @@ def _style_names(text: str, toks: list[Tok], vocab: Vocabulary) -> set[int]:
 
     def name_at(j: int) -> bool:
         t = toks[j]
-        return t.text[:1].isupper() and t.word.isalpha() and (vocab.get(t.word) is None
-                                                              or "N" in vocab.get(t.word).flags)  # type: ignore[union-attr]
+        entry = vocab.get(t.word)
+        return t.text[:1].isupper() and t.word.isalpha() and (entry is None or "N" in entry.flags)
 
     def run_from(j: int) -> list[int]:
         """Names from token j on, joined by spaces, "and" or commas."""
@@ -326,10 +326,11 @@ def _check(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) 
     if "-" in w and w not in vocab.told:
         # A hyphenated word no list holds as a whole: each part must be vouched on its own
         # ("blue-eyed"), read with the parts after it as its context ("baby-blue").
-        parts, pos = [], tok.start
-        for part in tok.text.split("-"):
-            parts.append(Tok(pos, pos + len(part), part, part.lower().replace("\u2019", "'")))
-            pos += len(part) + 1
+        parts: list[Tok] = []
+        pos = tok.start
+        for piece in tok.text.split("-"):
+            parts.append(Tok(pos, pos + len(piece), piece, piece.lower().replace("\u2019", "'")))
+            pos += len(piece) + 1
         rest = parts + toks[i + 1:]
         for j, part in enumerate(parts):
             if covered(text, part.start, part.end, ctx.protected):
