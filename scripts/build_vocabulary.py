@@ -19,7 +19,7 @@ Sources (pip-installable; none is a run-time dependency):
 Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byte the same):
   words.tsv.gz     word <TAB> parts of speech (primary first; n v a r, "-" for none)
                    <TAB> flags (P: first noun sense is a person, p: some noun sense is a person,
-                   G: first noun sense a group of people, N: also a common name, C: an attribute
+                   G: first noun sense a group of people, F: a function word, N: also a common name, C: an attribute
                    word when capitalised (both vouched in lower case only), A: an attribute word
                    only when it describes a person ("old" car vs "old" man), L: a place name)
   attribute_words.tsv.gz  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
@@ -298,6 +298,8 @@ def build(top: int) -> dict:
     vocab = set(candidates)
     seeds, contextual = schema_words()
     schema_heads = head_words()
+    plain_heads = set(json.loads((DEVICE / "schemas" / "person.json").read_text(encoding="utf-8"))["plain_heads"]) \
+        | neutral_head_words()
     cues = {c for c in cue_words() if " " not in c}
 
     # Synsets that bear an attribute: below female/male person, juvenile/old person/adolescent,
@@ -530,8 +532,12 @@ def build(top: int) -> dict:
             f += "P"
         elif any(s["lexfile"] == PERSON_LEXFILE for ss in noun_senses for s in ss):
             f += "p"
+        if "P" not in f and w in plain_heads:
+            f += "P"  # the person schema's person nouns ("figure"), whatever schema the device runs
         if pos_letters[:1] == "n" and any(ss and ss[0]["lexfile"] == 14 for ss in noun_senses):
             f += "G"  # first a group of people ("couple", "band", "family")
+        if w in closed_class:
+            f += "F"  # a function word ("an", "on"): never the noun a word describes
         rows.append((w, pos_letters, f))
 
     # Collocations that hold an attribute word, a name, a person noun or a word the vocabulary lacks
@@ -610,6 +616,15 @@ def function_words() -> set[str]:
     """The person schema's list of words that are never nouns (articles, prepositions, ...)."""
     data = json.loads((DEVICE / "schemas" / "person.json").read_text(encoding="utf-8"))
     return set(data["pronouns"]["non_noun_words"])
+
+
+def neutral_head_words() -> set[str]:
+    """The person schema's person nouns that carry no value ("person", "people")."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from obclip.device.oblivious import Schema
+
+    schema = Schema.load("person")
+    return {k[0] for k, e in schema.lexicon.items() if len(k) == 1 and e.kind == "head" and not e.values}
 
 
 def head_words() -> set[str]:
@@ -702,8 +717,8 @@ def main() -> int:
         f"6. typos: words one edit from an attribute word of 3+ letters that WordNet does not know or that are "
         f"{RARER_THAN_TYPO} zipf rarer than it.",
         "",
-        "Flags of kept words: P first noun sense a person, p some noun sense a person, G first noun sense a group "
-        "of people ('couple'), L a place name (after 'from' it tells where a person comes from), A, C, N as above. "
+        "Flags of kept words: P first noun sense a person (or a plain person noun of the person schema), p some "
+        "noun sense a person, G first noun sense a group of people ('couple'), F a function word, L a place name (after 'from' it tells where a person comes from), A, C, N as above. "
         "Context cues (lexicons/context_cues.json) stay: the device finds them next to a person.",
         "",
         "compounds.txt.gz: WordNet collocations the device would otherwise read wrongly, vouched as a whole: "

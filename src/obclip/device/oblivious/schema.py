@@ -106,6 +106,9 @@ class Schema:
     generalised: frozenset[str] = frozenset()
     # Attributes whose rendered words are capitalised whatever was typed ("Asian", "Caucasian").
     capitalised: frozenset[str] = frozenset()
+    # False: the schema's mentions are things ("a red circle"), not people; a person the device
+    # finds is then never protected by a slot (docs/privacy.md).
+    people: bool = True
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Schema:
@@ -175,6 +178,9 @@ class _SchemaBuilder:
         if not isinstance(person_modifiers, list) or not all(isinstance(a, str) and a in modifiers
                                                               for a in person_modifiers):
             _fail(f"'person_modifiers' must be a list of attributes with modifiers: {sorted(modifiers)}")
+        people = self.data.get("people", True)
+        if not isinstance(people, bool):
+            _fail("'people' must be true (the schema describes people) or false (things)")
         generalised = self._attribute_list("generalised_attributes", modifiers)
         capitalised = self._attribute_list("capitalised_modifiers", modifiers)
         standalone = self.data.get("standalone_modifiers", True)
@@ -196,6 +202,7 @@ class _SchemaBuilder:
             plain_heads=plain,
             person_modifiers=frozenset(person_modifiers),
             generalised=generalised,
+            people=people,
             capitalised=capitalised,
             lexicon=dict(self.lexicon),
             pronoun_words=pronoun_words,

@@ -193,7 +193,7 @@ class ObliviousTransform:
                                  function_words)
         self._schema_words = frozenset(k[0] for k in self.schema.lexicon if len(k) == 1) | frozenset(
             self.schema.pronoun_words)
-        self._function_words = pr.non_noun_words if pr is not None else frozenset()
+        self._function_words = (pr.non_noun_words if pr is not None else frozenset()) | self.vocabulary.function_words
         self._nouns = self.schema.mention_nouns()
 
     def __call__(self, prompt: str) -> CandidateSet:
@@ -266,8 +266,9 @@ class ObliviousTransform:
         findings += [Finding(a, b, text[a:b], "person", "unclear people", "one person noun per person")
                      for a, b in parser.unclear]
         generalised += self._generalised(persons)
+        # The schema's mentions are people only in a schema of people (not "a red circle").
         ctx = Context(protected=[(s.start, s.end) for s in protected],
-                      persons=[(p.span.start, p.span.end) for p in persons if p.span is not None]
+                      persons=[(p.span.start, p.span.end) for p in persons if p.span is not None and self.schema.people]
                       + [(p.token.start, p.token.end) for p in pronouns],
                       plain_heads=self.schema.plain_heads, schema_words=self._schema_words,
                       function_words=self._function_words, nouns=self._nouns)

@@ -18,7 +18,8 @@ class Word:
     pos: str    # WordNet parts of speech, most senses first (n v a r), "" for a function word
     # P: a person noun, p: may be a person, N: also a name (vouched in lower case only), C: an
     # attribute word when capitalised ("Swede"; vouched in lower case only), A: an attribute word
-    # when it describes a person (vouched before a thing), L: a place name
+    # when it describes a person (vouched before a thing), L: a place name, G: a group of people,
+    # F: a function word
     flags: str
 
     @property
@@ -49,6 +50,10 @@ class Vocabulary:
             out.add(w)
             out.update(w[:k] + w[k + 1:] for k in range(len(w)))
         return frozenset(out)
+
+    @cached_property
+    def function_words(self) -> frozenset[str]:
+        return frozenset(w for w, e in self.words.items() if "F" in e.flags)
 
     def person_noun(self, word: str) -> bool:
         w = self.words.get(word)
