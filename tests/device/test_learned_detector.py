@@ -88,3 +88,11 @@ def test_bad_files_get_clear_errors(classifier, tmp_path):
         det.find("a rose")
     with pytest.raises(ObliviousError, match="find"):
         TransformConfig(detector=object())  # type: ignore[arg-type]
+
+
+def test_the_candidates_cli_takes_a_detector(classifier, capsys):
+    from obclip.device.oblivious import main
+
+    assert main(["a rose garden", "--detector", str(classifier)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device_only"] and out["candidates"] == []

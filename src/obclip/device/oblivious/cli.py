@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .detector import OnnxTokenClassifier
 from .schema import ObliviousError
 from .transform import UNPROTECTED_POLICIES, ObliviousTransform, TransformConfig
 
@@ -29,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a word the device cannot vouch for: send nothing and generate on the device alone "
                          "(device-only, default), or refuse the prompt; unsafe-send sends it as typed "
                          "(UNSAFE: research on the rules only)")
+    ap.add_argument("--detector", metavar="FOLDER", default=None,
+                    help="also run a learned token classifier exported to ONNX (model.onnx, tokenizer.json, "
+                         "labels.json or config.json; docs/privacy.md): it can only add protection")
     args = ap.parse_args(argv)
     if (args.prompt is None) == (args.audit is None):
         ap.error("give either a prompt or --audit FILE")
@@ -36,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("WARNING: --unprotected unsafe-send sends words the device cannot vouch for AS TYPED: "
               "the server may learn the attributes they tell. Research use only.", file=sys.stderr)
     try:
+        detector = OnnxTokenClassifier.from_folder(args.detector) if args.detector is not None else None
         config = TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema,
-                                 unprotected=args.unprotected)
+                                 unprotected=args.unprotected, detector=detector)
         transform = ObliviousTransform(config)
         if args.audit is not None:
             return _audit(transform, args.audit)
