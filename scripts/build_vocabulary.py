@@ -640,15 +640,11 @@ def cue_words() -> set[str]:
 
 
 def one_edit_variants(word: str) -> set[str]:
-    """Every string one deletion, substitution, insertion or swap of neighbours from word."""
-    letters = "abcdefghijklmnopqrstuvwxyz'-"
-    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
-    out = {a + b[1:] for a, b in splits if b}
-    out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
-    out |= {a + c + b[1:] for a, b in splits if b for c in letters}
-    out |= {a + c + b for a, b in splits for c in letters}
-    out.discard(word)
-    return out
+    """Every string one edit from word, over letters, apostrophes and hyphens (the device's own)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from obclip.device.oblivious.vouch import one_edit_variants as variants
+
+    return variants(word, "abcdefghijklmnopqrstuvwxyz'-")
 
 
 def main() -> int:

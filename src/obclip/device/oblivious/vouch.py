@@ -468,16 +468,17 @@ def _typo_of_vouched(tok: Tok, vocab: Vocabulary, ctx: Context) -> bool:
     near = vocab.near_told
     if w in near or any(w[:k] + w[k + 1:] in near for k in range(len(w))) or w in ctx.schema_words:
         return False
-    return any(_plain_word(v, vocab) and len(v) >= _MIN_TYPO for v in _one_edit(w))
+    return any(_plain_word(v, vocab) and len(v) >= _MIN_TYPO for v in one_edit_variants(w))
 
 
-def _one_edit(w: str) -> set[str]:
-    splits = [(w[:k], w[k:]) for k in range(len(w) + 1)]
+def one_edit_variants(word: str, letters: str = _LETTERS) -> set[str]:
+    """Every string one deletion, substitution, insertion or swap of neighbours from word."""
+    splits = [(word[:k], word[k:]) for k in range(len(word) + 1)]
     out = {a + b[1:] for a, b in splits if b}
     out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
-    out |= {a + c + b[1:] for a, b in splits if b for c in _LETTERS}
-    out |= {a + c + b for a, b in splits for c in _LETTERS}
-    out.discard(w)
+    out |= {a + c + b[1:] for a, b in splits if b for c in letters}
+    out |= {a + c + b for a, b in splits for c in letters}
+    out.discard(word)
     return out
 
 
