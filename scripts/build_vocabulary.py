@@ -21,7 +21,9 @@ Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byt
                    <TAB> flags (P: first noun sense is a person, p: some noun sense is a person,
                    G: first noun sense a group of people, F: a function word, N: also a common name, C: an attribute
                    word when capitalised (both vouched in lower case only), A: an attribute word
-                   only when it describes a person ("old" car vs "old" man), L: a place name)
+                   only when it describes a person ("old" car vs "old" man), L: a place name,
+                   H: a verb of people, whose first WordNet sense takes only "Somebody" as subject,
+                   Z: first an animal)
   attribute_words.tsv.gz  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
                    words left out or flagged A/C, so that a message names a word's class, never its value
   compounds.txt.gz WordNet collocations vouched as a whole ("king cobra", "mother-of-pearl",
@@ -75,6 +77,8 @@ NAME_RANK = 1000           # a first or last name this popular in any country co
 TOP_NAME_RANK = 50         # ... and a first name this popular is a word only if SemCor tags it often ("john")
 COMMON_SENSE_COUNT = 3     # SemCor tags of its lower-case senses that make a name also a common word ("rose")
 CLOSED_CLASS_RANK = 1000   # words this frequent that WordNet lacks are function words ("the", "from"), not names
+# WordNet's verb frames whose subject is "Somebody" (frame 23, "Somebody's (body part) ----s", is not).
+PEOPLE_FRAMES = frozenset({2, 7, 8, 9, *range(13, 23), *range(24, 34)})
 RARER_THAN_TYPO = 2.0      # zipf: a dictionary word this much rarer than an attribute word one edit away is its typo
 
 
@@ -100,7 +104,11 @@ class WordNet:
                 words = [f[4 + 2 * i] for i in range(n)]
                 j = 4 + 2 * n
                 ptrs = [(f[j + 1 + 4 * k], f[j + 2 + 4 * k], f[j + 3 + 4 * k]) for k in range(int(f[j]))]
-                self.synsets[(pos, offset)] = {"lexfile": lexfile, "words": words, "ptrs": ptrs, "gloss": gloss}
+                # A verb's sentence frames ("+ 08 00": frame 8, "Somebody ----s something").
+                frames = {int(f[m + 1]) for m in range(j + 1 + 4 * int(f[j]), len(f)) if f[m] == "+"} \
+                    if pos == "v" else set()
+                self.synsets[(pos, offset)] = {"lexfile": lexfile, "words": words, "ptrs": ptrs, "gloss": gloss,
+                                               "frames": frames}
             for line in (root / f"index.{name}").read_text(encoding="utf-8", errors="replace").splitlines():
                 if not line or line.startswith(" "):
                     continue
@@ -538,6 +546,11 @@ def build(top: int) -> dict:
             f += "G"  # first a group of people ("couple", "band", "family")
         if w in closed_class:
             f += "F"  # a function word ("an", "on"): never the noun a word describes
+        if pos_letters[:1] == "n" and any(ss and ss[0]["lexfile"] == 5 for ss in noun_senses):
+            f += "Z"  # first an animal ("lion"): a verb of people does not make it a person
+        verb_senses = [wordnet.senses(lem, "v") for lem, pos in sorted(lemmas) if pos == "v"]
+        if any(ss and ss[0]["frames"] and ss[0]["frames"] <= PEOPLE_FRAMES for ss in verb_senses):
+            f += "H"  # a verb of people: its first sense takes only a person as subject ("selling")
         rows.append((w, pos_letters, f))
 
     # Collocations that hold an attribute word, a name, a person noun or a word the vocabulary lacks
@@ -714,7 +727,8 @@ def main() -> int:
         f"{RARER_THAN_TYPO} zipf rarer than it.",
         "",
         "Flags of kept words: P first noun sense a person (or a plain person noun of the person schema), p some "
-        "noun sense a person, G first noun sense a group of people ('couple'), F a function word, L a place name (after 'from' it tells where a person comes from), A, C, N as above. "
+        "noun sense a person, G first noun sense a group of people ('couple'), F a function word, L a place name (after 'from' it tells where a person comes from), H a verb of people (its first "
+        "WordNet sense has only frames whose subject is 'Somebody': 'selling', 'smiling'), Z first an animal, A, C, N as above. "
         "Context cues (lexicons/context_cues.json) stay: the device finds them next to a person.",
         "",
         "compounds.txt.gz: WordNet collocations the device would otherwise read wrongly, vouched as a whole: "

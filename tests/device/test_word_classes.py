@@ -58,6 +58,8 @@ MODIFIER_TEMPLATES = [
     "{art} ({w}:1.2) man reading, cinematic",
     "photo of {art} {w} teacher and her students",
     "{art} {w} man, smiling, at a market",
+    # A noun the vocabulary knows as a thing, doing what people do.
+    "{art} {w} babushka selling sunflower seeds",
 ]
 HEAD_TEMPLATES = [
     "a photo of a {w} in a park",
@@ -121,3 +123,15 @@ def test_both_words_of_a_gender_pair_get_the_same_outcome(pair):
 def test_the_classes_are_big():
     # The property is over the shipped data, not a handful of examples.
     assert len(ETHNICITY) > 200 and len(head_families()) > 30 and len(PAIRS) >= 10
+
+
+def test_a_thing_noun_doing_what_people_do_is_an_unknown_person():
+    # WordNet's babushka is a headscarf; selling takes a person as subject (its verb frames), so
+    # the attribute word describes a person whose noun tells the device nothing: never sent.
+    for word in ("Russian", "Asian", "white", "female", "elderly", "7-year-old"):
+        assert outcome(f"a {word} babushka selling sunflower seeds")[0] == "device-only", word
+    assert "only as a thing" in outcome("a Russian babushka selling sunflower seeds")[1]
+    # Animals do what people do too; a thing that hangs or sits is no person.
+    assert outcome("a female lion hunting at dawn")[0] == "sent"
+    assert outcome("a Japanese lantern hanging from a branch")[0] == "sent"
+    assert outcome("a Russian babushka on a hook")[0] == "sent"

@@ -136,6 +136,9 @@ class Parser:
         # Stretches that name people the device cannot tell apart by word class ("a toddler girl":
         # two person nouns for one person; "an elderly couple, he ... she": pronouns for a group).
         self.unclear: list[tuple[int, int]] = []
+        # Nouns the vocabulary knows as things that act as people ("a Russian babushka selling
+        # seeds"): which attributes they tell is unknown.
+        self.unknown_people: list[tuple[int, int]] = []
         pr = schema.pronouns
         self.breakers = frozenset(pr.non_noun_words if pr is not None else ()) | frozenset(schema.pronoun_words)
         # Cases a determiner-like word can stand for ("her": object/determiner, "his": determiner/possessive).
@@ -183,14 +186,15 @@ class Parser:
             key = tuple(t.text.lower() for t in toks[i:i + k])
             if key in self.schema.lexicon:
                 entry = self.schema.lexicon[key]
-                if entry.person_only and not self._head_follows(i + k):
+                # "white" in "a white man", and in "a white babushka selling" as "asian" is there.
+                if entry.person_only and not (self._head_follows(i + k) or self._person_by_verb(i + k)):
                     continue
                 return entry, k
         word = toks[i].text.lower()
         if self._plain(word):
             return Entry("plain", "", {}, False), 1
         generalised = self._generalised(i)
-        if generalised is not None and self._head_follows(i + 1):
+        if generalised is not None and (self._head_follows(i + 1) or self._person_by_verb(i + 1)):
             return generalised, 1
         if word not in self.schema.pronoun_words:
             # A misspelt schema word ("womna") is read as the word it misspells.
@@ -262,6 +266,12 @@ class Parser:
             hit = self._match(i)
             if hit is None and open_span is not None and self._made_a_person(open_span, i):
                 hit = Entry("plain", "", {}, False), 1
+            elif hit is None and open_span is not None and self._described_by(open_span, i, any_attribute=True) \
+                    and self._person_by_verb(i):
+                # "a Russian babushka selling seeds": a noun the vocabulary knows as a thing acts as a
+                # person, so which attributes it tells is unknown: never sent.
+                self.unknown_people.append((open_span.start, tok.end))
+                hit = Entry("plain", "", {}, False), 1
             if hit is None:
                 open_span = None
                 closed = None
@@ -318,19 +328,36 @@ class Parser:
         entry = self.vocabulary.get(word)
         return entry is not None and entry.pos[:1] == "n" and not {"P", "p"} & set(entry.flags)
 
-    def _made_a_person(self, span: Span, i: int) -> bool:
-        """Does a modifier of a person attribute (schema 'person_modifiers': "female", "asian")
-        make the noun right after it a person ("a female lifeguard", "an asian receptionist")?"""
+    def _described_by(self, span: Span, i: int, any_attribute: bool = False) -> bool:
+        """Is the noun at token i right after a modifier of a person attribute (schema
+        'person_modifiers': "female", "asian"; any attribute's, age too, with any_attribute)?"""
         last = span.words[-1]
         tok = self.tokens[i]
-        if last.entry.kind != "modifier" or last.entry.key not in self.schema.person_modifiers:
+        if last.entry.kind != "modifier" or not (any_attribute or last.entry.key in self.schema.person_modifiers):
             return False
         if tok.age is not None or i in self.in_compound or not joinable(self.prompt, last.end, tok.start):
             return False
-        word = tok.text.lower()
-        if word in self.breakers or self.vocabulary is None:
+        return tok.text.lower() not in self.breakers and self.vocabulary is not None
+
+    def _person_by_verb(self, i: int) -> bool:
+        """Is token i a noun, not an animal, doing what people do ("babushka" in "babushka selling seeds")?"""
+        toks = self.tokens
+        if self.vocabulary is None or i + 1 >= len(toks) or i in self.in_compound or toks[i].age is not None:
             return False
-        entry = self.vocabulary.get(word)
+        entry = self.vocabulary.get(toks[i].text.lower())
+        nxt = toks[i + 1].text.lower()
+        # "a female lion hunting": an animal does what people do too.
+        return entry is not None and entry.noun and "Z" not in entry.flags \
+            and self.prompt[toks[i].end:toks[i + 1].start] == " " \
+            and nxt.endswith("ing") and self.vocabulary.people_verb(nxt)
+
+    def _made_a_person(self, span: Span, i: int) -> bool:
+        """Does a modifier of a person attribute (schema 'person_modifiers': "female", "asian")
+        make the noun right after it a person ("a female lifeguard", "an asian receptionist")?"""
+        if not self._described_by(span, i):
+            return False
+        assert self.vocabulary is not None
+        entry = self.vocabulary.get(self.tokens[i].text.lower())
         # A noun that is first a person ("lifeguard", "quarterback"); "a Japanese garden", "a male
         # peacock" are not people.
         return entry is not None and entry.noun and "P" in entry.flags

@@ -162,6 +162,8 @@ def describe(finding: Finding) -> str:
         return "a name"
     if finding.attribute == "misspelling":
         return "a misspelt attribute word"
+    if finding.why == "unknown person noun":
+        return "a word for a person that the vocabulary knows only as a thing"
     if finding.attribute == "person":
         return "people the device cannot tell apart (two person nouns for one, or pronouns for a group)"
     if finding.why == "place of origin":
@@ -265,6 +267,8 @@ class ObliviousTransform:
         findings = self._lexicon_findings(text, persons, pronouns, slot_of, protected)
         findings += [Finding(a, b, text[a:b], "person", "unclear people", "one person noun per person")
                      for a, b in parser.unclear]
+        findings += [Finding(a, b, text[a:b], "person", "unknown person noun", "a person noun (\"person\", \"vendor\")")
+                     for a, b in parser.unknown_people]
         generalised += self._generalised(persons)
         # The schema's mentions are people only in a schema of people (not "a red circle").
         ctx = Context(protected=[(s.start, s.end) for s in protected],

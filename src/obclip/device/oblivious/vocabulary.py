@@ -19,7 +19,8 @@ class Word:
     # P: a person noun, p: may be a person, N: also a name (vouched in lower case only), C: an
     # attribute word when capitalised ("Swede"; vouched in lower case only), A: an attribute word
     # when it describes a person (vouched before a thing), L: a place name, G: a group of people,
-    # F: a function word
+    # F: a function word, H: a verb of people (WordNet: its first sense takes only a person as
+    # subject), Z: first an animal
     flags: str
 
     @property
@@ -58,6 +59,11 @@ class Vocabulary:
     def person_noun(self, word: str) -> bool:
         w = self.words.get(word)
         return w is not None and "P" in w.flags
+
+    def people_verb(self, word: str) -> bool:
+        """A verb whose subject is a person ("selling", "smiling"; not "hanging", "parked" is one)."""
+        w = self.words.get(word)
+        return w is not None and "H" in w.flags and "v" in w.pos
 
 
 @cache
