@@ -315,7 +315,8 @@ def build(top: int) -> dict:
     # (nationalities, peoples, named people).
     gendered_syn = wordnet.closure(GENDER_ROOTS)
     aged_syn = wordnet.closure(AGE_ROOTS)
-    national_syn = {k for k in wordnet.closure(ORIGIN_ROOTS) if any(w[:1].isupper() for w in wordnet.synsets[k]["words"])}
+    national_syn = {k for k in wordnet.closure(ORIGIN_ROOTS)
+                    if any(w[:1].isupper() for w in wordnet.synsets[k]["words"])}
     for key, s in wordnet.synsets.items():
         # A person, or a title or form of address ("senorita": noun.communication), whose gloss
         # names a gender.
@@ -357,7 +358,8 @@ def build(top: int) -> dict:
             target = wordnet.synsets.get(("n", o)) if p == "n" else None
             if target is None:
                 continue
-            if (sym == "\\" and target["lexfile"] in NATIONAL_LEXFILES and any(w[:1].isupper() for w in target["words"])) \
+            capitalised = any(w[:1].isupper() for w in target["words"])
+            if (sym == "\\" and target["lexfile"] in NATIONAL_LEXFILES and capitalised) \
                     or (sym in ("+", "\\") and (("n", o) in national_syn or ("n", o) in religions)):
                 # Only where it is the word's first sense: "korean", "french"; not "gothic" (a style first).
                 adjectives.update(lemma_of(w) for w in s["words"]
@@ -507,7 +509,8 @@ def build(top: int) -> dict:
         # A word no dictionary has is a function word, or unvetted: a surname, a brand, slang
         # ("bf", "bruh"), a word of another language ("mujer"). Only function words stay.
         if not lemmas and w not in closed_class:
-            why = "other language" if max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf else "not in WordNet"
+            other = max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf
+            why = "other language" if other else "not in WordNet"
             removed[why].add(w)
             continue
         near = typo_targets.get(w, [])
@@ -727,8 +730,10 @@ def main() -> int:
         f"{RARER_THAN_TYPO} zipf rarer than it.",
         "",
         "Flags of kept words: P first noun sense a person (or a plain person noun of the person schema), p some "
-        "noun sense a person, G first noun sense a group of people ('couple'), F a function word, L a place name (after 'from' it tells where a person comes from), H a verb of people (its first "
-        "WordNet sense has only frames whose subject is 'Somebody': 'selling', 'smiling'), Z first an animal, A, C, N as above. "
+        "noun sense a person, G first noun sense a group of people ('couple'), F a function word, "
+        "L a place name (after 'from' it tells where a person comes from), H a verb of people (its first "
+        "WordNet sense has only frames whose subject is 'Somebody': 'selling', 'smiling'), "
+        "Z first an animal, A, C, N as above. "
         "Context cues (lexicons/context_cues.json) stay: the device finds them next to a person.",
         "",
         "compounds.txt.gz: WordNet collocations the device would otherwise read wrongly, vouched as a whole: "
