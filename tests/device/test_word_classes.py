@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from obclip.device.oblivious import ObliviousError, ObliviousTransform, Schema
+from obclip.device.oblivious import ObliviousError, ObliviousTransform, Schema, TransformConfig
 from obclip.device.oblivious.vocabulary import load_vocabulary
 from obclip.runtime.locations import package_path
 
@@ -135,3 +135,7 @@ def test_a_thing_noun_doing_what_people_do_is_an_unknown_person():
     assert outcome("a female lion hunting at dawn")[0] == "sent"
     assert outcome("a Japanese lantern hanging from a branch")[0] == "sent"
     assert outcome("a Russian babushka on a hook")[0] == "sent"
+    # A schema of things (shapes) has no slot for the person: the same fail-closed outcome.
+    shapes = ObliviousTransform(TransformConfig(schema_path="shapes"))
+    assert shapes("a Russian babushka selling sunflower seeds").device_only
+    assert not shapes("a Russian babushka on a hook").device_only

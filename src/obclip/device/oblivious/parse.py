@@ -344,12 +344,8 @@ class Parser:
         toks = self.tokens
         if self.vocabulary is None or i + 1 >= len(toks) or i in self.in_compound or toks[i].age is not None:
             return False
-        entry = self.vocabulary.get(toks[i].text.lower())
-        nxt = toks[i + 1].text.lower()
-        # "a female lion hunting": an animal does what people do too.
-        return entry is not None and entry.noun and "Z" not in entry.flags \
-            and self.prompt[toks[i].end:toks[i + 1].start] == " " \
-            and nxt.endswith("ing") and self.vocabulary.people_verb(nxt)
+        return self.prompt[toks[i].end:toks[i + 1].start] == " " \
+            and self.vocabulary.acts_as_person(toks[i].text.lower(), toks[i + 1].text.lower())
 
     def _made_a_person(self, span: Span, i: int) -> bool:
         """Does a modifier of a person attribute (schema 'person_modifiers': "female", "asian")

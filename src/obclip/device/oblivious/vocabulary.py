@@ -60,10 +60,12 @@ class Vocabulary:
         w = self.words.get(word)
         return w is not None and "P" in w.flags
 
-    def people_verb(self, word: str) -> bool:
-        """A verb whose subject is a person ("selling", "smiling"; not "hanging", "parked" is one)."""
-        w = self.words.get(word)
-        return w is not None and "H" in w.flags and "v" in w.pos
+    def acts_as_person(self, noun: str, next_word: str) -> bool:
+        """Is a noun that is not an animal followed by a participle of a verb whose subject is a
+        person ("babushka selling", "robot smiling"; not "lantern hanging", "lion hunting")?"""
+        n, v = self.words.get(noun), self.words.get(next_word)
+        return n is not None and n.noun and "Z" not in n.flags and next_word.endswith("ing") \
+            and v is not None and "H" in v.flags and "v" in v.pos
 
 
 @cache

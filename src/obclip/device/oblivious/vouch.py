@@ -439,6 +439,9 @@ def _describes_a_thing(text: str, toks: list[Tok], i: int, word: Word, vocab: Vo
             continue  # another adjective or a participle: look further
         if not entry.noun or {"P", "A", "G"} & set(entry.flags) or "_" in gap:
             return False  # "korean_idol": a tag the device cannot read as a phrase
+        if j + 1 < len(toks) and text[t.end:toks[j + 1].start] == " " \
+                and vocab.acts_as_person(t.word, toks[j + 1].word):
+            return False  # "a Russian babushka selling seeds": a person the vocabulary knows as a thing
         return not _person_compound_head(text, toks, j, vocab, ctx)
     return False
 
