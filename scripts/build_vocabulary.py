@@ -23,7 +23,7 @@ Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byt
                    word when capitalised (both vouched in lower case only), A: an attribute word
                    only when it describes a person ("old" car vs "old" man), L: a place name,
                    H: a verb of people, whose first WordNet sense takes only "Somebody" as subject,
-                   Z: first an animal)
+                   Z: some noun sense an animal)
   attribute_words.tsv.gz  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
                    words left out or flagged A/C, so that a message names a word's class, never its value
   compounds.txt.gz WordNet collocations vouched as a whole ("king cobra", "mother-of-pearl",
@@ -549,8 +549,8 @@ def build(top: int) -> dict:
             f += "G"  # first a group of people ("couple", "band", "family")
         if w in closed_class:
             f += "F"  # a function word ("an", "on"): never the noun a word describes
-        if pos_letters[:1] == "n" and any(ss and ss[0]["lexfile"] == 5 for ss in noun_senses):
-            f += "Z"  # first an animal ("lion"): a verb of people does not make it a person
+        if any(s["lexfile"] == 5 for ss in noun_senses for s in ss):
+            f += "Z"  # an animal ("lion", "octopus"): a verb of people does not make it a person
         verb_senses = [wordnet.senses(lem, "v") for lem, pos in sorted(lemmas) if pos == "v"]
         if any(ss and ss[0]["frames"] and ss[0]["frames"] <= PEOPLE_FRAMES for ss in verb_senses):
             f += "H"  # a verb of people: its first sense takes only a person as subject ("selling")
@@ -733,7 +733,7 @@ def main() -> int:
         "noun sense a person, G first noun sense a group of people ('couple'), F a function word, "
         "L a place name (after 'from' it tells where a person comes from), H a verb of people (its first "
         "WordNet sense has only frames whose subject is 'Somebody': 'selling', 'smiling'), "
-        "Z first an animal, A, C, N as above. "
+        "Z some noun sense an animal, A, C, N as above. "
         "Context cues (lexicons/context_cues.json) stay: the device finds them next to a person.",
         "",
         "compounds.txt.gz: WordNet collocations the device would otherwise read wrongly, vouched as a whole: "

@@ -196,12 +196,17 @@ class Parser:
         generalised = self._generalised(i)
         if generalised is not None and (self._head_follows(i + 1) or self._person_by_verb(i + 1)):
             return generalised, 1
-        if word not in self.schema.pronoun_words:
+        if self._may_be_typo(word):
             # A misspelt schema word ("womna") is read as the word it misspells.
             target = typo_of(word, self.single_words)
             if target is not None:
                 return self.single_words[target], 1
         return None
+
+    def _may_be_typo(self, word: str) -> bool:
+        """A word the vocabulary vouches is no misspelling ("papal" is not "papa"): the build
+        already left out the dictionary words that are typos of attribute words."""
+        return word not in self.schema.pronoun_words and (self.vocabulary is None or self.vocabulary.get(word) is None)
 
     def _generalised(self, i: int) -> Entry | None:
         """A vocabulary word that tells a generalised attribute but is no schema word ("Mexican",
@@ -234,7 +239,7 @@ class Parser:
                 continue
             word = toks[i].text.lower()
             entry = self.schema.lexicon.get((word,))
-            if entry is None and word not in self.schema.pronoun_words:
+            if entry is None and self._may_be_typo(word):
                 target = typo_of(word, self.single_words)  # as _match reads it
                 entry = self.single_words[target] if target is not None else None
             if self._plain(word) or (entry is not None and entry.kind == "head"):

@@ -20,7 +20,7 @@ class Word:
     # attribute word when capitalised ("Swede"; vouched in lower case only), A: an attribute word
     # when it describes a person (vouched before a thing), L: a place name, G: a group of people,
     # F: a function word, H: a verb of people (WordNet: its first sense takes only a person as
-    # subject), Z: first an animal
+    # subject), Z: some noun sense an animal
     flags: str
 
     @property
