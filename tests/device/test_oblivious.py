@@ -26,7 +26,7 @@ T64 = ObliviousTransform(TransformConfig(max_candidates=64))
 TEMPLATES = [
     "$age $ethnicity $gender in hat Fashion portrait photo",
     "High-quality, face portrait photo of $a $age $ethnicity $gender, wearing glasses",
-    "Close-up portrait photo of $a $age $ethnicity $gender with fine wrinkles around $his eyes",
+    "Close-up portrait photo of $a $age $ethnicity $gender with soft light around $his eyes",
     "$A $age $ethnicity $gender smiling at the camera, studio lighting",
     "Photo of $a $age $ethnicity $gender reading a book in a cafe, $he looks happy",
     "Oil painting of $a $age $ethnicity $gender standing in a wheat field",
@@ -99,10 +99,19 @@ def test_paper_templates_give_2_6_30(template, attrs, n):
 
 
 def test_pronoun_alone_makes_gender_occur():
-    # "around his eyes" reveals gender even when the template has no gender word.
-    result = T(fill(TEMPLATES[2], age="old", ethnicity="indian"))
+    # "around his eyes" reveals gender even when the mention has no gender word.
+    result = T(fill(TEMPLATES[2], age="old", ethnicity="indian").replace("indian", "indian person"))
     assert result.n == 30
     assert "gender" in result.slots
+
+
+def test_a_headless_ethnicity_word_stays_on_the_device():
+    # "an old indian with ..." (no head noun): "white"/"black" are colours there, so no value of
+    # the attribute gets a slot without a head; the word is not vouched, nothing is sent.
+    results = [T(f"Close-up portrait photo of an old {e} with soft light around his eyes")
+               for e in ("indian", "white", "black", "asian")]
+    assert all(r.device_only and r.candidates == () for r in results)
+    assert len({r.reason for r in results}) == 1 and "a word that tells ethnicity" in results[0].reason
 
 
 # ---------------------------------------------------------------- the security property
@@ -237,13 +246,19 @@ def test_pronoun_case_comes_from_the_context_not_the_value():
 
 def test_articles_agree():
     result = T("a photo of a old european man")
-    assert "a photo of a young european man" in result.candidates
-    assert "a photo of an old european man" in result.candidates
-    assert "a photo of an old asian man" in result.candidates
-    assert "a photo of a middle-aged indian woman" in result.candidates
+    assert "a photo of a young European man" in result.candidates
+    assert "a photo of an old European man" in result.candidates
+    assert "a photo of an old Asian man" in result.candidates
+    assert "a photo of a middle-aged Indian woman" in result.candidates
     for c in result.candidates:
-        assert not re.search(r"\ba (old|asian|african|indian)\b", c)
-        assert not re.search(r"\ban (young|middle|european|caucasian)", c)
+        assert not re.search(r"\ba (old|asian|african|indian)\b", c, re.IGNORECASE)
+        assert not re.search(r"\ban (young|middle|european|caucasian)", c, re.IGNORECASE)
+
+
+def test_ethnicity_is_capitalised_whatever_was_typed():
+    # "white" and "Asian" are typed in different cases; the set must not tell which was typed.
+    assert T("a white receptionist").candidates == T("an Asian receptionist").candidates
+    assert "a Caucasian receptionist" in T("a Black receptionist").candidates
 
 
 def test_casing_follows_the_user():
@@ -349,7 +364,8 @@ def test_no_sensitive_attribute():
     assert result.n == 1 and not result.protected
     assert result.candidates == ("a photo of a cat on a sofa",)
     assert "no sensitive attribute" in result.message
-    assert result.public_summary() == {"candidates": ["a photo of a cat on a sofa"], "n": 1, "attributes": {}}
+    assert result.public_summary() == {"candidates": ["a photo of a cat on a sofa"], "n": 1, "attributes": {},
+                                       "device_only": False}
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
@@ -366,7 +382,7 @@ def test_config_validation():
 def test_public_summary_hides_the_real_index():
     result = T("an old man")
     summary = result.public_summary()
-    assert set(summary) == {"candidates", "n", "attributes"}
+    assert set(summary) == {"candidates", "n", "attributes", "device_only"}
     assert summary == T("a young woman").public_summary()
     assert isinstance(result, CandidateSet)
 
@@ -390,8 +406,10 @@ def test_custom_schema_file(tmp_path):
     path = tmp_path / "gender.json"
     path.write_text(json.dumps(data))
     t = ObliviousTransform(TransformConfig(schema_path=str(path)))
-    result = t("an old asian woman")  # age and ethnicity are out of this schema: sent as typed
-    assert result.candidates == ("an old asian man", "an old asian woman")
+    assert t("a happy woman").candidates == ("a happy man", "a happy woman")
+    # Age and ethnicity are out of this schema, and their words are not vouched: nothing is sent.
+    result = t("an old asian woman")
+    assert result.device_only and result.candidates == () and "tells ethnicity" in result.reason
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -1,4 +1,4 @@
-"""Issue 12 acceptance: protect or refuse, and nothing decided by the real value.
+"""Protect, keep on the device, or refuse; never send an unvouched word; nothing decided by the value.
 
 Runs the transform over the hand-labelled prompt sets in tests/data/ (labels were written from
 the prompt text before the detector existed):
@@ -7,16 +7,16 @@ the prompt text before the detector existed):
   expect: "protect" (the schema can represent them) | "any" (protect or refuse)}
 * clean_prompts.jsonl: prompts with no sensitive content.
 
-The data tests use max_candidates=64 so that the cap (a separate, structural refusal) does not
-hide what they test; with the default cap of 32, one labelled prompt with two fully described
-people is refused by the cap.
+Under the default policy (device-only) a prompt is either sent with every labelled word
+protected, or not sent at all. The data tests use max_candidates=64 so that the cap (a separate,
+structural refusal) does not hide what they test.
 """
 
 import json
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from obclip.device.oblivious import ObliviousError, ObliviousTransform, Schema, TransformConfig, main
@@ -28,15 +28,9 @@ DATA = TEST_DATA
 SENSITIVE = [json.loads(line) for line in (DATA / "privacy_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
 CLEAN = [json.loads(line)["prompt"] for line in (DATA / "clean_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
 
-REFUSE = ObliviousTransform(TransformConfig(max_candidates=64))
-ALLOW = ObliviousTransform(TransformConfig(max_candidates=64, unprotected="allow"))
-
-# Labelled words the transform still sends as typed, with why (README "Known limits").
-KNOWN_MISSES = {
-    ("a yung man on a motorbike", "yung"): "4 letters, and an ordinary word in the CLIP vocabulary: not a typo",
-    ("an asian grandmother with her grandchildren", "grandchildren"):
-        "a gender-neutral kin noun; it implies only a generation, which the schema does not model",
-}
+DEFAULT = ObliviousTransform(TransformConfig(max_candidates=64))
+REFUSE = ObliviousTransform(TransformConfig(max_candidates=64, unprotected="refuse"))
+UNSAFE = ObliviousTransform(TransformConfig(max_candidates=64, unprotected="unsafe-send"))
 
 
 def test_the_data_sets_are_big_enough():
@@ -45,27 +39,30 @@ def test_the_data_sets_are_big_enough():
 
 
 def outcome(transform, prompt):
+    """What the server sees: a set, or nothing (device-only or refused, with the message)."""
     try:
         r = transform(prompt)
     except ObliviousError as exc:
         return ("refused", str(exc))
+    if r.device_only:
+        return ("device-only", r.reason)
     return ("sent", r.candidates)
 
 
 @pytest.mark.parametrize("prompt", [d["prompt"] for d in SENSITIVE] + CLEAN)
-def test_every_member_gives_the_same_set_or_the_same_refusal(prompt):
-    kind, result = outcome(REFUSE, prompt)
-    if kind == "sent":
-        for i, member in enumerate(result):
-            again = REFUSE(member)
-            assert again.candidates == result and again.real_index == i
-        return
-    # Refused: the set it would have had (sensitive words allowed) must be refused as a whole,
-    # with the same message for every member, so the refusal never depends on the real value.
-    kind2, would_be = outcome(ALLOW, prompt)
-    members = would_be if kind2 == "sent" else (prompt,)
-    for member in members:
-        assert outcome(REFUSE, member) == ("refused", result), member
+def test_every_member_gives_the_same_set_or_the_same_outcome(prompt):
+    for transform in (DEFAULT, REFUSE):
+        kind, result = outcome(transform, prompt)
+        if kind == "sent":
+            for i, member in enumerate(result):
+                again = transform(member)
+                assert again.candidates == result and again.real_index == i
+            continue
+        # Not sent: the set it would have had (unsafe-send) gets the same outcome and the same
+        # message for every member, so the decision never depends on the real value.
+        kind2, would_be = outcome(UNSAFE, prompt)
+        for member in (would_be if kind2 == "sent" else (prompt,)):
+            assert outcome(transform, member) == (kind, result), member
 
 
 def leaked(label, candidates):
@@ -79,37 +76,49 @@ def leaked(label, candidates):
     return len(counts) == 1 and counts.pop() > 0
 
 
-def test_no_labelled_sensitive_word_is_sent_unprotected():
+def test_no_labelled_sensitive_word_is_sent_as_typed():
     misses, checked = [], 0
     for d in SENSITIVE:
-        kind, result = outcome(REFUSE, d["prompt"])
-        if kind == "refused":
+        kind, result = outcome(DEFAULT, d["prompt"])
+        if kind != "sent":
             continue
         for label in d["sensitive"]:
             checked += 1
-            if leaked(label, result) and (d["prompt"], label) not in KNOWN_MISSES:
+            if leaked(label, result):
                 misses.append((d["prompt"], label))
-    assert checked > 300 and misses == []
+    assert checked > 150 and misses == []
 
 
-def test_known_misses_are_still_misses():
-    # If one of these starts being protected, drop it from KNOWN_MISSES (and the README's list).
-    for (prompt, label) in KNOWN_MISSES:
-        kind, result = outcome(REFUSE, prompt)
-        assert kind == "sent" and leaked(label, result)
+def test_the_old_known_misses_are_now_kept_on_the_device():
+    # Sent as typed before default deny (README "Known limits" of the lexicon detector).
+    for prompt in ("a yung man on a motorbike", "an asian grandmother with her grandchildren"):
+        assert outcome(DEFAULT, prompt)[0] == "device-only"
 
 
-def test_representable_prompts_are_protected_not_refused():
-    refused = [(d["prompt"], outcome(REFUSE, d["prompt"])[1]) for d in SENSITIVE if d["expect"] == "protect"
-               and outcome(REFUSE, d["prompt"])[0] == "refused"]
-    assert refused == []
+def sent_share(prompts):
+    return sum(outcome(DEFAULT, p)[0] == "sent" for p in prompts) / len(prompts)
 
 
-def test_clean_prompts_are_rarely_refused_and_rarely_varied():
-    refused = [p for p in CLEAN if outcome(REFUSE, p)[0] == "refused"]
-    varied = [p for p in CLEAN if outcome(REFUSE, p)[0] == "sent" and REFUSE(p).n > 1]
-    assert len(refused) <= 0.05 * len(CLEAN), refused
-    assert varied == []
+# Clean prompts kept on the device: the cost of failing closed (docs/privacy.md, "Known limits").
+CLEAN_KEPT = {
+    "a japanese garden with a koi pond": "'koi': not in WordNet 3.x, and more frequent in other languages",
+    "a bowl of ramen with chopsticks": "'ramen': a first name in names-dataset, not in WordNet 3.x",
+    "a pile of colorful macarons": "'macarons': not in WordNet 3.x; as a typo of 'macaroons' it is near "
+                                   "'macaroni', which WordNet's first sense makes a person (a dandy)",
+}
+
+
+def test_clean_prompts_are_rarely_kept_on_the_device_and_never_varied_by_age():
+    kept = [p for p in CLEAN if outcome(DEFAULT, p)[0] != "sent"]
+    assert kept == list(CLEAN_KEPT)
+    # An age word describing a thing is vouched as typed ("an old photograph of a lighthouse").
+    assert DEFAULT("an old photograph of a lighthouse").n == 1
+
+
+def test_most_representable_prompts_are_still_sent():
+    # docs/privacy.md reports the measured share; this guards against a collapse.
+    representable = [d["prompt"] for d in SENSITIVE if d["expect"] == "protect"]
+    assert sent_share(representable) >= 0.6
 
 
 def lexicon_groups(schema):
@@ -126,14 +135,14 @@ SCHEMA = Schema.load(None)
 
 
 @pytest.mark.parametrize("key, words", lexicon_groups(SCHEMA), ids=lambda x: str(x)[:40])
-def test_rewordings_within_a_lexicon_group_give_the_same_set(key, words):
+def test_rewordings_within_a_lexicon_group_give_the_same_outcome(key, words):
     kind, attr, _, plural = key
     if kind == "modifier":
         templates = ["a photo of a {} woman in a park", "(({}:1.2)) man, portrait"]
     else:
         templates = ["a photo of {} in a park" if plural else "a photo of a {} in a park"]
     for template in templates:
-        sets = {outcome(REFUSE, template.format(w)) for w in words}
+        sets = {outcome(DEFAULT, template.format(w)) for w in words}
         assert len(sets) == 1, (template, words, sets)
 
 
@@ -150,31 +159,71 @@ def test_rewordings_within_a_lexicon_group_give_the_same_set(key, words):
     # item 5: numeric ages are a bucketed age, not "50 years young"
     ("a 50 years old man", "a middle-aged man"),
     ("a 35-year-old woman", "a 40 year old man"),
+    # issue 22: "her" before an adjective that ends the phrase is the object
+    ("make her happy", "make him happy"),
 ])
 def test_issue_examples_do_not_depend_on_the_value(prompt, other):
-    assert outcome(REFUSE, prompt) == outcome(REFUSE, other)
+    assert outcome(DEFAULT, prompt) == outcome(DEFAULT, other)
+    assert outcome(DEFAULT, prompt)[0] == "sent"
 
 
 def test_issue_examples_render_plausibly():
-    assert "an (old:1.3) man" in REFUSE("a (teenage:1.3) boy").candidates
-    assert REFUSE("an old photograph of a man").slots == {"gender": ["male", "female"]}
-    assert all("young" not in c for c in REFUSE("a 50 years old man").candidates if "years" in c)
+    assert "an (old:1.3) man" in DEFAULT("a (teenage:1.3) boy").candidates
+    assert DEFAULT("an old photograph of a man").slots == {"gender": ["male", "female"]}
+    assert all("young" not in c for c in DEFAULT("a 50 years old man").candidates if "years" in c)
+    assert "make her happy" in DEFAULT("make him happy").candidates
     shapes = ObliviousTransform(TransformConfig(schema_path="shapes"))
     assert "a (red) circle" in shapes("an (orange) circle").candidates
 
 
-@pytest.mark.parametrize("prompt, word", [
-    ("a woman-owned bakery", "woman-owned"), ("a young-looking man", "young-looking"),
-    ("a latina woman with curly hair", "latina"), ("a woman in her 40s", "in his/her 40s"),
-    ("a greek goddess", "goddess"), ("a baby in a crib", "baby"), ("a man aged 60", "aged 60"),
-    ("a dark-skinned man", "dark-skinned"), ("a mexican grandmother", "mexican"),
+@pytest.mark.parametrize("prompt, word, told", [
+    ("a woman-owned bakery", "woman-owned", "a word that tells gender"),
+    ("a young-looking man", "young-looking", "a word that tells age"),
+    ("two latinas with curly hair", "latinas", "a word that tells ethnicity"),
+    ("a woman in her 40s", "in his/her 40s", "an age given in numbers"),
+    ("a greek goddess", "goddess", "a word that tells gender"),
+    ("a baby in a crib", "baby", "a word that tells age"),
+    ("a man aged 60", "aged 60", "an age given in numbers"),
+    ("a man, dark-skinned", "dark-skinned", "a word that tells ethnicity"),
+    ("a mexican sitting on a bench", "mexican", "a word that tells ethnicity"),
+    ("Maria reading in a cafe", "Maria", "a name"),
+    ("a woman with a long beard", "beard", "a context cue for gender"),
+    ("a guy from Seoul in a cafe", "Seoul", "a place a person comes from"),
+    ("a toddler girl in pigtails", "toddler girl", "people the device cannot tell apart"),
 ])
-def test_refusals_name_the_word_and_the_fix(prompt, word):
+def test_unvouched_words_keep_the_prompt_on_the_device(prompt, word, told):
+    result = DEFAULT(prompt)
+    assert result.device_only and result.candidates == () and result.n == 0
+    assert told in result.reason and word in [f.text for f in result.unprotected]
     with pytest.raises(ObliviousError) as err:
         REFUSE(prompt)
-    assert repr(word) in str(err.value) and "instead" in str(err.value)
-    warned = ObliviousTransform(TransformConfig(unprotected="warn"))(prompt)
-    assert [f.text for f in warned.unprotected] == [word] and warned.warnings
+    assert told in str(err.value) and result.reason in str(err.value)
+    # The message names the class, never the typed word (so it is the same for every value).
+    assert repr(word) not in str(err.value)
+
+
+def test_unsafe_send_sends_unvouched_words_loudly():
+    result = UNSAFE("Maria, a woman with curly hair")
+    assert not result.device_only and result.n == 2
+    assert [f.text for f in result.unprotected] == ["Maria"]
+    assert result.warnings and all(w.startswith("UNSAFE") for w in result.warnings)
+
+
+@pytest.mark.parametrize("words", [("latina", "asian", "korean", "mexican", "white", "arab", "Sikh", "dark-skinned")])
+def test_every_ethnicity_word_gives_the_same_set(words):
+    # Words the schema has no value for are generalised: the same slot, the same set, so that
+    # the server cannot tell "Mexican" from "Korean" by whether or how a request comes.
+    sets = {DEFAULT(f"a {w} nurse checking a chart").candidates for w in words}
+    assert len(sets) == 1 and len(next(iter(sets))) == 5
+    mexican = DEFAULT("a Mexican nurse checking a chart")
+    assert [g.text for g in mexican.generalised] == ["Mexican"]
+    assert mexican.candidates[mexican.real_index] == "a Caucasian nurse checking a chart"  # the first value
+
+
+@pytest.mark.parametrize("old", ["warn", "allow"])
+def test_the_old_sending_policies_are_gone(old):
+    with pytest.raises(ObliviousError, match="is gone"):
+        TransformConfig(unprotected=old)
 
 
 @pytest.mark.parametrize("prompt, expect", [
@@ -182,85 +231,86 @@ def test_refusals_name_the_word_and_the_fix(prompt, word):
     ("a wo\u200bman with a hat", "a woman with a hat"),     # zero-width space inside the word
     ("a m\u0430n in a hat", "a man in a hat"),              # Cyrillic a
     ("a womna walking", "a woman walking"),                 # misspelling of a protected word
-    ("a white man in a suit", "a caucasian man in a suit"),
-    ("a japanese woman in a kimono", "an asian woman in a kimono"),
+    ("a white man in a suit", "a Caucasian man in a suit"),
+    ("a japanese woman in a raincoat", "an Asian woman in a raincoat"),
     ("a fireman rescuing a cat", "a fireman rescuing a cat"),
     ("a kid eating ice cream", "a child eating ice cream"),
     ("a forty-five-year-old woman", "a middle-aged woman"),    # numeric ages, digits or words
     ("a 25 y.o. man", "a young man"),
     ("a w\u00f3m\u00e1n reading", "a woman reading"),                 # accents
-    ("an old-fashioned car and a man", "an old-fashioned car and a man"),             # generalised to the age family
+    ("a \u1d21\u1d0f\u1d0d\u1d00\u0274 reading", "a woman reading"),  # small capitals
+    ("a g\u0131rl reading", "a young woman reading"),                 # dotless i
+    ("a wom\u0332an reading", "a woman reading"),                     # combining mark
+    ("an old-fashioned car and a man", "an old-fashioned car and a man"),
 ])
 def test_hidden_and_wider_words_are_protected(prompt, expect):
-    result = REFUSE(prompt)
+    result = DEFAULT(prompt)
     assert result.n > 1 and result.candidates[result.real_index] == expect
 
 
 def test_emoji_are_generalised_in_every_candidate():
-    result = REFUSE("a \U0001F468\U0001F3FD\u200d\U0001F373 cooking pasta next to a woman")
+    result = DEFAULT("a \U0001F468\U0001F3FD\u200d\U0001F373 cooking pasta next to a woman")
     for c in result.candidates:
         assert "\U0001F468" not in c and "\U0001F3FD" not in c and "\U0001F9D1\u200d\U0001F373" in c
     assert {g.attribute for g in result.generalised} == {"gender/age", "ethnicity"}
 
 
-def test_short_and_ordinary_words_are_never_typos():
-    for prompt in ("she can see the sea", "a bother", "the rather old barn", "a mother", "laughter in a cafe",
-                   "a horse bridle on a wall", "a widowed woman", "a witchy hat"):
-        r = ALLOW(prompt)
-        assert all("misspelling" not in f.why for f in r.unprotected)
-    assert REFUSE("a cat can jump").n == 1
-    assert REFUSE("a horse bridle on a wall").n == 1
+def test_short_and_ordinary_words_are_sent_as_typed():
+    for prompt in ("she can see the sea", "a bother", "the rather old barn", "laughter in a cafe",
+                   "a horse bridle on a wall", "a cat can jump"):
+        r = DEFAULT(prompt)
+        assert not r.device_only and all("misspel" not in f.why for f in r.unprotected), prompt
 
 
 def test_compound_nouns_are_not_age_words():
-    assert REFUSE("a baby elephant next to a tree").n == 1
-    with pytest.raises(ObliviousError, match="'baby'"):
-        REFUSE("a baby sleeping in a crib")
+    assert DEFAULT("a baby elephant next to a tree").n == 1
+    assert DEFAULT("a baby sleeping in a crib").device_only
 
 
 def test_audit_cli_writes_json_lines(tmp_path, capsys):
     f = tmp_path / "prompts.txt"
-    f.write_text("a young asian woman\na latina woman\na red car\n", encoding="utf-8")
+    f.write_text("a young asian woman\nMaria in a cafe\na red car\n", encoding="utf-8")
     assert main(["--audit", str(f)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["prompt"] for r in rows] == ["a young asian woman", "a latina woman", "a red car"]
+    assert [r["prompt"] for r in rows] == ["a young asian woman", "Maria in a cafe", "a red car"]
     for r in rows:
-        assert set(r) >= {"prompt", "n", "protected", "refused", "unprotected"}
+        assert set(r) >= {"prompt", "n", "device_only", "reason", "protected", "refused", "unprotected"}
     assert rows[0]["n"] == 30 and rows[0]["refused"] is None and len(rows[0]["protected"]) == 3
-    assert rows[1]["refused"] and [u["text"] for u in rows[1]["unprotected"]] == ["latina"]
-    assert rows[2] == {**rows[2], "n": 1, "refused": None, "protected": [], "unprotected": []}
-    assert main(["--audit", str(f), "--unprotected", "warn"]) == 0
+    assert rows[1]["device_only"] and rows[1]["n"] == 0 and [u["text"] for u in rows[1]["unprotected"]] == ["Maria"]
+    assert rows[2] == {**rows[2], "n": 1, "device_only": False, "refused": None, "protected": [], "unprotected": []}
+    assert main(["--audit", str(f), "--unprotected", "refuse"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert rows[1]["refused"] is None and rows[1]["n"] == 2 and rows[1]["unprotected"][0]["text"] == "latina"
+    assert rows[1]["refused"] and rows[1]["unprotected"][0]["text"] == "Maria"
 
 
 # A wider fuzz than test_oblivious's: weights, brackets, quotes, numeric ages, person-only aliases,
-# plain person nouns, age families, words outside the schema, typos.
+# plain person nouns, age families, words outside the schema, typos, unvouched words.
 FUZZ = ["a", "an", "A", "the", "man", "Woman", "girl", "boys", "lady", "old", "elderly", "young", "middle-aged",
         "asian", "Indian", "japanese", "white", "black", "male", "female", "he", "She", "her", "his", "him",
         "hers", "herself", "mother", "husband", "wife", "kid", "toddler", "retired", "doctor", "nurse",
         "student", "fireman", "35-year-old", "50 years old", "latina", "baby", "in her 40s", "womna",
         "completely", "flowers", "photo", "of", "with", "and", "smiling", "beautiful", "hat", "2",
-        "woman-owned", "young-looking", "forty-year-old", "w\u00f3man", "teens", "elderly", "lovely", "south asian"]
+        "woman-owned", "young-looking", "forty-year-old", "w\u00f3man", "teens", "elderly", "lovely", "south asian",
+        "Maria", "happy", "king", "cobra", "pregnant", "lifeguard", "dog", "is", "of 45", "blacksmith"]
 SEPS = [" ", " ", ", ", ". ", "; ", " (", ":1.2) ", " [", "] ", " '", "' ", "\n"]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
+# Two ethnicity words on one person: the old transform rendered a member ("white caucasian father")
+# that gave a different set when typed.
+@example(parts=[("white", " "), ("south asian", " "), ("mother", " ")])
 @given(parts=st.lists(st.tuples(st.sampled_from(FUZZ), st.sampled_from(SEPS)), min_size=1, max_size=9))
-def test_fuzz_same_set_or_same_refusal(parts):
+def test_fuzz_same_set_or_same_outcome(parts):
     prompt = "".join(w + s for w, s in parts)
     if not prompt.strip():
         return
-    _same_set_or_same_refusal(prompt)
-
-
-def _same_set_or_same_refusal(prompt):
-    kind, result = outcome(REFUSE, prompt)
-    if kind == "sent":
-        for i, member in enumerate(result):
-            again = REFUSE(member)
-            assert again.candidates == result and again.real_index == i, member
-        return
-    kind2, would_be = outcome(ALLOW, prompt)
-    for member in (would_be if kind2 == "sent" else (prompt,)):
-        assert outcome(REFUSE, member) == ("refused", result), member
+    for transform in (DEFAULT, REFUSE):
+        kind, result = outcome(transform, prompt)
+        if kind == "sent":
+            for i, member in enumerate(result):
+                again = transform(member)
+                assert again.candidates == result and again.real_index == i, member
+            continue
+        kind2, would_be = outcome(UNSAFE, prompt)
+        for member in (would_be if kind2 == "sent" else (prompt,)):
+            assert outcome(transform, member) == (kind, result), member

@@ -13,29 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from obclip.runtime.errors import ArtifactError, InputError, ObclipError, UntrustedAnswerError, kind_of
-from obclip.runtime.manifest import ManifestError
+from obclip.runtime.errors import InputError, ObclipError, UntrustedAnswerError, kind_of
 from obclip.runtime.plan import preset
 
 from .client import ServiceClient
-from .oblivious import ObliviousError, TransformConfig
+from .oblivious import UNPROTECTED_POLICIES, TransformConfig
 from .pipeline import GenerationConfig, GenerationResult, Method, describe_sent
 
-# Error classes that other branches of issue 23 put under the root (ObliviousError -> InputError,
-# ManifestError -> ArtifactError); until they derive from ObclipError their kind is named here.
-# Once they do, kind_of finds it first and these lines can go.
-PENDING_KINDS: tuple[tuple[type[Exception], type[ObclipError]], ...] = (
-    (ObliviousError, InputError), (ManifestError, ArtifactError))
 _G = GenerationConfig()
 
 
 def error_kind(error: BaseException) -> type[ObclipError] | None:
     """The kind of an error a command reports (runtime/errors.py), or None for a bug."""
-    kind = kind_of(error)
-    for cls, pending in PENDING_KINDS:
-        if kind is None and isinstance(error, cls):
-            kind = pending
-    return kind
+    return kind_of(error)
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -64,9 +54,10 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                         "(default: the one the model was trained for, else person)")
     p.add_argument("--max-candidates", type=int, default=_G.transform.max_candidates,
                    help="refuse sets larger than this (default %(default)s)")
-    p.add_argument("--unprotected", default=_G.transform.unprotected, choices=["refuse", "warn", "allow"],
-                   help="a sensitive word the schema cannot protect (e.g. 'latina', 'in her 40s'): refuse the "
-                        "prompt and say what to write instead (default), warn and send it as typed, or allow it")
+    p.add_argument("--unprotected", default=_G.transform.unprotected, choices=list(UNPROTECTED_POLICIES),
+                   help="a word the device cannot vouch for (a name, 'latina', 'in her 40s', a typo; "
+                        "docs/privacy.md): send nothing and generate on the device alone (device-only, "
+                        "default), or refuse the prompt; unsafe-send sends it as typed (UNSAFE, research only)")
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -89,7 +80,7 @@ def run_reported(work: Callable[[], int]) -> int:
     (2 input, 3 service, 4 untrusted answer, 5 artifact). Anything else is a bug: its traceback shows."""
     try:
         return work()
-    except (ObclipError, ObliviousError, ManifestError) as e:   # the root, and PENDING_KINDS' classes
+    except ObclipError as e:
         kind = error_kind(e)
         assert kind is not None
         if kind is UntrustedAnswerError:

@@ -165,8 +165,12 @@ class DevicePipeline:
         if config.method in (Method.OBCLIP, Method.VANILLA_OG):
             candidate_set = self._transform(config.transform)(prompt)
             candidates, real_index = candidate_set.candidates, candidate_set.real_index
-            # Refusals are decided on the whole candidate set, never on the real one alone.
-            tokenizer.check_fits(list(candidates), what="a candidate prompt")
+            if candidate_set.device_only:
+                # A word the device cannot vouch for: nothing is sent, the device runs all T steps.
+                k, real_index = 0, 0
+            else:
+                # Refusals are decided on the whole candidate set, never on the real one alone.
+                tokenizer.check_fits(list(candidates), what="a candidate prompt")
         else:
             candidates, real_index = (prompt,), 0
             if not config.method.private:
@@ -198,7 +202,9 @@ class DevicePipeline:
                 raise InputError("this request ran cloud steps, so finish() needs the cloud's handoff")
             handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
             x, state = _members(handoff, [prepared.real_index])
-        return self._device_steps(x, state, [prepared.prompt], schedule, config, on_step)
+        # Nothing sent (k = 0 or a device-only outcome): the device runs every step.
+        k = 0 if prepared.request is None else prepared.request.switch_step
+        return self._device_steps(x, state, [prepared.prompt], schedule, config, k, on_step)
 
     def finish_candidates(self, prepared: PreparedRequest, answer: bytes | Handoff, config: GenerationConfig,
                           indices: list[int]) -> np.ndarray:
@@ -218,13 +224,15 @@ class DevicePipeline:
         schedule = make_schedule(self.solver_config, config.num_inference_steps)
         handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
         x, state = _members(handoff, indices)
-        return self._device_steps(x, state, [cands[i] for i in indices], schedule, config)
+        return self._device_steps(x, state, [cands[i] for i in indices], schedule, config, prepared.request.switch_step)
 
     def _device_steps(self, x: np.ndarray, state: SolverState, prompts: list[str], schedule: Schedule,
-                      config: GenerationConfig, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """The plan's device steps on rows x (one per prompt), classifier-free guided (runtime.denoise)."""
+                      config: GenerationConfig, k: int,
+                      on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """The device steps after the cloud's k on rows x (one per prompt), classifier-free guided
+        (runtime.denoise)."""
         engines = self.engines
-        plan = make_plan(config.num_inference_steps, config.k)
+        plan = make_plan(config.num_inference_steps, k)
         if not plan.device_steps:
             return x
         # The device conditions its own steps on the prompt exactly as typed.
@@ -301,14 +309,16 @@ class DevicePipeline:
 def describe_sent(result: GenerationResult, config: GenerationConfig) -> list[str]:
     """Lines saying what the server received, for the CLIs (demo and client)."""
     req = result.prepared.request
+    cset = result.prepared.candidate_set
+    if req is None and cset is not None and cset.device_only:
+        return [f"the server received nothing: {cset.message}"]
     if req is None:
         return ["the server received nothing (device-only run)"]
     lines = [f"the server received {req.n} candidate(s):"] + [f"  - {c}" for c in req.candidates]
-    cset = result.prepared.candidate_set
     if cset is not None and not cset.protected:
         lines.append(f"  note: {cset.message}")
-    if cset is not None:  # --unprotected warn/allow: sensitive words sent as typed
-        lines += [f"  warning: {w}" for w in cset.warnings]
+    if cset is not None:  # --unprotected unsafe-send: words the device could not vouch for, sent as typed
+        lines += [f"  WARNING: {w}" for w in cset.warnings]
     if not config.method.private:
         lines.append(f"  (method {config.method.value} is NOT private: the server saw the prompt as typed)")
     return lines

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -34,17 +34,6 @@ from obclip.runtime.locations import package_path
 
 _WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
 _ZWJ = "\u200d"
-
-# Look-alike letters folded to Latin inside words that also hold Latin letters
-# (or that consist of look-alikes only): "mаn" with a Cyrillic a is "man".
-_CONFUSABLES = {
-    "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j", "ѕ": "s",
-    "ԁ": "d", "ӏ": "l", "һ": "h", "ԛ": "q", "ԝ": "w", "ь": "b", "А": "A", "В": "B", "Е": "E", "К": "K",
-    "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X", "І": "I", "Ј": "J", "Ѕ": "S",
-    "ο": "o", "α": "a", "ι": "i", "κ": "k", "ν": "v", "ρ": "p", "υ": "u", "χ": "x", "Ο": "O", "Α": "A",
-    "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ρ": "P", "Τ": "T",
-    "Υ": "Y", "Χ": "X",
-}
 
 # Person emoji: skin tones and gender signs carry attributes; gendered or aged
 # people become the neutral adult person (U+1F9D1), in every candidate alike.
@@ -148,38 +137,47 @@ def _is_emojiish(ch: str) -> bool:
     return bool(ch) and (unicodedata.category(ch) in ("So", "Sk") or ch in "\ufe0f\u20e3" or ord(ch) >= 0x1F000)
 
 
+@cache
+def confusables() -> dict[str, str]:
+    """Look-alike letters -> the ASCII letter they imitate (Unicode's confusables.txt, via the
+    confusable-homoglyphs package at build time: device/vocabulary/confusables.json)."""
+    path = package_path("device", "vocabulary", "confusables.json")
+    table: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+    return table
+
+
+def _latin(ch: str) -> bool:
+    return ("a" <= ch.lower() <= "z") or (ch.isalpha() and "LATIN" in unicodedata.name(ch, ""))
+
+
 def normalize(text: str) -> str:
-    """NFKC, format characters removed (a zero-width joiner is kept only between emoji), look-alikes folded."""
+    """What every rule reads: NFKC (fullwidth, ligatures, mathematical letters); format
+    characters removed (a zero-width joiner is kept only between emoji); combining marks on
+    Latin letters removed ("wom\u0332an"; accents: "w\u00f3man" -> "woman"); look-alike letters
+    (Cyrillic, Greek, small capitals, dotless i) folded to Latin inside words that hold Latin
+    letters or consist of look-alikes only."""
     text = unicodedata.normalize("NFKC", text)
-    out = []
-    for i, ch in enumerate(text):
-        if unicodedata.category(ch) == "Cf":
-            if ch == _ZWJ and i > 0 and i + 1 < len(text) and _is_emojiish(text[i - 1]) \
-                    and _is_emojiish(text[i + 1]):
+    out: list[str] = []
+    decomposed = unicodedata.normalize("NFD", text)
+    for i, ch in enumerate(decomposed):
+        cat = unicodedata.category(ch)
+        if cat == "Cf":
+            if ch == _ZWJ and i > 0 and i + 1 < len(decomposed) and _is_emojiish(decomposed[i - 1]) \
+                    and _is_emojiish(decomposed[i + 1]):
                 out.append(ch)
             continue
+        if cat in ("Mn", "Me") and out and _latin(out[-1]):
+            continue
         out.append(ch)
-    text = "".join(out)
+    text = unicodedata.normalize("NFC", "".join(out))
+    table = confusables()
 
     def fold(m: re.Match[str]) -> str:
         word = m.group()
         has_latin = any("a" <= c.lower() <= "z" for c in word)
-        if any(c in _CONFUSABLES for c in word) and (has_latin or all(c in _CONFUSABLES or c == "-" for c in word)):
-            return "".join(_CONFUSABLES.get(c, c) for c in word)
+        if any(c in table for c in word) and (has_latin or all(c in table or c == "-" for c in word)):
+            return "".join(table.get(c, c) for c in word)
         return word
-
-    return _WORD.sub(fold, text)
-
-
-def fold_accents(text: str, known: Callable[[str], bool]) -> str:
-    """Strip accents from words that then read as a known sensitive word ("wómán" -> "woman")."""
-
-    def fold(m: re.Match[str]) -> str:
-        word = m.group()
-        if word.isascii():
-            return word
-        plain = "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
-        return plain if plain != word and known(plain.lower()) else word
 
     return _WORD.sub(fold, text)
 
@@ -342,10 +340,6 @@ class Detector:
             elif w in self.contextual and self._describes_mention(text, tokens, i):
                 attr, instead = self.contextual[w]
                 out.append(Finding(tok.start, tok.end, raw, attr, "describes a mention", instead))
-            elif "-" in w and w not in HYPHEN_OK and (part := self._sensitive_part(text, tokens, i)):
-                attr = self.schema_words[part][0] if part in self.schema_words else self._attribute_of(part)
-                out.append(Finding(tok.start, tok.end, raw, attr, f"holds {part!r} inside a hyphenated word",
-                                   f"{part!r} as a separate word (then it is protected), or rephrase"))
             else:
                 target = typo_of(w, self.typo_targets)
                 if target is not None:
@@ -353,20 +347,6 @@ class Detector:
                     out.append(Finding(tok.start, tok.end, raw, attr, f"looks like a misspelling of "
                                        f"{target!r}", f"the word spelled out, or {instead}"))
         return sorted(out, key=lambda f: (f.start, f.end))
-
-    def _sensitive_part(self, text: str, tokens: list[_Tok], i: int) -> str | None:
-        """A schema or lexicon word inside hyphenated token i: a noun anywhere ("woman-owned"),
-        an adjective only where the token describes a mention ("young-looking woman")."""
-        parts = tokens[i].text.split("-")
-        if len(parts) > 1 and parts[-1] in HYPHEN_DESCRIPTIVE:
-            parts = parts[:-1]  # "black-haired": hair, not ethnicity
-        for part in parts:
-            if (part in self.schema_words and self.schema_words[part][1]) or part in self.words:
-                return part
-        for part in parts:
-            if (part in self.schema_words or part in self.contextual) and self._describes_mention(text, tokens, i):
-                return part
-        return None
 
     def _compound(self, text: str, tokens: list[_Tok], i: int) -> bool:
         """Is token i the first half of a compound noun ("baby elephant", "baby blue")?"""
@@ -400,11 +380,6 @@ class _Tok:
     opaque: bool  # a protected stretch or a numeric age: one word whatever it says
     noun: bool
 
-
-# Hyphenated words that hold a schema word but say nothing about a person.
-HYPHEN_OK = frozenset("man-made man-hours man-hour man-of-war old-fashioned old-school old-world old-growth "
-                      "old-time old-timey young-adult he-man she-wolf".split())
-HYPHEN_DESCRIPTIVE = frozenset("haired eyed skinned bearded clad dressed shirted suited colored coloured".split())
 
 # Text that may separate words of one mention: spaces, brackets, quotes,
 # prompt weights ("(teenage:1.3) boy").
