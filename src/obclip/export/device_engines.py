@@ -23,12 +23,13 @@ import numpy as np
 from diffusers import AutoencoderKL
 
 from obclip.cloud.models import from_pretrained, load_text_to_latent, model_schema, resolve_model_dir
+from obclip.device.verify import verification_for
 from obclip.runtime.locations import default_engines_root
 from obclip.runtime.manifest import Manifest, ManifestError, sha256_file
 
 from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, export_component
 from .specs import text_encoder_spec, unet_spec, vae_decoder_spec
-from .staging import model_fingerprint, staged_folder
+from .staging import model_fingerprint, model_label, model_weights, staged_folder
 
 
 def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
@@ -71,11 +72,12 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
         (work / "tokenizer").mkdir()
         lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
         manifest = Manifest(
-            side="device", model_id=str(model), components=comps, tokenizer="tokenizer/tokenizer.json",
+            side="device", model_id=model_label(model), components=comps, tokenizer="tokenizer/tokenizer.json",
             text_max_length=max_len, pad_token_id=int(lm.tokenizer.pad_token_id),
             latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
             default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
             schema=model_schema(model), files=files, precision="fp32", image_size=size_range,
+            verification=verification_for(model_weights(model)),
         )
         manifest.save(work)
     print(f"wrote {target / 'manifest.json'}")
@@ -83,14 +85,15 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
 
 
 def ensure_engines(device_model: str, out: Path) -> Path:
-    """``<out>/device`` exported from a local device model dir, reused while its manifest names
-    that model and the model's files are unchanged (``source.json`` beside the manifest)."""
+    """``<out>/device`` exported from a local device model dir, reused while the model's files are
+    unchanged (their fingerprint in ``source.json`` beside the manifest; no path, so a moved model
+    with the same files reuses it)."""
     target = out / "device"
     model = Path(device_model).resolve()
-    want = {"model": str(model), "fingerprint": model_fingerprint(model)}
+    want = {"fingerprint": model_fingerprint(model)}
     try:
-        current = (Manifest.load(target).model_id == str(model)
-                   and json.loads((target / "source.json").read_text()) == want)
+        Manifest.load(target)
+        current = json.loads((target / "source.json").read_text()) == want
     except (ManifestError, OSError, ValueError):
         current = False
     if not current:  # missing, stale, or exported from another model or other weights
