@@ -1,14 +1,16 @@
-"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer).
+"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer, VAE encoder).
 
 Writes ``<out>/device/``: one ``model.onnx`` per component, ``tokenizer/tokenizer.json`` and
-``manifest.json`` (what ``runtime/graphs.py`` opens). Each graph is declared once
-(``export/specs.py``), traced, run once through onnxruntime on another batch and size and compared
-with torch; the max abs difference is printed and recorded, and an export that disagrees fails.
+``manifest.json`` (what ``runtime/graphs.py`` opens), in diffusers' ONNX layout
+(``export/standard_folder.py``: ``OnnxStableDiffusionPipeline.from_pretrained`` opens it too).
+Each graph is declared once (``export/specs.py``), traced, run once through onnxruntime on another
+batch and size and compared with torch; the max abs difference is printed and recorded, and an
+export that disagrees fails.
 The folder is built beside the target and moved into place at the end, so a failed export never
 leaves a half-written engine folder.
 
-Tensor names follow optimum's ONNX export, so tools that read those work:
-text encoder ``input_ids`` -> ``last_hidden_state``, ``pooler_output``;
+Tensor names and types follow optimum's ONNX export, so tools that read those work:
+text encoder ``input_ids`` (int32) -> ``last_hidden_state``, ``pooler_output``;
 UNet ``sample``, ``timestep``, ``encoder_hidden_states`` -> ``out_sample``;
 VAE decoder ``latent_sample`` -> ``sample``.
 """
@@ -27,9 +29,10 @@ from obclip.device.verify import verification_for
 from obclip.runtime.locations import default_engines_root
 from obclip.runtime.manifest import Manifest, ManifestError, sha256_file
 
-from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, export_component
-from .specs import text_encoder_spec, unet_spec, vae_decoder_spec
+from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule, export_component
+from .specs import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 from .staging import model_fingerprint, model_label, model_weights, staged_folder
+from .standard_folder import write_standard_files
 
 
 def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
@@ -57,20 +60,25 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
         size_range = image_size_range(lm.unet, lm.vae_scale_factor, lm.default_image_size)
         m = size_range["multiple"] // lm.vae_scale_factor
         traced, checked = {"height": h, "width": w}, {"height": h + m, "width": w + 2 * m}
+
+        def pixels(latent: dict[str, int]) -> dict[str, int]:
+            return {"image_height": latent["height"] * lm.vae_scale_factor,
+                    "image_width": latent["width"] * lm.vae_scale_factor}
         text = text_encoder_spec(max_len, text_dim, lm.text_encoder.config.vocab_size)
         exports = (
             (TextEncoderModule(lm.text_encoder), text, {"batch": 1}, {"batch": 2}),
             (UNetModule(lm.unet), unet_spec(c, max_len, text_dim), {"batch": 2, **traced}, {"batch": 4, **checked}),
             (VaeDecoderModule(vae), vae_decoder_spec(c), {"batch": 1, **traced}, {"batch": 2, **checked}),
+            (VaeEncoderModule(vae), vae_encoder_spec(c), {"batch": 1, **pixels(traced)},
+             {"batch": 2, **pixels(checked)}),
         )
         comps = {spec.name: export_component(module, spec, work, spec.sample(trace, rng), spec.sample(check, rng),
                                              tolerance, optimise=True)
                  for module, spec, trace, check in exports}
-        # External-data files beside each graph (large models), hashed in the manifest too.
+        write_standard_files(work, lm, vae)  # diffusers' layout: model_index.json, configs, tokenizer
+        # Every other file (external data of large graphs, the layout's files) is hashed too.
         files = {str(f.relative_to(work)): sha256_file(f) for f in sorted(work.rglob("*"))
                  if f.is_file() and f.name != "model.onnx"}
-        (work / "tokenizer").mkdir()
-        lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
         manifest = Manifest(
             side="device", model_id=model_label(model), components=comps, tokenizer="tokenizer/tokenizer.json",
             text_max_length=max_len, pad_token_id=int(lm.tokenizer.pad_token_id),

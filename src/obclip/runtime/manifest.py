@@ -99,7 +99,7 @@ class Manifest:
     files: JSON = field(default_factory=dict)   # other files (shared weights) -> sha256
     source: JSON | None = None             # cloud: model fingerprint, precision, export version, latent multiple
     # device variants (export/device_variants.py); older manifests load with these defaults
-    precision: str = "fp32"                # "fp32", "fp16" or "int8": how the device graphs store weights
+    precision: str = "fp32"                # "fp32", "fp16", "int8", "int8-qdq": how the device graphs store weights
     image_size: JSON | None = None         # device: {"min", "max", "multiple"} pixels of dynamic graphs; None: fixed
     variant_check: JSON = field(default_factory=dict)  # device: this variant against fp32 on a real trajectory
     # device: how the device checks cloud answers, decided at export from the model's own files:
@@ -297,7 +297,7 @@ def _from_dict(d: Any, path: Path, folder: Path) -> Manifest:
     )
 
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 
 
 def _device_fields(d: Mapping[str, Any], path: Path, vae_scale: int) -> dict[str, Any]:
