@@ -10,8 +10,8 @@ text encoder and every mode graph loaded as onnxruntime sessions over one
 memory-mapped ``weights.bin``), and after one request per preset through the
 onnxruntime backend, ``--rounds`` times (the first round's sessions are cold). ``--memory``: how
 the sessions allocate (none: no CPU arena, the serving default; arena: one arena per session;
-shared: one arena for all sessions, onnxruntime's environment allocator). RSS is split as /proc reports it: RssFile (pages of
-mapped files: the shared weights, counted once however many sessions read
+shared: one arena for all sessions, onnxruntime's environment allocator). RSS is split as /proc
+reports it: RssFile (pages of mapped files: the shared weights, counted once however many sessions read
 them) and RssAnon (the process's own memory: session state, activations);
 VmHWM is the peak. Then it checks that torch was never imported and, with
 ``--model``, runs the same requests on the torch backend and prints

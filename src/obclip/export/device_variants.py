@@ -186,54 +186,46 @@ class _Calibration:
         return next(self._it, None)
 
 
-def to_int8(name: str, src: Path, dst: Path) -> None:
-    """The int8 variant's graph for one component (see INT8_OPS)."""
-    import onnx
+def to_int8_unet(src: Path, dst: Path) -> None:
+    """The int8 variant's UNet (see INT8_OPS)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if name == "text_encoder":
-        save_onnx(onnx.load_model(str(src)), dst)
-        return
-    if name != "unet":
-        to_fp16(src, dst)
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(f.stat().st_size for f in src.parent.iterdir()) > EXTERNAL_DATA_ABOVE
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                     weight_type=QuantType.QUInt8, use_external_data_format=big,
+                     weight_type=QuantType.QUInt8, use_external_data_format=_is_large(src),
                      extra_options={"MatMulConstBOnly": True})
 
 
-def to_int8_qdq(name: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
-    """The QDQ-only int8 variant's graph for one component (see INT8_QDQ_OPS): QuantizeLinear /
-    DequantizeLinear pairs around float ops, no MatMulInteger or DynamicQuantizeLinear, symmetric int8
-    (zero points 0), the form TensorRT's ONNX parser and mobile NPU delegates take."""
-    import onnx
+def to_int8_qdq_unet(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    """The QDQ-only int8 variant's UNet (see INT8_QDQ_OPS): QuantizeLinear / DequantizeLinear pairs
+    around float ops, no MatMulInteger or DynamicQuantizeLinear, symmetric int8 (zero points 0), the
+    form TensorRT's ONNX parser and mobile NPU delegates take."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if name == "text_encoder":
-        save_onnx(onnx.load_model(str(src)), dst)
-        return
-    if name != "unet":
-        to_fp16(src, dst)
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(f.stat().st_size for f in src.parent.iterdir()) > EXTERNAL_DATA_ABOVE
     quantize_static(str(src), str(dst), _Calibration(calibration),  # type: ignore[arg-type]
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=big,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=_is_large(src),
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
 
 
+def _is_large(src: Path) -> bool:
+    return sum(f.stat().st_size for f in src.parent.iterdir()) > EXTERNAL_DATA_ABOVE
+
+
 def convert(precision: str, name: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
-    """One component of the fp32 folder as the ``precision`` variant's graph."""
-    if precision == "fp16":
+    """One component of the fp32 folder as the ``precision`` variant's graph. The int8 variants
+    quantise the UNet only (it runs every step); their text encoder stays float32, the rest fp16."""
+    import onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "fp16" or (name not in ("unet", "text_encoder")):
         to_fp16(src, dst)
+    elif name == "text_encoder":
+        save_onnx(onnx.load_model(str(src)), dst)
     elif precision == "int8":
-        to_int8(name, src, dst)
+        to_int8_unet(src, dst)
     else:
-        to_int8_qdq(name, src, dst, calibration)
+        to_int8_qdq_unet(src, dst, calibration)
 
 
 # --- trajectories: calibration and the check -----------------------------------------------
