@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         for name, request in requests:
             t0 = time.perf_counter()
             got[name] = runner.run(request)
-            row(f"round {round_ + 1}: {name} (N={args.n}, {args.size} px, k={request.switch_step})",
+            row(f"after {name} (round {round_ + 1}, N={args.n}, {args.size} px, k={request.switch_step})",
                 time.perf_counter() - t0)
     torch_free = "torch" not in sys.modules
     print(f"torch imported by the onnxruntime backend: {'no' if torch_free else 'YES'}")
