@@ -11,7 +11,7 @@ from obclip.runtime.manifest import Manifest, ManifestError
 def test_manifest_describes_the_export(engines_dir):
     m = Manifest.load(engines_dir)
     assert m.side == "device"
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert m.components["unet"].inputs == ("sample", "timestep", "encoder_hidden_states")
     assert m.components["unet"].outputs == ("out_sample",)
     assert m.components["vae_decoder"].inputs == ("latent_sample",)

@@ -175,7 +175,7 @@ def test_the_manifest_says_how_to_verify(engines_dir, tmp_path):
     import json
     import shutil
 
-    from obclip.device.verify import verification_for
+    from obclip.export.staging import verification_settings as verification_for
     from obclip.runtime.manifest import Manifest, ManifestFormatError
 
     m = Manifest.load(engines_dir)
@@ -184,7 +184,7 @@ def test_the_manifest_says_how_to_verify(engines_dir, tmp_path):
     assert config_for(replace(m, verification={})) == VerifyConfig()
     assert config_for(replace(m, verification=verification_for("trained"))) == VerifyConfig()
     assert config_for(replace(m, verification=verification_for("unknown"))).statistics is True
-    tighter = {**verification_for("trained"), "envelope": {**verification_for("trained")["envelope"], "margin": 1.2}}
+    tighter = {**verification_for("trained"), "envelope": {"margin": 1.2}}
     assert config_for(replace(m, verification=tighter)).margin == 1.2
     with pytest.raises(ManifestFormatError, match="not a VerifyConfig"):
         config_for(replace(m, verification={**tighter, "envelope": {"no_such_bound": 1.0}}))

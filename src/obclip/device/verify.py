@@ -62,8 +62,7 @@ error text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -117,8 +116,9 @@ class Envelope:
 def config_for(manifest: Manifest) -> VerifyConfig:
     """The checks for the device's engines, from their manifest's ``verification`` (written at export
     from the model's own files, so a copied engines folder verifies the same on any machine):
-    finite-only for random weights (the test suite's models), else the envelope with the bounds the
-    export recorded. A manifest without it (an older export) gets the full default envelope."""
+    finite-only for random weights (the test suite's models), else the envelope: VerifyConfig's
+    bounds, with any the manifest's ``envelope`` overrides. A manifest without ``verification`` (an
+    older export) gets the full default envelope."""
     v = manifest.verification
     if not v:
         return VerifyConfig()
@@ -127,13 +127,6 @@ def config_for(manifest: Manifest) -> VerifyConfig:
     except (TypeError, ValueError) as e:
         raise ManifestFormatError(f"{manifest.root / MANIFEST_NAME}: verification {v!r} is not a VerifyConfig "
                                   f"({e}); rerun export: python export/build_engines.py") from None
-
-
-def verification_for(weights: str) -> dict[str, Any]:
-    """The manifest's ``verification`` for a model whose weights are ``weights`` ("trained", "random" or
-    "unknown", from its ``obclip_model.json``): what the export writes and ``config_for`` reads back."""
-    bounds = {f.name: getattr(VerifyConfig(), f.name) for f in fields(VerifyConfig) if f.name != "statistics"}
-    return {"weights": weights, "statistics": weights != "random", "envelope": bounds}
 
 
 def envelope(schedule: Schedule, k: int, config: VerifyConfig = VerifyConfig(),

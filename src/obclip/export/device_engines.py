@@ -25,13 +25,12 @@ import numpy as np
 from diffusers import AutoencoderKL
 
 from obclip.cloud.models import from_pretrained, load_text_to_latent, model_schema, resolve_model_dir
-from obclip.device.verify import verification_for
 from obclip.runtime.locations import default_engines_root
 from obclip.runtime.manifest import Manifest, ManifestError, sha256_file
 
 from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule, export_component
 from .specs import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
-from .staging import model_fingerprint, model_label, model_weights, staged_folder
+from .staging import model_fingerprint, model_label, model_weights, staged_folder, verification_settings
 from .standard_folder import write_standard_files
 
 
@@ -85,7 +84,7 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
             latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
             default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
             schema=model_schema(model), files=files, precision="fp32", image_size=size_range,
-            verification=verification_for(model_weights(model)),
+            verification=verification_settings(model_weights(model)),
         )
         manifest.save(work)
     print(f"wrote {target / 'manifest.json'}")

@@ -65,3 +65,10 @@ def model_weights(model: str | Path) -> str:
     except (OSError, ValueError, AttributeError):
         return "unknown"
     return kind if kind in ("trained", "random") else "unknown"
+
+
+def verification_settings(weights: str) -> dict[str, object]:
+    """The device manifest's ``verification`` for a model whose weights are ``weights`` (``model_weights``):
+    statistics checks unless the weights are random; ``envelope`` empty, i.e. the bounds of the
+    ``device/verify.VerifyConfig`` that opens the folder (an entry there would override one)."""
+    return {"weights": weights, "statistics": weights != "random", "envelope": {}}

@@ -103,7 +103,7 @@ class Manifest:
     image_size: JSON | None = None         # device: {"min", "max", "multiple"} pixels of dynamic graphs; None: fixed
     variant_check: JSON = field(default_factory=dict)  # device: this variant against fp32 on a real trajectory
     # device: how the device checks cloud answers, decided at export from the model's own files:
-    # {"weights": "trained" | "random" | "unknown", "statistics": bool, "envelope": {VerifyConfig bound: value}};
+    # {"weights": "trained" | "random" | "unknown", "statistics": bool, "envelope": {VerifyConfig bound: override}};
     # absent in older manifests (the device then applies the full envelope: fail closed)
     verification: JSON = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
