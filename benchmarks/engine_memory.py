@@ -2,13 +2,16 @@
 
     python benchmarks/engine_memory.py --engines OUT/cloud [--model CLOUD_DIR] [--presets paper-k5,...]
                                        [--n 2] [--size 256] [--steps 25] [--threads T]
+                                       [--memory none|arena|shared] [--rounds 2]
 
 In one process, before torch is imported: the resident memory at start,
 after ``OrtEngine`` has opened the folder (manifest and hashes checked, the
 text encoder and every mode graph loaded as onnxruntime sessions over one
 memory-mapped ``weights.bin``), and after one request per preset through the
-onnxruntime backend. RSS is split as /proc reports it: RssFile (pages of
-mapped files: the shared weights, counted once however many sessions read
+onnxruntime backend, ``--rounds`` times (the first round's sessions are cold). ``--memory``: how
+the sessions allocate (none: no CPU arena, the serving default; arena: one arena per session;
+shared: one arena for all sessions, onnxruntime's environment allocator). RSS is split as /proc
+reports it: RssFile (pages of mapped files: the shared weights, counted once however many sessions read
 them) and RssAnon (the process's own memory: session state, activations);
 VmHWM is the peak. Then it checks that torch was never imported and, with
 ``--model``, runs the same requests on the torch backend and prints
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="image size in px (default %(default)s)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--memory", choices=("none", "arena", "shared"), default="none")
+    p.add_argument("--rounds", type=int, default=2, help="times every preset's request is run")
     args = p.parse_args(argv)
     if not 1 <= args.n <= len(CANDIDATES):
         p.error(f"--n must be between 1 and {len(CANDIDATES)}")
@@ -72,7 +77,8 @@ def main(argv=None) -> int:
     print(f"{'phase':46s} {'seconds':>8s} {'RSS MB':>9s} {'file MB':>9s} {'anon MB':>9s} {'peak MB':>9s}")
     row("start (obclip imported)")
     t0 = time.perf_counter()
-    engine = OrtEngine(args.engines, threads=args.threads)
+    engine = OrtEngine(args.engines, threads=args.threads, memory_arena=args.memory == "arena",
+                       shared_arena=args.memory == "shared")
     row(f"loaded: text encoder + {len(engine.manifest.modes)} mode graphs", time.perf_counter() - t0)
     weights = args.engines / "unet" / "weights.bin"
     print(f"weights.bin {weights.stat().st_size / 1e6:.1f} MB, shared by every mode session")
@@ -87,10 +93,12 @@ def main(argv=None) -> int:
         requests.append((name, StepsRequest(CANDIDATES[:args.n], 11, args.steps, acc.switch_step, 7.5,
                                             args.size, args.size, acceleration=acc)))
     got = {}
-    for name, request in requests:
-        t0 = time.perf_counter()
-        got[name] = runner.run(request)
-        row(f"after {name} (N={args.n}, {args.size} px, k={request.switch_step})", time.perf_counter() - t0)
+    for round_ in range(args.rounds):
+        for name, request in requests:
+            t0 = time.perf_counter()
+            got[name] = runner.run(request)
+            row(f"after {name} (round {round_ + 1}, N={args.n}, {args.size} px, k={request.switch_step})",
+                time.perf_counter() - t0)
     torch_free = "torch" not in sys.modules
     print(f"torch imported by the onnxruntime backend: {'no' if torch_free else 'YES'}")
 

@@ -1,6 +1,7 @@
 """Device-side verification of the cloud's whole answer (device/verify.py), through the real
 DevicePipeline with fake engines and a malicious fake transport: fast, no model needed."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,7 +31,7 @@ class FakeEngines:
     """Just enough of DeviceEngines for prepare/finish: eps = 0, a black image."""
 
     def __init__(self):
-        self.manifest = SimpleNamespace(scheduler_config=SD14_SOLVER_CONFIG.to_dict(), model_id="/nonexistent",
+        self.manifest = SimpleNamespace(scheduler_config=SD14_SOLVER_CONFIG.to_dict(), model_id="fake", verification={},
                                         schema=None, default_image_size=SIZE)
         self.tokenizer = FakeTokenizer()
         self.unet_calls = 0
@@ -168,10 +169,53 @@ def test_verify_answer_unit():
         VerifyConfig(margin=0)
 
 
-def test_random_weight_models_get_finite_checks_only(tmp_path):
-    (tmp_path / "obclip_model.json").write_text('{"weights": "random"}')
-    assert config_for(str(tmp_path)).statistics is False
-    assert config_for(str(tmp_path / "missing")).statistics is True
+def test_the_manifest_says_how_to_verify(engines_dir, tmp_path):
+    """Written at export from the model's own files: random weights -> finite checks only; an older
+    manifest without it -> the full envelope (fail closed); bounds the export recorded are used."""
+    import json
+    import shutil
+
+    from obclip.export.staging import verification_settings as verification_for
+    from obclip.runtime.manifest import Manifest, ManifestFormatError
+
+    m = Manifest.load(engines_dir)
+    assert m.verification == verification_for("random")  # the test models have random weights
+    assert config_for(m).statistics is False
+    assert config_for(replace(m, verification={})) == VerifyConfig()
+    assert config_for(replace(m, verification=verification_for("trained"))) == VerifyConfig()
+    assert config_for(replace(m, verification=verification_for("unknown"))).statistics is True
+    tighter = {**verification_for("trained"), "envelope": {"margin": 1.2}}
+    assert config_for(replace(m, verification=tighter)).margin == 1.2
+    with pytest.raises(ManifestFormatError, match="not a VerifyConfig"):
+        config_for(replace(m, verification={**tighter, "envelope": {"no_such_bound": 1.0}}))
+    shutil.copytree(engines_dir, tmp_path / "device")
+    d = json.loads((tmp_path / "device" / "manifest.json").read_text())
+    d["verification"] = {"weights": "random", "statistics": "no", "envelope": {}}
+    (tmp_path / "device" / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestFormatError, match="verification must be"):
+        Manifest.load(tmp_path / "device")
+
+
+def test_a_copied_engines_folder_verifies_the_same_without_its_model(model_dirs, tmp_path):
+    """Export, copy the folder elsewhere, delete the model it came from: the copy opens, names no
+    path of the build machine, and gets the same verification settings."""
+    import shutil
+
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.device.pipeline import DevicePipeline
+    from obclip.export.device_engines import build_device_engines
+
+    model = tmp_path / "build-machine" / "my-device-model"
+    shutil.copytree(model_dirs[1], model)
+    build_device_engines(str(model), tmp_path / "build-machine" / "out")
+    built = DevicePipeline(DeviceEngines(EngineConfig(str(tmp_path / "build-machine" / "out" / "device"))))
+    shutil.copytree(tmp_path / "build-machine" / "out", tmp_path / "app" / "engines")
+    shutil.rmtree(tmp_path / "build-machine")
+    copied = DevicePipeline(DeviceEngines(EngineConfig(str(tmp_path / "app" / "engines" / "device"))))
+    assert copied.verify_config == built.verify_config and copied.verify_config.statistics is False
+    manifest_text = (tmp_path / "app" / "engines" / "device" / "manifest.json").read_text()
+    assert "build-machine" not in manifest_text and str(tmp_path) not in manifest_text
+    assert copied.engines.manifest.model_id == "my-device-model"
 
 
 def test_a_long_typed_prompt_is_judged_by_its_candidates_only(pipeline):

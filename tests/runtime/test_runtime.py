@@ -96,3 +96,17 @@ def test_one_options_object(engines_dir):
         SessionConfig(optimization="max")
     with pytest.raises(ArtifactError, match="not found"):
         open_session(engines_dir / "missing.onnx")
+
+
+def test_one_shared_arena_for_every_session_that_asks(engines_dir):
+    """SessionConfig(shared_arena=True): sessions allocate from the process's one registered arena
+    (onnxruntime's environment allocator) and give the same results as without it."""
+    feed = {"latent_sample": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    path = engines_dir / "vae_decoder" / "model.onnx"
+    plain = open_session(path, SessionConfig(memory_arena=False)).run(None, feed)[0]
+    shared = [open_session(path, SessionConfig(shared_arena=True)) for _ in range(2)]
+    for session in shared:
+        assert session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+        np.testing.assert_array_equal(session.run(None, feed)[0], plain)
+    with pytest.raises(InputError, match="shared_arena"):
+        SessionConfig(shared_arena=True, memory_arena=False)

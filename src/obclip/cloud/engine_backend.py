@@ -41,12 +41,12 @@ from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_toke
 
 
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
-                   memory_arena: bool = False) -> SessionConfig:
+                   memory_arena: bool = False, shared_arena: bool = False) -> SessionConfig:
     """How the cloud's sessions are opened. A CPU arena per session keeps the largest activations it
     ever held, and there is a session per step mode, so with arenas a server's memory grows with every
     mode it has run (benchmarks/engine_memory.py measures it); without them it stays flat."""
     return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
-                         memory_arena=memory_arena)
+                         memory_arena=True if shared_arena else memory_arena, shared_arena=shared_arena)
 
 
 class NumpySolver:
@@ -149,7 +149,8 @@ class OrtEngine:
     """An exported cloud engines folder as a step engine (torch-free)."""
 
     def __init__(self, engines: str | Path, providers: str = "cpu", threads: int | None = None,
-                 model_id: str | None = None, optimization: str = "extended", memory_arena: bool = False):
+                 model_id: str | None = None, optimization: str = "extended", memory_arena: bool = False,
+                 shared_arena: bool = False):
         folder = Path(engines)
         manifest = Manifest.load(folder)   # fields, paths and every file's hash
         src = manifest.source or {}
@@ -171,7 +172,7 @@ class OrtEngine:
         self.vae_scale_factor = manifest.vae_scale_factor
         self.default_image_size = manifest.default_image_size
         self.latent_multiple = int(src.get("latent_multiple", 1))
-        config = session_config(providers, threads, optimization, memory_arena)
+        config = session_config(providers, threads, optimization, memory_arena, shared_arena)
         self.providers = config.providers
         self.tokenizer_json = (folder / manifest.tokenizer).read_text()
         self.tokenizer = ClipTokenizer(folder / manifest.tokenizer, manifest.text_max_length, manifest.pad_token_id,

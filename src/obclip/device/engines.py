@@ -22,6 +22,7 @@ class EngineConfig:
     engines_dir: str = "engines/device"           # folder holding manifest.json
     providers: tuple[str, ...] | str = ("CPUExecutionProvider",)   # names, short names, or "auto"
     threads: int | None = None                    # onnxruntime intra-op threads (None = its default)
+    allow_below_floor: bool = False               # open a variant whose export check failed (int8-qdq on request)
 
     def __post_init__(self) -> None:
         self.session_config()   # checks threads and the rest now, not when the engines open
@@ -36,4 +37,4 @@ class DeviceEngines(DeviceGraphs):
 
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
-        super().__init__(config.engines_dir, config.session_config())
+        super().__init__(config.engines_dir, config.session_config(), config.allow_below_floor)

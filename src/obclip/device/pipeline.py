@@ -141,7 +141,7 @@ class DevicePipeline:
         self.engines = engines
         self.solver_config = SolverConfig.from_scheduler_config(engines.manifest.scheduler_config)
         self._transforms: dict[TransformConfig, ObliviousTransform] = {}
-        self.verify_config = verify_config_for(engines.manifest.model_id)  # checks on every cloud answer
+        self.verify_config = verify_config_for(engines.manifest)  # checks on every cloud answer
 
     def _transform(self, config: TransformConfig) -> ObliviousTransform:
         # The model's own schema (from its manifest) unless the caller names one.

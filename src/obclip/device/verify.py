@@ -62,13 +62,12 @@ error text.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from obclip.runtime.errors import InputError, UntrustedAnswerError
+from obclip.runtime.manifest import MANIFEST_NAME, Manifest, ManifestFormatError
 from obclip.runtime.options import check_fields, option
 from obclip.runtime.protocol import Handoff
 from obclip.runtime.solver import Schedule
@@ -99,8 +98,8 @@ class VerifyConfig:
     peak: float = option(12.0, "largest |value| allowed, in units of the rms bound", gt=0)
     # The envelope assumes a trained model (latents at unit variance). A model with random
     # weights (the test suite's) predicts noise badly, so its trajectories leave the envelope;
-    # for it only the finiteness check applies. Decided from the device's own files, never
-    # from anything the server sends.
+    # for it only the finiteness check applies. Decided at export from the model's own files
+    # (the engines manifest's ``verification``), never from anything the server sends.
     statistics: bool = True
 
     def __post_init__(self) -> None:
@@ -114,16 +113,20 @@ class Envelope:
     peak: float
 
 
-def config_for(model_id: str) -> VerifyConfig:
-    """The checks for the device's model: finite-only when its own source folder says its
-    weights are random (``obclip_model.json`` written by ``write_random_model``), else the envelope."""
-    marker = Path(model_id) / "obclip_model.json"
+def config_for(manifest: Manifest) -> VerifyConfig:
+    """The checks for the device's engines, from their manifest's ``verification`` (written at export
+    from the model's own files, so a copied engines folder verifies the same on any machine):
+    finite-only for random weights (the test suite's models), else the envelope: VerifyConfig's
+    bounds, with any the manifest's ``envelope`` overrides. A manifest without ``verification`` (an
+    older export) gets the full default envelope."""
+    v = manifest.verification
+    if not v:
+        return VerifyConfig()
     try:
-        info = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
-    except (OSError, ValueError):
-        info = {}
-    random_weights = isinstance(info, dict) and info.get("weights") == "random"
-    return VerifyConfig(statistics=not random_weights)
+        return VerifyConfig(**v["envelope"], statistics=bool(v["statistics"]))
+    except (TypeError, ValueError) as e:
+        raise ManifestFormatError(f"{manifest.root / MANIFEST_NAME}: verification {v!r} is not a VerifyConfig "
+                                  f"({e}); rerun export: python export/build_engines.py") from None
 
 
 def envelope(schedule: Schedule, k: int, config: VerifyConfig = VerifyConfig(),

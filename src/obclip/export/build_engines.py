@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max abs ONNX-vs-torch difference allowed, relative to max(1, |output|)")
     p.add_argument("--device-precision", default="fp32",
                    help="comma-separated device variants to build: fp32 (always, <out>/device), fp16 "
-                        "(<out>/device-fp16), int8 (<out>/device-int8); each is checked against fp32")
+                        "(<out>/device-fp16), int8 (<out>/device-int8: dynamic int8 MatMuls, CPU providers), "
+                        "int8-qdq (<out>/device-int8-qdq: static QDQ only, for TensorRT and mobile NPUs); each "
+                        "is checked against fp32 and refused below its floor")
+    p.add_argument("--allow-below-floor", action="store_true",
+                   help="write a device variant that fails its check anyway, marked as failed in its manifest "
+                        "(the device runtime then opens it only with allow_below_floor=True)")
     add_cloud_arguments(p)
     return p
 
@@ -77,7 +82,8 @@ def export_device(args: argparse.Namespace, out: Path) -> None:
     """<out>/device, then the precision variants asked for."""
     precisions = device_variants.parse_precisions(args.device_precision)
     device_engines.build_device_engines(resolve_model_dir(args.device_model, "device"), out, args.tolerance)
-    device_variants.build_device_variants(out / "device", [p for p in precisions if p != "fp32"], out)
+    check = device_variants.VariantCheck(allow_below_floor=args.allow_below_floor)
+    device_variants.build_device_variants(out / "device", [p for p in precisions if p != "fp32"], out, check)
 
 
 def main(argv: list[str] | None = None) -> int:

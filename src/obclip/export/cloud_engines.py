@@ -63,7 +63,7 @@ from obclip.runtime.weights import SharedWeights
 
 from .onnx_export import TextEncoderModule, export_component, max_rel_diff, to_torch, trace
 from .specs import ModeGraphSpec, cross_kv_spec, request_spec, text_encoder_spec
-from .staging import model_fingerprint, staged_folder
+from .staging import model_fingerprint, model_label, staged_folder
 
 WEIGHTS = "unet/weights.bin"
 WEIGHTS_INDEX = "unet/weights.json"
@@ -413,7 +413,7 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
 
         c = lm.latent_channels
         manifest = Manifest(
-            side="cloud", model_id=str(model), components=comps, tokenizer="tokenizer/tokenizer.json",
+            side="cloud", model_id=model_label(model), components=comps, tokenizer="tokenizer/tokenizer.json",
             text_max_length=int(length), pad_token_id=int(lm.tokenizer.pad_token_id),
             latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
             default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),

@@ -183,8 +183,12 @@ def compare_graphs(fp32_dir: Path, fp16: Path, n: int = 3, seed: int = 0) -> dic
     rng = np.random.default_rng(seed)
     out: dict[str, float] = {}
 
-    ids = rng.integers(0, 1000, (n, a.text_max_length)).astype(np.int64)
-    te = [open_session(m.path_of("text_encoder")).run(None, {"input_ids": ids}) for m in (a, b)]
+    ids = rng.integers(0, 1000, (n, a.text_max_length))
+    te = []
+    for m in (a, b):
+        session = open_session(m.path_of("text_encoder"))
+        dtype = np.int64 if session.get_inputs()[0].type == "tensor(int64)" else np.int32  # int32 since issue 26
+        te.append(session.run(None, {"input_ids": ids.astype(dtype)}))
     out["text_encoder"] = _rel(te[1], te[0])
 
     shared = [SharedWeights.from_index(m.root / WEIGHTS, m.root / WEIGHTS_INDEX) for m in (a, b)]

@@ -1,14 +1,16 @@
-"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer).
+"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer, VAE encoder).
 
 Writes ``<out>/device/``: one ``model.onnx`` per component, ``tokenizer/tokenizer.json`` and
-``manifest.json`` (what ``runtime/graphs.py`` opens). Each graph is declared once
-(``export/specs.py``), traced, run once through onnxruntime on another batch and size and compared
-with torch; the max abs difference is printed and recorded, and an export that disagrees fails.
+``manifest.json`` (what ``runtime/graphs.py`` opens), in diffusers' ONNX layout
+(``export/standard_folder.py``: ``OnnxStableDiffusionPipeline.from_pretrained`` opens it too).
+Each graph is declared once (``export/specs.py``), traced, run once through onnxruntime on another
+batch and size and compared with torch; the max abs difference is printed and recorded, and an
+export that disagrees fails.
 The folder is built beside the target and moved into place at the end, so a failed export never
 leaves a half-written engine folder.
 
-Tensor names follow optimum's ONNX export, so tools that read those work:
-text encoder ``input_ids`` -> ``last_hidden_state``, ``pooler_output``;
+Tensor names and types follow optimum's ONNX export, so tools that read those work:
+text encoder ``input_ids`` (int32) -> ``last_hidden_state``, ``pooler_output``;
 UNet ``sample``, ``timestep``, ``encoder_hidden_states`` -> ``out_sample``;
 VAE decoder ``latent_sample`` -> ``sample``.
 """
@@ -26,9 +28,10 @@ from obclip.cloud.models import from_pretrained, load_text_to_latent, model_sche
 from obclip.runtime.locations import default_engines_root
 from obclip.runtime.manifest import Manifest, ManifestError, sha256_file
 
-from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, export_component
-from .specs import text_encoder_spec, unet_spec, vae_decoder_spec
-from .staging import model_fingerprint, staged_folder
+from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule, export_component
+from .specs import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .staging import model_fingerprint, model_label, model_weights, staged_folder, verification_settings
+from .standard_folder import write_standard_files
 
 
 def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
@@ -56,26 +59,32 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
         size_range = image_size_range(lm.unet, lm.vae_scale_factor, lm.default_image_size)
         m = size_range["multiple"] // lm.vae_scale_factor
         traced, checked = {"height": h, "width": w}, {"height": h + m, "width": w + 2 * m}
+
+        def pixels(latent: dict[str, int]) -> dict[str, int]:
+            return {"image_height": latent["height"] * lm.vae_scale_factor,
+                    "image_width": latent["width"] * lm.vae_scale_factor}
         text = text_encoder_spec(max_len, text_dim, lm.text_encoder.config.vocab_size)
         exports = (
             (TextEncoderModule(lm.text_encoder), text, {"batch": 1}, {"batch": 2}),
             (UNetModule(lm.unet), unet_spec(c, max_len, text_dim), {"batch": 2, **traced}, {"batch": 4, **checked}),
             (VaeDecoderModule(vae), vae_decoder_spec(c), {"batch": 1, **traced}, {"batch": 2, **checked}),
+            (VaeEncoderModule(vae), vae_encoder_spec(c), {"batch": 1, **pixels(traced)},
+             {"batch": 2, **pixels(checked)}),
         )
         comps = {spec.name: export_component(module, spec, work, spec.sample(trace, rng), spec.sample(check, rng),
                                              tolerance, optimise=True)
                  for module, spec, trace, check in exports}
-        # External-data files beside each graph (large models), hashed in the manifest too.
+        write_standard_files(work, lm, vae)  # diffusers' layout: model_index.json, configs, tokenizer
+        # Every other file (external data of large graphs, the layout's files) is hashed too.
         files = {str(f.relative_to(work)): sha256_file(f) for f in sorted(work.rglob("*"))
                  if f.is_file() and f.name != "model.onnx"}
-        (work / "tokenizer").mkdir()
-        lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
         manifest = Manifest(
-            side="device", model_id=str(model), components=comps, tokenizer="tokenizer/tokenizer.json",
+            side="device", model_id=model_label(model), components=comps, tokenizer="tokenizer/tokenizer.json",
             text_max_length=max_len, pad_token_id=int(lm.tokenizer.pad_token_id),
             latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
             default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
             schema=model_schema(model), files=files, precision="fp32", image_size=size_range,
+            verification=verification_settings(model_weights(model)),
         )
         manifest.save(work)
     print(f"wrote {target / 'manifest.json'}")
@@ -83,14 +92,15 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
 
 
 def ensure_engines(device_model: str, out: Path) -> Path:
-    """``<out>/device`` exported from a local device model dir, reused while its manifest names
-    that model and the model's files are unchanged (``source.json`` beside the manifest)."""
+    """``<out>/device`` exported from a local device model dir, reused while the model's files are
+    unchanged (their fingerprint in ``source.json`` beside the manifest; no path, so a moved model
+    with the same files reuses it)."""
     target = out / "device"
     model = Path(device_model).resolve()
-    want = {"model": str(model), "fingerprint": model_fingerprint(model)}
+    want = {"fingerprint": model_fingerprint(model)}
     try:
-        current = (Manifest.load(target).model_id == str(model)
-                   and json.loads((target / "source.json").read_text()) == want)
+        Manifest.load(target)
+        current = json.loads((target / "source.json").read_text()) == want
     except (ManifestError, OSError, ValueError):
         current = False
     if not current:  # missing, stale, or exported from another model or other weights

@@ -59,6 +59,18 @@ class VaeDecoderModule(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class VaeEncoderModule(torch.nn.Module):
+    """A VAE's encoder, as diffusers' ONNX pipelines take it: sample (image in [-1, 1]) -> latent_sample,
+    the posterior's mode (deterministic: the pipeline scales it by the VAE's factor itself)."""
+
+    def __init__(self, vae: Any):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> Any:
+        return self.vae.encode(sample, return_dict=False)[0].mode()
+
+
 def to_torch(feeds: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
 

@@ -90,7 +90,7 @@ class GraphSpec:
 
 def text_encoder_spec(text_length: int, text_dim: int, vocab_size: int) -> GraphSpec:
     return GraphSpec("text_encoder",
-                     (TensorSpec("input_ids", ("batch", text_length), "int64", "ids", vocab_size),),
+                     (TensorSpec("input_ids", ("batch", text_length), "int32", "ids", vocab_size),),
                      (TensorSpec("last_hidden_state", ("batch", text_length, text_dim)),
                       TensorSpec("pooler_output", ("batch", text_dim))))
 
@@ -106,6 +106,12 @@ def unet_spec(channels: int, text_length: int, text_dim: int) -> GraphSpec:
 def vae_decoder_spec(channels: int) -> GraphSpec:
     return GraphSpec("vae_decoder", (TensorSpec("latent_sample", ("batch", channels, "height", "width")),),
                      (TensorSpec("sample", ("batch", 3, "image_height", "image_width")),))
+
+
+def vae_encoder_spec(channels: int) -> GraphSpec:
+    """Not run by the device: diffusers' ONNX pipelines load one (img2img encodes with it)."""
+    return GraphSpec("vae_encoder", (TensorSpec("sample", ("batch", 3, "image_height", "image_width")),),
+                     (TensorSpec("latent_sample", ("batch", channels, "height", "width")),))
 
 
 # --- the cloud's step-mode graphs --------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,3 +38,37 @@ def model_fingerprint(model: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def model_label(model: str | Path) -> str:
+    """What a manifest's ``model_id`` says about the model it was exported from: a hub id as given, a
+    local folder by its name (the embedded pair as ``obclip-mini/<role>``), never a path on the
+    build machine (an app's engines folder must not depend on, or reveal, where it was built)."""
+    from obclip.cloud.models import DEFAULT_MODELS_DIR
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        return str(model)
+    path = path.resolve()
+    embedded = DEFAULT_MODELS_DIR.resolve()
+    if path.parent == embedded:
+        return f"{embedded.name}/{path.name}"
+    return path.name
+
+
+def model_weights(model: str | Path) -> str:
+    """"trained", "random" or "unknown": what the model folder's ``obclip_model.json`` says its
+    weights are (a hub id or a folder without that file: "unknown")."""
+    info = Path(model).expanduser() / "obclip_model.json"
+    try:
+        kind = json.loads(info.read_text(encoding="utf-8")).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return kind if kind in ("trained", "random") else "unknown"
+
+
+def verification_settings(weights: str) -> dict[str, object]:
+    """The device manifest's ``verification`` for a model whose weights are ``weights`` (``model_weights``):
+    statistics checks unless the weights are random; ``envelope`` empty, i.e. the bounds of the
+    ``device/verify.VerifyConfig`` that opens the folder (an entry there would override one)."""
+    return {"weights": weights, "statistics": weights != "random", "envelope": {}}

@@ -52,13 +52,15 @@ class TextEncoder:
             raise ArtifactError(f"a text encoder graph takes input_ids and returns last_hidden_state; this one has "
                                 f"{list(component.inputs)} -> {list(component.outputs)}; rerun export")
         self.session, self.component, self.tokenizer = session, component, tokenizer
+        # int32 (optimum's, what diffusers' ONNX pipeline feeds) in current exports, int64 in older ones
+        self.ids_dtype = np.int64 if session.get_inputs()[0].type == "tensor(int64)" else np.int32
 
     def __call__(self, input_ids: np.ndarray, outputs: Sequence[str] = ("last_hidden_state",)) -> dict[str, np.ndarray]:
         _check_shape("input_ids", input_ids, (None, self.tokenizer.max_length))
         unknown = [o for o in outputs if o not in self.component.outputs]
         if unknown:
             raise InputError(f"the text encoder has no outputs {unknown}; it has {list(self.component.outputs)}")
-        values = self.session.run(list(outputs), {"input_ids": input_ids.astype(np.int64, copy=False)})
+        values = self.session.run(list(outputs), {"input_ids": input_ids.astype(self.ids_dtype, copy=False)})
         return dict(zip(outputs, values))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -141,12 +143,17 @@ def fixed_latent_size(*sessions: ort.InferenceSession) -> tuple[int, int] | None
 class DeviceGraphs:
     """A device engines folder, opened: tokenizer, text encoder, UNet, VAE decoder and the sizes they run."""
 
-    def __init__(self, folder: str | Path, session: SessionConfig | None = None):
+    def __init__(self, folder: str | Path, session: SessionConfig | None = None, allow_below_floor: bool = False):
         session = SessionConfig() if session is None else session
         self.manifest = m = Manifest.load(folder)
         if m.side != "device":
             raise ManifestMismatchError(f"{folder} holds {m.side} engines; the device needs a device engines folder "
                                         "(OUT/device from python export/build_engines.py)")
+        if m.variant_check.get("passed") is False and not allow_below_floor:
+            raise ArtifactError(f"{folder} holds {m.precision} engines that failed their export check (worst prompt "
+                                f"{m.variant_check.get('image_psnr_min_db')} dB against fp32, floor "
+                                f"{m.variant_check.get('psnr_floor_db')} dB); ship another variant, or pass "
+                                "allow_below_floor=True to run it anyway")
         self.providers = resolve_providers(session.providers)
         config = replace(session, providers=self.providers)
         self.session_config = config

@@ -84,7 +84,7 @@ class Component:
 @dataclass(frozen=True)
 class Manifest:
     side: str                              # "device" or "cloud"
-    model_id: str                          # where the weights came from
+    model_id: str                          # the model's name (never a path on the build machine)
     components: dict[str, Component]       # device: text_encoder, unet, vae_decoder; cloud: text_encoder, unet/<mode>
     tokenizer: str                         # tokenizer.json, relative path
     text_max_length: int                   # 77 for CLIP
@@ -99,9 +99,13 @@ class Manifest:
     files: JSON = field(default_factory=dict)   # other files (shared weights) -> sha256
     source: JSON | None = None             # cloud: model fingerprint, precision, export version, latent multiple
     # device variants (export/device_variants.py); older manifests load with these defaults
-    precision: str = "fp32"                # "fp32", "fp16" or "int8": how the device graphs store weights
+    precision: str = "fp32"                # "fp32", "fp16", "int8", "int8-qdq": how the device graphs store weights
     image_size: JSON | None = None         # device: {"min", "max", "multiple"} pixels of dynamic graphs; None: fixed
     variant_check: JSON = field(default_factory=dict)  # device: this variant against fp32 on a real trajectory
+    # device: how the device checks cloud answers, decided at export from the model's own files:
+    # {"weights": "trained" | "random" | "unknown", "statistics": bool, "envelope": {VerifyConfig bound: override}};
+    # absent in older manifests (the device then applies the full envelope: fail closed)
+    verification: JSON = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
     format: str = MANIFEST_FORMAT
 
@@ -293,7 +297,7 @@ def _from_dict(d: Any, path: Path, folder: Path) -> Manifest:
     )
 
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 
 
 def _device_fields(d: Mapping[str, Any], path: Path, vae_scale: int) -> dict[str, Any]:
@@ -310,7 +314,25 @@ def _device_fields(d: Mapping[str, Any], path: Path, vae_scale: int) -> dict[str
             raise _fail(path, f"image_size {size} must have min <= max, both multiples of multiple, "
                               f"itself a multiple of vae_scale_factor {vae_scale}")
     return {"precision": precision, "image_size": size,
-            "variant_check": _dict(d, "variant_check", path, optional=True)}
+            "variant_check": _dict(d, "variant_check", path, optional=True),
+            "verification": _verification(d, path)}
+
+
+WEIGHT_KINDS = ("trained", "random", "unknown")
+
+
+def _verification(d: Mapping[str, Any], path: Path) -> JSON:
+    v = _dict(d, "verification", path, optional=True)
+    if not v:
+        return {}
+    if set(v) != {"weights", "statistics", "envelope"} or v["weights"] not in WEIGHT_KINDS \
+            or not isinstance(v["statistics"], bool) or not isinstance(v["envelope"], dict):
+        raise _fail(path, f"verification must be {{weights: one of {WEIGHT_KINDS}, statistics: true/false, "
+                          f"envelope: {{bound: number}}}}, got {v!r}")
+    for key, bound in v["envelope"].items():
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
+            raise _fail(path, f"verification envelope {key!r} must be a finite number > 0, got {bound!r}")
+    return v
 
 
 # --- paths and hashes -------------------------------------------------------------------

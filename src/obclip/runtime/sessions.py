@@ -113,11 +113,17 @@ class SessionConfig:
     optimization: str | None = None         # "disabled", "basic", "extended", "all"; None: onnxruntime's default
     memory_arena: bool | None = None        # the CPU memory arena; None: onnxruntime's default (on)
     prepacking: bool = True                 # False: no per-session prepacked copies of shared weights
+    # One CPU arena for every session of the process that sets this (onnxruntime's environment
+    # allocator): sessions run one at a time reuse each other's freed blocks, so memory follows the
+    # largest single run instead of growing by one arena per session (per step mode in the cloud).
+    shared_arena: bool = False
 
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise InputError(f"threads={self.threads!r} must be a positive integer or None (onnxruntime's default)")
+        if self.shared_arena and self.memory_arena is False:
+            raise InputError("shared_arena=True is an arena: leave memory_arena at None or True")
         if self.optimization is not None and self.optimization not in OPTIMIZATION_LEVELS:
             raise InputError(f"optimization={self.optimization!r} must be one of {sorted(OPTIMIZATION_LEVELS)} "
                              "or None (onnxruntime's default)")
@@ -132,7 +138,23 @@ class SessionConfig:
             options.enable_cpu_mem_arena = self.memory_arena
         if not self.prepacking:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.shared_arena:
+            register_shared_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         return options
+
+
+_SHARED_ARENA: list[bool] = []
+
+
+def register_shared_arena() -> None:
+    """Register the process's one shared CPU arena with onnxruntime's environment, once."""
+    if _SHARED_ARENA:
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    # max memory 0 (no limit), default extend strategy (-1), initial chunk and dead bytes per chunk default (-1)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+    _SHARED_ARENA.append(True)
 
 
 def open_session(path: str | Path, config: SessionConfig = SessionConfig(), *,
