@@ -60,12 +60,12 @@ def guidance_embedding(guidance_scale: float, dim: int) -> np.ndarray:
     as its SDXL pipeline calls it): float32 [dim]."""
     if dim < 2:
         raise InputError(f"a guidance embedding needs at least 2 channels, got {dim}")
-    w = np.float32((guidance_scale - 1.0) * 1000.0)
+    # float64, then float32: the arguments reach ~1e4 rad, where a float32 sin is off by ~1e-3 and
+    # numpy's and torch's float32 kernels differ; the cloud and the device both read these numbers.
+    w = (guidance_scale - 1.0) * 1000.0
     half = dim // 2
-    scale = np.float32(math.log(10000.0) / (half - 1))
-    freqs = np.exp(np.arange(half, dtype=np.float32) * -scale)
-    emb = w * freqs
-    out = np.concatenate([np.sin(emb), np.cos(emb)]).astype(np.float32)
+    freqs = np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000.0) / (half - 1)))
+    out = np.concatenate([np.sin(w * freqs), np.cos(w * freqs)]).astype(np.float32)
     if dim % 2:
         out = np.pad(out, (0, 1))
     return out
