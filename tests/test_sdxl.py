@@ -193,3 +193,26 @@ def test_lcm_refuses_what_changes_unconditional_rows(unets):
     unet = unets["lcm-sdxl-tiny"]
     with pytest.raises(InputError, match="merge_step0_uncond .* guidance-embedding UNet"):
         _steps(unet, AccelerationConfig.none(2).replace(merge_step0_uncond=True), [StepMode.FULL])
+
+
+# --- the cloud step loop ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec_name", ["sdxl-tiny", "lcm-sdxl-tiny"])
+def test_cloud_steps_equal_the_single_process_reference(tmp_path, spec_name):
+    """The cloud's torch step loop (text encoders, added inputs, solver) over all T steps ends where the
+    reference run (diffusers' forward, diffusers' scheduler) does, for every candidate."""
+    from obclip.cloud.models import load_text_to_latent
+    from obclip.cloud.reference import hybrid_reference_latent
+    from obclip.cloud.steps import CloudStepRunner
+    from obclip.runtime.protocol import StepsRequest
+
+    lm = load_text_to_latent(str(write_random_model(spec_name, tmp_path / "m", seed=0)))
+    cands = ("a photo of a woman", "a photo of a man")
+    request = StepsRequest(candidates=cands, seed=3, num_inference_steps=4, switch_step=4, guidance_scale=G,
+                           height=64, width=64)
+    result = CloudStepRunner(lm).run(request)
+    for i, prompt in enumerate(cands):
+        ref = hybrid_reference_latent(lm, lm, cloud_prompt=prompt, device_prompt=prompt, seed=3,
+                                      num_inference_steps=4, switch_step=4, guidance_scale=G, height=64, width=64)
+        assert np.allclose(result.latents[i], ref[0].numpy(), atol=1e-4), np.abs(result.latents[i] - ref[0].numpy()).max()
