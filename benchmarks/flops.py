@@ -411,7 +411,8 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
     per_pass_off = [name for name, p in per_pass.items()
                     if p["ratio"] is not None and abs(p["ratio"] - 1) > UNACCELERATED_TOLERANCE]
     return {
-        "settings": {"family": family, "cloud": cloud, "devices": list(devices), "presets": list(presets), "N": list(ns),
+        "settings": {"family": family, "cloud": cloud, "devices": list(devices), "presets": list(presets),
+                     "N": list(ns),
                      "T": num_steps, "latent": "x".join(map(str, latent)), "text_len": 77,
                      "guidance_scale": c.guidance_scale, "exhaustive": c.exhaustive},
         "per_pass": per_pass,
@@ -435,8 +436,9 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     out = []
     w = out.append
-    w(f"ObCLIP server FLOPs: {s['cloud']} cloud, T={s['T']}, latent {s['latent']} (512 px for SD), text "
-      f"{s['text_len']} tokens, classifier-free guidance (2 rows per prompt per step)")
+    w(f"ObCLIP server FLOPs ({s.get('family', 'sd')} family): {s['cloud']} cloud, T={s['T']}, latent {s['latent']} "
+      f"(x8 px), text {s['text_len']} tokens, classifier-free guidance (2 rows per prompt per step; a "
+      "guidance-embedding UNet, LCM: 1)")
     w("  MAC(paper): multiply-adds of conv + linear + ONE attention matmul (= half of all attention-matmul")
     w("              MACs); device (BK-SDM) rows: conv + linear only, the paper's device convention")
     w("  FLOP(all):  2 FLOPs per multiply-add, every conv and matmul, BOTH attention matmuls (device rows too)")

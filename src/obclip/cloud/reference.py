@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from obclip.runtime.conditioning import TIMESTEP_COND
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import make_plan
-
-from obclip.runtime.conditioning import TIMESTEP_COND
 
 from .models import TextToLatentModel
 from .torch_backend import make_scheduler
