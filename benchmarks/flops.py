@@ -2,6 +2,7 @@
 
     python benchmarks/flops.py [--json] [--plot PATH.png] [--n 2 4 6 30] [--exhaustive]
                                [--presets NAME ...] [--config LABEL='{"switch_step": 10, ...}' ...]
+                               [--family sd|sdxl|lcm-sdxl]
 
 Every number is counted by ``cloud.flops`` (torch's FlopCounterMode) while
 full-size UNets run on the meta device (shapes only, no arithmetic): plain
@@ -28,6 +29,12 @@ optionally ``LABEL=`` before it): its server cost at every ``--n`` is printed
 after the presets and listed under ``configs`` in ``--json``. ``--presets``
 with no name leaves the preset tables out.
 
+``--family`` picks a model family at the paper's sizes (``FAMILIES``): SD-v1.4 + BK-SDM at 512 px
+(the default), SDXL + Koala-700m at 1024 px (T = 25, the paper presets), LCM-SDXL + Koala-700m at
+1024 px (8 steps, the paper's k = 4, r = 2). SDXL-family UNets get their added inputs (pooled text,
+size conditioning; LCM's guidance embedding); a guidance-embedding UNet (LCM) runs one row per
+prompt, not two. Every row of ``--json`` carries the family.
+
 Only the paper's own numbers (docs/method.md, section 6) are
 hard-coded, as references.
 """
@@ -44,7 +51,8 @@ import torch
 
 from obclip.cloud.flops import FlopBreakdown, FlopCounter, meta_unet, step_flops
 from obclip.cloud.modes import mode_spec
-from obclip.cloud.step_modes import MissingCacheError
+from obclip.cloud.step_modes import MissingCacheError, unet_conditioning
+from obclip.runtime.conditioning import TIMESTEP_COND
 from obclip.runtime.plan import PRESETS, AccelerationConfig, PlannedStep, make_plan
 
 TERA = 1e12
@@ -74,6 +82,17 @@ PAPER_T = 25  # the table's T
 PAPER_CLOUD, PAPER_DEVICE = "sd-v1.4", "bk-sdm-small"
 UNACCELERATED_TOLERANCE = 0.01
 
+# The paper's model families (docs/models.md): cloud, devices, T, and the presets counted (None: every
+# named preset of runtime/plan.py). LCM-SDXL: the paper's k = 4, r = 2 over 8 steps; it names no block
+# skip point, so s = k (no skip step in the cloud).
+FAMILIES = {
+    "sd": {"cloud": "sd-v1.4", "devices": ("bk-sdm-small", "bk-sdm-tiny"), "steps": 25, "presets": None},
+    "sdxl": {"cloud": "sdxl", "devices": ("koala-700m",), "steps": 25,
+             "presets": {name: PRESETS[name] for name in ("paper-k5", "paper-k10")}},
+    "lcm-sdxl": {"cloud": "lcm-sdxl", "devices": ("koala-700m",), "steps": 8,
+                 "presets": {"lcm-k4-r2": AccelerationConfig(4, 2, 4)}},
+}
+
 # The ObCLIP server variants, from a preset: (key, label, config).
 VARIANTS = ("obclip", "cache", "cache_reuse", "exact")
 VARIANT_LABELS = {
@@ -84,7 +103,7 @@ VARIANT_LABELS = {
 }
 
 
-def variant_config(variant: str, preset: AccelerationConfig) -> AccelerationConfig:
+def variant_config(variant: str, preset: AccelerationConfig, guided: bool = True) -> AccelerationConfig:
     if variant == "obclip":
         return AccelerationConfig.none(preset.switch_step)
     if variant == "cache":
@@ -92,7 +111,8 @@ def variant_config(variant: str, preset: AccelerationConfig) -> AccelerationConf
     if variant == "cache_reuse":
         return preset
     if variant == "exact":
-        return preset.replace(cross_kv_once=True, merge_step0_uncond=True)
+        # A guidance-embedding UNet (LCM) has no unconditional rows to merge.
+        return preset.replace(cross_kv_once=True, merge_step0_uncond=guided)
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 
@@ -150,6 +170,9 @@ class StepCounter:
             self.unets[name] = meta_unet(name)
         return self.unets[name]
 
+    def guided(self, name: str) -> bool:
+        return unet_conditioning(self.unet(name)).guided
+
     def _inputs(self, name: str, n: int):
         unet = self.unet(name)
         c = unet.config
@@ -161,16 +184,28 @@ class StepCounter:
         t = torch.tensor(999, device=dev)
         return unet, x, cond, uncond, t
 
+    def _added(self, name: str, rows: int) -> dict:
+        """The UNet's added inputs (SDXL family), ``rows`` rows each, on the meta device."""
+        widths = unet_conditioning(self.unet(name)).added_widths()
+        return {k: torch.empty(rows, w, device=torch.device("meta")) for k, w in widths.items()}
+
     def plain_step(self, name: str, n: int) -> FlopBreakdown:
-        """One classifier-free-guided step of a plain UNet over 2n rows (as cloud.torch_backend.guided_eps)."""
+        """One classifier-free-guided step of a plain UNet over 2n rows (as cloud.reference.reference_eps);
+        n rows for a guidance-embedding UNet (LCM)."""
         key = (name, n)
         if key not in self.plain:
             unet, x, cond, uncond, t = self._inputs(name, n)
             with torch.no_grad(), FlopCounter() as fc:
-                eps = unet(torch.cat([x, x]), t,
-                           encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond])).sample
-                e_u, e_c = eps.chunk(2)
-                e_u + self.guidance_scale * (e_c - e_u)
+                if self.guided(name):
+                    added = self._added(name, 2 * n)
+                    eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond]),
+                               added_cond_kwargs=added).sample
+                    e_u, e_c = eps.chunk(2)
+                    e_u + self.guidance_scale * (e_c - e_u)
+                else:
+                    added = self._added(name, n)
+                    unet(x, t, encoder_hidden_states=cond, timestep_cond=added.pop(TIMESTEP_COND),
+                         added_cond_kwargs=added)
             self.passes += 1
             self.plain[key] = fc.breakdown
         return self.plain[key]
@@ -208,7 +243,7 @@ class StepCounter:
             text = torch.cat([uncond, cond])
         self._remember(self.setup, (name, n, _cost_flags(config)), fc.breakdown, "request setup")
         inputs = ModeInputs(x=x, timestep=t, text=text, guidance_scale=self.guidance_scale, sizes=(n,),
-                            alignment=(None,))
+                            alignment=(None,), added=self._added(name, n + 1))
         known, run = set(self.steps), []   # the steps whose cost is not known yet, up to the last of them
         for i, key in enumerate(keys):
             if skip_known and all(k in known for k in keys[i:]):
@@ -234,6 +269,7 @@ class Row:
     paper_macs: float              # in MACs, the paper's convention (device: no attention)
     flops: float                   # 2 per MAC, every matmul
     paper: float | None = None     # the paper's number, T
+    family: str = "sd"
 
     @property
     def ratio(self) -> float | None:
@@ -248,7 +284,7 @@ class Row:
         return ""
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "label": self.label, "kind": self.kind,
+        return {"family": self.family, "key": self.key, "label": self.label, "kind": self.kind,
                 "paper_macs_T": self.paper_macs / TERA, "flops_T": self.flops / TERA,
                 "paper_T": self.paper, "ratio": self.ratio, "check": self.check or None}
 
@@ -271,20 +307,24 @@ def _device(b: FlopBreakdown) -> tuple[float, float]:
 
 def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), presets=("paper-k5", "paper-k10"),
             ns=(2, 4, 6, 30), num_steps: int = 25, variants=VARIANTS, exhaustive: bool = False,
-            counter: StepCounter | None = None, configs=()) -> dict:
+            counter: StepCounter | None = None, configs=(), family: str = "sd",
+            preset_table: dict[str, AccelerationConfig] | None = None) -> dict:
     """Count everything and lay out the table. Returns a JSON-able dict.
 
-    ``configs``: extra (label, AccelerationConfig) pairs whose server cost is counted at every N."""
+    ``configs``: extra (label, AccelerationConfig) pairs whose server cost is counted at every N.
+    ``preset_table``: where the ``presets`` names are looked up (default: runtime/plan.py's PRESETS)."""
     started = time.perf_counter()
+    table = PRESETS if preset_table is None else preset_table
     c = counter or StepCounter(exhaustive=exhaustive)
     per_pass = {}
     for name in (cloud, *devices):
-        plain1 = c.plain_step(name, 1)  # 2 rows: one guided step = two passes of batch 1
+        plain1 = c.plain_step(name, 1)  # one guided step = two passes of batch 1 (LCM: one)
+        passes = 2 if c.guided(name) else 1
         conv, ref = PAPER_PER_PASS_G.get(name, (None, None))
-        ours = getattr(plain1, "paper_macs" if conv != "no_attention" else "no_attention_macs") / 2
-        per_pass[name] = {"paper_macs_G": plain1.paper_macs / 2 / 1e9,
-                          "no_attention_macs_G": plain1.no_attention_macs / 2 / 1e9,
-                          "all_macs_G": plain1.macs / 2 / 1e9, "flops_G": plain1.flops / 2 / 1e9,
+        ours = getattr(plain1, "paper_macs" if conv != "no_attention" else "no_attention_macs") / passes
+        per_pass[name] = {"paper_macs_G": plain1.paper_macs / passes / 1e9,
+                          "no_attention_macs_G": plain1.no_attention_macs / passes / 1e9,
+                          "all_macs_G": plain1.macs / passes / 1e9, "flops_G": plain1.flops / passes / 1e9,
                           "paper_G": ref, "paper_convention": conv,
                           "ratio": None if ref is None else ours / 1e9 / ref}
 
@@ -293,13 +333,14 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
     latent = (cfg0.in_channels, cfg0.sample_size, cfg0.sample_size)
     blocks, per_step, mismatches = [], {}, []
     # Larger k first: its plan meets every mode the smaller one has.
-    for pname in sorted(presets, key=lambda p: -PRESETS[p].switch_step):
-        preset = PRESETS[pname]
+    for pname in sorted(presets, key=lambda p: -table[p].switch_step):
+        preset = table[pname]
         k = preset.switch_step
         for n in ns:
             rows = []
             def add(key, label, kind, pair, device=None, rows=rows, k=k, n=n):
-                rows.append(Row(key, label, kind, pair[0], pair[1], _paper(key, k, n, cloud, device, num_steps)))
+                rows.append(Row(key, label, kind, pair[0], pair[1], _paper(key, k, n, cloud, device, num_steps),
+                                family))
 
             add("cloud_only", f"{cloud} cloud only (one image, {num_steps} guided steps)", "unaccelerated",
                 _serve(cloud1 * num_steps))
@@ -308,7 +349,7 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
             server = {}
             steps_out = {}
             for v in variants:
-                cfg = variant_config(v, preset)
+                cfg = variant_config(v, preset, c.guided(cloud))
                 setup, costs = c.plan_steps(cloud, n, cfg, num_steps)
                 server[v] = setup + sum(b for _, b in costs)
                 steps_out[v] = [{"index": s.index, "mode": s.mode.value, "paper_macs": b.paper_macs,
@@ -343,13 +384,13 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
     # One entry per named preset and N: its server cost as defined (the preset's own config).
     preset_costs = []
     for pname in presets:
-        config = PRESETS[pname]
+        config = table[pname]
         for n in ns:
             setup, costs = c.plan_steps(cloud, n, config, num_steps)
             server_cost = setup + sum(b for _, b in costs)
             hybrid = cloud1 * config.switch_step
             preset_costs.append({
-                "preset": pname, "n": n, "k": config.switch_step, "r": config.cache_step,
+                "family": family, "preset": pname, "n": n, "k": config.switch_step, "r": config.cache_step,
                 "s": config.skip_step, "T": num_steps, "cloud": cloud, "config": config.to_dict(),
                 "paper_tmacs": server_cost.paper_macs / 1e12, "tflops": server_cost.flops / 1e12,
                 "hybrid_sd_paper_tmacs": hybrid.paper_macs / 1e12,
@@ -361,7 +402,7 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
             server_cost = setup + sum(b for _, b in costs)
             hybrid = cloud1 * config.switch_step
             config_costs.append({
-                "label": label, "n": n, "k": config.switch_step, "T": num_steps, "cloud": cloud,
+                "family": family, "label": label, "n": n, "k": config.switch_step, "T": num_steps, "cloud": cloud,
                 "config": config.to_dict(), "paper_tmacs": server_cost.paper_macs / 1e12,
                 "tflops": server_cost.flops / 1e12, "ratio_to_hybrid_sd": server_cost.paper_macs / hybrid.paper_macs,
                 "steps": [{"index": st.index, "mode": st.mode.value, "spec": mode_spec(config, st.index).name,
@@ -370,7 +411,8 @@ def compute(cloud: str = "sd-v1.4", devices=("bk-sdm-small", "bk-sdm-tiny"), pre
     per_pass_off = [name for name, p in per_pass.items()
                     if p["ratio"] is not None and abs(p["ratio"] - 1) > UNACCELERATED_TOLERANCE]
     return {
-        "settings": {"cloud": cloud, "devices": list(devices), "presets": list(presets), "N": list(ns),
+        "settings": {"family": family, "cloud": cloud, "devices": list(devices), "presets": list(presets),
+                     "N": list(ns),
                      "T": num_steps, "latent": "x".join(map(str, latent)), "text_len": 77,
                      "guidance_scale": c.guidance_scale, "exhaustive": c.exhaustive},
         "per_pass": per_pass,
@@ -394,8 +436,9 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     out = []
     w = out.append
-    w(f"ObCLIP server FLOPs: {s['cloud']} cloud, T={s['T']}, latent {s['latent']} (512 px for SD), text "
-      f"{s['text_len']} tokens, classifier-free guidance (2 rows per prompt per step)")
+    w(f"ObCLIP server FLOPs ({s.get('family', 'sd')} family): {s['cloud']} cloud, T={s['T']}, latent {s['latent']} "
+      f"(x8 px), text {s['text_len']} tokens, classifier-free guidance (2 rows per prompt per step; a "
+      "guidance-embedding UNet, LCM: 1)")
     w("  MAC(paper): multiply-adds of conv + linear + ONE attention matmul (= half of all attention-matmul")
     w("              MACs); device (BK-SDM) rows: conv + linear only, the paper's device convention")
     w("  FLOP(all):  2 FLOPs per multiply-add, every conv and matmul, BOTH attention matmuls (device rows too)")
@@ -491,14 +534,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument("--plot", metavar="PATH.png", help="per-step FLOPs plot (needs matplotlib)")
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 6, 30])
-    p.add_argument("--presets", nargs="*", default=sorted(PRESETS), choices=sorted(PRESETS),
-                   help="named presets to count (default: all of them; none: only the --config ones)")
+    p.add_argument("--presets", nargs="*", choices=sorted(PRESETS),
+                   help="named presets to count (default: the family's, for sd all of them; none: only the "
+                        "--config ones)")
     p.add_argument("--config", action="append", default=[], metavar="[LABEL=]JSON",
                    help="an acceleration setting (AccelerationConfig fields as JSON) to count at every --n; "
                         "repeatable")
-    p.add_argument("--devices", nargs="+", default=["bk-sdm-small", "bk-sdm-tiny"])
-    p.add_argument("--cloud", default="sd-v1.4")
-    p.add_argument("--steps", type=int, default=25, help="T")
+    p.add_argument("--family", default="sd", choices=sorted(FAMILIES),
+                   help="model family at the paper's sizes: its cloud, devices, T and presets (FAMILIES)")
+    p.add_argument("--devices", nargs="+", help="device UNets (default: the family's)")
+    p.add_argument("--cloud", help="cloud UNet (default: the family's)")
+    p.add_argument("--steps", type=int, help="T (default: the family's)")
     p.add_argument("--exhaustive", action="store_true",
                    help="run every cloud step of every plan (slower) and check the per-mode memo")
     args = p.parse_args(argv)
@@ -506,8 +552,14 @@ def main(argv=None) -> int:
         configs = [parse_config(text) for text in args.config]
     except ValueError as e:
         p.error(str(e))
-    result = compute(args.cloud, tuple(args.devices), tuple(args.presets), tuple(args.n), args.steps,
-                     exhaustive=args.exhaustive, configs=configs)
+    fam = FAMILIES[args.family]
+    table = fam["presets"]
+    presets = args.presets if args.presets is not None else sorted(table if table is not None else PRESETS)
+    if args.presets is not None:
+        table = None   # named presets of runtime/plan.py
+    result = compute(args.cloud or fam["cloud"], tuple(args.devices or fam["devices"]), tuple(presets),
+                     tuple(args.n), args.steps or fam["steps"], exhaustive=args.exhaustive, configs=configs,
+                     family=args.family, preset_table=table)
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:

@@ -37,7 +37,7 @@ class ModeSteps:
     [1, L, D], ``alignment`` or None) or a batch of requests (sequences of each), as
     ``with ModeSteps(...) as steps: steps.guided_eps(x, t, step)``."""
 
-    def __init__(self, unet, config, *, cond, uncond, guidance_scale, alignment=None):
+    def __init__(self, unet, config, *, cond, uncond, guidance_scale, alignment=None, added=None):
         conds = [cond] if torch.is_tensor(cond) else list(cond)
         unconds = [uncond] * len(conds) if torch.is_tensor(uncond) else list(uncond)
         alignments = [alignment] * len(conds) if alignment is None or isinstance(alignment, TokenAlignment) \
@@ -47,6 +47,7 @@ class ModeSteps:
         self.text = torch.cat([t for u, c in zip(unconds, conds) for t in (u, c)])   # [empty, cands] per request
         self.alignment = tuple(None if al is None else AlignmentTensors.partitioned(al, self.text.device)
                                for al in alignments)
+        self.added = added   # the UNet's added inputs, one row per text ([empty, cands] per request)
         self.caches: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> ModeSteps:
@@ -65,7 +66,8 @@ class ModeSteps:
     def guided_eps(self, x, t, step):
         spec = mode_spec(self.config, step.index, step.mode)
         inputs = ModeInputs(x=x, timestep=t if torch.is_tensor(t) else torch.tensor(t), text=self.text,
-                            guidance_scale=self.guidance_scale, sizes=self.sizes, alignment=self.alignment)
+                            guidance_scale=self.guidance_scale, sizes=self.sizes, alignment=self.alignment,
+                            added=self.added)
         eps, writes = run_mode(self.unet, spec, inputs, self.caches)
         self.caches.update(writes)
         return eps

@@ -284,3 +284,24 @@ def test_benchmark_memo_holds_for_the_new_options_and_text_projections(config):
     bench = load_benchmark("flops")
     counted = [bench.StepCounter(exhaustive=e).plan_steps("mini-small", 3, config, 10) for e in (False, True)]
     assert counted[0] == counted[1]
+
+
+@pytest.mark.parametrize("family, cloud, guided", [("sdxl", "sdxl-tiny", True), ("lcm-sdxl", "lcm-sdxl-tiny", False)])
+def test_benchmark_counts_the_sdxl_family_through_run_mode(family, cloud, guided):
+    """SDXL-family UNets with their added inputs: a FULL step through run_mode costs the plain UNet's
+    (no problems), the accelerations save work, every row names its family, and LCM runs one row per
+    prompt (no guidance rows)."""
+    bench = load_benchmark("flops")
+    table = {"k4": AccelerationConfig(4, 2, 3)}
+    result = bench.compute(cloud, devices=("koala-700m-tiny",), presets=("k4",), ns=(3,), num_steps=8,
+                           family=family, preset_table=table)
+    assert result["problems"] == [] and result["settings"]["family"] == family
+    rows = {r["key"]: r for r in result["blocks"][0]["rows"]}
+    assert {r["family"] for r in rows.values()} == {family}
+    assert rows["cache_reuse"]["paper_macs_T"] < rows["obclip"]["paper_macs_T"]
+    assert rows["exact"]["paper_macs_T"] <= rows["cache_reuse"]["paper_macs_T"]
+    counter = bench.StepCounter()
+    one = counter.plain_step(cloud, 1).flops
+    assert counter.plain_step(cloud, 2).flops == pytest.approx(2 * one, rel=0.01)
+    unet_pass = result["per_pass"][cloud]["flops_G"] * 1e9
+    assert unet_pass == pytest.approx(one / (2 if guided else 1))

@@ -7,8 +7,10 @@ from obclip.cloud.models import build_unet, load_clip_tokenizer, load_text_to_la
 from obclip.runtime.errors import InputError
 from obclip.runtime.tokenizer import ClipTokenizer
 
-# docs/method.md's parameter counts (millions), to the precision the paper gives.
+# docs/method.md's parameter counts (millions), to the precision the paper gives; SDXL's and KOALA's
+# from the KOALA paper's Table (arXiv 2312.04005: 2,567M, 1,161M, 782M; docs/models.md).
 PAPER_PARAMS_M = {"sd-v1.4": 859.5, "bk-sdm-small": 482.3, "bk-sdm-tiny": 323.3}
+KOALA_PAPER_PARAMS_M = {"sdxl": 2567, "koala-1b": 1161, "koala-700m": 782}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
@@ -17,6 +19,30 @@ def test_named_unet_configs_match_the_papers_sizes(name):
         unet = build_unet(name)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     assert abs(params - PAPER_PARAMS_M[name]) < 0.1, f"{name}: {params:.2f} M"
+
+
+@pytest.mark.parametrize("name", sorted(KOALA_PAPER_PARAMS_M))
+def test_sdxl_family_configs_match_the_published_sizes(name):
+    with torch.device("meta"):
+        unet = build_unet(name)
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    assert int(params) == KOALA_PAPER_PARAMS_M[name], f"{name}: {params:.2f} M"   # the paper truncates
+
+
+def test_sdxl_family_topology():
+    """SDXL: no attention in the first stage, transformer depth 2 and 10; KOALA: the deepest stage cut,
+    one layer per encoder stage, 700m without a mid block; LCM-SDXL: SDXL plus the guidance embedding."""
+    with torch.device("meta"):
+        sdxl, k700, k1b, lcm = (build_unet(n) for n in ("sdxl", "koala-700m", "koala-1b", "lcm-sdxl"))
+    depth = [[len(a.transformer_blocks) for a in getattr(b, "attentions", [])] for b in sdxl.down_blocks]
+    assert depth == [[], [2, 2], [10, 10]] and len(sdxl.mid_block.attentions[0].transformer_blocks) == 10
+    assert [[len(a.transformer_blocks) for a in getattr(b, "attentions", [])] for b in k700.down_blocks] == [
+        [], [2], [5]]
+    assert k700.mid_block is None and k1b.mid_block is not None
+    assert [len(b.resnets) for b in k1b.up_blocks] == [2, 2, 2]
+    assert lcm.config.time_cond_proj_dim == 256 and sdxl.config.time_cond_proj_dim is None
+    extra = sum(p.numel() for p in lcm.parameters()) - sum(p.numel() for p in sdxl.parameters())
+    assert extra == 256 * 320   # the guidance embedding's projection into the time embedding
 
 
 def test_bk_sdm_small_has_no_mid_block_and_one_layer_per_block():

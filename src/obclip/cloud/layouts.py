@@ -4,6 +4,7 @@
     MergedRows   [uncond x 1, cond x N]                      merge_step0_uncond's step (every latent is z_T's)
     CondRows     [cond x N]                                  frozen guidance: eps_uncond = eps_cond + residual
     PivotRows    [uncond of candidate 0, cond of candidate 0]  a pivot-only step
+    UnguidedRows [cond x N]                                  a UNet without classifier-free guidance (LCM)
 
 per request, concatenated per guidance half for a batch of requests: [uncond of request 0, ..., of
 R-1, cond of request 0, ...]. Caches are always stored in the full layout (``to_full``/``from_full``).
@@ -186,9 +187,34 @@ class PivotRows(Rows):
         return u, c
 
 
-def rows_for(spec: ModeSpec, sizes: tuple[int, ...] | None, x: Tensor) -> Rows:
-    """The layout of a step in the spec's mode."""
+class UnguidedRows(CondRows):
+    """A guidance-embedding UNet (LCM-SDXL): the conditional rows are all there is, and its caches are
+    stored in this layout (every step of such a model has it)."""
+
+    def to_full(self, t: Tensor) -> Tensor:
+        return t
+
+    def from_full(self, t: Tensor) -> Tensor:
+        return t
+
+    def pivot_texts(self, t: Tensor) -> Tensor:
+        """Each request's candidate 0 (there is no unconditional group)."""
+        return t[1:2] if self.one else torch.cat([t[a + 1:a + 2] for a in self.t_off])
+
+    def halves(self, eps: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        return eps, eps   # guided eps = eps_u + w (eps_c - eps_u) = eps exactly
+
+
+def rows_for(spec: ModeSpec, sizes: tuple[int, ...] | None, x: Tensor, guided: bool = True) -> Rows:
+    """The layout of a step in the spec's mode (``guided``: the UNet takes classifier-free guidance)."""
     pivot = spec.mode is StepMode.PIVOT
+    if not guided:
+        used = [name for name, on in (("merge_step0_uncond", spec.merged), ("frozen_guidance", spec.frozen_guidance
+                                      or spec.write_residual), ("pivot_only_steps", pivot)) if on]
+        if used:
+            raise InputError(f"{', '.join(used)} change the unconditional rows, which a guidance-embedding UNet "
+                             "(LCM) does not have; turn them off for this model")
+        return UnguidedRows(sizes, x)
     if spec.merged + spec.frozen_guidance + pivot > 1:
         raise InputError("a step's rows are merged, conditional-only or pivot-only, not several of them")
     kind = PivotRows if pivot else CondRows if spec.frozen_guidance else MergedRows if spec.merged else FullRows

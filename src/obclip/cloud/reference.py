@@ -5,17 +5,43 @@ Hybrid SD's way: one scheduler, one loop over all T steps, the cloud UNet
 (conditioned on the device prompt) for the rest. A split ObCLIP run (cloud
 k steps -> wire bytes -> device T-k steps in numpy + onnxruntime) must end on
 the same latent; tests compare the two.
+
+Each UNet is called through diffusers' own forward with the conditioning its
+family takes (``TextToLatentModel.encode_texts`` / ``added_inputs``: SDXL's
+pooled text and size conditioning, LCM's guidance embedding, which runs the
+conditional rows only).
 """
 
 from __future__ import annotations
 
 import torch
 
+from obclip.runtime.conditioning import TIMESTEP_COND
 from obclip.runtime.noise import initial_noise
 from obclip.runtime.plan import make_plan
 
 from .models import TextToLatentModel
-from .torch_backend import guided_eps, make_scheduler
+from .torch_backend import make_scheduler
+
+
+def reference_eps(model: TextToLatentModel, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                  added: dict[str, torch.Tensor], guidance_scale: float) -> torch.Tensor:
+    """One plain UNet evaluation (diffusers' forward) for latents ``x`` [b, ...] and the rows
+    ``text``/``added`` of [empty prompt, prompt_1..prompt_b]: classifier-free guided, or (a
+    guidance-embedding UNet) the conditional prediction."""
+    b = x.shape[0]
+    if not model.conditioning.guided:
+        rest = {k: v[1:] for k, v in added.items() if k != TIMESTEP_COND}
+        return model.unet(x, t, encoder_hidden_states=text[1:], timestep_cond=added[TIMESTEP_COND][1:],
+                          added_cond_kwargs=rest).sample
+
+    def rows(a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a[:1].expand(b, *a.shape[1:]), a[1:]])
+
+    eps = model.unet(torch.cat([x, x]), t, encoder_hidden_states=rows(text),
+                     added_cond_kwargs={k: rows(v) for k, v in added.items()}).sample
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 @torch.no_grad()
@@ -30,13 +56,13 @@ def hybrid_reference_latent(cloud: TextToLatentModel, device: TextToLatentModel,
 
     texts = {}
     for side, model, prompt in (("cloud", cloud, cloud_prompt), ("device", device, device_prompt)):
-        emb = model.encode_prompts([prompt, ""])
-        texts[side] = (emb[:1], emb[1:])
+        emb, from_text = model.encode_texts(["", prompt])
+        texts[side] = (emb, model.added_inputs(["", prompt], from_text, height, width, guidance_scale))
 
     for step in plan.steps:
         model = cloud if step.side == "cloud" else device
-        cond, uncond = texts[step.side]
+        text, added = texts[step.side]
         t = scheduler.timesteps[step.index]
-        eps = guided_eps(model.unet, x, t, cond, uncond, guidance_scale, step)
+        eps = reference_eps(model, x, t, text, added, guidance_scale)
         x = scheduler.step(eps, t, x).prev_sample
     return x

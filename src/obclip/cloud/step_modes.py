@@ -28,6 +28,11 @@ The modes:
     PIVOT       candidate 0 only: rows [uncond of candidate 0, cond of candidate 0] per request, its
                 guided eps for every candidate (their latents are identical then); writes no cache
 
+SDXL-family UNets also take added inputs (``runtime/conditioning.py``: ``text_embeds``, ``time_ids``
+and, for LCM's guidance embedding, ``timestep_cond``), one row per text like ``inputs.text`` and
+mapped to UNet rows the same way. A guidance-embedding UNet (LCM) runs the conditional rows only
+(``layouts.UnguidedRows``): its eps is the conditional prediction.
+
 A frozen-guidance step (``spec.frozen_guidance``) runs the conditional rows only,
 [cond x N]: its unconditional eps is eps_cond + ``guid/residual``, which every
 step that evaluates both halves stores when the option is on (``write_residual``).
@@ -58,6 +63,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from obclip.runtime.conditioning import TIMESTEP_COND, Conditioning
 from obclip.runtime.errors import InputError
 from obclip.runtime.plan import SkipVariant
 
@@ -116,6 +122,7 @@ class ModeInputs:
     guidance_scale: float | Tensor
     sizes: tuple[int, ...] | None = None                       # N_r per request; None: one request, N from x
     alignment: Sequence[AlignmentTensors | None] | None = None  # per request, batch reuse only
+    added: Mapping[str, Tensor] | None = None   # the UNet's added inputs, one row per text like ``text``
 
 
 # --- attention ------------------------------------------------------------------------
@@ -309,16 +316,15 @@ def _check_supported(name: str, attn: Any) -> None:
                          "run this model without acceleration")
 
 
+def unet_conditioning(unet: Any) -> Conditioning:
+    """The UNet's family (``runtime.conditioning``); other added conditions are refused by name."""
+    if unet.config.center_input_sample:
+        raise InputError("the accelerated UNet pass does not implement center_input_sample")
+    return Conditioning.from_unet_config(unet.config)
+
+
 def check_unet(unet: Any) -> None:
-    c = unet.config
-    extras = {
-        "class_embed_type": c.class_embed_type, "addition_embed_type": c.addition_embed_type,
-        "encoder_hid_dim_type": c.encoder_hid_dim_type, "center_input_sample": c.center_input_sample or None,
-        "time_cond_proj_dim": c.time_cond_proj_dim,
-    }
-    used = {k: v for k, v in extras.items() if v is not None}
-    if used:
-        raise InputError(f"the accelerated UNet pass implements SD-style UNets only; this one sets {used}")
+    unet_conditioning(unet)
 
 
 def attention_modules(unet: Any) -> dict[str, Any]:
@@ -353,11 +359,17 @@ def run_mode(unet: Any, spec: ModeSpec, inputs: ModeInputs,
     if slot is None:
         with processors_installed(unet):
             return run_mode(unet, spec, inputs, caches)
-    layout = rows_for(spec, inputs.sizes, inputs.x)
+    cond = unet_conditioning(unet)
+    given = dict(inputs.added or {})
+    if set(given) != set(cond.added_inputs):
+        raise InputError(f"this UNet takes the added inputs {list(cond.added_inputs)}, got {sorted(given)}")
+    layout = rows_for(spec, inputs.sizes, inputs.x, guided=cond.guided)
+    added = {name: layout.text_rows(value) for name, value in given.items()}
     writes: dict[str, Tensor] = {}
     slot.current = p = _Pass(spec, layout, inputs, caches, writes)
     try:
-        eps = _unet_pass(unet, spec, p, layout.unet_rows(inputs.x), inputs.timestep, layout.text_rows(inputs.text))
+        eps = _unet_pass(unet, spec, p, layout.unet_rows(inputs.x), inputs.timestep, layout.text_rows(inputs.text),
+                         added)
         residual = p.read(RESIDUAL, "the guidance residual") if spec.frozen_guidance else None
     finally:
         slot.current = None
@@ -383,8 +395,9 @@ def skip_res_count(unet: Any) -> int:
     return 1 + sum(len(b.resnets) + (1 if b.downsamplers is not None else 0) for b in unet.down_blocks)
 
 
-def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Tensor, text: Tensor) -> Tensor:
-    """UNet2DConditionModel.forward for SD-style UNets, written out so the
+def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Tensor, text: Tensor,
+               added: Mapping[str, Tensor]) -> Tensor:
+    """UNet2DConditionModel.forward for SD- and SDXL-family UNets, written out so the
     encoder can be skipped (Faster Diffusion) or cut short (DeepCache)."""
     # Up blocks need explicit sizes when the latent is not a multiple of the total downscale.
     up_factor = 2 ** unet.num_upsamplers
@@ -392,7 +405,12 @@ def _unet_pass(unet: Any, spec: ModeSpec, p: _Pass, sample: Tensor, timestep: Te
 
     # non_blocking: a few bytes staged to the GPU without waiting for its queue
     timestep = timestep.to(sample.device, non_blocking=True).reshape(-1)
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep.expand(sample.shape[0])))
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep.expand(sample.shape[0])),
+                              added.get(TIMESTEP_COND))
+    # SDXL's text_time embedding (pooled text + size conditioning); None for SD UNets.
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=dict(added))
+    if aug is not None:
+        emb = emb + aug
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
 

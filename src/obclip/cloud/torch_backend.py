@@ -89,12 +89,20 @@ class TorchBatch:
         self.guidance: float | torch.Tensor = (
             self.guidance_scale if self.engine.compile_mode is None
             else torch.tensor([self.guidance_scale], device=model.unet.device, dtype=model.unet.dtype))
-        # One text-encoder call for every request: [cands of request 0, ..., cands of request R-1, ""].
+        # One text-encoder call for every request: [cands of request 0, ..., cands of request R-1, ""],
+        # reordered to [empty, cands] per request.
         self.sizes = tuple(len(c) for c in self.candidates)
+        texts = [c for cands in self.candidates for c in cands] + [""]
         with torch.no_grad():
-            emb = model.encode_prompts([c for cands in self.candidates for c in cands] + [""])
-        uncond, conds = emb[-1:], torch.split(emb[:-1], list(self.sizes))
-        self.text = torch.cat([t for c in conds for t in (uncond, c)])   # [empty, cands] per request
+            emb, from_text = model.encode_texts(texts)
+        order, o = [], 0
+        for n in self.sizes:
+            order += [len(texts) - 1, *range(o, o + n)]
+            o += n
+        self.text = emb[order]
+        self.texts = [texts[i] for i in order]
+        self.from_text = {name: value[order] for name, value in from_text.items()}
+        self.added: dict[str, torch.Tensor] = {}
         self.alignment = tuple(None if al is None else AlignmentTensors.partitioned(al, emb.device)
                                for al in self.alignments)
         self._installed = processors_installed(model.unet)
@@ -107,14 +115,18 @@ class TorchBatch:
             installed.__exit__(*exc)
 
     def latents(self, z: np.ndarray) -> torch.Tensor:
-        unet = self.engine.model.unet
-        return torch.from_numpy(z).to(device=unet.device, dtype=unet.dtype)
+        model = self.engine.model
+        # The size conditioning (SDXL's time_ids) is the image size's, which the latents give exactly.
+        f = model.vae_scale_factor
+        self.added = model.added_inputs(self.texts, self.from_text, z.shape[-2] * f, z.shape[-1] * f,
+                                        self.guidance_scale)
+        return torch.from_numpy(z).to(device=model.unet.device, dtype=model.unet.dtype)
 
     @torch.no_grad()
     def run(self, spec: ModeSpec, x: torch.Tensor, t: Any,
             caches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         inputs = ModeInputs(x=x, timestep=t, text=self.text, guidance_scale=self.guidance,
-                            sizes=self.sizes, alignment=self.alignment)
+                            sizes=self.sizes, alignment=self.alignment, added=self.added)
         return self.engine.run_mode(spec, inputs, caches)
 
     def numpy(self, x: torch.Tensor) -> np.ndarray:
