@@ -38,7 +38,7 @@ from obclip.runtime.tokenizer import ClipTokenizer
 from obclip.runtime.weights import SharedWeights
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
-from .steps import NumpySolver
+from .numpy_solver import NumpySolver
 
 
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",

@@ -15,7 +15,7 @@ torch definition on a loaded model with diffusers' DPM-Solver++ (LCM: the
 runtime's numpy solver, as diffusers' LCMScheduler draws its own noise);
 ``OrtEngine`` (``cloud/engine_backend.py``) runs the exported graphs of the
 same definition in onnxruntime with the runtime's numpy solver
-(``NumpySolver``), without torch. This module imports neither.
+(``cloud/numpy_solver.py``), without torch. This module imports neither.
 
 Several requests with the same T, k, size, guidance scale and acceleration run
 as one batch (``run_batch``): their rows are concatenated through the UNet and
@@ -25,7 +25,7 @@ it would get alone (to float rounding).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ from obclip.runtime.errors import InputError
 from obclip.runtime.noise import initial_noise, step_noise
 from obclip.runtime.plan import AccelerationConfig, PlannedStep
 from obclip.runtime.protocol import RequestLimits, StepsRequest, encode_handoff
-from obclip.runtime.solver import DPM_SOLVER, initial_state, injects_noise, make_schedule, solver_config, solver_step
+from obclip.runtime.solver import DPM_SOLVER, injects_noise
 
 from .modes import ModeSpec, TextTokens, TokenAlignment, align_tokens, mode_spec
 
@@ -57,28 +57,6 @@ class Solver(Protocol):
     def state(self) -> tuple[np.ndarray, int, int]:
         """(last data prediction as float32 numpy, lower_order_nums, step_index)."""
         ...
-
-
-class NumpySolver:
-    """runtime.solver's solver of one kind, stepping every row of the batch (numpy in, numpy out)."""
-
-    def __init__(self, scheduler_config: Mapping[str, Any], num_inference_steps: int, kind: str = DPM_SOLVER):
-        self.config = solver_config(kind, scheduler_config)
-        self.schedule = make_schedule(self.config, num_inference_steps)
-        self.timesteps = tuple(int(t) for t in self.schedule.timesteps)
-        self._state = initial_state()
-
-    def timestep(self, index: int) -> int:
-        return self.timesteps[index]
-
-    def step(self, eps: np.ndarray, x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        x, self._state = solver_step(self.schedule, self.config, self._state, eps, x, noise)
-        return x
-
-    def state(self) -> tuple[np.ndarray, int, int]:
-        s = self._state
-        assert s.prev_x0 is not None, "no cloud step ran"
-        return s.prev_x0.astype(np.float32), s.lower_order_nums, s.step_index
 
 
 class EngineBatch(Protocol):

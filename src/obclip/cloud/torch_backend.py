@@ -25,8 +25,8 @@ from obclip.runtime.solver import DPM_SOLVER, LCM, make_schedule, solver_config
 
 from .models import TextToLatentModel
 from .modes import ModeSpec, TextTokens, TokenAlignment, text_tokens
+from .numpy_solver import NumpySolver
 from .step_modes import AlignmentTensors, ModeInputs, processors_installed, run_mode
-from .steps import NumpySolver
 
 # Compiled graphs per engine (modes x shapes) before torch falls back to running eagerly.
 COMPILED_GRAPHS_LIMIT = 512

@@ -92,8 +92,20 @@ def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:
                          f"supported: {', '.join(map(repr, choices))}")
 
 
-def _check_noise_schedule(config: SolverConfig | LCMConfig) -> None:
-    """The training noise schedule's fields, shared by both solvers' configs."""
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The fields both solvers' configs share: the training noise schedule (diffusers' keys) and
+    what the model predicts. Defaults are SD-v1.4's."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+
+
+def _check_noise_schedule(config: NoiseSchedule) -> None:
+    """Check (and normalise) the noise-schedule fields of a solver config."""
     if not _is_int(config.num_train_timesteps) or config.num_train_timesteps < 2:
         raise InputError(f"num_train_timesteps must be an int >= 2, got {config.num_train_timesteps!r}")
     for key in ("beta_start", "beta_end"):
@@ -121,7 +133,7 @@ def _read_scheduler_config(config: Mapping[str, Any], unsupported: Mapping[str, 
 
 
 @dataclass(frozen=True)
-class SolverConfig:
+class SolverConfig(NoiseSchedule):
     """The subset of diffusers' DPMSolverMultistepScheduler config we support.
 
     Defaults are what ``DPMSolverMultistepScheduler.from_config`` makes of
@@ -131,11 +143,6 @@ class SolverConfig:
 
     kind: ClassVar[str] = DPM_SOLVER
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
     timestep_spacing: str = "linspace"
     steps_offset: int = 1
     solver_order: int = 2
@@ -195,7 +202,7 @@ _LCM_SIGMA_DATA = 0.5
 
 
 @dataclass(frozen=True)
-class LCMConfig:
+class LCMConfig(NoiseSchedule):
     """The subset of diffusers' LCMScheduler config we support; defaults are ``LCMScheduler()``'s.
 
     ``original_inference_steps`` is the distillation grid (50 steps: timesteps 19, 39, ..., 999)
@@ -205,11 +212,6 @@ class LCMConfig:
 
     kind: ClassVar[str] = LCM
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
 
@@ -300,7 +302,7 @@ def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     return np.asarray(np.where(np.arange(n) < n // 2, from_start, from_end))
 
 
-def _train_alphas_cumprod(config: SolverConfig | LCMConfig) -> np.ndarray:
+def _train_alphas_cumprod(config: NoiseSchedule) -> np.ndarray:
     """diffusers' float32 ``alphas_cumprod`` over the training timesteps."""
     n = config.num_train_timesteps
     if config.beta_schedule == "linear":
