@@ -60,6 +60,27 @@ def test_run_batch_equals_each_request_alone(cloud_runner, acceleration):
     _assert_same(cloud_runner.run_batch(requests[::-1]), alone[::-1], tol=1e-5)
 
 
+@pytest.mark.parametrize("acceleration", [None, AccelerationConfig(4, 2, 2, pivot_only_steps=1, cross_kv_once=True,
+                                                                     merge_step0_uncond=True)],
+                         ids=["exact", "pivot-merged"])
+def test_lcm_batch_equals_each_request_alone(cloud_runner, acceleration):
+    """Each request of an LCM batch gets its own seed's step noise, repeated over its candidates."""
+    requests = _requests(acceleration, k=4, solver="lcm")
+    alone = [cloud_runner.run(r) for r in requests]
+    assert all(a.lower_order_nums == 0 for a in alone)
+    _assert_same(cloud_runner.run_batch(requests), alone, tol=1e-5)
+
+
+def test_lcm_keeps_the_exact_extras_exact(cloud_runner):
+    """Merging the unconditional rows at step p = 1 assumes every candidate's latent is still the same
+    after the pivot-only step 0: it is, because LCM's injected noise is one draw for all candidates."""
+    base = AccelerationConfig(4, 2, 2, pivot_only_steps=1)
+    for plain, merged in zip(_requests(base, k=4, solver="lcm"),
+                             _requests(base.replace(merge_step0_uncond=True, cross_kv_once=True), k=4, solver="lcm")):
+        a, b = cloud_runner.run(plain), cloud_runner.run(merged)
+        assert float(np.abs(a.latents - b.latents).max() / np.abs(a.latents).max()) <= 1e-5
+
+
 def test_run_is_the_batch_of_one(cloud_runner):
     r = _requests()[0]
     a, (b,) = cloud_runner.run(r), cloud_runner.run_batch([r])
@@ -69,12 +90,13 @@ def test_run_is_the_batch_of_one(cloud_runner):
 def test_unbatchable_requests_are_refused_naming_the_field(cloud_runner):
     a, b, _ = _requests()
     for field, value in (("num_inference_steps", 12), ("switch_step", 4), ("height", 32), ("width", 32),
-                         ("guidance_scale", 5.0), ("acceleration", preset("paper-k5"))):
+                         ("guidance_scale", 5.0), ("acceleration", preset("paper-k5")), ("solver", "lcm")):
         other = replace(b, **{field: value})
         with pytest.raises(ValueError, match=f"their {field} differ"):
             cloud_runner.run_batch([a, other])
-    # wire_dtype only changes the encoding: batchable
+    # wire_dtype only changes the encoding, the device timestep shift only the device's steps: batchable
     assert CloudStepRunner.batch_key(a) == CloudStepRunner.batch_key(replace(a, wire_dtype="float16"))
+    assert CloudStepRunner.batch_key(a) == CloudStepRunner.batch_key(replace(a, device_timestep_shift=8))
     with pytest.raises(ValueError, match="at least one"):
         cloud_runner.run_batch([])
 

@@ -261,6 +261,20 @@ def test_cli_generates_a_png(service_url, engines_dir, tmp_path, capsys):
     assert "device steps [" in captured.err and "2/2" in captured.err  # the progress bar
 
 
+def test_cli_runs_lcm_with_the_device_timestep_shift_over_http(service_url, engines_dir, tmp_path, capsys):
+    from obclip.device.generate import main
+
+    out = tmp_path / "lcm.png"
+    code = main([PROMPT, "--server", service_url, "--out", str(out), "--engines", str(engines_dir),
+                 "--solver", "lcm", "-k", "4", "--acceleration", "paper-lcm-k4", "--device-timestep-shift", "8",
+                 "--seed", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "solver: lcm dt=8  T=8  k=4" in captured.out   # T defaults to LCM's 8
+    assert "4/4" in captured.err
+
+
 def test_cli_errors_are_clear(engines_dir, tmp_path, capsys):
     from obclip.device.generate import main
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from obclip.device.oblivious import ObliviousError, TransformConfig
 from obclip.device.pipeline import GenerationConfig, Method
+from obclip.runtime.plan import preset
 from obclip.runtime.protocol import StepsRequest
 from obclip.runtime.tokenizer import PromptTooLongError
 
@@ -36,6 +37,16 @@ def test_request_bytes_do_not_depend_on_the_real_candidate(device_pipeline, temp
         seen_indices.add(other.real_index)
     assert seen_indices == set(range(prepared.request.n))  # each member finds itself
     assert prepared.candidate_set.candidates[prepared.real_index] in prepared.request.candidates
+
+
+@pytest.mark.parametrize("prompt", ["a photo of an elderly lady", "portrait of an asian man smiling"])
+def test_lcm_request_bytes_do_not_depend_on_the_real_candidate(device_pipeline, prompt):
+    config = GenerationConfig(seed=3, num_inference_steps=8, switch_step=4, solver="lcm", device_timestep_shift=8,
+                              acceleration=preset("paper-lcm-k4"))
+    prepared = device_pipeline.prepare(prompt, config)
+    assert prepared.request.solver == "lcm" and prepared.request.device_timestep_shift == 8
+    for member in prepared.candidate_set.candidates:
+        assert device_pipeline.prepare(member, config).request_bytes == prepared.request_bytes
 
 
 def test_the_request_holds_nothing_but_the_candidate_set_and_options(device_pipeline):
@@ -100,6 +111,13 @@ def test_bad_inputs_are_refused_clearly(device_pipeline, prompt, config, error, 
 def test_k_over_T_is_refused():
     with pytest.raises(ValueError, match="switch_step k=30 must be in 0..T=25"):
         GenerationConfig(switch_step=30)
+
+
+def test_bad_solver_or_shift_is_refused():
+    with pytest.raises(ValueError, match="unknown solver 'euler'"):
+        GenerationConfig(solver="euler")
+    with pytest.raises(ValueError, match="device_timestep_shift must be an int"):
+        GenerationConfig(device_timestep_shift=8.0)
 
 
 def test_candidate_cap_is_refused_before_sending(device_pipeline):

@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 
 import obclip.device.pipeline as pipeline_module
+import obclip.runtime.denoise as denoise_module
 from obclip.cloud.reference import hybrid_reference_latent
 from obclip.device.pipeline import GenerationConfig, Method
+from obclip.runtime.errors import InputError
+from obclip.runtime.noise import step_noise
+from obclip.runtime.plan import LCM_PAPER_STEPS
 from obclip.runtime.protocol import decode_handoff
-from obclip.runtime.solver import SolverState
+from obclip.runtime.solver import DPM_SOLVER, LCM, SolverState
 
 PROMPT = "a photo of an elderly woman wearing glasses"   # typed wording; the cloud sees "old"
 T = 25
@@ -20,12 +24,12 @@ def split_latent(device_pipeline, cloud_runner, config, prompt=PROMPT):
     return prepared, handoff, device_pipeline.finish(prepared, handoff, config)
 
 
-def reference(cloud_model, device_torch_model, prepared, k):
+def reference(cloud_model, device_torch_model, prepared, k, solver=DPM_SOLVER, steps=T, shift=0):
     cloud_prompt = prepared.candidate_set.candidates[prepared.real_index]
     return hybrid_reference_latent(
         cloud_model, device_torch_model, cloud_prompt=cloud_prompt, device_prompt=prepared.prompt,
-        seed=prepared.seed, num_inference_steps=T, switch_step=k, guidance_scale=7.5,
-        height=prepared.height, width=prepared.width).numpy()
+        seed=prepared.seed, num_inference_steps=steps, switch_step=k, guidance_scale=7.5,
+        height=prepared.height, width=prepared.width, solver=solver, device_timestep_shift=shift).numpy()
 
 
 @pytest.mark.parametrize("k", [0, pytest.param(5, marks=pytest.mark.slow), 10,
@@ -77,3 +81,53 @@ def test_fp16_wire_effect_is_small_and_measured(device_pipeline, cloud_runner):
     assert 0 < latent_diff < 5e-2
     assert psnr > 35
 
+
+
+# LCM (T = 8, the paper's LCM-SDXL setting) and the device timestep shift dt, for both solvers.
+SOLVER_CASES = [(LCM, LCM_PAPER_STEPS, k, 0) for k in (0, 2, 4, 8)] + [
+    (LCM, LCM_PAPER_STEPS, 4, 8), (LCM, LCM_PAPER_STEPS, 1, 8), (DPM_SOLVER, T, 10, 8), (DPM_SOLVER, T, 5, -8)]
+
+
+@pytest.mark.parametrize("solver, steps, k, shift", SOLVER_CASES)
+def test_split_equals_single_process_for_each_solver(solver, steps, k, shift, device_pipeline, cloud_runner,
+                                                     cloud_model, device_torch_model):
+    config = GenerationConfig(method=Method.OBCLIP, num_inference_steps=steps, switch_step=k, seed=1234,
+                              solver=solver, device_timestep_shift=shift)
+    prepared, handoff, latent = split_latent(device_pipeline, cloud_runner, config)
+    if k > 0:
+        assert prepared.request.solver == solver and prepared.request.device_timestep_shift == shift
+        decoded = decode_handoff(handoff, prepared.request,
+                                 device_pipeline.engines.latent_shape(prepared.height, prepared.width))
+        assert decoded.lower_order_nums == (0 if solver == LCM else min(k, 2))
+    want = reference(cloud_model, device_torch_model, prepared, k, solver, steps, shift)
+    diff = float(np.abs(latent - want).max())
+    assert diff <= 1e-3, f"{solver} T={steps} k={k} dt={shift}: split differs from the single process by {diff:.2e}"
+    if shift and k < steps:  # the shift is applied: the unshifted reference is elsewhere
+        unshifted = reference(cloud_model, device_torch_model, prepared, k, solver, steps, 0)
+        moved = float(np.abs(latent - unshifted).max())
+        print(f"{solver} k={k}: dt={shift} moves the final latent by {moved:.2e} (max abs)")
+        assert moved > 10 * max(diff, 1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_lcm_device_noise_must_be_the_clouds(k, device_pipeline, cloud_runner, cloud_model, device_torch_model,
+                                             monkeypatch):
+    """The device draws the noise of its own LCM steps from the request's seed; noise from any other
+    stream moves the result a lot, so the split check above would catch a device drawing its own."""
+    config = GenerationConfig(method=Method.OBCLIP, num_inference_steps=LCM_PAPER_STEPS, switch_step=k, seed=1234,
+                              solver=LCM)
+    prepared, handoff, _ = split_latent(device_pipeline, cloud_runner, config)
+    want = reference(cloud_model, device_torch_model, prepared, k, LCM, LCM_PAPER_STEPS)
+    monkeypatch.setattr(denoise_module, "step_noise", lambda seed, i, shape: step_noise(seed + 1, i, shape))
+    other = device_pipeline.finish(prepared, handoff, config)
+    assert float(np.abs(other - want).max()) > 1e-1
+
+
+def test_shift_out_of_the_trained_range_is_refused_before_sending(device_pipeline):
+    # Device-only LCM starts at t = 999: dt = 8 would give the UNet 1007.
+    config = GenerationConfig(method=Method.DEVICE_ONLY, num_inference_steps=LCM_PAPER_STEPS, seed=1, solver=LCM,
+                              device_timestep_shift=8)
+    with pytest.raises(InputError, match="outside the model's trained range"):
+        device_pipeline.prepare(PROMPT, config)
+    with pytest.raises(InputError, match="at most 50 steps"):
+        device_pipeline.prepare(PROMPT, GenerationConfig(num_inference_steps=51, switch_step=5, solver=LCM))

@@ -147,6 +147,17 @@ def test_onnxruntime_backend_matches_torch(cloud_runner, ort_runner, name):
     assert _rel(got.latents, want.latents) <= 1e-4 and _rel(got.prev_x0, want.prev_x0) <= 1e-4
 
 
+@pytest.mark.parametrize("acceleration", [None, preset("paper-lcm-k4")], ids=["none-k4", "paper-lcm-k4"])
+def test_onnxruntime_lcm_matches_torch(cloud_runner, ort_runner, acceleration):
+    """LCM on the cloud: the numpy solver in both backends, the step noise from the request's seed."""
+    request = StepsRequest(("a photo of an old man", "a photo of a young man"), 7, 8, 4, 7.5, 64, 64,
+                           acceleration=acceleration, solver="lcm")
+    want, got = cloud_runner.run(request), ort_runner.run(request)
+    assert (got.lower_order_nums, got.step_index, got.timesteps) == (0, 4, (999, 879, 759, 639, 499, 379, 259, 139))
+    assert want.timesteps == got.timesteps and want.lower_order_nums == 0
+    assert _rel(got.latents, want.latents) <= 1e-4 and _rel(got.prev_x0, want.prev_x0) <= 1e-4
+
+
 def test_onnxruntime_batch_equals_each_request_alone(ort_runner):
     requests = [_request(EXTRAS, seed=3), _request(EXTRAS, seed=5, candidates=("a red square", "a blue circle"))]
     alone = [ort_runner.run(r) for r in requests]

@@ -98,3 +98,55 @@ def test_noise_rejects_bad_seeds(seed):
 def test_noise_rejects_bad_shapes(shape):
     with pytest.raises(ValueError, match="shape must be a non-empty tuple of positive ints"):
         initial_noise(0, shape)
+
+
+# --- solver, device timestep shift, the LCM preset -------------------------------------------------
+
+
+def test_plan_carries_the_solver_and_shifts_device_steps_only():
+    from obclip.runtime.plan import LCM_PAPER_STEPS, preset
+
+    plan = make_plan(LCM_PAPER_STEPS, 4, preset("paper-lcm-k4"), solver="lcm", device_timestep_shift=8)
+    assert plan.solver == "lcm" and plan.device_timestep_shift == 8
+    assert [s.timestep_shift for s in plan.cloud_steps] == [0] * 4
+    assert [s.timestep_shift for s in plan.device_steps] == [8] * 4
+    # The paper's LCM setting: k = 4, r = 2 (s = r, our reading): reuse x2, cache+skip x2.
+    assert [s.mode for s in plan.cloud_steps] == [StepMode.REUSE] * 2 + [StepMode.CACHE_SKIP] * 2
+    assert make_plan(25, 10) == make_plan(25, 10, solver="dpmsolver++", device_timestep_shift=0)
+    assert make_plan(25, 10).solver == "dpmsolver++"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(solver="euler"), "unknown solver 'euler'"),
+    (dict(device_timestep_shift=2.0), "device_timestep_shift must be an int"),
+    (dict(device_timestep_shift=1000), r"must be in \[-999, 999\]"),
+])
+def test_plan_rejects_bad_solver_and_shift(kw, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(8, 4, **kw)
+
+
+def test_lcm_preset_is_exported_with_the_presets():
+    from obclip.export.cloud_engines import export_configs, export_specs, plan_specs
+    from obclip.runtime.plan import preset
+
+    assert preset("paper-lcm-k4") in export_configs("presets")
+    assert all(s in export_specs("presets") for s in plan_specs(preset("paper-lcm-k4"), 4))
+
+
+def test_step_noise_is_its_own_stream_per_step():
+    from obclip.runtime.noise import step_noise
+
+    a = step_noise(1234, 0, (1, 4, 8, 8))
+    assert a.dtype == np.float32 and a.tobytes() == step_noise(1234, 0, (1, 4, 8, 8)).tobytes()
+    others = [initial_noise(1234, (1, 4, 8, 8)), step_noise(1234, 1, (1, 4, 8, 8)), step_noise(1235, 0, (1, 4, 8, 8))]
+    assert all(a.tobytes() != o.tobytes() for o in others)
+    # A function of (seed, step, shape) alone: the documented generator, and a known answer (as for z_T).
+    expected = np.random.Generator(np.random.PCG64(7).jumped(3)).standard_normal((2, 3), dtype=np.float32)
+    np.testing.assert_array_equal(step_noise(7, 2, (2, 3)), expected)
+    np.testing.assert_array_equal(
+        step_noise(0, 0, (4,)), np.array([0.470004, 0.02567934, -0.26519787, 1.2734578], np.float32))
+    with pytest.raises(ValueError, match="step_index must be an int >= 0"):
+        step_noise(0, -1, (4,))
+    with pytest.raises(ValueError, match="seed must be an int"):
+        step_noise(-1, 0, (4,))

@@ -156,3 +156,45 @@ def test_equal_handoffs_are_equal_bytes():
     (data,) = encoded
     out = decode_handoff(data, req, (4, 16, 16), np.arange(10))
     assert np.array_equal(out.latents, x) and np.array_equal(out.prev_x0, x * 2)
+
+
+# --- the solver and the device timestep shift -------------------------------------------------
+
+
+def test_solver_and_shift_are_in_the_bytes_and_the_plan():
+    default = make_request()
+    # At their defaults the new fields are left out: the bytes (and hash) of a DPM request are unchanged.
+    assert b"solver" not in default.to_bytes() and b"device_timestep_shift" not in default.to_bytes()
+    assert make_request(solver="dpmsolver++", device_timestep_shift=0).to_bytes() == default.to_bytes()
+    lcm = make_request(num_inference_steps=8, switch_step=4, solver="lcm", device_timestep_shift=8)
+    assert json.loads(lcm.to_bytes())["solver"] == "lcm" and json.loads(lcm.to_bytes())["device_timestep_shift"] == 8
+    assert StepsRequest.from_bytes(lcm.to_bytes()) == lcm
+    assert lcm.sha256() != make_request(num_inference_steps=8, switch_step=4, solver="lcm").sha256()
+    assert lcm.sha256() != make_request(num_inference_steps=8, switch_step=4, device_timestep_shift=8).sha256()
+    assert lcm.plan.solver == "lcm" and lcm.plan.device_timestep_shift == 8
+    assert [s.timestep_shift for s in lcm.plan.steps] == [0] * 4 + [8] * 4
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(solver="euler"), "solver 'euler' must be one of"),
+    (dict(solver=None), "solver None must be one of"),
+    (dict(device_timestep_shift=1.5), "device_timestep_shift must be an integer"),
+    (dict(device_timestep_shift=True), "device_timestep_shift must be an integer"),
+    (dict(device_timestep_shift=1000), "device_timestep_shift 1000 must be in"),
+])
+def test_solver_and_shift_validation(kw, msg):
+    with pytest.raises(ProtocolError, match=msg):
+        make_request(**kw)
+    body = json.loads(make_request().to_bytes())
+    body.update(kw)
+    with pytest.raises(ProtocolError, match=msg):
+        StepsRequest.from_bytes(json.dumps(body).encode())
+
+
+def test_lcm_handoff_carries_no_multistep_counter():
+    r = make_request(num_inference_steps=8, switch_step=4, solver="lcm")
+    _, _, good = make_handoff(r, lower_order_nums=0, timesteps=list(range(999, 0, -125))[:8])
+    assert decode_handoff(good, r, SHAPE).lower_order_nums == 0
+    _, _, bad = make_handoff(r, lower_order_nums=2, timesteps=list(range(999, 0, -125))[:8])
+    with pytest.raises(HandoffError, match="lcm solver, which keeps no multistep counter"):
+        decode_handoff(bad, r, SHAPE)

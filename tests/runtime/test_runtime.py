@@ -33,7 +33,7 @@ def test_one_session_opener_and_one_device_loop():
     assert _calls("InferenceSession") == {"runtime/sessions.py"}
     assert _calls("SessionOptions") == {"runtime/sessions.py"}
     # The solver is stepped by the device's loop and by the cloud's numpy solver, nowhere else.
-    assert _calls("solver_step") == {"runtime/denoise.py", "cloud/engine_backend.py"}
+    assert _calls("solver_step") == {"runtime/denoise.py", "cloud/numpy_solver.py"}
 
 
 def test_the_onnx_reader_agrees_with_onnx(engines_dir, tmp_path):

@@ -355,3 +355,190 @@ def test_last_step_to_sigma_zero_returns_the_data_prediction():
     with np.errstate(all="raise"):
         out, state = solver_step(schedule, config, SolverState(2, 2, np.zeros(SHAPE)), eps, x)
     np.testing.assert_allclose(out, state.prev_x0, rtol=0, atol=1e-12)
+
+
+# --- LCM --------------------------------------------------------------------
+
+import diffusers.schedulers.scheduling_lcm as diffusers_lcm  # noqa: E402
+from diffusers import LCMScheduler  # noqa: E402
+
+from obclip.runtime.noise import step_noise  # noqa: E402
+from obclip.runtime.solver import DPM_SOLVER, LCM, LCMConfig, injects_noise, solver_config  # noqa: E402
+
+LCM_FIELDS = list(LCMConfig().to_dict())
+# latent-consistency/lcm-sdxl's scheduler/scheduler_config.json, as its model card lists it.
+LCM_SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "clip_sample_range": 1.0, "num_train_timesteps": 1000, "original_inference_steps": 50,
+    "prediction_type": "epsilon", "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "set_alpha_to_one": True,
+    "steps_offset": 1, "thresholding": False, "timestep_scaling": 10.0, "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
+def _lcm_pair(T, base=SD14_SCHEDULER_CONFIG, **overrides):
+    cfg = {**base, **overrides}
+    ref = LCMScheduler.from_config(cfg)
+    ref.set_timesteps(T)
+    config = LCMConfig.from_scheduler_config(cfg)
+    return ref, config, make_schedule(config, T)
+
+
+def _lcm_noise(seed, T):
+    """Each step's shared noise, one draw repeated over the rows (as the cloud and the device draw it)."""
+    return [np.repeat(step_noise(seed, i, (1, *SHAPE[1:])), SHAPE[0], axis=0) for i in range(T)]
+
+
+def _lcm_ref_run(ref, model, x, noises, monkeypatch, start=0, stop=None):
+    """diffusers' LCMScheduler loop, its injected noise replaced by ours (it draws from torch's generator)."""
+    current = {}
+    monkeypatch.setattr(diffusers_lcm, "randn_tensor",
+                        lambda shape, generator=None, device=None, dtype=None: torch.from_numpy(current["noise"]))
+    x = torch.from_numpy(np.array(x))
+    for i in range(start, len(ref.timesteps) if stop is None else stop):
+        current["noise"] = noises[i]
+        x = ref.step(torch.from_numpy(model(i, x.numpy())), ref.timesteps[i], x).prev_sample
+    return x.numpy()
+
+
+def _lcm_our_run(schedule, config, model, x, noises, state=None, stop=None):
+    state = initial_state() if state is None else state
+    T = schedule.num_inference_steps
+    for i in range(state.step_index, T if stop is None else stop):
+        noise = noises[i] if injects_noise(LCM, i, T) else None
+        x, state = solver_step(schedule, config, state, model(i, x), x, noise)
+    return x, state
+
+
+def test_lcm_config_is_what_diffusers_builds():
+    for cfg in (SD14_SCHEDULER_CONFIG, LCM_SDXL_SCHEDULER_CONFIG, {}):
+        ref = LCMScheduler.from_config(cfg)
+        assert LCMConfig.from_scheduler_config(cfg).to_dict() == {f: ref.config[f] for f in LCM_FIELDS}
+    full = dict(LCMScheduler.from_config(LCM_SDXL_SCHEDULER_CONFIG).config)
+    assert LCMConfig.from_scheduler_config(full) == LCMConfig()
+    assert isinstance(solver_config(LCM, SD14_SCHEDULER_CONFIG), LCMConfig)
+    assert solver_config(DPM_SOLVER, SD14_SCHEDULER_CONFIG) == SD14_SOLVER_CONFIG
+    with pytest.raises(ValueError, match="unknown solver 'euler'"):
+        solver_config("euler", SD14_SCHEDULER_CONFIG)
+
+
+@pytest.mark.parametrize("key, value", [("thresholding", True), ("clip_sample", True), ("trained_betas", [0.1] * 1000),
+                                        ("rescale_betas_zero_snr", True), ("prediction_type", "sample"),
+                                        ("beta_schedule", "squaredcos_cap_v2"), ("original_inference_steps", 0),
+                                        ("original_inference_steps", 1001), ("timestep_scaling", 0.0),
+                                        ("timestep_scaling", True)])
+def test_lcm_unsupported_options_are_rejected_by_name(key, value):
+    with pytest.raises(ValueError, match=key):
+        LCMConfig.from_scheduler_config({**LCM_SDXL_SCHEDULER_CONFIG, key: value})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"original_inference_steps": 30}, {"original_inference_steps": 1000},
+                                       {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "sd14")
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 7, 8, 13, 30])
+def test_lcm_schedule_matches_set_timesteps(T, overrides):
+    ref, _, schedule = _lcm_pair(T, **overrides)
+    np.testing.assert_array_equal(schedule.timesteps, ref.timesteps.numpy())
+    alphas = ref.alphas_cumprod[ref.timesteps].double().numpy()
+    np.testing.assert_allclose(schedule.alpha_t[:-1], np.sqrt(alphas), rtol=1e-12)
+    np.testing.assert_allclose(schedule.sigma_t[:-1], np.sqrt(1 - alphas), rtol=1e-12)
+    assert (schedule.alpha_t[-1], schedule.sigma_t[-1]) == (1.0, 0.0)
+    assert schedule.num_train_timesteps == 1000
+
+
+def test_lcm_8_step_schedule_is_the_papers():
+    # 8 of the 50-step distillation grid 999, 979, ..., 19, evenly spaced by index.
+    schedule = make_schedule(LCMConfig(), 8)
+    assert schedule.timesteps.tolist() == [999, 879, 759, 639, 499, 379, 259, 139]
+
+
+def test_lcm_refuses_more_steps_than_its_grid():
+    with pytest.raises(ValueError, match="at most 50 steps"):
+        make_schedule(LCMConfig(), 51)
+    with pytest.raises(ValueError, match="smaller than `num_inference_steps`: 51"):
+        LCMScheduler().set_timesteps(51)   # diffusers refuses too
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 13])
+def test_lcm_run_matches_diffusers(T, prediction_type, monkeypatch):
+    ref, config, schedule = _lcm_pair(T, prediction_type=prediction_type)
+    model, noises = _denoiser(schedule, config, seed=T), _lcm_noise(11, T)
+    ours, state = _lcm_our_run(schedule, config, model, _x_T(), noises)
+    theirs = _lcm_ref_run(ref, model, _x_T(), noises, monkeypatch)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - theirs).max() < 1e-5 * max(1.0, np.abs(theirs).max())
+    assert state.step_index == T and state.lower_order_nums == 0
+
+
+@pytest.mark.parametrize("T", [2, 8])
+def test_lcm_fixed_random_eps_matches_diffusers(T, monkeypatch):
+    # Noise-only eps: large data predictions (as in the DPM test above); agreement relative to their scale.
+    ref, config, schedule = _lcm_pair(T, base=LCM_SDXL_SCHEDULER_CONFIG)
+    eps = np.random.default_rng(T).standard_normal((T, *SHAPE)).astype(np.float32)
+    noises = _lcm_noise(3, T)
+    ours, _ = _lcm_our_run(schedule, config, lambda i, x: eps[i], _x_T(), noises)
+    theirs = _lcm_ref_run(ref, lambda i, x: eps[i], _x_T(), noises, monkeypatch)
+    assert np.abs(ours - theirs).max() < 1e-5 * max(1.0, np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6, 7])
+def test_lcm_resumes_at_the_handoff_from_the_latent_alone(k, monkeypatch):
+    """diffusers k steps -> only the latent and the step index cross -> numpy finishes == diffusers alone."""
+    T = 8
+    ref, config, schedule = _lcm_pair(T)
+    model, noises = _denoiser(schedule, config, seed=5), _lcm_noise(21, T)
+    full = _lcm_ref_run(ref, model, _x_T(), noises, monkeypatch)
+    cloud, _, _ = _lcm_pair(T)
+    x_k = _lcm_ref_run(cloud, model, _x_T(), noises, monkeypatch, stop=k)
+    resumed, _ = _lcm_our_run(schedule, config, model, x_k, noises, SolverState(k, 0, None))
+    assert np.abs(resumed - full).max() < 1e-5 * max(1.0, np.abs(full).max())
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 8])
+def test_lcm_split_numpy_run_is_bit_identical(k):
+    T = 8
+    config = LCMConfig()
+    schedule = make_schedule(config, T)
+    model, noises = _denoiser(schedule, config, seed=3), _lcm_noise(8, T)
+    single, _ = _lcm_our_run(schedule, config, model, _x_T(), noises)
+    x, state = _lcm_our_run(schedule, config, model, _x_T(), noises, stop=k)
+    wire = np.frombuffer(np.asarray(x, "<f4").tobytes(), "<f4").reshape(SHAPE)
+    split, _ = _lcm_our_run(make_schedule(config, T), config, model, wire, noises, SolverState(k, 0, state.prev_x0))
+    np.testing.assert_array_equal(split, single)
+
+
+def test_lcm_noise_is_injected_on_every_step_but_the_last():
+    T = 4
+    config = LCMConfig()
+    schedule = make_schedule(config, T)
+    x = _x_T()
+    eps = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    assert [injects_noise(LCM, i, T) for i in range(T)] == [True, True, True, False]
+    assert not any(injects_noise(DPM_SOLVER, i, T) for i in range(T))
+    with pytest.raises(ValueError, match="injects noise"):
+        solver_step(schedule, config, initial_state(), eps, x)
+    with pytest.raises(ValueError, match="noise shape"):
+        solver_step(schedule, config, initial_state(), eps, x, x[:1])
+    with pytest.raises(ValueError, match="injects no noise"):
+        solver_step(schedule, config, SolverState(T - 1, 0, None), eps, x, x)
+    with pytest.raises(ValueError, match="injects no noise"):
+        solver_step(make_schedule(SD14_SOLVER_CONFIG, T), SD14_SOLVER_CONFIG, initial_state(), eps, x, x)
+    with pytest.raises(ValueError, match="keeps no multistep memory"):
+        solver_step(schedule, config, SolverState(2, 2, x), eps, x, x)
+    # The noise enters the next latent at that level; the last step returns the consistency output.
+    a, _ = solver_step(schedule, config, initial_state(), eps, x, np.zeros(SHAPE, np.float32))
+    b, s = solver_step(schedule, config, initial_state(), eps, x, np.ones(SHAPE, np.float32))
+    np.testing.assert_allclose(b - a, schedule.sigma_t[1], rtol=1e-5)
+    last, s = solver_step(schedule, config, SolverState(T - 1, 0, None), eps, x)
+    np.testing.assert_array_equal(last, s.prev_x0)
+
+
+def test_model_timestep_adds_the_shift_within_the_trained_range():
+    schedule = make_schedule(LCMConfig(), 8)
+    assert schedule.model_timestep(4) == 499.0 and schedule.model_timestep(4, 8) == 507.0
+    assert schedule.model_timestep(7, -139) == 0.0
+    with pytest.raises(ValueError, match="outside the model's trained range"):
+        schedule.model_timestep(0, 8)   # 999 + 8
+    with pytest.raises(ValueError, match="outside the model's trained range"):
+        schedule.model_timestep(7, -140)

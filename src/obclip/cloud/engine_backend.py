@@ -7,7 +7,7 @@ Everything comes from the engines folder (``export/cloud_engines.py``): the
 text encoder graph, the tokenizer, one graph per step mode, and the shared
 UNet weights, which are read once (memory-mapped) and handed to every mode
 session (``SessionOptions.add_initializer``), so N mode graphs cost one copy
-of the weights. The solver is ``runtime/solver.py`` (numpy DPM-Solver++) and
+of the weights. The solver is ``runtime/solver.py`` (numpy DPM-Solver++ or LCM) and
 the noise ``runtime/noise.py``; the step loop is ``cloud/steps.py``'s, the
 same as for torch. The manifest is verified at start (hashes, paths, fields,
 export version) and a folder that does not match is refused, never rebuilt.
@@ -22,7 +22,7 @@ kept per request under ``r<i>/<name>``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,12 @@ from obclip.runtime.errors import ArtifactError
 from obclip.runtime.graphs import TextEncoder
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, ManifestMismatchError
 from obclip.runtime.sessions import SessionConfig, open_session, ort, resolve_providers
-from obclip.runtime.solver import SolverConfig, initial_state, make_schedule, solver_step
+from obclip.runtime.solver import DPM_SOLVER
 from obclip.runtime.tokenizer import ClipTokenizer
 from obclip.runtime.weights import SharedWeights
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
+from .numpy_solver import NumpySolver
 
 
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
@@ -47,28 +48,6 @@ def session_config(providers: str = "cpu", threads: int | None = None, optimizat
     mode it has run (benchmarks/engine_memory.py measures it); without them it stays flat."""
     return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
                          memory_arena=True if shared_arena else memory_arena, shared_arena=shared_arena)
-
-
-class NumpySolver:
-    """runtime.solver's DPM-Solver++(2M), stepping every row of the batch."""
-
-    def __init__(self, scheduler_config: Mapping, num_inference_steps: int):
-        self.config = SolverConfig.from_scheduler_config(scheduler_config)
-        self.schedule = make_schedule(self.config, num_inference_steps)
-        self.timesteps = tuple(int(t) for t in self.schedule.timesteps)
-        self._state = initial_state()
-
-    def timestep(self, index: int) -> int:
-        return self.timesteps[index]
-
-    def step(self, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
-        x, self._state = solver_step(self.schedule, self.config, self._state, eps, x)
-        return x
-
-    def state(self) -> tuple[np.ndarray, int, int]:
-        s = self._state
-        assert s.prev_x0 is not None, "no cloud step ran"
-        return s.prev_x0.astype(np.float32), s.lower_order_nums, s.step_index
 
 
 class OrtBatch:
@@ -206,8 +185,8 @@ class OrtEngine:
               guidance_scale: float) -> OrtBatch:
         return OrtBatch(self, candidates, alignments, guidance_scale)
 
-    def solver(self, num_inference_steps: int) -> NumpySolver:
-        return NumpySolver(self.scheduler_config, num_inference_steps)
+    def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> NumpySolver:
+        return NumpySolver(self.scheduler_config, num_inference_steps, kind)
 
     # -- graphs ------------------------------------------------------------------------------------
     def mode(self, spec: ModeSpec) -> _Graph:

@@ -1,4 +1,4 @@
-"""The cloud's step loop: the first k DPM-Solver++ steps on all N candidates.
+"""The cloud's step loop: the first k solver steps (DPM-Solver++ or LCM) on all N candidates.
 
 One request, written out:
   encode the N candidates and the empty prompt;
@@ -6,15 +6,16 @@ One request, written out:
   for each cloud step of the plan: one guided UNet pass over the candidates in
   the step's mode (``cloud/modes.py`` names it, ``cloud/step_modes.py`` defines
   it), reading and writing named cache tensors that live in this loop only,
-  then one DPM-Solver++ update;
+  then one solver update (LCM's with the step's shared noise, also repeated N times);
   return the N latents and the solver state the device needs to resume.
 
 The loop does not know how a mode is computed: an engine answers "run mode M
 on these tensors". ``TorchEngine`` (``cloud/torch_backend.py``) runs the
-torch definition on a loaded model with diffusers' scheduler;
+torch definition on a loaded model with diffusers' DPM-Solver++ (LCM: the
+runtime's numpy solver, as diffusers' LCMScheduler draws its own noise);
 ``OrtEngine`` (``cloud/engine_backend.py``) runs the exported graphs of the
-same definition in onnxruntime with the runtime's numpy solver, without torch.
-This module imports neither.
+same definition in onnxruntime with the runtime's numpy solver
+(``cloud/numpy_solver.py``), without torch. This module imports neither.
 
 Several requests with the same T, k, size, guidance scale and acceleration run
 as one batch (``run_batch``): their rows are concatenated through the UNet and
@@ -31,23 +32,28 @@ from typing import Any, Protocol
 import numpy as np
 
 from obclip.runtime.errors import InputError
-from obclip.runtime.noise import initial_noise
+from obclip.runtime.noise import initial_noise, step_noise
 from obclip.runtime.plan import AccelerationConfig, PlannedStep
 from obclip.runtime.protocol import RequestLimits, StepsRequest, encode_handoff
+from obclip.runtime.solver import DPM_SOLVER, injects_noise
 
 from .modes import ModeSpec, TextTokens, TokenAlignment, align_tokens, mode_spec
 
-# The request fields a batch must share (wire_dtype only changes the encoding of the answer).
-BATCH_FIELDS = ("num_inference_steps", "switch_step", "height", "width", "guidance_scale", "acceleration")
+# The request fields a batch must share (wire_dtype only changes the encoding of the answer; the
+# device timestep shift only the device's steps).
+BATCH_FIELDS = ("num_inference_steps", "switch_step", "height", "width", "guidance_scale", "acceleration",
+                "solver")
 
 
 class Solver(Protocol):
-    """DPM-Solver++ over the batch's rows (row-wise, timesteps shared by the batch)."""
+    """The request's solver over the batch's rows (row-wise, timesteps shared by the batch)."""
 
     timesteps: tuple[int, ...]
 
     def timestep(self, index: int) -> Any: ...
-    def step(self, eps: Any, x: Any) -> Any: ...
+    def step(self, eps: Any, x: Any, noise: np.ndarray | None) -> Any:
+        """The next latents; ``noise`` (numpy, one row per latent) on the steps that inject it, else None."""
+        ...
     def state(self) -> tuple[np.ndarray, int, int]:
         """(last data prediction as float32 numpy, lower_order_nums, step_index)."""
         ...
@@ -75,7 +81,7 @@ class Engine(Protocol):
         ...
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
               guidance_scale: float) -> EngineBatch: ...
-    def solver(self, num_inference_steps: int) -> Solver: ...
+    def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> Solver: ...
 
 
 @dataclass
@@ -134,7 +140,7 @@ class CloudStepRunner:
         engine = self.engine
         acceleration = first.acceleration or AccelerationConfig.none(first.switch_step)
         plan = first.plan   # built once, when the request was made (its batch shares it)
-        solver = engine.solver(first.num_inference_steps)
+        solver = engine.solver(first.num_inference_steps, first.solver)
         # Batch reuse reads the pivot's cross-attention map word by word (modes.align_tokens).
         alignments = [align_tokens(engine.text_tokens(r.candidates)) if acceleration.reuses_attention else None
                       for r in requests]
@@ -153,10 +159,15 @@ class CloudStepRunner:
                 eps, writes = batch.run(mode_spec(acceleration, step.index), x, solver.timestep(step.index),
                                         caches)
                 caches.update(writes)
-                x = solver.step(eps, x)
+                noise = None
+                if injects_noise(first.solver, step.index, first.num_inference_steps):
+                    # Like z_T: one draw per request from its seed, the same for all its candidates.
+                    noise = np.concatenate([np.repeat(step_noise(r.seed, step.index, shape), r.n, axis=0)
+                                            for r in requests])
+                x = solver.step(eps, x, noise)
             del caches
             latents = batch.numpy(x)
-        # DPM-Solver++(2M) state after step k-1: its last data prediction, cut per request.
+        # The solver state after step k-1: its last data prediction, cut per request.
         prev_x0, lower_order_nums, step_index = solver.state()
         results, o = [], 0
         for r in requests:

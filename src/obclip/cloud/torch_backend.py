@@ -1,4 +1,6 @@
-"""The torch engine: step modes run by ``step_modes.run_mode`` on a loaded model, diffusers' DPM-Solver++.
+"""The torch engine: step modes run by ``step_modes.run_mode`` on a loaded model, diffusers' DPM-Solver++
+(LCM: the runtime's numpy solver on the torch rows, since diffusers' LCMScheduler draws its injected
+noise from torch's generator, and ObCLIP's must be the request's shared numpy noise).
 
 With ``compile_mode`` set (``obclip-serve --compile``), each step mode is wrapped once in
 ``torch.compile``; torch keeps one compiled graph per input shape (N, image size, batch
@@ -15,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
 from obclip.runtime.errors import InputError
-from obclip.runtime.plan import PlannedStep
-from obclip.runtime.solver import SolverConfig, make_schedule
+from obclip.runtime.solver import DPM_SOLVER, LCM, make_schedule, solver_config
 
 from .models import TextToLatentModel
 from .modes import ModeSpec, TextTokens, TokenAlignment, text_tokens
+from .numpy_solver import NumpySolver
 from .step_modes import AlignmentTensors, ModeInputs, processors_installed, run_mode
 
 # Compiled graphs per engine (modes x shapes) before torch falls back to running eagerly.
@@ -31,12 +33,14 @@ COMPILED_GRAPHS_LIMIT = 512
 COMPILE_BACKEND = "inductor"
 
 
-def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSolverMultistepScheduler:
-    """diffusers' DPM-Solver++ for the model's scheduler config, checked against
-    the runtime's numpy schedule so the two sides cannot drift apart."""
-    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
+def make_scheduler(model: TextToLatentModel, num_inference_steps: int,
+                   kind: str = DPM_SOLVER) -> DPMSolverMultistepScheduler | LCMScheduler:
+    """diffusers' scheduler of solver ``kind`` (DPM-Solver++ or LCM) for the model's scheduler config,
+    checked against the runtime's numpy schedule so the two sides cannot drift apart."""
+    ours = make_schedule(solver_config(kind, model.scheduler_config), num_inference_steps)
+    scheduler_class = LCMScheduler if kind == LCM else DPMSolverMultistepScheduler
+    scheduler = scheduler_class.from_config(model.scheduler_config)
     scheduler.set_timesteps(num_inference_steps, device="cpu")
-    ours = make_schedule(SolverConfig.from_scheduler_config(model.scheduler_config), num_inference_steps)
     if not np.array_equal(scheduler.timesteps.numpy().astype(np.int64), ours.timesteps):
         raise InputError("diffusers and runtime.solver disagree on the timestep schedule for "
                          f"{model.scheduler_config}; use a model whose scheduler runtime/solver.py "
@@ -46,7 +50,7 @@ def make_scheduler(model: TextToLatentModel, num_inference_steps: int) -> DPMSol
 
 @torch.no_grad()
 def guided_eps(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               guidance_scale: float, step: PlannedStep | None = None) -> torch.Tensor:
+               guidance_scale: float) -> torch.Tensor:
     """One plain classifier-free-guided UNet evaluation (diffusers' own forward) for a batch of latents.
 
     Rows are [unconditional x N, conditional x N]. The reference hybrid run uses it.
@@ -67,13 +71,34 @@ class TorchSolver:
     def timestep(self, index: int) -> torch.Tensor:
         return self.scheduler.timesteps[index]
 
-    def step(self, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def step(self, eps: torch.Tensor, x: torch.Tensor, noise: np.ndarray | None = None) -> torch.Tensor:
+        if noise is not None:
+            raise InputError("DPM-Solver++ injects no noise")
         t = self.scheduler.timesteps[self.scheduler.step_index or 0]
         return self.scheduler.step(eps, t, x).prev_sample
 
     def state(self) -> tuple[np.ndarray, int, int]:
         s = self.scheduler
         return s.model_outputs[-1].float().cpu().numpy(), int(s.lower_order_nums), int(s.step_index)
+
+
+class TorchNumpySolver:
+    """runtime.solver's update (``NumpySolver``) on torch rows: for LCM, whose injected noise must be
+    the request's shared numpy noise. Timesteps from diffusers' scheduler (checked equal to ours)."""
+
+    def __init__(self, scheduler: LCMScheduler, solver: NumpySolver):
+        self.scheduler, self.solver = scheduler, solver
+        self.timesteps = solver.timesteps
+
+    def timestep(self, index: int) -> torch.Tensor:
+        return self.scheduler.timesteps[index]
+
+    def step(self, eps: torch.Tensor, x: torch.Tensor, noise: np.ndarray | None) -> torch.Tensor:
+        out = self.solver.step(eps.float().cpu().numpy(), x.float().cpu().numpy(), noise)
+        return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
+
+    def state(self) -> tuple[np.ndarray, int, int]:
+        return self.solver.state()
 
 
 class TorchBatch:
@@ -177,5 +202,8 @@ class TorchEngine:
               guidance_scale: float) -> TorchBatch:
         return TorchBatch(self, candidates, alignments, guidance_scale)
 
-    def solver(self, num_inference_steps: int) -> TorchSolver:
-        return TorchSolver(make_scheduler(self.model, num_inference_steps))
+    def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> TorchSolver | TorchNumpySolver:
+        scheduler = make_scheduler(self.model, num_inference_steps, kind)
+        if kind == LCM:
+            return TorchNumpySolver(scheduler, NumpySolver(self.scheduler_config, num_inference_steps, kind))
+        return TorchSolver(scheduler)

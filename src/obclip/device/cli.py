@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TextIO
 
 from obclip.runtime.errors import InputError, ObclipError, UntrustedAnswerError, kind_of
-from obclip.runtime.plan import preset
+from obclip.runtime.plan import LCM_PAPER_STEPS, preset
+from obclip.runtime.solver import DPM_SOLVER, LCM, SOLVER_KINDS
 
 from .client import ServiceClient
 from .oblivious import UNPROTECTED_POLICIES, TransformConfig
@@ -35,13 +36,21 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="obclip", choices=[m.value for m in Method],
                    help="obclip (private, default), vanilla-og (private), device-only (sends nothing), "
                         "hybrid-sd and cloud-only (NOT private: for comparison)")
-    p.add_argument("--steps", type=int, default=_G.num_inference_steps,
-                   help="T, total DPM-Solver++ steps (default %(default)s)")
+    p.add_argument("--solver", default=DPM_SOLVER, choices=list(SOLVER_KINDS),
+                   help="the sampler, the same on cloud and device: dpmsolver++ (DPM-Solver++(2M), default) or "
+                        "lcm (latent consistency sampling, for LCM-distilled models)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"T, total solver steps (default {_G.num_inference_steps}; "
+                        f"{LCM_PAPER_STEPS} with --solver lcm)")
     p.add_argument("--switch-step", "-k", type=int, default=None,
                    help="k, steps run in the cloud (default: the acceleration preset's k, else 10)")
+    p.add_argument("--device-timestep-shift", type=int, default=_G.device_timestep_shift, metavar="DT",
+                   help="dt: the device's UNet is given timestep t + dt on its steps (the paper's best for "
+                        "LCM-SDXL: 8; default %(default)s)")
     p.add_argument("--acceleration", default=None,
                    help="server-side acceleration preset: paper-k5 (k=5,r=3,s=3), paper-k10 (k=10,r=4,s=6), "
-                        "lean-k10 (fewer server MACs than paper-k10; docs/benchmarks.md 'Server cost') "
+                        "lean-k10 (fewer server MACs than paper-k10; docs/benchmarks.md 'Server cost'), "
+                        "paper-lcm-k4 (k=4,r=2,s=2; with --solver lcm --steps 8) "
                         "or none-k<k>; default: every cloud step a full pass")
     p.add_argument("--guidance", type=float, default=_G.guidance_scale,
                    help="classifier-free guidance scale (default %(default)s)")
@@ -66,10 +75,14 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         acceleration = preset(args.acceleration) if args.acceleration else None
     except ValueError as e:   # an unknown preset name: the flag's value
         raise InputError(f"--acceleration: {e}") from None
+    steps = args.steps
+    if steps is None:
+        steps = LCM_PAPER_STEPS if args.solver == LCM else _G.num_inference_steps
     return GenerationConfig(
-        method=Method(args.method), num_inference_steps=args.steps, switch_step=args.switch_step,
+        method=Method(args.method), num_inference_steps=steps, switch_step=args.switch_step,
         guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
-        wire_dtype=args.wire_dtype, acceleration=acceleration,
+        wire_dtype=args.wire_dtype, acceleration=acceleration, solver=args.solver,
+        device_timestep_shift=args.device_timestep_shift,
         transform=TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema,
                                   unprotected=args.unprotected),
     )
@@ -111,7 +124,9 @@ def report_lines(result: GenerationResult, config: GenerationConfig, client: Ser
     acc = config.acceleration
     acc_text = "none" if acc is None else f"r={acc.cache_step} s={acc.skip_step} reuse={acc.batch_reuse} " \
         f"cache={acc.attention_cache} skip={acc.block_skip}"
-    lines = [f"method: {config.method.value}  T={config.num_inference_steps}  k={config.k}  acceleration: {acc_text}  "
+    shift = f" dt={config.device_timestep_shift}" if config.device_timestep_shift else ""
+    lines = [f"method: {config.method.value}  solver: {config.solver}{shift}  T={config.num_inference_steps}  "
+             f"k={config.k}  acceleration: {acc_text}  "
              f"seed={result.prepared.seed}  size={result.prepared.height}x{result.prepared.width}  "
              f"wire: {config.wire_dtype}"]
     lines += describe_sent(result, config)

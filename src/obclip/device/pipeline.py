@@ -26,9 +26,18 @@ import numpy as np
 from obclip.runtime.denoise import denoise
 from obclip.runtime.errors import InputError
 from obclip.runtime.noise import initial_noise
-from obclip.runtime.plan import AccelerationConfig, make_plan
+from obclip.runtime.plan import AccelerationConfig, StepPlan, make_plan
 from obclip.runtime.protocol import Handoff, HandoffError, StepsRequest, decode_handoff
-from obclip.runtime.solver import Schedule, SolverConfig, SolverState, initial_state, make_schedule
+from obclip.runtime.solver import (
+    DPM_SOLVER,
+    LCMConfig,
+    Schedule,
+    SolverConfig,
+    SolverState,
+    initial_state,
+    make_schedule,
+    solver_config,
+)
 
 from .engines import DeviceEngines
 from .oblivious import CandidateSet, ObliviousTransform, TransformConfig
@@ -68,6 +77,8 @@ class GenerationConfig:
     # Server-side accelerations the cloud should use: runtime.plan.preset("paper-k10") or
     # another AccelerationConfig; None: every cloud step a full pass.
     acceleration: AccelerationConfig | None = None
+    solver: str = DPM_SOLVER                 # runtime.solver's DPM_SOLVER or LCM, on both sides
+    device_timestep_shift: int = 0           # dt: the device UNet sees t + dt on its steps
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
@@ -84,6 +95,7 @@ class GenerationConfig:
                                  f"{self.method.value} runs k={self.k}; choose one for k={self.k}")
         if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.k <= self.num_inference_steps:
             raise InputError(f"switch_step k={self.k} must be in 0..T={self.num_inference_steps}")
+        self.plan()   # checks the solver and the device timestep shift
 
     @property
     def k(self) -> int:
@@ -95,6 +107,14 @@ class GenerationConfig:
         if self.switch_step is not None:
             return self.switch_step
         return self.acceleration.switch_step if self.acceleration is not None else 10
+
+    def plan(self, k: int | None = None) -> StepPlan:
+        """The T-step plan of this method: which steps the cloud runs (``k``, default this method's;
+        0 when nothing was sent), the solver, the device's shift. The shift dt bridges the switch
+        from the cloud's UNet to the device's, so a run with no cloud steps has none."""
+        k = self.k if k is None else k
+        return make_plan(self.num_inference_steps, k, solver=self.solver,
+                         device_timestep_shift=self.device_timestep_shift if k > 0 else 0)
 
 
 @dataclass(frozen=True)
@@ -139,9 +159,18 @@ def _members(handoff: Handoff, indices: list[int]) -> tuple[np.ndarray, SolverSt
 class DevicePipeline:
     def __init__(self, engines: DeviceEngines):
         self.engines = engines
+        # DPM-Solver++'s config (the default solver); solver(kind) gives any solver's.
         self.solver_config = SolverConfig.from_scheduler_config(engines.manifest.scheduler_config)
         self._transforms: dict[TransformConfig, ObliviousTransform] = {}
         self.verify_config = verify_config_for(engines.manifest)  # checks on every cloud answer
+
+    def solver(self, kind: str) -> SolverConfig | LCMConfig:
+        """The config of solver ``kind`` for the device model's scheduler config."""
+        return solver_config(kind, self.engines.manifest.scheduler_config)
+
+    def schedule(self, config: GenerationConfig) -> Schedule:
+        """The T-step schedule of the config's solver (the cloud's must be the same)."""
+        return make_schedule(self.solver(config.solver), config.num_inference_steps)
 
     def _transform(self, config: TransformConfig) -> ObliviousTransform:
         # The model's own schema (from its manifest) unless the caller names one.
@@ -160,6 +189,10 @@ class DevicePipeline:
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         tokenizer = self.engines.tokenizer
         k = config.k
+        # The schedule and the shifted device timesteps are checked before anything is sent.
+        schedule = self.schedule(config)
+        for step in config.plan().device_steps:
+            schedule.model_timestep(step.index, step.timestep_shift)
 
         candidate_set = None
         if config.method in (Method.OBCLIP, Method.VANILLA_OG):
@@ -183,7 +216,8 @@ class DevicePipeline:
             request = StepsRequest(candidates=candidates, seed=seed, num_inference_steps=config.num_inference_steps,
                                    switch_step=k, guidance_scale=float(config.guidance_scale),
                                    height=height, width=width, wire_dtype=config.wire_dtype,
-                                   acceleration=config.acceleration)
+                                   acceleration=config.acceleration, solver=config.solver,
+                                   device_timestep_shift=config.device_timestep_shift)
         return PreparedRequest(prompt=prompt, real_index=real_index, candidate_set=candidate_set,
                                request=request, seed=seed, height=height, width=width)
 
@@ -192,7 +226,7 @@ class DevicePipeline:
         """Resume from the cloud's handoff (or from z_T when k = 0); return the final latent."""
         engines = self.engines
         latent_shape = engines.latent_shape(prepared.height, prepared.width)
-        schedule = make_schedule(self.solver_config, config.num_inference_steps)
+        schedule = self.schedule(config)
 
         if prepared.request is None:
             x = initial_noise(prepared.seed, (1, *latent_shape))
@@ -204,7 +238,7 @@ class DevicePipeline:
             x, state = _members(handoff, [prepared.real_index])
         # Nothing sent (k = 0 or a device-only outcome): the device runs every step.
         k = 0 if prepared.request is None else prepared.request.switch_step
-        return self._device_steps(x, state, [prepared.prompt], schedule, config, k, on_step)
+        return self._device_steps(x, state, [prepared.prompt], schedule, config, k, prepared.seed, on_step)
 
     def finish_candidates(self, prepared: PreparedRequest, answer: bytes | Handoff, config: GenerationConfig,
                           indices: list[int]) -> np.ndarray:
@@ -221,24 +255,26 @@ class DevicePipeline:
         if bad or not indices:
             raise InputError(f"candidate indices {bad or indices} out of range 0..{len(cands) - 1}")
         latent_shape = self.engines.latent_shape(prepared.height, prepared.width)
-        schedule = make_schedule(self.solver_config, config.num_inference_steps)
+        schedule = self.schedule(config)
         handoff = self._handoff(answer, prepared.request, latent_shape, schedule)
         x, state = _members(handoff, indices)
-        return self._device_steps(x, state, [cands[i] for i in indices], schedule, config, prepared.request.switch_step)
+        return self._device_steps(x, state, [cands[i] for i in indices], schedule, config,
+                                  prepared.request.switch_step, prepared.seed)
 
     def _device_steps(self, x: np.ndarray, state: SolverState, prompts: list[str], schedule: Schedule,
-                      config: GenerationConfig, k: int,
+                      config: GenerationConfig, k: int, seed: int,
                       on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The device steps after the cloud's k on rows x (one per prompt), classifier-free guided
         (runtime.denoise)."""
         engines = self.engines
-        plan = make_plan(config.num_inference_steps, k)
+        plan = config.plan(k)
         if not plan.device_steps:
             return x
         # The device conditions its own steps on the prompt exactly as typed.
         text = engines.encode_text(["", *(self._fit(p) for p in prompts)])
-        return denoise(engines.unet, text, x, state, schedule, self.solver_config,
-                       [step.index for step in plan.device_steps], config.guidance_scale, on_step)
+        return denoise(engines.unet, text, x, state, schedule, self.solver(config.solver),
+                       [step.index for step in plan.device_steps], config.guidance_scale, on_step,
+                       seed=seed, timestep_shift=plan.device_timestep_shift)
 
     def _fit(self, prompt: str) -> str:
         """The longest prefix of the prompt (whole words) within the text encoder's context:

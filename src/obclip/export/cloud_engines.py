@@ -75,7 +75,7 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     """The acceleration settings whose step modes are exported.
 
     ``presets``: none-k<k>, paper-k5 and paper-k10, each with and without the exact
-    extras (alone and together), lean-k10, and paper-k5/k10 without batch reuse (the paper's
+    extras (alone and together), lean-k10, paper-lcm-k4, and paper-k5/k10 without batch reuse (the paper's
     "+ cache" ablation row, which ``benchmarks/latency.py`` times). ``all`` adds DeepCache, block skip without the
     attention cache, the attention cache without block skip, no batch reuse, and the
     further options of docs/method.md 7.7 (refresh in reuse mode, frozen guidance, DeepCache's
@@ -98,7 +98,7 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     for c in base:
         for kv, merge in ((False, False), (True, False), (False, True), (True, True)):
             out.append(c.replace(cross_kv_once=kv, merge_step0_uncond=merge))
-    return out + [preset("lean-k10"), preset("paper-k5").replace(batch_reuse=False),
+    return out + [preset("lean-k10"), preset("paper-lcm-k4"), preset("paper-k5").replace(batch_reuse=False),
                   preset("paper-k10").replace(batch_reuse=False)]
 
 

@@ -1,12 +1,13 @@
-"""The device's denoising loop, written once: classifier-free-guided DPM-Solver++ steps on numpy.
+"""The device's denoising loop, written once: classifier-free-guided solver steps on numpy.
 
-    x = denoise(unet, text, x, state, schedule, solver, steps, guidance_scale)
+    x = denoise(unet, text, x, state, schedule, solver, steps, guidance_scale, seed=seed, timestep_shift=dt)
 
 ``unet`` is anything with diffusers' UNet signature, ``(sample, timestep, encoder_hidden_states) ->
 eps`` (``runtime.graphs.UNet`` on the device); ``text`` is the text encoder's output for
 ``["", *prompts]``, one prompt per row of ``x``. The device pipeline runs its steps through it
 (``DevicePipeline.finish``), and export's fp16/int8 variant checks run device-only trajectories
-through it, so a variant is checked on the loop that ships.
+through it, so a variant is checked on the loop that ships. ``solver`` is DPM-Solver++ or LCM
+(``runtime.solver``); LCM's injected noise is the request's shared noise, drawn from ``seed``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import InputError
-from .solver import Schedule, SolverConfig, SolverState, solver_step
+from .noise import step_noise
+from .solver import LCMConfig, Schedule, SolverConfig, SolverState, injects_noise, solver_step
 
 UNetFn = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
 
@@ -29,19 +31,29 @@ def guidance_rows(text: np.ndarray, b: int) -> np.ndarray:
 
 
 def denoise(unet: UNetFn, text: np.ndarray, x: np.ndarray, state: SolverState, schedule: Schedule,
-            solver: SolverConfig, steps: Sequence[int], guidance_scale: float,
-            on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+            solver: SolverConfig | LCMConfig, steps: Sequence[int], guidance_scale: float,
+            on_step: Callable[[int, int], None] | None = None, *, seed: int | None = None,
+            timestep_shift: int = 0) -> np.ndarray:
     """Run the schedule's ``steps`` (consecutive indices, from ``state.step_index``) on the latents ``x``
-    [b, C, h, w]; returns the latents after the last one. ``on_step(n, len(steps))`` after each."""
+    [b, C, h, w]; returns the latents after the last one. ``on_step(n, len(steps))`` after each.
+
+    ``seed``: the request's seed, for the noise LCM injects (every row gets the same draw, as every
+    candidate did on the cloud). ``timestep_shift``: dt, added to the timestep the UNet is given
+    (the solver stays on the schedule's timesteps)."""
     b = x.shape[0]
     rows = guidance_rows(text, b)
     for n, index in enumerate(steps):
         if index != state.step_index:
             raise InputError(f"step {index} cannot run from a solver state at step {state.step_index}")
-        t = float(schedule.timesteps[index])
-        out = unet(np.concatenate([x, x]), t, rows)
+        out = unet(np.concatenate([x, x]), schedule.model_timestep(index, timestep_shift), rows)
         eps = out[:b] + guidance_scale * (out[b:] - out[:b])
-        x, state = solver_step(schedule, solver, state, eps, x)
+        noise = None
+        if injects_noise(solver.kind, index, schedule.num_inference_steps):
+            if seed is None:
+                raise InputError(f"the {solver.kind} solver injects noise at step {index}: give denoise the "
+                                 "request's seed")
+            noise = np.repeat(step_noise(seed, index, (1, *x.shape[1:])), b, axis=0)
+        x, state = solver_step(schedule, solver, state, eps, x, noise)
         if on_step is not None:
             on_step(n + 1, len(steps))
     return x

@@ -20,7 +20,10 @@ steps (or every step that reads a cache) evaluate the conditional rows only.
 pivot_only_steps p (0 by default) makes steps i < p evaluate candidate 0 only
 (mode PIVOT); with merge_step0_uncond, step p runs its unconditional rows as one.
 
-Device steps are always full passes of the small model.
+Device steps are always full passes of the small model. The plan also carries the
+solver (``runtime.solver``: DPM-Solver++ or LCM, the same on both sides) and the
+device timestep shift dt: a device step's UNet is given the schedule's timestep plus
+dt (the paper's t_device = t_cloud + dt for LCM-SDXL; 0 by default).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from enum import Enum
 from typing import Any
 
 from .errors import InputError
+from .solver import DPM_SOLVER, SOLVER_KINDS
 
 CLOUD = "cloud"
 DEVICE = "device"
@@ -272,7 +276,14 @@ PRESETS: dict[str, AccelerationConfig] = {
     "lean-k10": AccelerationConfig(switch_step=10, cache_step=4, skip_step=6, skip_variant=SkipVariant.DEEPCACHE,
                                    batch_reuse=False, cross_kv_once=True, merge_step0_uncond=True,
                                    pivot_only_steps=1, frozen_guidance=FrozenGuidance.CACHED),
+    # paper-lcm-k4: the paper's LCM-SDXL setting, run with solver "lcm" and T = 8 (LCM_PAPER_STEPS):
+    # k = 4, r = 2; the paper gives no s, we read it as s = r (as in paper-k5): reuse x2, cache+skip x2.
+    "paper-lcm-k4": AccelerationConfig(switch_step=4, cache_step=2, skip_step=2),
 }
+# The paper's LCM-SDXL run: T = 8 LCM steps (with the device timestep shift dt = 8, its best).
+LCM_PAPER_STEPS = 8
+# A timestep shift beyond any 1000-step model's trained range means nothing; the request refuses it.
+MAX_TIMESTEP_SHIFT = 999
 
 
 def preset(name: str) -> AccelerationConfig:
@@ -289,6 +300,7 @@ class PlannedStep:
     index: int  # position in the T-step schedule
     side: str  # CLOUD or DEVICE
     mode: StepMode
+    timestep_shift: int = 0  # added to the timestep the UNet is given: dt on device steps, 0 on cloud steps
 
 
 @dataclass(frozen=True)
@@ -297,6 +309,8 @@ class StepPlan:
     switch_step: int  # k: steps [0, k) on the cloud, [k, T) on the device
     steps: tuple[PlannedStep, ...]
     acceleration: AccelerationConfig | None = None
+    solver: str = DPM_SOLVER  # runtime.solver's DPM_SOLVER or LCM, on every step
+    device_timestep_shift: int = 0  # dt
 
     @property
     def cloud_steps(self) -> tuple[PlannedStep, ...]:
@@ -308,13 +322,22 @@ class StepPlan:
 
 
 def make_plan(num_inference_steps: int, switch_step: int,
-              acceleration: AccelerationConfig | None = None) -> StepPlan:
+              acceleration: AccelerationConfig | None = None, *, solver: str = DPM_SOLVER,
+              device_timestep_shift: int = 0) -> StepPlan:
     """Plan T = num_inference_steps steps with the switch point k = switch_step.
 
-    Without ``acceleration`` every step is a full pass.
+    Without ``acceleration`` every step is a full pass. ``solver``: runtime.solver's DPM_SOLVER
+    or LCM. ``device_timestep_shift``: dt, added to the UNet's timestep on every device step
+    (whether the shifted timesteps stay in the model's range is the schedule's check,
+    ``Schedule.model_timestep``).
     """
     t = _require_int("num_inference_steps", num_inference_steps)
     k = _require_int("switch_step", switch_step)
+    dt = _require_int("device_timestep_shift", device_timestep_shift)
+    if solver not in SOLVER_KINDS:
+        raise InputError(f"unknown solver {solver!r}; known: {', '.join(SOLVER_KINDS)}")
+    if abs(dt) > MAX_TIMESTEP_SHIFT:
+        raise InputError(f"device_timestep_shift dt={dt} must be in [-{MAX_TIMESTEP_SHIFT}, {MAX_TIMESTEP_SHIFT}]")
     if t < 1:
         raise InputError(f"num_inference_steps must be >= 1, got {t}")
     if not 0 <= k <= t:
@@ -327,7 +350,8 @@ def make_plan(num_inference_steps: int, switch_step: int,
                          f"k={k}; pick a preset for k={k} or set switch_step to {acceleration.switch_step}")
     steps = tuple(
         PlannedStep(i, CLOUD, acceleration.mode(i) if acceleration else StepMode.FULL) if i < k
-        else PlannedStep(i, DEVICE, StepMode.FULL)
+        else PlannedStep(i, DEVICE, StepMode.FULL, timestep_shift=dt)
         for i in range(t)
     )
-    return StepPlan(num_inference_steps=t, switch_step=k, steps=steps, acceleration=acceleration)
+    return StepPlan(num_inference_steps=t, switch_step=k, steps=steps, acceleration=acceleration,
+                    solver=solver, device_timestep_shift=dt)

@@ -9,8 +9,10 @@ Request: canonical JSON (sorted keys, fixed separators, UTF-8), so equal
 requests are equal bytes whichever candidate is real.
 
 Response ("handoff"): safetensors bytes holding, per candidate, the latent
-after cloud step k and the DPM-Solver++ state the device needs to resume
-exactly (the last data prediction), plus string metadata: format version,
+after cloud step k and the solver state the device needs to resume exactly
+(DPM-Solver++: the last data prediction; LCM needs none, and its last
+``denoised`` is sent in the same place, verified like a data prediction but
+not read), plus string metadata: format version,
 T, k, timesteps, solver counters, guidance, model id, shapes, dtype and the
 SHA-256 of the request it answers. ``decode_handoff`` validates all of it
 before anything is used.
@@ -34,7 +36,8 @@ from safetensors.numpy import save as st_save
 
 from .errors import InputError, UntrustedAnswerError
 from .options import check_fields, option
-from .plan import AccelerationConfig, StepPlan, make_plan
+from .plan import MAX_TIMESTEP_SHIFT, AccelerationConfig, StepPlan, make_plan
+from .solver import DPM_SOLVER, LCM, SOLVER_KINDS
 
 STEPS_PATH = "/v1/steps"                        # POST: request bytes in, handoff bytes out
 REQUEST_MEDIA_TYPE = "application/json"
@@ -131,6 +134,10 @@ class StepsRequest:
     wire_dtype: str = "float32"
     # Server-side accelerations for the cloud steps; None: every step a full pass.
     acceleration: AccelerationConfig | None = None
+    # -- the solver and the device timestep shift (left out of the bytes at their defaults) --
+    solver: str = DPM_SOLVER            # runtime.solver's DPM_SOLVER or LCM, on both sides
+    device_timestep_shift: int = 0      # dt: the device's UNet sees t + dt (the cloud does not use it)
+    # -- end of the solver block --
     format: str = field(default=REQUEST_FORMAT)
 
     def __post_init__(self) -> None:
@@ -183,6 +190,13 @@ class StepsRequest:
             need(self.acceleration.switch_step == self.switch_step,
                  f"acceleration is for k={self.acceleration.switch_step} but the request has "
                  f"switch_step k={self.switch_step}; they must agree")
+        need(isinstance(self.solver, str) and self.solver in SOLVER_KINDS,
+             f"solver {self.solver!r} must be one of {list(SOLVER_KINDS)}")
+        shift = self.device_timestep_shift
+        need(isinstance(shift, int) and not isinstance(shift, bool), f"device_timestep_shift must be an integer, "
+             f"got {shift!r}")
+        need(abs(shift) <= MAX_TIMESTEP_SHIFT,
+             f"device_timestep_shift {shift} must be in [-{MAX_TIMESTEP_SHIFT}, {MAX_TIMESTEP_SHIFT}]")
 
     @property
     def n(self) -> int:
@@ -192,7 +206,8 @@ class StepsRequest:
     def plan(self) -> StepPlan:
         """The T-step plan of this request (its cloud steps run on the server)."""
         acceleration = self.acceleration or AccelerationConfig.none(self.switch_step)
-        return make_plan(self.num_inference_steps, self.switch_step, acceleration)
+        return make_plan(self.num_inference_steps, self.switch_step, acceleration, solver=self.solver,
+                         device_timestep_shift=self.device_timestep_shift)
 
     @cached_property
     def _canonical(self) -> bytes:
@@ -200,6 +215,11 @@ class StepsRequest:
         d["candidates"] = list(self.candidates)
         d["guidance_scale"] = float(self.guidance_scale)
         d["acceleration"] = None if self.acceleration is None else self.acceleration.to_dict()
+        # Fields added after v1 are left out at their default, so such a request has the same bytes
+        # (and hash) as before and an older peer reads it.
+        for name, default in _REQUEST_OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
         return canonical_json(d)
 
     @cached_property
@@ -224,7 +244,7 @@ class StepsRequest:
         unknown = set(obj) - known
         if unknown:
             raise ProtocolError(f"request has unknown fields {sorted(unknown)}; known: {sorted(known)}")
-        missing = known - set(obj) - {"wire_dtype", "acceleration", "format"}
+        missing = known - set(obj) - {"wire_dtype", "acceleration", "format", *_REQUEST_OMITTED_AT_DEFAULT}
         if missing:
             raise ProtocolError(f"request is missing fields {sorted(missing)}")
         if not isinstance(obj["candidates"], list):
@@ -238,6 +258,10 @@ class StepsRequest:
 
     def sha256(self) -> str:
         return self._sha256
+
+
+# Request fields left out of the canonical bytes at their default value (and optional when parsed).
+_REQUEST_OMITTED_AT_DEFAULT: dict[str, Any] = {"solver": DPM_SOLVER, "device_timestep_shift": 0}
 
 
 # Image side when nothing better is known (no model loaded, e.g. the in-process step runner);
@@ -464,6 +488,9 @@ def decode_handoff(data: bytes, request: StepsRequest, expected_latent_shape: tu
     lower_order_nums = int_field("lower_order_nums")
     if not 0 <= lower_order_nums <= request.switch_step:
         raise HandoffError(f"handoff lower_order_nums={lower_order_nums} out of range 0..{request.switch_step}")
+    if request.solver == LCM and lower_order_nums != 0:
+        raise HandoffError(f"handoff lower_order_nums={lower_order_nums} for the lcm solver, which keeps no "
+                           "multistep counter (always 0)")
     if field_("dtype") != request.wire_dtype:
         raise HandoffError(f"handoff dtype {_short(meta['dtype'])}, requested {request.wire_dtype!r}")
     try:
