@@ -25,7 +25,7 @@ SAFE_INT8_WEIGHT = 64
 @pytest.fixture(scope="module")
 def shipped_fp32(tmp_path_factory):
     from obclip.cloud.models import default_models
-    from obclip.export.build_engines import build_device_engines
+    from obclip.export.device_engines import build_device_engines
 
     out = tmp_path_factory.mktemp("shipped-int8")
     build_device_engines(str(default_models()[1]), out)

@@ -58,8 +58,9 @@ class OnnxTokenClassifier:
 
     def __init__(self, model: str | Path, tokenizer: str | Path, labels: str | Path,
                  only: Iterable[str] | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)):
-        import onnxruntime
         from tokenizers import Tokenizer
+
+        from obclip.runtime.sessions import SessionConfig, open_session
 
         for what, path in (("model", model), ("tokenizer", tokenizer)):
             if not Path(path).is_file():
@@ -67,7 +68,7 @@ class OnnxTokenClassifier:
         self.labels = read_labels(labels)
         self.only = frozenset(entity(x) for x in only) if only is not None else None
         self.tokenizer = Tokenizer.from_file(str(tokenizer))
-        self.session = onnxruntime.InferenceSession(str(model), providers=list(providers))
+        self.session = open_session(model, SessionConfig(providers=tuple(providers)))
         self.inputs = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in self.inputs:
             raise ObliviousError(f"detector model {str(model)!r} has inputs {self.inputs}; a token classifier "

@@ -10,8 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..sensitive import JOINABLE, NUMERIC_AGE, age_bucket, typo_of, years_of
-from .render import style_of
-from .schema import WORD, Entry, ObliviousError, Schema
+from .schema import WORD, Entry, ObliviousError, Schema, style_of
 from .vocabulary import Vocabulary
 from .vouch import compound_spans
 

@@ -6,27 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .schema import WORD, Schema
+from .schema import WORD, Schema, apply_style, style_of
 
 if TYPE_CHECKING:
     from .parse import Person, Pronoun, Span
-
-
-def style_of(word: str) -> str:
-    letters = [c for c in word if c.isalpha()]
-    if len(letters) >= 2 and all(c.isupper() for c in letters):
-        return "upper"
-    if letters and letters[0].isupper():
-        return "title"
-    return "lower"
-
-
-def apply_style(word: str, style: str) -> str:
-    if style == "upper":
-        return word.upper()
-    if style == "title":
-        return word[:1].upper() + word[1:]
-    return word
 
 
 # Vowel letters that sound like consonants, and silent h's.

@@ -32,6 +32,25 @@ def schema_file(name_or_path: str | Path | None) -> Path:
 WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
 
 
+# The casing of a typed word, so a rewritten word keeps it ("Woman" -> "Man", "WOMAN" -> "MAN").
+def style_of(word: str) -> str:
+    letters = [c for c in word if c.isalpha()]
+    if len(letters) >= 2 and all(c.isupper() for c in letters):
+        return "upper"
+    if letters and letters[0].isupper():
+        return "title"
+    return "lower"
+
+
+def apply_style(word: str, style: str) -> str:
+    if style == "upper":
+        return word.upper()
+    if style == "title":
+        return word[:1].upper() + word[1:]
+    return word
+
+
+
 class ObliviousError(InputError):
     """A prompt or schema the transform refuses, with a message for the user (an input error: exit 2)."""
 
