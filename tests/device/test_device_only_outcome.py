@@ -45,3 +45,16 @@ def test_refuse_raises_before_anything_is_sent(device_pipeline):
 def test_a_vouched_prompt_is_still_sent(device_pipeline):
     prepared = device_pipeline.prepare("a photo of an old man", GenerationConfig(method="obclip", seed=0))
     assert prepared.request is not None and prepared.request.n == 6
+
+
+def test_an_lcm_run_with_a_timestep_shift_kept_on_the_device_has_no_shift(device_pipeline):
+    # dt bridges the cloud-to-device switch; with nothing sent the device runs its own plan from
+    # t = 999, where dt = 8 would leave the trained range.
+    from obclip.runtime.plan import LCM_PAPER_STEPS
+    from obclip.runtime.solver import LCM
+
+    config = GenerationConfig(method="obclip", num_inference_steps=LCM_PAPER_STEPS, switch_step=4, seed=0,
+                              solver=LCM, device_timestep_shift=8)
+    assert config.plan(0).device_timestep_shift == 0 and config.plan().device_timestep_shift == 8
+    result = device_pipeline.generate("Maria, 28, smiling at the camera", never, config)
+    assert result.bytes_sent == 0 and np.isfinite(result.image).all()

@@ -124,10 +124,14 @@ def test_lcm_device_noise_must_be_the_clouds(k, device_pipeline, cloud_runner, c
 
 
 def test_shift_out_of_the_trained_range_is_refused_before_sending(device_pipeline):
-    # Device-only LCM starts at t = 999: dt = 8 would give the UNet 1007.
-    config = GenerationConfig(method=Method.DEVICE_ONLY, num_inference_steps=LCM_PAPER_STEPS, seed=1, solver=LCM,
-                              device_timestep_shift=8)
+    # dt = -999 moves every device step's timestep below 0.
+    config = GenerationConfig(num_inference_steps=LCM_PAPER_STEPS, switch_step=4, seed=1, solver=LCM,
+                              device_timestep_shift=-999)
     with pytest.raises(InputError, match="outside the model's trained range"):
         device_pipeline.prepare(PROMPT, config)
+    # With no cloud steps there is no switch to bridge: a shift is refused, not silently dropped.
+    with pytest.raises(InputError, match="no cloud steps"):
+        GenerationConfig(method=Method.DEVICE_ONLY, num_inference_steps=LCM_PAPER_STEPS, solver=LCM,
+                         device_timestep_shift=8)
     with pytest.raises(InputError, match="at most 50 steps"):
         device_pipeline.prepare(PROMPT, GenerationConfig(num_inference_steps=51, switch_step=5, solver=LCM))

@@ -95,6 +95,9 @@ class GenerationConfig:
                                  f"{self.method.value} runs k={self.k}; choose one for k={self.k}")
         if self.method in (Method.OBCLIP, Method.HYBRID_SD) and not 0 <= self.k <= self.num_inference_steps:
             raise InputError(f"switch_step k={self.k} must be in 0..T={self.num_inference_steps}")
+        if self.device_timestep_shift and self.k == 0:
+            raise InputError(f"device_timestep_shift dt={self.device_timestep_shift} shifts the device's steps after "
+                             "the cloud's, and this run has no cloud steps; leave dt at 0")
         self.plan()   # checks the solver and the device timestep shift
 
     @property
