@@ -4,7 +4,8 @@ A negative prompt is user text and leaks like the prompt, but it is one text for
 it cannot be protected by varying it. So it may leave the device only when the transform, run
 on it as on a prompt, finds nothing to protect and nothing it cannot vouch for: every word
 vouched (the shipped vocabulary), no attribute word (a slot the candidates would vary), no
-pronoun, no context cue or place next to a person. Then it is sent as the transform read it
+pronoun, no context cue or place next to a person, and (stricter than for a prompt) no attribute
+word at all, even before a thing ("white horse", "asian features"). Then it is sent as the transform read it
 (normalised; equal to the text as typed for plain text), the same in every candidate's request.
 It is read as said of a person in the picture (a
 negative prompt is sent beside candidates that may describe one: "old" or "pregnant" there says
@@ -23,9 +24,10 @@ import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..sensitive import generalize_emoji, normalize
+from ..sensitive import Finding, generalize_emoji, normalize
 from .schema import ObliviousError
 from .transform import ObliviousTransform, describe
+from .vouch import tokens
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,36 @@ def check_negative(negative_prompt: str, transform: ObliviousTransform) -> Negat
     if result.slots or result.n != 1 or not result.candidates[0].startswith(PERSON_CONTEXT):
         # Defensive: the cap of 1 stops any set with slots, and normalising leaves the context as it is.
         return NegativeCheck(negative_prompt, None, "the negative prompt holds a word that tells an attribute")
-    return NegativeCheck(negative_prompt, result.candidates[0][len(PERSON_CONTEXT):])
+    text = result.candidates[0][len(PERSON_CONTEXT):]
+    # Stricter than for a prompt: no attribute word at all, not even before a thing ("asian features",
+    # "white horse"): whatever it describes, it is said of the picture the candidates share.
+    told = attribute_words(text, transform)
+    if told:
+        return NegativeCheck(negative_prompt, None,
+                             "the negative prompt holds " + "; ".join(dict.fromkeys(describe(f) for f in told)))
+    return NegativeCheck(negative_prompt, text)
+
+
+def attribute_words(text: str, transform: ObliviousTransform) -> list[Finding]:
+    """The words of ``text`` (and of its hyphenated words' parts) that tell an attribute: the
+    vocabulary's attribute words and the schema's words that carry a value, by attribute."""
+    vocab, lexicon = transform.vocabulary, transform.schema.lexicon
+    out = []
+    for tok in tokens(text):
+        for word in dict.fromkeys([tok.word, *tok.word.split("-")]):
+            base = word[:-2] if word.endswith("'s") else word
+            entry = vocab.get(base)
+            schema_entry = lexicon.get((base,))
+            attribute = vocab.told.get(word) or vocab.told.get(base)
+            if attribute is None and schema_entry is not None and schema_entry.values:
+                attribute = "/".join(sorted(schema_entry.values))
+            if attribute is None and entry is not None and "A" in entry.flags:
+                attribute = "an attribute"
+            if attribute is not None:
+                out.append(Finding(tok.start, tok.end, tok.text, attribute, "tells " + attribute,
+                                   "a word that names no attribute"))
+                break
+    return out
 
 
 # The negative prompt is read as said of a person: it is sent beside candidates that may describe one,
