@@ -134,6 +134,19 @@ def test_steps_answers_the_handoff_bytes(running, cloud_runner):
     assert decode_handoff(half, StepsRequest.from_bytes(request_bytes(wire_dtype="float16")), (4, 16, 16))
 
 
+def test_steps_with_a_negative_prompt(running, cloud_runner):
+    """The service conditions the unconditional rows on the request's negative prompt."""
+    body = request_bytes(negative_prompt="blurry, low quality")
+    status, _, data = running.post(body)
+    assert status == 200, data
+    req = StepsRequest.from_bytes(body)
+    got = decode_handoff(data, req, (4, 16, 16))
+    want = decode_handoff(cloud_runner.handle(body), req, (4, 16, 16))
+    np.testing.assert_allclose(got.latents, want.latents, atol=1e-5)
+    plain = decode_handoff(running.post(request_bytes())[2], StepsRequest.from_bytes(request_bytes()), (4, 16, 16))
+    assert float(np.abs(got.latents - plain.latents).max()) > 1e-3
+
+
 def test_steps_with_a_server_side_acceleration(running):
     from obclip.runtime.plan import preset
 
@@ -174,6 +187,12 @@ FAULTS = [
     ("image-not-multiple", raw(height=65), "application/json", 422, "invalid_image_size", None),
     ("prompt-chars", raw(candidates=["x" * 1025]), "application/json", 422, "prompt_too_long", "max_prompt_chars"),
     ("prompt-tokens", raw(candidates=[LONG_TOKENS]), "application/json", 422, "prompt_too_long",
+     "max_prompt_tokens"),
+    ("negative-not-str", raw(negative_prompt=5), "application/json", 422, "invalid_request", None),
+    ("negative-blank", raw(negative_prompt="   "), "application/json", 422, "invalid_request", None),
+    ("negative-chars", raw(negative_prompt="x" * 1025), "application/json", 422, "prompt_too_long",
+     "max_prompt_chars"),
+    ("negative-tokens", raw(negative_prompt=LONG_TOKENS), "application/json", 422, "prompt_too_long",
      "max_prompt_tokens"),
     ("body-over", b"x" * (256 * 1024 + 1), "application/json", 413, "body_too_large", "max_body_bytes"),
     ("content-type", request_bytes(), "text/plain", 415, "unsupported_media_type", None),

@@ -165,6 +165,20 @@ def test_onnxruntime_batch_equals_each_request_alone(ort_runner):
         assert _rel(a.latents, b.latents) <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["none-k5", "paper-k5+extras", "frozen-cached"])
+def test_onnxruntime_negative_prompt_matches_torch(cloud_runner, ort_runner, name):
+    """The negative prompt is the text of the unconditional rows in the graphs as in torch; a batch of
+    requests with different negative prompts gives each what it gets alone."""
+    base = _request(CONFIGS[name])
+    request = StepsRequest(base.candidates, base.seed, 10, 5, 7.5, 64, 64, acceleration=CONFIGS[name],
+                           negative_prompt="blurry, low quality")
+    want, got = cloud_runner.run(request), ort_runner.run(request)
+    assert _rel(got.latents, want.latents) <= 1e-4 and _rel(got.prev_x0, want.prev_x0) <= 1e-4
+    assert _rel(ort_runner.run(base).latents, got.latents) > 1e-3   # it changes the result
+    for a, b in zip(ort_runner.run_batch([request, base]), [got, ort_runner.run(base)]):
+        assert _rel(a.latents, b.latents) <= 1e-6
+
+
 def test_a_mode_without_a_graph_is_a_clear_error(ort_runner):
     with pytest.raises(ManifestError, match="no graph for step mode 'reuse.wa'"):
         ort_runner.run(_request(AccelerationConfig(5, 2, 3, block_skip=False)))

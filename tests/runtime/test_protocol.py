@@ -198,3 +198,59 @@ def test_lcm_handoff_carries_no_multistep_counter():
     _, _, bad = make_handoff(r, lower_order_nums=2, timesteps=list(range(999, 0, -125))[:8])
     with pytest.raises(HandoffError, match="lcm solver, which keeps no multistep counter"):
         decode_handoff(bad, r, SHAPE)
+
+
+# --- the negative prompt --------------------------------------------------------------------------
+
+# The bytes and SHA-256 of make_request() as main wrote them before the negative prompt existed.
+V1_REQUEST_BYTES = (b'{"acceleration":null,"candidates":["a photo of a man","a photo of a woman"],'
+                    b'"format":"obclip.steps-request.v1","guidance_scale":7.5,"height":64,"num_inference_steps":25,'
+                    b'"seed":7,"switch_step":10,"width":64,"wire_dtype":"float32"}')
+V1_REQUEST_SHA256 = "07e64b495bf35f7e4cfe316eb2295ac9cede14da7b02fe578e3ed251dd18565a"
+
+
+def test_no_negative_prompt_leaves_the_bytes_and_hash_unchanged():
+    r = make_request()
+    assert r.to_bytes() == V1_REQUEST_BYTES and r.sha256() == V1_REQUEST_SHA256
+    assert make_request(negative_prompt="").to_bytes() == V1_REQUEST_BYTES
+    assert StepsRequest.from_bytes(V1_REQUEST_BYTES).negative_prompt == ""
+
+
+def test_negative_prompt_is_one_field_for_every_candidate():
+    r = make_request(negative_prompt="blurry, low quality")
+    body = json.loads(r.to_bytes())
+    assert body["negative_prompt"] == "blurry, low quality"
+    assert StepsRequest.from_bytes(r.to_bytes()) == r
+    assert r.sha256() != V1_REQUEST_SHA256
+    # Whichever candidate is real, the request is the same bytes (the candidates are in canonical order,
+    # the negative prompt is not per candidate).
+    again = make_request(candidates=("a photo of a man", "a photo of a woman"), negative_prompt="blurry, low quality")
+    assert again.to_bytes() == r.to_bytes()
+
+
+@pytest.mark.parametrize("value, msg", [
+    (5, "negative_prompt must be a string"),
+    (None, "negative_prompt must be a string"),
+    (["blurry"], "negative_prompt must be a string"),
+    ("   ", "negative_prompt is only whitespace"),
+    ("\ud800", "negative_prompt is not valid Unicode"),
+])
+def test_negative_prompt_validation(value, msg):
+    with pytest.raises(ProtocolError, match=msg):
+        make_request(negative_prompt=value)
+    body = json.loads(make_request().to_bytes())
+    body["negative_prompt"] = value
+    with pytest.raises(ProtocolError, match=msg):
+        StepsRequest.from_bytes(json.dumps(body).encode())
+
+
+def test_negative_prompt_is_held_to_the_prompt_limits():
+    from obclip.runtime.protocol import LimitExceeded, RequestLimits
+
+    limits = RequestLimits(max_prompt_chars=20)
+    limits.check(make_request(negative_prompt="blurry"))
+    with pytest.raises(LimitExceeded, match="the negative prompt in characters") as e:
+        limits.check(make_request(negative_prompt="blurry " * 4))
+    assert e.value.limit["name"] == "max_prompt_chars"
+    with pytest.raises(LimitExceeded, match="the negative prompt in tokens"):
+        RequestLimits().check(make_request(negative_prompt="blurry " * 8), lambda text: len(text.split()) + 2, 7)

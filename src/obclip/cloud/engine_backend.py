@@ -52,10 +52,12 @@ def session_config(providers: str = "cpu", threads: int | None = None, optimizat
 
 class OrtBatch:
     def __init__(self, engine: OrtEngine, candidates: Sequence[Sequence[str]],
-                 alignments: Sequence[TokenAlignment | None], guidance_scale: float):
+                 alignments: Sequence[TokenAlignment | None], guidance_scale: float,
+                 negative_prompts: Sequence[str]):
         self.engine = engine
         self.sizes = [len(c) for c in candidates]
-        texts = [[""] + list(c) for c in candidates]
+        # Each request's text rows: [its negative prompt ("" when none), its candidates].
+        texts = [[negative, *c] for negative, c in zip(negative_prompts, candidates)]
         emb = engine.encode([t for group in texts for t in group])
         self.texts, o = [], 0
         for n in self.sizes:
@@ -182,8 +184,8 @@ class OrtEngine:
         return self.text_encoder.encode(prompts)
 
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
-              guidance_scale: float) -> OrtBatch:
-        return OrtBatch(self, candidates, alignments, guidance_scale)
+              guidance_scale: float, negative_prompts: Sequence[str]) -> OrtBatch:
+        return OrtBatch(self, candidates, alignments, guidance_scale, negative_prompts)
 
     def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> NumpySolver:
         return NumpySolver(self.scheduler_config, num_inference_steps, kind)

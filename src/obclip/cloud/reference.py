@@ -34,7 +34,7 @@ from .torch_backend import make_scheduler
 def reference_eps(model: TextToLatentModel, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                   added: dict[str, torch.Tensor], guidance_scale: float) -> torch.Tensor:
     """One plain UNet evaluation (diffusers' forward) for latents ``x`` [b, ...] and the rows
-    ``text``/``added`` of [empty prompt, prompt_1..prompt_b]: classifier-free guided, or (a
+    ``text``/``added`` of [negative prompt, prompt_1..prompt_b]: classifier-free guided, or (a
     guidance-embedding UNet) the conditional prediction."""
     b = x.shape[0]
     if not model.conditioning.guided:
@@ -55,8 +55,9 @@ def reference_eps(model: TextToLatentModel, x: torch.Tensor, t: torch.Tensor, te
 def hybrid_reference_latent(cloud: TextToLatentModel, device: TextToLatentModel, *, cloud_prompt: str,
                             device_prompt: str, seed: int, num_inference_steps: int, switch_step: int,
                             guidance_scale: float, height: int, width: int, solver: str = DPM_SOLVER,
-                            device_timestep_shift: int = 0) -> torch.Tensor:
-    """Final latent [1, C, h, w] of a hybrid run that swaps the UNet at step k."""
+                            device_timestep_shift: int = 0, negative_prompt: str = "") -> torch.Tensor:
+    """Final latent [1, C, h, w] of a hybrid run that swaps the UNet at step k; the unconditional
+    rows of both UNets are conditioned on ``negative_prompt`` (the empty prompt by default)."""
     plan = make_plan(num_inference_steps, switch_step, solver=solver, device_timestep_shift=device_timestep_shift)
     scheduler = make_scheduler(cloud if switch_step > 0 else device, num_inference_steps, solver)
     shape = (1, *device.latent_shape(height, width))
@@ -64,8 +65,8 @@ def hybrid_reference_latent(cloud: TextToLatentModel, device: TextToLatentModel,
 
     texts = {}
     for side, model, prompt in (("cloud", cloud, cloud_prompt), ("device", device, device_prompt)):
-        emb, from_text = model.encode_texts(["", prompt])
-        texts[side] = (emb, model.added_inputs(["", prompt], from_text, height, width, guidance_scale))
+        emb, from_text = model.encode_texts([negative_prompt, prompt])
+        texts[side] = (emb, model.added_inputs([negative_prompt, prompt], from_text, height, width, guidance_scale))
 
     for step in plan.steps:
         model = cloud if step.side == "cloud" else device

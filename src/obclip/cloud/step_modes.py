@@ -266,7 +266,7 @@ class _Pass:
             if not is_cross:
                 outs.append(_shared_map_attention(q[g], k[g], v, attn.scale))
             elif once and not conditional:
-                # Every unconditional row of a request has the empty prompt's values and,
+                # Every unconditional row of a request has its negative prompt's values and,
                 # under reuse, the pivot's map: the rows are equal, so compute one.
                 one = _shared_map_attention(q[g], k[g], v, attn.scale)
                 outs.append(expand_rows(one, rows.shape[0]))

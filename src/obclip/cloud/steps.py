@@ -1,7 +1,7 @@
 """The cloud's step loop: the first k solver steps (DPM-Solver++ or LCM) on all N candidates.
 
 One request, written out:
-  encode the N candidates and the empty prompt;
+  encode the N candidates and the request's negative prompt (the empty prompt when it has none);
   z_T from the shared numpy generator, repeated N times (one shared noise);
   for each cloud step of the plan: one guided UNet pass over the candidates in
   the step's mode (``cloud/modes.py`` names it, ``cloud/step_modes.py`` defines
@@ -80,7 +80,9 @@ class Engine(Protocol):
         """The texts as the text encoder reads them (ids, words, spans), for token alignment."""
         ...
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
-              guidance_scale: float) -> EngineBatch: ...
+              guidance_scale: float, negative_prompts: Sequence[str]) -> EngineBatch:
+        """``negative_prompts``: each request's unconditional text ("" for the empty prompt)."""
+        ...
     def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> Solver: ...
 
 
@@ -149,7 +151,8 @@ class CloudStepRunner:
         shape = (1, *engine.latent_shape(first.height, first.width))
         z = np.concatenate([np.repeat(initial_noise(r.seed, shape), r.n, axis=0) for r in requests])
 
-        with engine.batch([r.candidates for r in requests], alignments, first.guidance_scale) as batch:
+        with engine.batch([r.candidates for r in requests], alignments, first.guidance_scale,
+                          [r.negative_prompt for r in requests]) as batch:
             x = batch.latents(z)
             # The cache tensors, by name: written by one step, read by later ones, dropped with the batch.
             caches: dict[str, Any] = {}

@@ -103,9 +103,10 @@ class TorchNumpySolver:
 
 class TorchBatch:
     def __init__(self, engine: TorchEngine, candidates: Sequence[Sequence[str]],
-                 alignments: Sequence[TokenAlignment | None], guidance_scale: float):
+                 alignments: Sequence[TokenAlignment | None], guidance_scale: float,
+                 negative_prompts: Sequence[str]):
         self.engine, self.candidates, self.guidance_scale = engine, candidates, float(guidance_scale)
-        self.alignments = alignments
+        self.alignments, self.negative_prompts = alignments, list(negative_prompts)
         self._installed: Any = None
 
     def __enter__(self) -> TorchBatch:
@@ -114,15 +115,18 @@ class TorchBatch:
         self.guidance: float | torch.Tensor = (
             self.guidance_scale if self.engine.compile_mode is None
             else torch.tensor([self.guidance_scale], device=model.unet.device, dtype=model.unet.dtype))
-        # One text-encoder call for every request: [cands of request 0, ..., cands of request R-1, ""],
-        # reordered to [empty, cands] per request.
+        # One text-encoder call for every request: [cands of request 0, ..., cands of request R-1, then
+        # each distinct negative prompt ("" when none)], reordered to [negative, cands] per request.
         self.sizes = tuple(len(c) for c in self.candidates)
-        texts = [c for cands in self.candidates for c in cands] + [""]
+        negatives = list(dict.fromkeys(self.negative_prompts))
+        texts = [c for cands in self.candidates for c in cands]
+        first_negative = len(texts)
+        texts += negatives
         with torch.no_grad():
             emb, from_text = model.encode_texts(texts)
         order, o = [], 0
-        for n in self.sizes:
-            order += [len(texts) - 1, *range(o, o + n)]
+        for n, negative in zip(self.sizes, self.negative_prompts):
+            order += [first_negative + negatives.index(negative), *range(o, o + n)]
             o += n
         self.text = emb[order]
         self.texts = [texts[i] for i in order]
@@ -199,8 +203,11 @@ class TorchEngine:
         return text_tokens(tok.backend_tokenizer, texts, tok.model_max_length, tok.pad_token_id)
 
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
-              guidance_scale: float) -> TorchBatch:
-        return TorchBatch(self, candidates, alignments, guidance_scale)
+              guidance_scale: float, negative_prompts: Sequence[str]) -> TorchBatch:
+        if any(negative_prompts) and not self.model.conditioning.guided:
+            raise InputError(f"{self.model_id} takes the guidance scale as an embedding (LCM) and runs no "
+                             "unconditional rows, so a negative prompt would change nothing; leave it out")
+        return TorchBatch(self, candidates, alignments, guidance_scale, negative_prompts)
 
     def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> TorchSolver | TorchNumpySolver:
         scheduler = make_scheduler(self.model, num_inference_steps, kind)

@@ -52,6 +52,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                         "lean-k10 (fewer server MACs than paper-k10; docs/benchmarks.md 'Server cost'), "
                         "paper-lcm-k4 (k=4,r=2,s=2; with --solver lcm --steps 8) "
                         "or none-k<k>; default: every cloud step a full pass")
+    p.add_argument("--negative-prompt", default=_G.negative_prompt, metavar="TEXT",
+                   help="what the image should not show (the unconditional text on cloud and device); sent only "
+                        "if the device vouches for every word of it, else --unprotected decides (docs/privacy.md)")
     p.add_argument("--guidance", type=float, default=_G.guidance_scale,
                    help="classifier-free guidance scale (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh random one)")
@@ -82,7 +85,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         method=Method(args.method), num_inference_steps=steps, switch_step=args.switch_step,
         guidance_scale=args.guidance, height=args.size, width=args.size, seed=args.seed,
         wire_dtype=args.wire_dtype, acceleration=acceleration, solver=args.solver,
-        device_timestep_shift=args.device_timestep_shift,
+        device_timestep_shift=args.device_timestep_shift, negative_prompt=args.negative_prompt,
         transform=TransformConfig(max_candidates=args.max_candidates, schema_path=args.schema,
                                   unprotected=args.unprotected),
     )

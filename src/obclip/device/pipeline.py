@@ -40,7 +40,8 @@ from obclip.runtime.solver import (
 )
 
 from .engines import DeviceEngines
-from .oblivious import CandidateSet, ObliviousTransform, TransformConfig
+from .oblivious import CandidateSet, NegativeCheck, ObliviousTransform, TransformConfig, check_negative
+from .oblivious.negative import refusal
 from .verify import config_for as verify_config_for
 from .verify import verify_answer
 
@@ -79,9 +80,14 @@ class GenerationConfig:
     acceleration: AccelerationConfig | None = None
     solver: str = DPM_SOLVER                 # runtime.solver's DPM_SOLVER or LCM, on both sides
     device_timestep_shift: int = 0           # dt: the device UNet sees t + dt on its steps
+    # The text of the unconditional rows on both sides ("": the empty prompt). Sent only when the
+    # device vouches for every word of it (oblivious/negative.py), else the transform's policy applies.
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
+        if not isinstance(self.negative_prompt, str) or (self.negative_prompt and not self.negative_prompt.strip()):
+            raise InputError(f"negative_prompt={self.negative_prompt!r} must be text, or \"\" for none")
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
             raise InputError(f"num_inference_steps={self.num_inference_steps!r} must be an integer >= 1")
         acc = self.acceleration
@@ -131,6 +137,8 @@ class PreparedRequest:
     seed: int
     height: int
     width: int
+    # DEVICE ONLY: whether the negative prompt may be sent (None: none given, or a method that is not private)
+    negative_check: NegativeCheck | None = None
 
     @property
     def request_bytes(self) -> bytes | None:
@@ -197,20 +205,34 @@ class DevicePipeline:
         for step in config.plan().device_steps:
             schedule.model_timestep(step.index, step.timestep_shift)
 
-        candidate_set = None
+        # The negative prompt is one text for every candidate: its length tells nothing of which is real.
+        negative = config.negative_prompt
+        if negative:
+            tokenizer.check_fits([negative], what="the negative prompt")
+        candidate_set, negative_check, sent_negative = None, None, ""
         if config.method in (Method.OBCLIP, Method.VANILLA_OG):
-            candidate_set = self._transform(config.transform)(prompt)
+            transform = self._transform(config.transform)
+            candidate_set = transform(prompt)
             candidates, real_index = candidate_set.candidates, candidate_set.real_index
-            if candidate_set.device_only:
+            if negative:
+                # The prompt's policy, decided on the negative prompt's words alone (never on the real value).
+                negative_check = check_negative(negative, transform)
+                if not negative_check.vouched and config.transform.unprotected == "refuse":
+                    raise refusal(negative_check)
+                sent_negative = negative_check.sendable or ""
+            if candidate_set.device_only or (negative_check is not None and not negative_check.vouched):
                 # A word the device cannot vouch for: nothing is sent, the device runs all T steps.
                 k, real_index = 0, 0
             else:
                 # Refusals are decided on the whole candidate set, never on the real one alone.
                 tokenizer.check_fits(list(candidates), what="a candidate prompt")
+                if sent_negative:
+                    tokenizer.check_fits([sent_negative], what="the negative prompt")
         else:
             candidates, real_index = (prompt,), 0
             if not config.method.private:
                 tokenizer.check_fits([prompt])  # sent as typed: it must fit the cloud's encoder
+                sent_negative = negative        # NOT private: the negative prompt goes as typed too
         # The prompt as typed is checked only through its candidate set (refusing on its own length
         # would depend on the real wording); the device's own encoding truncates it like SD does.
 
@@ -220,9 +242,11 @@ class DevicePipeline:
                                    switch_step=k, guidance_scale=float(config.guidance_scale),
                                    height=height, width=width, wire_dtype=config.wire_dtype,
                                    acceleration=config.acceleration, solver=config.solver,
-                                   device_timestep_shift=config.device_timestep_shift)
+                                   device_timestep_shift=config.device_timestep_shift,
+                                   negative_prompt=sent_negative)
         return PreparedRequest(prompt=prompt, real_index=real_index, candidate_set=candidate_set,
-                               request=request, seed=seed, height=height, width=width)
+                               request=request, seed=seed, height=height, width=width,
+                               negative_check=negative_check)
 
     def finish(self, prepared: PreparedRequest, answer: bytes | Handoff | None, config: GenerationConfig,
                on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -273,8 +297,8 @@ class DevicePipeline:
         plan = config.plan(k)
         if not plan.device_steps:
             return x
-        # The device conditions its own steps on the prompt exactly as typed.
-        text = engines.encode_text(["", *(self._fit(p) for p in prompts)])
+        # The device conditions its own steps on the prompt and the negative prompt exactly as typed.
+        text = engines.encode_text([config.negative_prompt, *(self._fit(p) for p in prompts)])
         return denoise(engines.unet, text, x, state, schedule, self.solver(config.solver),
                        [step.index for step in plan.device_steps], config.guidance_scale, on_step,
                        seed=seed, timestep_shift=plan.device_timestep_shift)
@@ -349,11 +373,16 @@ def describe_sent(result: GenerationResult, config: GenerationConfig) -> list[st
     """Lines saying what the server received, for the CLIs (demo and client)."""
     req = result.prepared.request
     cset = result.prepared.candidate_set
+    negative = result.prepared.negative_check
     if req is None and cset is not None and cset.device_only:
         return [f"the server received nothing: {cset.message}"]
+    if req is None and negative is not None and not negative.vouched:
+        return [f"the server received nothing; the image is generated on the device alone: {negative.reason}"]
     if req is None:
         return ["the server received nothing (device-only run)"]
     lines = [f"the server received {req.n} candidate(s):"] + [f"  - {c}" for c in req.candidates]
+    if req.negative_prompt:
+        lines.append(f"  and the negative prompt, the same for every candidate: {req.negative_prompt}")
     if cset is not None and not cset.protected:
         lines.append(f"  note: {cset.message}")
     if cset is not None:  # --unprotected unsafe-send: words the device could not vouch for, sent as typed

@@ -11,7 +11,9 @@ micro-conditioning: original size, crop top-left, target size, six numbers). LCM
 (``time_cond_proj_dim``) takes the guidance scale as an embedding, ``timestep_cond``, and is not
 run with classifier-free guidance: its rows are the conditional ones only (``guided`` is False).
 
-Every added input is laid out like the text: one row per text ([unconditional, candidates...]),
+Every added input is laid out like the text: one row per text ([unconditional, candidates...]; the
+unconditional row is the request's negative prompt, the empty prompt when it has none, and its
+pooled ``text_embeds`` come from that text like the hidden states),
 so the cloud's row layouts (``cloud/layouts.py``) and the device loop (``runtime/denoise.py``) map
 it to UNet rows the same way as the hidden states. The cloud steps, the reference run, the device
 loop and both exports read the family from here, and the numbers that are not text (``time_ids``,
@@ -79,7 +81,8 @@ class Conditioning:
     concatenated, pooled ``text_embeds`` and ``time_ids``). ``pooled_dim``: the width of
     ``text_embeds``. ``guidance_embed_dim``: LCM's ``time_cond_proj_dim`` (None: classifier-free
     guided). ``zero_uncond``: the unconditional rows' text is zeros, not the empty prompt's encoding
-    (diffusers' ``force_zeros_for_empty_prompt``, on for SDXL when no negative prompt is given)."""
+    (diffusers' ``force_zeros_for_empty_prompt``, on for SDXL when no negative prompt is given); a
+    negative prompt is encoded, hidden states and pooled embedding alike, as diffusers does."""
 
     family: str = "sd"
     pooled_dim: int | None = None

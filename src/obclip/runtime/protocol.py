@@ -138,6 +138,9 @@ class StepsRequest:
     solver: str = DPM_SOLVER            # runtime.solver's DPM_SOLVER or LCM, on both sides
     device_timestep_shift: int = 0      # dt: the device's UNet sees t + dt (the cloud does not use it)
     # -- end of the solver block --
+    # The text of the unconditional rows, the same for every candidate ("": the empty prompt, left
+    # out of the bytes). The device sends one only when it vouches for every word (docs/privacy.md).
+    negative_prompt: str = ""
     format: str = field(default=REQUEST_FORMAT)
 
     def __post_init__(self) -> None:
@@ -170,6 +173,16 @@ class StepsRequest:
                 raise ProtocolError(f"candidate {i} is not valid Unicode text (it holds a lone surrogate "
                                     "code point); send UTF-8 text") from None
         need(len(set(self.candidates)) == len(self.candidates), "candidates must be distinct")
+        negative = self.negative_prompt
+        need(isinstance(negative, str), f"negative_prompt must be a string (\"\" for none), got "
+             f"{type(negative).__name__}")
+        need(negative == "" or bool(negative.strip()),
+             "negative_prompt is only whitespace; send text, or leave the field out for none")
+        try:
+            negative.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("negative_prompt is not valid Unicode text (it holds a lone surrogate code "
+                                "point); send UTF-8 text") from None
         for name in ("seed", "num_inference_steps", "switch_step", "height", "width"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
@@ -261,7 +274,7 @@ class StepsRequest:
 
 
 # Request fields left out of the canonical bytes at their default value (and optional when parsed).
-_REQUEST_OMITTED_AT_DEFAULT: dict[str, Any] = {"solver": DPM_SOLVER, "device_timestep_shift": 0}
+_REQUEST_OMITTED_AT_DEFAULT: dict[str, Any] = {"solver": DPM_SOLVER, "device_timestep_shift": 0, "negative_prompt": ""}
 
 
 # Image side when nothing better is known (no model loaded, e.g. the in-process step runner);
@@ -350,6 +363,10 @@ class RequestLimits:
         if chars[worst] > self.max_prompt_chars:
             raise LimitExceeded("prompt_too_long", "max_prompt_chars", self.max_prompt_chars, chars[worst],
                                 f"candidate {worst} in characters")
+        # The negative prompt is encoded like a candidate: the same limits.
+        if len(request.negative_prompt) > self.max_prompt_chars:
+            raise LimitExceeded("prompt_too_long", "max_prompt_chars", self.max_prompt_chars,
+                                len(request.negative_prompt), "the negative prompt in characters")
         if count_tokens is not None:
             bounds = [x for x in (context, self.max_prompt_tokens) if x is not None]
             if bounds:
@@ -359,6 +376,10 @@ class RequestLimits:
                 if tokens[worst] > max_tokens:
                     raise LimitExceeded("prompt_too_long", "max_prompt_tokens", max_tokens, tokens[worst],
                                         f"candidate {worst} in tokens (start/end included)")
+                negative = count_tokens(request.negative_prompt) if request.negative_prompt else 0
+                if negative > max_tokens:
+                    raise LimitExceeded("prompt_too_long", "max_prompt_tokens", max_tokens, negative,
+                                        "the negative prompt in tokens (start/end included)")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ policy), cli (obclip-candidates). Pure standard library except detector's onnxru
 
 from .cli import main
 from .detector import OnnxTokenClassifier
+from .negative import NegativeCheck, check_negative
 from .schema import DEFAULT_SCHEMA, Entry, ObliviousError, Schema, schema_file
 from .transform import (
     UNPROTECTED_POLICIES,
@@ -25,6 +26,6 @@ from .transform import (
     describe,
 )
 
-__all__ = ["DEFAULT_SCHEMA", "UNPROTECTED_POLICIES", "CandidateSet", "Entry", "ObliviousError",
+__all__ = ["DEFAULT_SCHEMA", "UNPROTECTED_POLICIES", "CandidateSet", "Entry", "NegativeCheck", "ObliviousError",
            "ObliviousTransform", "OnnxTokenClassifier", "ProtectedSpan", "Schema", "SpanDetector",
-           "TransformConfig", "describe", "main", "schema_file"]
+           "TransformConfig", "check_negative", "describe", "main", "schema_file"]
