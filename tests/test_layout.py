@@ -56,3 +56,16 @@ def test_the_import_check_can_fail(tmp_path):
                        "from helpers import REPO\nfrom obclip.runtime import plan\n")
     local_names = {p.stem for p in TESTS.rglob("*.py")} - {"helpers"}
     assert _test_local_imports(planted, local_names) == ["conftest", "test_service"]
+
+
+def test_test_module_names_are_unique_across_folders():
+    # pytest imports test files by basename (no packages): two test_x.py in different folders
+    # cannot both be collected in one run.
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        where = str(path.relative_to(REPO))
+        if path.name in seen:
+            clashes.append((seen[path.name], where))
+        seen.setdefault(path.name, where)
+    assert not clashes, f"rename one of each pair: {clashes}"
