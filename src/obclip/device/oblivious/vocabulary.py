@@ -21,7 +21,8 @@ class Word:
     # when it describes a person (vouched before a thing), L: a place name, G: a group of people,
     # F: a function word, H: a verb of people (WordNet: its first sense takes only a person as
     # subject), Z: some noun sense an animal, D: a word SCOWL lists but WordNet lacks (its sense
-    # unknown: vouched only where no person is in the picture)
+    # unknown: vouched only where no person is in the picture), R: first a depiction ("doll",
+    # "portrait", "poster": a name before it is who is depicted)
     flags: str
 
     @property

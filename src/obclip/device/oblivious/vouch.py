@@ -167,7 +167,10 @@ def unvouched(text: str, vocab: Vocabulary, ctx: Context) -> list[Finding]:
     toks = tokens(text)
     compound = compound_spans(text, vocab)
     ctx.things = compound
-    ctx.person_present = _person_present(text, toks, vocab, ctx)
+    eponyms = _eponyms(text, toks, vocab, ctx)
+    ctx.person_present = _person_present(text, toks, vocab, ctx, eponyms)
+    if ctx.person_present:
+        eponyms = []  # near a person a name may be theirs
     out: list[Finding] = []
     if ctx.person_present:  # a cue or a place tells something only of a person in the picture
         out += [f for f in _cues(text, toks) if not covered(text, f.start, f.end, ctx.protected)]
@@ -185,7 +188,7 @@ def unvouched(text: str, vocab: Vocabulary, ctx: Context) -> list[Finding]:
     styled = _style_names(text, toks, vocab)
     for i, tok in enumerate(toks):
         if covered(text, tok.start, tok.end, ctx.protected) or covered(text, tok.start, tok.end, compound) \
-                or i in styled or _syntax(text, tok):
+                or covered(text, tok.start, tok.end, eponyms) or i in styled or _syntax(text, tok):
             continue
         finding = _check(text, toks, i, vocab, ctx)
         if finding is not None:
@@ -200,12 +203,16 @@ def covered(text: str, start: int, end: int, spans: list[tuple[int, int]]) -> bo
     return all(any(a <= i < b for a, b in spans) for i in range(start, end) if text[i].isalnum())
 
 
-def _person_present(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context) -> bool:
+def _person_present(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context,
+                    eponyms: list[tuple[int, int]]) -> bool:
     """Is someone in the picture: a mention, a pronoun, a person noun, "someone", a name? A word
-    for a people vouched before the thing it describes is no one ("a Japanese garden")."""
-    if ctx.persons:
+    for a people vouched before the thing it describes is no one ("a Japanese garden"), nor is
+    the name of a thing ("a Queen Anne chair")."""
+    if any(not covered(text, a, b, eponyms) for a, b in ctx.persons):
         return True
     for i, t in enumerate(toks):
+        if covered(text, t.start, t.end, eponyms):
+            continue
         entry = vocab.get(t.word)
         if t.word in _SOMEONE or t.word in ctx.plain_heads:
             return True
@@ -216,6 +223,44 @@ def _person_present(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context)
         if t.text[:1].isupper() and t.word.isalpha() and (entry is None or "N" in entry.flags):
             return True  # perhaps a name
     return False
+
+
+def _eponyms(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context) -> list[tuple[int, int]]:
+    """Runs of capitalised names, perhaps after a title a slot rewrites, right before a noun that
+    is first a thing and depicts no one: the name of a style, a make or a character the thing is
+    named after ("a Queen Anne chair", "a Santa Claus hat", "a John Deere tractor"), vouched
+    when no one is in the picture. Never before a depiction ("a Maria doll", "a Taylor Swift
+    poster": who is depicted) or a person, never possessive ("Maria's cake")."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(toks):
+        j, names = i, 0
+        while j < len(toks) and (j == i or text[toks[j - 1].end:toks[j].start] == " "):
+            t = toks[j]
+            if not (t.text[:1].isupper() and t.word.isalpha()):
+                break
+            entry = vocab.get(t.word)
+            if vocab.told.get(t.word) == "name" or (entry is not None and "N" in entry.flags):
+                names += 1
+            elif not (t.word in ctx.nouns and covered(text, t.start, t.end, ctx.protected)):
+                break  # only a title ("Queen", "King": a slot) may stand among the names
+            j += 1
+        if names and j < len(toks) and text[toks[j - 1].end:toks[j].start] == " " \
+                and _thing_named_after(toks[j], vocab, ctx):
+            out.append((toks[i].start, toks[j - 1].end))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _thing_named_after(tok: Tok, vocab: Vocabulary, ctx: Context) -> bool:
+    """A noun in lower case that is first a thing and no depiction ("chair", "hat"; not "doll",
+    "portrait", "poster", "family", "girl")."""
+    entry = vocab.get(tok.word)
+    return tok.text == tok.word and entry is not None and entry.pos[:1] == "n" \
+        and not set("PGANCDRL") & set(entry.flags) and tok.word not in ctx.function_words \
+        and tok.word not in ctx.plain_heads and tok.word not in ctx.nouns
 
 
 def _cues(text: str, toks: list[Tok]) -> list[Finding]:
