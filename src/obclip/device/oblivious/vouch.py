@@ -487,7 +487,8 @@ def _sense_cannot_matter(text: str, toks: list[Tok], i: int, vocab: Vocabulary, 
         return False
     determined = i > 0 and toks[i - 1].word in _DETERMINERS and _JOIN.fullmatch(text[toks[i - 1].end:toks[i].start]) \
         is not None
-    modifies = nxt is not None and nxt_entry is not None and (nxt_entry.noun or "D" in nxt_entry.flags) and nxt.word not in ctx.function_words
+    modifies = nxt is not None and nxt_entry is not None and (nxt_entry.noun or "D" in nxt_entry.flags) \
+        and nxt.word not in ctx.function_words
     return not determined or modifies
 
 
