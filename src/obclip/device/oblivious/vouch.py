@@ -80,6 +80,9 @@ _SOMEONE = frozenset("someone somebody anyone anybody everyone everybody nobody 
 # Places after these tell where a person comes from ("a man from Seoul", "born in Accra").
 _ORIGIN = frozenset("from".split())
 _ORIGIN_PAIRS = frozenset({("born", "in"), ("raised", "in"), ("native", "of"), ("grew", "up")})
+# Words that open a counted noun phrase ("a cutie", "my bestie"): a dictionary word of unknown
+# sense right after one, with no noun after it, may be the word for a person.
+_DETERMINERS = frozenset("a an the this that these those my your our their his her its one".split()) | _NUMBER_WORDS
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class Context:
     function_words: frozenset[str]     # words that are never nouns ("in", "a", "with")
     nouns: frozenset[str] = frozenset()  # the schema's person nouns (heads and plain heads)
     things: list[tuple[int, int]] = field(default_factory=list)  # vouched collocations (set by unvouched)
+    person_present: bool = False  # someone is in the picture (set by unvouched)
 
 
 def phrase_spans(text: str, phrases: frozenset[tuple[str, ...]], longest: int) -> list[tuple[int, int]]:
@@ -163,8 +167,12 @@ def unvouched(text: str, vocab: Vocabulary, ctx: Context) -> list[Finding]:
     toks = tokens(text)
     compound = compound_spans(text, vocab)
     ctx.things = compound
+    eponyms = _eponyms(text, toks, vocab, ctx)
+    ctx.person_present = _person_present(text, toks, vocab, ctx, eponyms)
+    if ctx.person_present:
+        eponyms = []  # near a person a name may be theirs
     out: list[Finding] = []
-    if _person_present(toks, vocab, ctx):  # a cue or a place tells something only of a person in the picture
+    if ctx.person_present:  # a cue or a place tells something only of a person in the picture
         out += [f for f in _cues(text, toks) if not covered(text, f.start, f.end, ctx.protected)]
         out += _origins(text, toks, vocab, ctx)
     for a, b in phrase_spans(text, vocab.person_compounds, vocab.max_compound):
@@ -180,7 +188,7 @@ def unvouched(text: str, vocab: Vocabulary, ctx: Context) -> list[Finding]:
     styled = _style_names(text, toks, vocab)
     for i, tok in enumerate(toks):
         if covered(text, tok.start, tok.end, ctx.protected) or covered(text, tok.start, tok.end, compound) \
-                or i in styled or _syntax(text, tok):
+                or covered(text, tok.start, tok.end, eponyms) or i in styled or _syntax(text, tok):
             continue
         finding = _check(text, toks, i, vocab, ctx)
         if finding is not None:
@@ -195,17 +203,64 @@ def covered(text: str, start: int, end: int, spans: list[tuple[int, int]]) -> bo
     return all(any(a <= i < b for a, b in spans) for i in range(start, end) if text[i].isalnum())
 
 
-def _person_present(toks: list[Tok], vocab: Vocabulary, ctx: Context) -> bool:
-    """Is someone in the picture: a mention, a pronoun, a person noun, "someone", a name?"""
-    if ctx.persons:
+def _person_present(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context,
+                    eponyms: list[tuple[int, int]]) -> bool:
+    """Is someone in the picture: a mention, a pronoun, a person noun, "someone", a name? A word
+    for a people vouched before the thing it describes is no one ("a Japanese garden"), nor is
+    the name of a thing ("a Queen Anne chair")."""
+    if any(not covered(text, a, b, eponyms) for a, b in ctx.persons):
         return True
-    for t in toks:
+    for i, t in enumerate(toks):
+        if covered(text, t.start, t.end, eponyms):
+            continue
         entry = vocab.get(t.word)
-        if t.word in _SOMEONE or t.word in ctx.plain_heads or (entry is not None and "P" in entry.flags):
+        if t.word in _SOMEONE or t.word in ctx.plain_heads:
+            return True
+        if entry is not None and "P" in entry.flags and not (
+                "A" in entry.flags and "C" not in entry.flags
+                and _describes_a_thing(text, toks, i, entry, vocab, ctx, vocab.told.get(t.word) == "gender")):
             return True
         if t.text[:1].isupper() and t.word.isalpha() and (entry is None or "N" in entry.flags):
             return True  # perhaps a name
     return False
+
+
+def _eponyms(text: str, toks: list[Tok], vocab: Vocabulary, ctx: Context) -> list[tuple[int, int]]:
+    """Runs of capitalised names, perhaps after a title a slot rewrites, right before a noun that
+    is first a thing and depicts no one: the name of a style, a make or a character the thing is
+    named after ("a Queen Anne chair", "a Santa Claus hat", "a John Deere tractor"), vouched
+    when no one is in the picture. Never before a depiction ("a Maria doll", "a Taylor Swift
+    poster": who is depicted) or a person, never possessive ("Maria's cake")."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(toks):
+        j, names = i, 0
+        while j < len(toks) and (j == i or text[toks[j - 1].end:toks[j].start] == " "):
+            t = toks[j]
+            if not (t.text[:1].isupper() and t.word.isalpha()):
+                break
+            entry = vocab.get(t.word)
+            if vocab.told.get(t.word) == "name" or (entry is not None and "N" in entry.flags):
+                names += 1
+            elif not (t.word in ctx.nouns and covered(text, t.start, t.end, ctx.protected)):
+                break  # only a title ("Queen", "King": a slot) may stand among the names
+            j += 1
+        if names and j < len(toks) and text[toks[j - 1].end:toks[j].start] == " " \
+                and _thing_named_after(toks[j], vocab, ctx):
+            out.append((toks[i].start, toks[j - 1].end))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _thing_named_after(tok: Tok, vocab: Vocabulary, ctx: Context) -> bool:
+    """A noun in lower case that is first a thing and no depiction ("chair", "hat"; not "doll",
+    "portrait", "poster", "family", "girl")."""
+    entry = vocab.get(tok.word)
+    return tok.text == tok.word and entry is not None and entry.pos[:1] == "n" \
+        and not set("PGANCDRL") & set(entry.flags) and tok.word not in ctx.function_words \
+        and tok.word not in ctx.plain_heads and tok.word not in ctx.nouns
 
 
 def _cues(text: str, toks: list[Tok]) -> list[Finding]:
@@ -350,8 +405,10 @@ def _check(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) 
         if suffix in _CONTRACTIONS and base and (vocab.get(base) is not None
                                                  or covered(text, tok.start, tok.start + len(base), ctx.protected)):
             return None
-    # Words no list holds, in lower case only (a capitalised run of letters may be a name).
-    unknown = _entry(w, vocab) is None and w not in vocab.told and _base(w) not in vocab.told
+    # Words no list holds, in lower case only (a capitalised run of letters may be a name), and
+    # words of unknown sense where they are not vouched ("whiteboard" next to a person).
+    entry = _entry(w, vocab)
+    unknown = (entry is None or "D" in entry.flags) and w not in vocab.told and _base(w) not in vocab.told
     if unknown and w.isalpha() and tok.text == w and (_splits_into_vouched(w, vocab, ctx)
                                                       or _typo_of_vouched(tok, vocab, ctx)):
         return None
@@ -410,7 +467,29 @@ def _word_ok(text: str, toks: list[Tok], i: int, tok: Tok, vocab: Vocabulary, ct
     if "A" in entry.flags:
         gendered = vocab.told.get(w, vocab.told.get(_base(w))) == "gender"
         return _describes_a_thing(text, toks, i, entry, vocab, ctx, gendered)
+    if "D" in entry.flags:
+        return _sense_cannot_matter(text, toks, i, vocab, ctx)
     return True
+
+
+def _sense_cannot_matter(text: str, toks: list[Tok], i: int, vocab: Vocabulary, ctx: Context) -> bool:
+    """A word SCOWL lists but WordNet lacks (flag D: "ramen", "koi", "selfie"): the device does
+    not know its sense, so it is vouched only where that sense cannot tell anything about a
+    person: no one is in the picture, and the word is not what a counted noun phrase names ("a
+    ____", "my ____" with no noun after it) nor the subject of a verb of people ("____ smiling").
+    "a bowl of ramen" and "a koi pond" are sent; "a hottie on the beach" is not."""
+    if ctx.person_present:
+        return False
+    nxt = toks[i + 1] if i + 1 < len(toks) and text[toks[i].end:toks[i + 1].start] == " " else None
+    nxt_entry = _entry(nxt.word, vocab) if nxt is not None else None
+    if nxt is not None and nxt_entry is not None and nxt.word.endswith("ing") and "H" in nxt_entry.flags \
+            and "v" in nxt_entry.pos:
+        return False
+    determined = i > 0 and toks[i - 1].word in _DETERMINERS and _JOIN.fullmatch(text[toks[i - 1].end:toks[i].start]) \
+        is not None
+    modifies = nxt is not None and nxt_entry is not None and (nxt_entry.noun or "D" in nxt_entry.flags) \
+        and nxt.word not in ctx.function_words
+    return not determined or modifies
 
 
 def _describes_a_thing(text: str, toks: list[Tok], i: int, word: Word, vocab: Vocabulary, ctx: Context,
@@ -488,7 +567,7 @@ def one_edit_variants(word: str, letters: str = _LETTERS) -> set[str]:
 def _plain_word(w: str, vocab: Vocabulary) -> bool:
     """A vouched word with nothing to watch for: no person, name, attribute or place flag."""
     entry = vocab.get(w)
-    return entry is not None and not (set(entry.flags) & set("PpNCAL"))
+    return entry is not None and not (set(entry.flags) & set("PpNCALD"))
 
 
 def _splits_into_vouched(w: str, vocab: Vocabulary, ctx: Context) -> bool:
@@ -527,6 +606,8 @@ def _splits_into_vouched(w: str, vocab: Vocabulary, ctx: Context) -> bool:
 def _part_ok(part: str, entry: Word, rest: str, vocab: Vocabulary) -> bool:
     """A part of a run-together word (typed in lower case): vouched, and an attribute word only
     before a thing ("white" + "board")."""
+    if "D" in entry.flags:
+        return False  # a word of unknown sense is read only on its own
     if "A" in entry.flags:
         nxt = next((vocab.get(rest[:k]) for k in range(len(rest), _MIN_PART - 1, -1) if vocab.get(rest[:k])), None)
         return nxt is not None and nxt.noun and not ({"P", "A"} & set(nxt.flags))
