@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from obclip.cloud.modes import ModeSpec, mode_spec, plan_specs
+from obclip.runtime.errors import InputError
 from obclip.runtime.manifest import (
     Manifest,
     ManifestError,
@@ -24,7 +25,6 @@ from obclip.runtime.manifest import (
     ManifestMismatchError,
     ManifestPathError,
 )
-from obclip.runtime.errors import InputError
 from obclip.runtime.plan import AccelerationConfig, StepMode, preset
 from obclip.runtime.protocol import RequestLimits, StepsRequest
 

@@ -43,12 +43,13 @@ from .numpy_solver import NumpySolver
 from .service_config import MEMORY_MODES
 
 
-# How the mode sessions allocate (service_config.MEMORY_MODES; benchmarks/engine_memory.py --compare
-# measures each, docs/engines.md has the numbers): "none": no CPU arena (every activation malloc'd and freed); "arena": one arena per session, which
-# keeps the largest activations it ever held, so a server's memory grows with every step mode it has
-# run; "shared": one arena for all sessions of the process (onnxruntime's environment allocator),
-# memory that follows the largest single run; "shared+prepack": that, with each session's prepacked
-# copy of the weights it packs (memory per mode session, not shared).
+# How the mode sessions allocate (service_config.MEMORY_MODES; benchmarks/engine_memory.py
+# --compare measures each, docs/engines.md has the numbers): "none", no CPU arena (every activation
+# allocated and freed); "arena", one arena per session, which keeps the largest activations it ever
+# held, so a server's memory grows with every step mode it has run; "shared", one arena for all
+# sessions of the process (onnxruntime's environment allocator), memory that follows the largest
+# single run; "shared+prepack", that, with each session's prepacked copy of the weights it packs
+# (memory per mode session, not shared).
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
                    memory: str = "none") -> SessionConfig:
     """How the cloud's sessions are opened (``memory``: one of MEMORY_MODES)."""

@@ -12,7 +12,6 @@ from obclip.runtime.options import check_fields, option
 from obclip.runtime.plan import PRESETS
 from obclip.runtime.protocol import RequestLimits
 
-
 # How the onnxruntime backend's mode sessions allocate (cloud/engine_backend.py says what each is;
 # benchmarks/engine_memory.py --compare measures them side by side, docs/engines.md has the numbers).
 MEMORY_MODES = ("none", "arena", "shared", "shared+prepack")
