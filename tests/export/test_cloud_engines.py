@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from obclip.cloud.modes import ModeSpec, mode_spec, plan_specs
+from obclip.runtime.errors import InputError
 from obclip.runtime.manifest import (
     Manifest,
     ManifestError,
@@ -206,6 +207,63 @@ def test_onnxruntime_serving_needs_no_torch(cloud_engines):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK (2, 4, 16, 16)" in out.stdout
+
+
+def test_warm_up_calls_every_graph_once_and_changes_no_output(cloud_engines):
+    """OrtEngine.warm: the text encoder, cross_kv and every step-mode graph run once on dummy inputs
+    (each mode's caches from the modes warmed before it); a request afterwards is bit for bit the
+    one a cold engine computes."""
+    from obclip.cloud.engine_backend import OrtEngine
+    from obclip.cloud.steps import CloudStepRunner
+
+    request = _request(EXTRAS)
+    cold = CloudStepRunner(engine=OrtEngine(cloud_engines)).run(request)
+    engine = OrtEngine(cloud_engines)
+    assert engine.warmed == {}
+    warmed = engine.warm(2, 64, 64)
+    assert set(warmed) == set(engine._graphs) | {"text_encoder", "unet/cross_kv"}
+    assert warmed is engine.warmed and all(s > 0 for s in warmed.values())
+    after = CloudStepRunner(engine=engine).run(request)
+    np.testing.assert_array_equal(after.latents, cold.latents)
+    np.testing.assert_array_equal(after.prev_x0, cold.prev_x0)
+
+
+@pytest.mark.parametrize("memory", ["shared", "shared+prepack", "arena"])
+def test_every_memory_mode_computes_what_no_arena_computes(cloud_engines, ort_runner, memory):
+    from obclip.cloud.engine_backend import OrtEngine
+    from obclip.cloud.steps import CloudStepRunner
+
+    engine = OrtEngine(cloud_engines, memory=memory)
+    sessions = [g.session for g in engine._graphs.values()]
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in sessions)
+    request = _request(EXTRAS)
+    want = ort_runner.run(request)
+    got = CloudStepRunner(engine=engine).run(request)
+    assert _rel(got.latents, want.latents) <= 1e-6 and _rel(got.prev_x0, want.prev_x0) <= 1e-6
+    with pytest.raises(InputError, match="memory='pooled' must be one of"):
+        OrtEngine(cloud_engines, memory="pooled")
+
+
+@pytest.mark.parametrize("warm_graphs", [True, False])
+def test_the_service_warms_every_graph_before_it_is_ready(cloud_engines, warm_graphs, caplog):
+    """No session's first run is left to a request: by ready, every graph has its warm-up record
+    (and with warm_graphs=False none has)."""
+    from obclip.cloud.service import Service, ServiceConfig
+
+    service = Service(ServiceConfig(backend="onnxruntime", engines=str(cloud_engines), warm_graphs=warm_graphs,
+                                    warmup=False, warm_candidates=3))
+    with caplog.at_level("INFO", logger="obclip"):
+        service.start().result()
+    try:
+        assert service.state == "ready", service.load_error
+        engine = service.model
+        if warm_graphs:
+            assert set(engine.warmed) == set(engine._graphs) | {"text_encoder", "unet/cross_kv"}
+            assert any("warmed" in r.getMessage() and "N=3" in r.getMessage() for r in caplog.records)
+        else:
+            assert engine.warmed == {}
+    finally:
+        service.close()
 
 
 # --- verified engine files ------------------------------------------------------------------
@@ -399,7 +457,7 @@ def test_mode_sessions_keep_no_arena_of_their_own(cloud_engines):
     engine = OrtEngine(cloud_engines)
     sessions = [g.session for g in engine._graphs.values()] + [engine.text_encoder.session, engine._cross_kv]
     assert not any(s.get_session_options().enable_cpu_mem_arena for s in sessions if s is not None)
-    assert OrtEngine(cloud_engines, memory_arena=True).text_encoder.session.get_session_options().enable_cpu_mem_arena
+    assert OrtEngine(cloud_engines, memory="arena").text_encoder.session.get_session_options().enable_cpu_mem_arena
 
 
 def test_engine_memory_benchmark_serves_without_torch_and_reports_memory(cloud_engines):

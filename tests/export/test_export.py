@@ -105,3 +105,20 @@ def test_engines_are_reexported_when_the_model_changes(tmp_path, model_dirs, eng
     weights.write_bytes(bytes(data))
     be.ensure_engines(str(model), out)
     assert len(exports) == 2
+
+
+def test_device_graphs_are_saved_as_exported_not_optimised(engines_dir, tmp_path):
+    """A graph saved after onnxruntime's optimisations is closed to later passes (the transformer
+    optimizer found no attention to fuse in one); the export saves each graph as the exporter wrote
+    it, so onnxruntime's BASIC level still has work to do on it at load."""
+    import onnx
+
+    from obclip.runtime.sessions import SessionConfig, open_session
+
+    for name in ("unet", "vae_decoder"):
+        saved = engines_dir / name / "model.onnx"
+        optimised = tmp_path / f"{name}.onnx"
+        open_session(saved, SessionConfig(optimization="basic"), save_optimized=optimised)
+        saved_nodes = len(onnx.load(str(saved), load_external_data=False).graph.node)
+        optimised_nodes = len(onnx.load(str(optimised), load_external_data=False).graph.node)
+        assert saved_nodes > optimised_nodes, (name, saved_nodes, optimised_nodes)

@@ -22,6 +22,7 @@ kept per request under ``r<i>/<name>``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from obclip.runtime.errors import ArtifactError
+from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.graphs import TextEncoder
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, ManifestMismatchError
 from obclip.runtime.sessions import SessionConfig, open_session, ort, resolve_providers
@@ -39,15 +40,24 @@ from obclip.runtime.weights import SharedWeights
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
 from .numpy_solver import NumpySolver
+from .service_config import MEMORY_MODES
 
 
+# How the mode sessions allocate (service_config.MEMORY_MODES; benchmarks/engine_memory.py
+# --compare measures each, docs/engines.md has the numbers): "none", no CPU arena (every activation
+# allocated and freed); "arena", one arena per session, which keeps the largest activations it ever
+# held, so a server's memory grows with every step mode it has run; "shared", one arena for all
+# sessions of the process (onnxruntime's environment allocator), memory that follows the largest
+# single run; "shared+prepack", that, with each session's prepacked copy of the weights it packs
+# (memory per mode session, not shared).
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
-                   memory_arena: bool = False, shared_arena: bool = False) -> SessionConfig:
-    """How the cloud's sessions are opened. A CPU arena per session keeps the largest activations it
-    ever held, and there is a session per step mode, so with arenas a server's memory grows with every
-    mode it has run (benchmarks/engine_memory.py measures it); without them it stays flat."""
+                   memory: str = "none") -> SessionConfig:
+    """How the cloud's sessions are opened (``memory``: one of MEMORY_MODES)."""
+    if memory not in MEMORY_MODES:
+        raise InputError(f"memory={memory!r} must be one of {list(MEMORY_MODES)}")
+    shared = memory.startswith("shared")
     return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
-                         memory_arena=True if shared_arena else memory_arena, shared_arena=shared_arena)
+                         memory_arena=memory != "none", shared_arena=shared, prepacking=memory == "shared+prepack")
 
 
 class OrtBatch:
@@ -88,35 +98,37 @@ class OrtBatch:
 
     def run(self, spec: ModeSpec, x: np.ndarray, t: Any,
             caches: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        return self.run_graph(self.engine.mode(spec), spec.name, x, t, caches)
+
+    def run_graph(self, graph: _Graph, name: str, x: np.ndarray, t: Any,
+                  caches: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """One call of step mode ``name``'s graph on every request of the batch."""
         engine = self.engine
-        graph = engine.mode(spec)
         eps = np.empty_like(x)
         writes: dict[str, Any] = {}
+        wanted = engine.inputs_of(graph.session)
         o = 0
         for r, n in enumerate(self.sizes):
             prefix = f"r{r}/"
             feeds: dict[str, np.ndarray] = {
                 "sample": x[o:o + n], "timestep": np.array([t], np.float32), "text": self.texts[r],
-                "guidance_scale": self.guidance}
-            if spec.aligned:
-                feeds.update(self.alignments[r])
-            if any(name.startswith("kv/") and prefix + name not in caches for name in graph.reads):
+                "guidance_scale": self.guidance, **self.alignments[r]}
+            if any(read.startswith("kv/") and prefix + read not in caches for read in graph.reads):
                 # cross_kv_once: the texts' K/V once per request, kept with the other caches.
                 kv = engine.cross_kv(self.texts[r])
                 writes.update({prefix + k: v for k, v in kv.items()})
-            for name in graph.reads:
-                value = caches.get(prefix + name, writes.get(prefix + name))
+            for read in graph.reads:
+                value = caches.get(prefix + read, writes.get(prefix + read))
                 if value is None:
-                    raise ArtifactError(f"step mode {spec.name} reads {name}, but no earlier step of this request "
+                    raise ArtifactError(f"step mode {name} reads {read}, but no earlier step of this request "
                                         "computed it: the engines' mode table does not match the plan; re-export")
-                feeds[name] = value
-            wanted = engine.inputs_of(graph.session)
+                feeds[read] = value
             outs = graph.session.run(None, {k: v for k, v in feeds.items() if k in wanted})
             names = [o_.name for o_ in graph.session.get_outputs()]
             eps[o:o + n] = outs[names.index("eps")]
-            for name, value in zip(names, outs):
-                if name != "eps":
-                    writes[prefix + name] = value
+            for out_name, value in zip(names, outs):
+                if out_name != "eps":
+                    writes[prefix + out_name] = value
             o += n
         return eps, writes
 
@@ -130,8 +142,7 @@ class OrtEngine:
     """An exported cloud engines folder as a step engine (torch-free)."""
 
     def __init__(self, engines: str | Path, providers: str = "cpu", threads: int | None = None,
-                 model_id: str | None = None, optimization: str = "extended", memory_arena: bool = False,
-                 shared_arena: bool = False):
+                 model_id: str | None = None, optimization: str = "extended", memory: str = "none"):
         folder = Path(engines)
         manifest = Manifest.load(folder)   # fields, paths and every file's hash
         src = manifest.source or {}
@@ -153,13 +164,13 @@ class OrtEngine:
         self.vae_scale_factor = manifest.vae_scale_factor
         self.default_image_size = manifest.default_image_size
         self.latent_multiple = int(src.get("latent_multiple", 1))
-        config = session_config(providers, threads, optimization, memory_arena, shared_arena)
-        self.providers = config.providers
+        config = session_config(providers, threads, optimization, memory)
+        self.providers, self.memory, self.optimization = config.providers, memory, optimization
         self.tokenizer_json = (folder / manifest.tokenizer).read_text()
         self.tokenizer = ClipTokenizer(folder / manifest.tokenizer, manifest.text_max_length, manifest.pad_token_id,
                                        json=self.tokenizer_json)
         # The text encoder runs once per request: onnxruntime's default graph optimisations.
-        text_config = replace(config, optimization=None)
+        text_config = replace(config, optimization=None, prepacking=True)
         self.text_encoder = TextEncoder(open_session(manifest.path_of("text_encoder"), text_config),
                                         manifest.components["text_encoder"], self.tokenizer)
         self._weights = SharedWeights.from_index(folder / "unet" / "weights.bin", folder / "unet" / "weights.json")
@@ -172,6 +183,7 @@ class OrtEngine:
             self._cross_kv = self._weights.session(manifest.path_of("unet/cross_kv"), config)
         self.geometry = manifest.geometry(source="the exported cloud graphs")
         self._inputs: dict[int, set[str]] = {}
+        self.warmed: dict[str, float] = {}   # graph -> seconds of its warm-up call (warm())
 
     # -- what the step loop and the service ask --------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -189,6 +201,39 @@ class OrtEngine:
 
     def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> NumpySolver:
         return NumpySolver(self.scheduler_config, num_inference_steps, kind)
+
+    # -- warm-up ----------------------------------------------------------------------------------
+    def warm(self, candidates: int, height: int, width: int) -> dict[str, float]:
+        """One call of every graph (text encoder, cross_kv, each step mode) on dummy inputs of
+        ``candidates`` candidates at ``height`` x ``width``, so no request pays a session's first
+        run (its allocations and kernel set-up). A mode's cache inputs come from the outputs of modes
+        warmed before it, so modes run in the order their reads allow. Outputs are thrown away.
+        Returns, and keeps in ``self.warmed``, the seconds each graph took."""
+        warmed: dict[str, float] = {}
+        t0 = time.perf_counter()
+        batch = self.batch([["a photo"] * candidates], [None], 7.5)
+        warmed["text_encoder"] = time.perf_counter() - t0
+        if self._cross_kv is not None:
+            t0 = time.perf_counter()
+            caches = {f"r0/{k}": v for k, v in self.cross_kv(batch.texts[0]).items()}
+            warmed["unet/cross_kv"] = time.perf_counter() - t0
+        else:
+            caches = {}
+        x = np.zeros((candidates, *self.latent_shape(height, width)), np.float32)
+        pending = dict(self._graphs)
+        while pending:
+            ready = [name for name, g in pending.items()
+                     if all(r.startswith("kv/") or f"r0/{r}" in caches for r in g.reads)]
+            if not ready:
+                raise ArtifactError(f"the cloud engines in {self.manifest.root}: step modes {sorted(pending)} read "
+                                    "caches no mode writes; the mode table is inconsistent, re-export")
+            for name in ready:
+                t0 = time.perf_counter()
+                _, writes = batch.run_graph(pending.pop(name), name, x, 999.0, caches)
+                warmed[name] = time.perf_counter() - t0
+                caches.update(writes)
+        self.warmed = warmed
+        return warmed
 
     # -- graphs ------------------------------------------------------------------------------------
     def mode(self, spec: ModeSpec) -> _Graph:

@@ -128,7 +128,8 @@ class Service:
         if cfg.backend == "onnxruntime":
             from .engine_backend import OrtEngine
 
-            engine = OrtEngine(str(cfg.engines), providers=cfg.providers, threads=cfg.torch_threads)
+            engine = OrtEngine(str(cfg.engines), providers=cfg.providers, threads=cfg.torch_threads,
+                               memory=cfg.engine_memory)
             return engine, engine.tokenizer_json, engine.text_max_length
         import torch
 
@@ -169,10 +170,16 @@ class Service:
             self.worker.model_id = model.model_id
             log.info("model %s loaded on %s (%s) in %.1f s", model.model_id, cfg.device, cfg.dtype,
                      time.perf_counter() - t0)
+            f = model.vae_scale_factor
+            size = max(f, min(model.default_image_size, self.limits.max_image_size or f) // f * f)
+            if cfg.backend == "onnxruntime" and cfg.warm_graphs:
+                self.state = "warming"
+                t0 = time.perf_counter()
+                n = min(cfg.warm_candidates, self.limits.max_candidates)
+                warmed = model.warm(n, size, size)
+                log.info("warmed %d graphs (N=%d, %d px) in %.2f s", len(warmed), n, size, time.perf_counter() - t0)
             if cfg.warmup:
                 self.state = "warming"
-                f = model.vae_scale_factor
-                size = max(f, min(model.default_image_size, self.limits.max_image_size or f) // f * f)
                 warm = StepsRequest(candidates=("a photo",), seed=0, num_inference_steps=2, switch_step=1,
                                     guidance_scale=7.5, height=size, width=size)
                 t0 = time.perf_counter()

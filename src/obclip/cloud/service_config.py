@@ -12,6 +12,10 @@ from obclip.runtime.options import check_fields, option
 from obclip.runtime.plan import PRESETS
 from obclip.runtime.protocol import RequestLimits
 
+# How the onnxruntime backend's mode sessions allocate (cloud/engine_backend.py says what each is;
+# benchmarks/engine_memory.py --compare measures them side by side, docs/engines.md has the numbers).
+MEMORY_MODES = ("none", "arena", "shared", "shared+prepack")
+
 
 @dataclass(frozen=True)
 class HttpLimits:
@@ -75,6 +79,14 @@ class ServiceConfig:
                                  "export/build_engines.py --cloud-model ...")
     providers: str = option("cpu", "onnxruntime execution providers (cuda/tensorrt need onnxruntime-gpu)",
                             choices=("cpu", "cuda", "tensorrt"))
+    engine_memory: str = option("none", "onnxruntime backend: how the step-mode sessions allocate: none (no "
+                                "arena), arena (one per session), shared (one for all), shared+prepack",
+                                choices=MEMORY_MODES)
+    # onnxruntime backend: one call of every graph at start, on dummy inputs of warm_candidates
+    # candidates at the warm-up size, so no request pays a session's first run.
+    warm_graphs: bool = option(True, "onnxruntime backend: do not run every graph once at start",
+                               flag="--no-warm-graphs")
+    warm_candidates: int = option(4, "onnxruntime backend: candidates of the start-up call of every graph", ge=1)
     # torch backend: torch.compile each step mode (on CUDA, "reduce-overhead" replays each mode and
     # shape as a CUDA graph; cloud/torch_backend.py). Each "PRESET:N" of compile_warmup runs once at
     # the native size before /readyz is ready, so those modes and shapes are compiled up front.

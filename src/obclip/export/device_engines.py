@@ -72,7 +72,7 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
              {"batch": 2, **pixels(checked)}),
         )
         comps = {spec.name: export_component(module, spec, work, spec.sample(trace, rng), spec.sample(check, rng),
-                                             tolerance, optimise=True)
+                                             tolerance, resave=True)
                  for module, spec, trace, check in exports}
         write_standard_files(work, lm, vae)  # diffusers' layout: model_index.json, configs, tokenizer
         # Every other file (external data of large graphs, the layout's files) is hashed too.

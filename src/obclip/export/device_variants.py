@@ -41,9 +41,13 @@ trained model (the fp32 manifest's ``verification`` says ``"weights": "trained"`
 (``variant_check.passed = false``), and the device runtime opens it only when the app passes
 ``allow_below_floor=True`` (fail closed). For random weights the check is recorded only.
 
-All graphs get onnxruntime's provider-independent (BASIC) graph optimisations offline, saved, so
-app start-up doesn't redo them; provider-specific fusions (EXTENDED and up) are left to the
-session on the device, because a graph saved with them runs only on the provider that made them.
+The fp32 folder holds the graphs as exported (export/device_engines.py): saved optimised, a graph
+is closed to later passes (onnxruntime's transformer optimizer found no attention to fuse in a
+saved-optimised UNet); the session optimises at load. A variant is converted from a copy of the
+fp32 graph with onnxruntime's provider-independent (BASIC) optimisations, which its conversion was
+designed and checked on, and saved after them again; provider-specific fusions (EXTENDED and up)
+are left to the session on the device, because a graph saved with them runs only on the provider
+that made them.
 """
 
 from __future__ import annotations
@@ -143,6 +147,13 @@ def optimise_onnx(path: Path, level: str = "basic", external_above: int | None =
             f.rename(folder / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def basic_copy(src: Path, dst: Path) -> Path:
+    """``src``'s component folder copied to ``dst``'s, with BASIC optimisations saved; returns ``dst``."""
+    shutil.copytree(src.parent, dst.parent)
+    optimise_onnx(dst)
+    return dst
 
 
 # --- conversions --------------------------------------------------------------------------
@@ -334,8 +345,9 @@ def build_device_variant(fp32_dir: Path, precision: str, out: Path,
         calibration = record_unet_inputs(fp32_dir, check) if precision == "int8-qdq" else []
         components = {}
         for name, c in base.components.items():
-            src, dst = fp32_dir / c.path, work / c.path
+            src, dst = basic_copy(fp32_dir / c.path, work / ".basic" / c.path), work / c.path
             convert(precision, name, src, dst, calibration)
+            shutil.rmtree(work / ".basic")
             optimise_onnx(dst)
             components[name] = replace(c, sha256=sha256_file(dst), check_max_abs_diff=_component_diff(base, work, name))
         shutil.copytree(fp32_dir / Path(base.tokenizer).parent, work / Path(base.tokenizer).parent)

@@ -96,17 +96,18 @@ def max_rel_diff(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[float, 
 
 
 def export_component(module: torch.nn.Module, spec: GraphSpec, folder: Path, sample: Mapping[str, np.ndarray],
-                     check: Mapping[str, np.ndarray], tolerance: float, optimise: bool = False) -> Component:
+                     check: Mapping[str, np.ndarray], tolerance: float, resave: bool = False) -> Component:
     """Trace ``module`` on ``sample`` into ``folder/<spec.name>/model.onnx``, run the file in onnxruntime
     on ``check`` (another batch and size) against torch, and refuse it when they differ by more than
-    ``tolerance`` x max(1, |torch|). ``optimise``: save onnxruntime's provider-independent graph
-    optimisations offline, so app start-up does not redo them."""
+    ``tolerance`` x max(1, |torch|). ``resave``: save the graph again through onnxruntime with no
+    optimisation (a large graph's weights in one model.onnx.data instead of the exporter's file per
+    tensor), so the file stays the exported graph and every optimiser can still work on it."""
     from .device_variants import optimise_onnx
 
     path = folder / spec.name / "model.onnx"
     exported = trace(module, spec, to_torch(sample), path)
-    if optimise:
-        optimise_onnx(path)
+    if resave:
+        optimise_onnx(path, level="disabled")
     session = open_session(path)
     with torch.no_grad():
         want = module(*to_torch(check).values())

@@ -145,6 +145,7 @@ class SessionConfig:
 
 
 _SHARED_ARENA: list[bool] = []
+SHARED_ARENA_EXTEND = 1
 
 
 def register_shared_arena() -> None:
@@ -152,8 +153,9 @@ def register_shared_arena() -> None:
     if _SHARED_ARENA:
         return
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    # max memory 0 (no limit), default extend strategy (-1), initial chunk and dead bytes per chunk default (-1)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+    # max memory 0 (no limit); extend strategy 1, kSameAsRequested: grow by what a run asks for, not
+    # to the next power of two (which can nearly double the peak); initial chunk, dead bytes default (-1)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, SHARED_ARENA_EXTEND, -1, -1))
     _SHARED_ARENA.append(True)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,8 @@ class SharedWeights:
 
     def session(self, graph: Path, config: SessionConfig = SHARED_SESSION) -> ort.InferenceSession:
         """``graph`` opened with every initializer it keeps in this file handed over from the one map.
-        Prepacking is always off: prepacked copies would be made per session."""
+        ``config.prepacking`` makes a prepacked copy of the weights it packs in each session (memory
+        per session, not shared): the caller chooses."""
         names = external_initializers(graph, self.path.name) & set(self.values)
-        return open_session(graph, replace(config, prepacking=False),
+        return open_session(graph, config,
                             initializers={name: self.values[name] for name in sorted(names)})
