@@ -31,8 +31,9 @@ from typing import Any
 # Files of the layout besides the graphs and tokenizer.json, relative to the folder.
 STANDARD_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json",
                   "text_encoder/config.json", "unet/config.json", "vae_decoder/config.json",
-                  "vae_encoder/config.json", "text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json",
-                  "tokenizer_2/tokenizer.json")
+                  "vae_encoder/config.json")
+# ... and an SDXL-family folder's besides
+SDXL_FILES = ("text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json", "tokenizer_2/tokenizer.json")
 ONNX_COMPONENT = ["diffusers", "OnnxRuntimeModel"]
 
 
@@ -76,7 +77,7 @@ def write_standard_files(folder: Path, lm: Any, vae: Any) -> None:
 
 def copy_standard_files(src: Path, dst: Path) -> None:
     """The layout's files of one engines folder into another (a precision variant of it)."""
-    for rel in STANDARD_FILES:
+    for rel in (*STANDARD_FILES, *SDXL_FILES):
         if (src / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, dst / rel)

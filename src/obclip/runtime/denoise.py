@@ -5,7 +5,8 @@
 ``unet`` is anything with diffusers' UNet signature, ``(sample, timestep, encoder_hidden_states,
 **added) -> eps`` (``runtime.graphs.UNet`` on the device); ``text`` is the text encoder's output for
 ``["", *prompts]``, one prompt per row of ``x``, and ``added`` the UNet's added inputs laid out the
-same way (SDXL family: ``text_embeds``, ``time_ids``; ``DeviceGraphs.condition`` gives both). The device pipeline runs its steps through it
+same way (SDXL family: ``text_embeds``, ``time_ids``; ``DeviceGraphs.condition`` gives both).
+The device pipeline runs its steps through it
 (``DevicePipeline.finish``), and export's fp16/int8 variant checks run device-only trajectories
 through it, so a variant is checked on the loop that ships. ``solver`` is DPM-Solver++ or LCM
 (``runtime.solver``); LCM's injected noise is the request's shared noise, drawn from ``seed``.
