@@ -49,11 +49,21 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated (default %(default)s)")
     p.add_argument("--write-narrow-sd", default=None, type=Path,
                    help="only write a reduced-width SD-v1.4-shaped random model to this folder and exit")
+    p.add_argument("--write-tiny-sdxl", default=None, type=Path,
+                   help="only write the tiny SDXL-family models (random weights, the full topologies at 32-64 "
+                        "channels) to DIR/sdxl, DIR/koala-700m, DIR/lcm-sdxl and exit")
     p.add_argument("--write-sd", default=None, type=Path,
                    help="only write a full-size SD-v1.4-shaped random model (4.3 GB) to this folder and exit")
     args = p.parse_args(argv)
     if args.write_narrow_sd is not None:
         print(write_narrow_sd(args.write_narrow_sd))
+        return 0
+    if args.write_tiny_sdxl is not None:
+        from obclip.cloud.models import write_random_model
+
+        for seed, (name, spec) in enumerate((("sdxl", "sdxl-tiny"), ("koala-700m", "koala-700m-tiny"),
+                                             ("lcm-sdxl", "lcm-sdxl-tiny"))):
+            print(write_random_model(spec, args.write_tiny_sdxl / name, seed=seed))
         return 0
     if args.write_sd is not None:
         from obclip.cloud.models import write_random_model

@@ -30,6 +30,7 @@ from obclip.device.pipeline import DevicePipeline
 from obclip.runtime.errors import ArtifactError
 
 from .local import LocalService, LocalServiceConfig
+from .pairing import check_pair
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one private text-to-image request: a loopback cloud service + this device.")
     add_generation_flags(p)
     p.add_argument("--cloud-model", default=None, help="cloud model directory or hub id (default: embedded mini)")
-    p.add_argument("--engines", default=None, type=Path,
-                   help="device engines folder with manifest.json (default: $OBCLIP_HOME/engines/device, "
-                        "exported from the embedded model on first use)")
+    device = p.add_mutually_exclusive_group()
+    device.add_argument("--device-model", default=None, type=Path,
+                        help="device model directory (diffusers layout, e.g. Koala-700m for an SDXL cloud), exported "
+                             "to $OBCLIP_HOME/engines/models/<name>/device on first use and checked against the "
+                             "cloud model (family, latent channels, VAE, scheduler, tokenizer)")
+    device.add_argument("--engines", default=None, type=Path,
+                        help="device engines folder with manifest.json (default: $OBCLIP_HOME/engines/device, "
+                             "exported from the embedded model on first use)")
     p.add_argument("--in-process", action="store_true",
                    help="call the cloud step runner in this process instead of starting the HTTP service")
     return p
@@ -54,15 +60,22 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.engines is not None:
             engines_dir = args.engines
+        elif args.device_model is not None:
+            from obclip.export.device_engines import ensure_model_engines
+
+            engines_dir = ensure_model_engines(str(args.device_model))
         elif args.cloud_model is not None:
-            raise ArtifactError("with --cloud-model, export the matching device model first "
-                                "(python export/build_engines.py --device-model PATH) and pass --engines")
+            raise ArtifactError("with --cloud-model, name the matching device model (--device-model DIR), or export "
+                                "it first (python export/build_engines.py --device-model PATH) and pass --engines")
         else:
             from obclip.export.device_engines import ensure_default_engines
 
             engines_dir = ensure_default_engines()
         config = generation_config(args)
         pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir))))
+        cloud_dir = resolve_model_dir(args.cloud_model, "cloud")
+        if Path(cloud_dir).is_dir():  # a hub id is read by the service; a local folder is checked here
+            check_pair(cloud_dir, pipeline.engines.manifest, config.solver)
         prepared = pipeline.prepare(args.prompt, config)  # refuse bad input before loading the cloud
 
         client = None
@@ -72,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from obclip.cloud.models import load_text_to_latent
             from obclip.cloud.steps import CloudStepRunner
 
-            runner = CloudStepRunner(load_text_to_latent(resolve_model_dir(args.cloud_model, "cloud")))
+            runner = CloudStepRunner(load_text_to_latent(cloud_dir))
             result = pipeline.generate(args.prompt, runner.handle, config, on_step=ProgressBar())
         else:
-            model = str(resolve_model_dir(args.cloud_model, "cloud"))
+            model = str(cloud_dir)
             print(f"starting the cloud service on loopback ({model}) ...", file=sys.stderr)
             with LocalService(LocalServiceConfig(model=model)) as service:
                 url = service.ready_url

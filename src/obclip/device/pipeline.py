@@ -298,10 +298,13 @@ class DevicePipeline:
         if not plan.device_steps:
             return x
         # The device conditions its own steps on the prompt and the negative prompt exactly as typed.
-        text = engines.encode_text([config.negative_prompt, *(self._fit(p) for p in prompts)])
+        # SDXL family: the size conditioning is the image size's, which the latents give exactly.
+        f = engines.manifest.vae_scale_factor
+        text, added = engines.condition([config.negative_prompt, *(self._fit(p) for p in prompts)],
+                                        x.shape[-2] * f, x.shape[-1] * f, config.guidance_scale)
         return denoise(engines.unet, text, x, state, schedule, self.solver(config.solver),
                        [step.index for step in plan.device_steps], config.guidance_scale, on_step,
-                       seed=seed, timestep_shift=plan.device_timestep_shift)
+                       seed=seed, timestep_shift=plan.device_timestep_shift, added=added)
 
     def _fit(self, prompt: str) -> str:
         """The longest prefix of the prompt (whole words) within the text encoder's context:

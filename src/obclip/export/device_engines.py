@@ -25,12 +25,13 @@ import numpy as np
 from diffusers import AutoencoderKL
 
 from obclip.cloud.models import from_pretrained, load_text_to_latent, model_schema, resolve_model_dir
+from obclip.runtime.errors import InputError
 from obclip.runtime.locations import default_engines_root
 from obclip.runtime.manifest import Manifest, ManifestError, sha256_file
 
-from .onnx_export import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule, export_component
-from .specs import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
-from .staging import model_fingerprint, model_label, model_weights, staged_folder, verification_settings
+from .onnx_export import UNetModule, VaeDecoderModule, VaeEncoderModule, export_component, text_encoder_exports
+from .specs import unet_spec, vae_decoder_spec, vae_encoder_spec
+from .staging import family_fields, model_fingerprint, model_label, model_weights, staged_folder, verification_settings
 from .standard_folder import write_standard_files
 
 
@@ -53,7 +54,6 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
         print(f"exporting device model {model} -> {target}")
         max_len = int(lm.tokenizer.model_max_length)
         c, h, w = lm.latent_shape(lm.default_image_size, lm.default_image_size)
-        text_dim = int(lm.text_encoder.config.hidden_size)
         rng = np.random.default_rng(0)
         # Dynamic height/width: the check runs another (non-square) size and batch than the trace.
         size_range = image_size_range(lm.unet, lm.vae_scale_factor, lm.default_image_size)
@@ -63,10 +63,13 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
         def pixels(latent: dict[str, int]) -> dict[str, int]:
             return {"image_height": latent["height"] * lm.vae_scale_factor,
                     "image_width": latent["width"] * lm.vae_scale_factor}
-        text = text_encoder_spec(max_len, text_dim, lm.text_encoder.config.vocab_size)
+        cond = lm.conditioning
+        texts = [(module, spec, {"batch": 1}, {"batch": 2}) for module, spec in text_encoder_exports(lm)]
+        unet = unet_spec(c, max_len, int(lm.unet.config.cross_attention_dim), cond.added_widths(),
+                         lm.default_image_size)
         exports = (
-            (TextEncoderModule(lm.text_encoder), text, {"batch": 1}, {"batch": 2}),
-            (UNetModule(lm.unet), unet_spec(c, max_len, text_dim), {"batch": 2, **traced}, {"batch": 4, **checked}),
+            *texts,
+            (UNetModule(lm.unet, cond.added_inputs), unet, {"batch": 2, **traced}, {"batch": 4, **checked}),
             (VaeDecoderModule(vae), vae_decoder_spec(c), {"batch": 1, **traced}, {"batch": 2, **checked}),
             (VaeEncoderModule(vae), vae_encoder_spec(c), {"batch": 1, **pixels(traced)},
              {"batch": 2, **pixels(checked)}),
@@ -85,6 +88,7 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
             default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
             schema=model_schema(model), files=files, precision="fp32", image_size=size_range,
             verification=verification_settings(model_weights(model)),
+            **family_fields(lm),
         )
         manifest.save(work)
     print(f"wrote {target / 'manifest.json'}")
@@ -112,3 +116,13 @@ def ensure_engines(device_model: str, out: Path) -> Path:
 def ensure_default_engines() -> Path:
     """``$OBCLIP_HOME/engines/device`` for the embedded default model, exported on first use."""
     return ensure_engines(resolve_model_dir(None, "device"), default_engines_root())
+
+
+def ensure_model_engines(device_model: str) -> Path:
+    """``$OBCLIP_HOME/engines/models/<folder name>/device`` for a local device model dir, exported on
+    first use and whenever the model's files change (``ensure_engines``)."""
+    model = Path(device_model).expanduser()
+    if not (model / "model_index.json").is_file():
+        raise InputError(f"device model {device_model!r} is not a diffusers model folder (no model_index.json); "
+                         "pass a local folder such as a download of etri-vilab/koala-700m")
+    return ensure_engines(str(model), default_engines_root() / "models" / model_label(model))

@@ -248,8 +248,9 @@ class RecordingUNet:
     def __init__(self, unet: UNet, record: list[dict[str, np.ndarray]]):
         self.unet, self.record = unet, record
 
-    def __call__(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
-        feeds = self.unet.feeds(sample, timestep, encoder_hidden_states)
+    def __call__(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray,
+                 **added: np.ndarray) -> np.ndarray:
+        feeds = self.unet.feeds(sample, timestep, encoder_hidden_states, **added)
         self.record.append(feeds)
         return self.unet.run(feeds)
 
@@ -264,9 +265,10 @@ def device_only_run(graphs: DeviceGraphs, prompt: str, seed: int, check: Variant
     schedule = make_schedule(solver, check.steps)
     shape = graphs.latent_shape(m.default_image_size, m.default_image_size)
     unet = graphs.unet if record is None else RecordingUNet(graphs.unet, record)
-    text = graphs.encode_text(["", prompt])
+    size = m.default_image_size
+    text, added = graphs.condition(["", prompt], size, size, check.guidance_scale)
     x = denoise(unet, text, initial_noise(seed, (1, *shape)), initial_state(), schedule, solver,
-                range(check.steps), check.guidance_scale)
+                range(check.steps), check.guidance_scale, added=added)
     return x, graphs.decode(x)[0]
 
 

@@ -9,43 +9,71 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from obclip.runtime.conditioning import TEXT_EMBEDS, TIMESTEP_COND
 from obclip.runtime.errors import ArtifactError
 from obclip.runtime.manifest import Component, sha256_file
 from obclip.runtime.sessions import open_session
 
-from .specs import GraphSpec
+from .specs import GraphSpec, text_encoder_spec
 
 OPSET = 17
 
 
 class TextEncoderModule(torch.nn.Module):
-    """A CLIP text encoder with optimum's outputs: input_ids -> last_hidden_state, pooler_output."""
+    """A CLIP text encoder with optimum's outputs: input_ids -> last_hidden_state, pooler_output (a
+    ``CLIPTextModelWithProjection``, SDXL's second encoder: text_embeds) and, with ``penultimate``, the
+    second-to-last layer's hidden states (what an SDXL-family UNet is conditioned on)."""
 
-    def __init__(self, text_encoder: Any):
+    def __init__(self, text_encoder: Any, penultimate: bool = False):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.penultimate = text_encoder, penultimate
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.text_encoder(input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.text_encoder(input_ids, output_hidden_states=self.penultimate, return_dict=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        if self.penultimate:
+            return out.last_hidden_state, pooled, out.hidden_states[-2]
+        return out.last_hidden_state, pooled
+
+
+def text_encoder_exports(lm: Any) -> list[tuple[TextEncoderModule, GraphSpec]]:
+    """The text encoder graph(s) of a ``TextToLatentModel`` with their specs: SD's one, or the SDXL
+    family's ``text_encoder`` and ``text_encoder_2`` (projected ``text_embeds``), both with their
+    penultimate hidden states. The cloud and the device export the same ones."""
+    length = int(lm.tokenizer.model_max_length)
+    first = lm.text_encoder.config
+    if lm.conditioning.text_encoders == 1:
+        return [(TextEncoderModule(lm.text_encoder),
+                 text_encoder_spec(length, int(first.hidden_size), int(first.vocab_size)))]
+    second = lm.text_encoder_2.config
+    return [(TextEncoderModule(lm.text_encoder, penultimate=True),
+             text_encoder_spec(length, int(first.hidden_size), int(first.vocab_size), penultimate=True)),
+            (TextEncoderModule(lm.text_encoder_2, penultimate=True),
+             text_encoder_spec(length, int(second.hidden_size), int(second.vocab_size), name="text_encoder_2",
+                               pooled=TEXT_EMBEDS, pooled_dim=int(second.projection_dim), penultimate=True))]
 
 
 class UNetModule(torch.nn.Module):
-    """diffusers' UNet2DConditionModel as a graph: sample, timestep, encoder_hidden_states -> out_sample."""
+    """diffusers' UNet2DConditionModel as a graph: sample, timestep, encoder_hidden_states and the
+    family's added inputs (``Conditioning.added_inputs``, in that order) -> out_sample."""
 
-    def __init__(self, unet: Any):
+    def __init__(self, unet: Any, added: Sequence[str] = ()):
         super().__init__()
-        self.unet = unet
+        self.unet, self.added = unet, tuple(added)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *added: torch.Tensor) -> Any:
+        given = dict(zip(self.added, added))
+        timestep_cond = given.pop(TIMESTEP_COND, None)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                         added_cond_kwargs=given or None, return_dict=False)[0]
 
 
 class VaeDecoderModule(torch.nn.Module):

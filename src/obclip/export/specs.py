@@ -21,9 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from obclip.cloud.modes import ALIGN_INPUTS, ATTN, KV, RESIDUAL, ModeSpec, spec_from_dict
+from obclip.runtime.conditioning import TIME_IDS
 from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.manifest import Manifest
 from obclip.runtime.plan import StepMode
+
+PENULTIMATE = "penultimate_hidden_state"   # an SDXL-family text encoder's second-to-last layer output
 
 Dim = int | str
 Shape = tuple[int, ...]
@@ -88,18 +91,35 @@ class GraphSpec:
 # --- the device's graphs (optimum's names) ----------------------------------------------
 
 
-def text_encoder_spec(text_length: int, text_dim: int, vocab_size: int) -> GraphSpec:
-    return GraphSpec("text_encoder",
-                     (TensorSpec("input_ids", ("batch", text_length), "int32", "ids", vocab_size),),
-                     (TensorSpec("last_hidden_state", ("batch", text_length, text_dim)),
-                      TensorSpec("pooler_output", ("batch", text_dim))))
+def text_encoder_spec(text_length: int, text_dim: int, vocab_size: int, name: str = "text_encoder",
+                      pooled: str = "pooler_output", pooled_dim: int | None = None,
+                      penultimate: bool = False) -> GraphSpec:
+    """A CLIP text encoder: ``input_ids`` -> ``last_hidden_state``, its pooled output (``pooler_output``;
+    SDXL's ``text_encoder_2``: the projected ``text_embeds``) and, for the SDXL family, the
+    ``penultimate_hidden_state`` its UNet is conditioned on."""
+    outputs = [TensorSpec("last_hidden_state", ("batch", text_length, text_dim)),
+               TensorSpec(pooled, ("batch", text_dim if pooled_dim is None else pooled_dim))]
+    if penultimate:
+        outputs.append(TensorSpec(PENULTIMATE, ("batch", text_length, text_dim)))
+    return GraphSpec(name, (TensorSpec("input_ids", ("batch", text_length), "int32", "ids", vocab_size),),
+                     tuple(outputs))
 
 
-def unet_spec(channels: int, text_length: int, text_dim: int) -> GraphSpec:
+def added_input_specs(widths: Mapping[str, int], rows: str, image_size: int) -> list[TensorSpec]:
+    """The UNet's added inputs (``Conditioning.added_widths``), one row each along axis ``rows``; the
+    size conditioning is sampled at the model's image size, as the runtime computes it."""
+    return [TensorSpec(name, (rows, width), fill="constant", value=float(image_size)) if name == TIME_IDS
+            else TensorSpec(name, (rows, width)) for name, width in widths.items()]
+
+
+def unet_spec(channels: int, text_length: int, text_dim: int, added: Mapping[str, int] | None = None,
+              image_size: int = 0) -> GraphSpec:
+    """The device UNet; ``added``: the widths of its added inputs (SDXL family), fed after the text."""
     latent = ("batch", channels, "height", "width")
     return GraphSpec("unet",
                      (TensorSpec("sample", latent), TensorSpec("timestep", ("batch",), fill="constant", value=501.0),
-                      TensorSpec("encoder_hidden_states", ("batch", text_length, text_dim))),
+                      TensorSpec("encoder_hidden_states", ("batch", text_length, text_dim)),
+                      *added_input_specs(added or {}, "batch", image_size)),
                      (TensorSpec("out_sample", latent),))
 
 

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -72,3 +73,16 @@ def verification_settings(weights: str) -> dict[str, object]:
     statistics checks unless the weights are random; ``envelope`` empty, i.e. the bounds of the
     ``device/verify.VerifyConfig`` that opens the folder (an entry there would override one)."""
     return {"weights": weights, "statistics": weights != "random", "envelope": {}}
+
+
+TOKENIZER_2 = "tokenizer_2/tokenizer.json"
+
+
+def family_fields(lm: Any) -> dict[str, Any]:
+    """A manifest's model-family fields for a ``cloud.models.TextToLatentModel``: its ``conditioning``
+    and, for the SDXL family, the second tokenizer (the exporter writes it at ``TOKENIZER_2``) and its pad id."""
+    cond = lm.conditioning
+    if cond.text_encoders == 1:
+        return {"conditioning": cond.to_dict()}
+    return {"conditioning": cond.to_dict(), "tokenizer_2": TOKENIZER_2,
+            "pad_token_id_2": int(lm.tokenizer_2.pad_token_id)}

@@ -9,6 +9,9 @@
       vae_decoder/model.onnx, config.json
       vae_encoder/model.onnx, config.json  not run by the device; the pipeline needs one (img2img)
       manifest.json                    obclip's: every file's hash, sizes, verification (the source of truth)
+      text_encoder_2/, tokenizer_2/    SDXL family only; model_index.json then names optimum's
+                                       ORTStableDiffusionXLPipeline layout (not opened by optimum here:
+                                       not installed; its text graphs also output every hidden state)
 
 so ``diffusers.OnnxStableDiffusionPipeline.from_pretrained("OUT/device")`` (and optimum's and
 onnxruntime's tools that read this layout) open the same graphs the device runs. What
@@ -29,6 +32,8 @@ from typing import Any
 STANDARD_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json",
                   "text_encoder/config.json", "unet/config.json", "vae_decoder/config.json",
                   "vae_encoder/config.json")
+# ... and an SDXL-family folder's besides
+SDXL_FILES = ("text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json", "tokenizer_2/tokenizer.json")
 ONNX_COMPONENT = ["diffusers", "OnnxRuntimeModel"]
 
 
@@ -52,18 +57,27 @@ def write_standard_files(folder: Path, lm: Any, vae: Any) -> None:
     """The layout's files for a device model (``lm``: cloud.models' TextToLatentModel, ``vae``: its
     AutoencoderKL) into ``folder``, beside graphs already exported there."""
     scheduler = dict(lm.scheduler_config)
-    _write_json(folder / "model_index.json", model_index(str(scheduler.get("_class_name", "PNDMScheduler"))))
+    index = model_index(str(scheduler.get("_class_name", "PNDMScheduler")))
+    if lm.text_encoder_2 is not None:
+        index.update(_class_name="ORTStableDiffusionXLPipeline", text_encoder_2=ONNX_COMPONENT,
+                     tokenizer_2=["transformers", "CLIPTokenizer"])
+        for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+            index.pop(key)
+    _write_json(folder / "model_index.json", index)
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
     _write_json(folder / "text_encoder" / "config.json", lm.text_encoder.config.to_dict())
     _write_json(folder / "unet" / "config.json", dict(lm.unet.config))
     _write_json(folder / "vae_decoder" / "config.json", dict(vae.config))
     _write_json(folder / "vae_encoder" / "config.json", dict(vae.config))
     lm.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    if lm.text_encoder_2 is not None:   # SDXL family: optimum's ORTStableDiffusionXLPipeline's extra parts
+        _write_json(folder / "text_encoder_2" / "config.json", lm.text_encoder_2.config.to_dict())
+        lm.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
 
 
 def copy_standard_files(src: Path, dst: Path) -> None:
     """The layout's files of one engines folder into another (a precision variant of it)."""
-    for rel in STANDARD_FILES:
+    for rel in (*STANDARD_FILES, *SDXL_FILES):
         if (src / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, dst / rel)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .conditioning import TEXT_EMBEDS, Conditioning
 from .errors import ArtifactError, InputError
 from .manifest import Component, Manifest, ManifestMismatchError
 from .sessions import SessionConfig, open_session, ort, resolve_providers
@@ -66,6 +67,59 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """[B, L, D] hidden states of the texts (each must fit the context), the UNet's conditioning."""
         return self(self.tokenizer(texts))["last_hidden_state"]
+
+
+PENULTIMATE = "penultimate_hidden_state"   # an SDXL-family text graph's second-to-last layer output
+
+
+class TextConditioning:
+    """The UNet's conditioning from text, from the exported text encoder(s), as diffusers' pipelines
+    compute it: hidden states [B, L, D] and the added inputs that come from text.
+
+    SD: the encoder's last hidden state, no added inputs. SDXL family (``Conditioning.text_encoders``
+    == 2): both encoders' penultimate hidden states concatenated and ``text_encoder_2``'s projected
+    pooled output as ``text_embeds``; with ``zero_uncond`` the empty prompt's rows are zeros
+    (``force_zeros_for_empty_prompt``). The device and the onnxruntime cloud both use this."""
+
+    def __init__(self, conditioning: Conditioning, encoders: Sequence[TextEncoder]):
+        if len(encoders) != conditioning.text_encoders:
+            raise ArtifactError(f"a {conditioning.family}-family UNet takes {conditioning.text_encoders} text "
+                                f"encoder(s), got {len(encoders)}; rerun export")
+        if conditioning.text_encoders == 2:
+            for encoder in encoders:
+                if PENULTIMATE not in encoder.component.outputs:
+                    raise ArtifactError(f"an SDXL-family text graph returns {PENULTIMATE}; this one has "
+                                        f"{list(encoder.component.outputs)}; rerun export")
+            if TEXT_EMBEDS not in encoders[1].component.outputs:
+                raise ArtifactError(f"text_encoder_2 returns {TEXT_EMBEDS}; this one has "
+                                    f"{list(encoders[1].component.outputs)}; rerun export")
+        self.conditioning, self.encoders = conditioning, tuple(encoders)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if self.conditioning.text_encoders == 1:
+            return self.encoders[0].encode(texts), {}
+        first, second = self.encoders
+        a = first(first.tokenizer(texts), (PENULTIMATE,))[PENULTIMATE]
+        b = second(second.tokenizer(texts), (PENULTIMATE, TEXT_EMBEDS))
+        hidden, pooled = np.concatenate([a, b[PENULTIMATE]], axis=-1), b[TEXT_EMBEDS]
+        if self.conditioning.zero_uncond:
+            empty = np.array([t == "" for t in texts])
+            hidden = np.where(empty[:, None, None], np.float32(0), hidden)
+            pooled = np.where(empty[:, None], np.float32(0), pooled)
+        return hidden, {TEXT_EMBEDS: pooled}
+
+
+def open_text_conditioning(manifest: Manifest, config: SessionConfig,
+                           tokenizer: ClipTokenizer | None = None) -> TextConditioning:
+    """The text encoder graph(s) of an engines folder (``tokenizer``: the first one's, if already opened)."""
+    m = manifest
+    tokenizer = tokenizer or ClipTokenizer(m.root / m.tokenizer, m.text_max_length, m.pad_token_id)
+    encoders = [TextEncoder(open_session(m.path_of("text_encoder"), config), m.components["text_encoder"], tokenizer)]
+    if m.tokenizer_2 is not None and m.pad_token_id_2 is not None:
+        tokenizer_2 = ClipTokenizer(m.root / m.tokenizer_2, m.text_max_length, m.pad_token_id_2)
+        encoders.append(TextEncoder(open_session(m.path_of("text_encoder_2"), config),
+                                    m.components["text_encoder_2"], tokenizer_2))
+    return TextConditioning(m.unet_conditioning(), encoders)
 
 
 class UNet:
@@ -158,8 +212,12 @@ class DeviceGraphs:
         config = replace(session, providers=self.providers)
         self.session_config = config
         self.tokenizer = ClipTokenizer(m.root / m.tokenizer, m.text_max_length, m.pad_token_id)
-        self.text_encoder = TextEncoder(open_session(m.path_of("text_encoder"), config), m.components["text_encoder"],
-                                        self.tokenizer)
+        self.conditioning = m.unet_conditioning()
+        if not self.conditioning.guided:
+            raise ArtifactError(f"{folder} holds a guidance-embedding UNet (LCM-SDXL); the device runs classifier-free "
+                                "guided UNets only (e.g. Koala-700m, also with the LCM solver)")
+        self.text = open_text_conditioning(m, config, self.tokenizer)
+        self.text_encoder = self.text.encoders[0]
         self.unet = UNet(open_session(m.path_of("unet"), config), m.components["unet"], m.latent_channels,
                          m.text_max_length)
         self.vae_decoder = VaeDecoder(open_session(m.path_of("vae_decoder"), config), m.components["vae_decoder"],
@@ -173,7 +231,14 @@ class DeviceGraphs:
 
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         """[B, L, D] hidden states, the UNet's conditioning."""
-        return self.text_encoder.encode(prompts)
+        return self.text(prompts)[0]
+
+    def condition(self, prompts: Sequence[str], height: int, width: int,
+                  guidance_scale: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The UNet's whole conditioning, one row per prompt: hidden states [B, L, D] and its added inputs
+        (SDXL family: ``text_embeds``, and ``time_ids`` of the image size, ``runtime.conditioning``)."""
+        hidden, added = self.text(prompts)
+        return hidden, {**added, **self.conditioning.request_added(len(prompts), height, width, guidance_scale)}
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents [B, C, h, w] -> uint8 images [B, H, W, 3]."""

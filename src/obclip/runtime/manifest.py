@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
+from .conditioning import Conditioning
+from .errors import ArtifactError, InputError
 from .geometry import LatentGeometry
 from .onnx_file import OnnxReadError, external_locations
 
@@ -106,6 +107,11 @@ class Manifest:
     # {"weights": "trained" | "random" | "unknown", "statistics": bool, "envelope": {VerifyConfig bound: override}};
     # absent in older manifests (the device then applies the full envelope: fail closed)
     verification: JSON = field(default_factory=dict)
+    # the UNet's family (runtime.conditioning.Conditioning.to_dict); empty in SD exports and older manifests.
+    # An SDXL-family export also has text_encoder_2 and its tokenizer (tokenizer_2, padded with pad_token_id_2).
+    conditioning: JSON = field(default_factory=dict)
+    tokenizer_2: str | None = None
+    pad_token_id_2: int | None = None
     root: Path = field(default=Path("."), compare=False)
     format: str = MANIFEST_FORMAT
 
@@ -121,6 +127,10 @@ class Manifest:
             size_range=None if r is None else (int(r["min"]), int(r["max"]), int(r["multiple"])),
             fixed=fixed, default_size=self.default_image_size,
             source=source or f"these {self.side} engines ({self.root})")
+
+    def unet_conditioning(self) -> Conditioning:
+        """What the exported UNet takes besides the text hidden states (its model family)."""
+        return Conditioning.from_dict(self.conditioning)
 
     def path_of(self, name: str) -> Path:
         if name not in self.components:
@@ -154,7 +164,8 @@ class Manifest:
         m = _from_dict(d, path, folder)
         for rel, what in m._listed_paths():
             _confined(folder, rel, f"{path}: {what}")
-        for name in cls.REQUIRED[m.side]:
+        second = ("text_encoder_2",) if m.unet_conditioning().text_encoders == 2 else ()
+        for name in (*cls.REQUIRED[m.side], *second):
             if not m.path_of(name).is_file():
                 raise ManifestMissingError(f"{path} lists {name} at {m.path_of(name)}, which is missing; {_REEXPORT}")
         for rel, what in m._listed_paths():
@@ -166,6 +177,8 @@ class Manifest:
 
     def _listed_paths(self) -> Iterator[tuple[str, str]]:
         yield self.tokenizer, "tokenizer"
+        if self.tokenizer_2 is not None:
+            yield self.tokenizer_2, "tokenizer_2"
         for name, c in self.components.items():
             yield c.path, f"component {name}"
         for rel in self.files:
@@ -293,8 +306,24 @@ def _from_dict(d: Any, path: Path, folder: Path) -> Manifest:
         latent_channels=_int(d, "latent_channels", path, 1, 64),
         vae_scale_factor=vae_scale, vae_scaling_factor=float(scaling), default_image_size=image,
         scheduler_config=_dict(d, "scheduler_config", path), schema=_str(d, "schema", path, optional=True),
-        modes=modes, files=files, source=source, **_device_fields(d, path, vae_scale), root=folder,
+        modes=modes, files=files, source=source, **_device_fields(d, path, vae_scale),
+        **_family_fields(d, path), root=folder,
     )
+
+
+def _family_fields(d: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """conditioning, tokenizer_2 and pad_token_id_2 (SDXL-family exports); absent in SD and older manifests."""
+    conditioning = _dict(d, "conditioning", path, optional=True)
+    try:
+        family = Conditioning.from_dict(conditioning)
+    except InputError as e:
+        raise _fail(path, str(e)) from None
+    tokenizer_2 = _str(d, "tokenizer_2", path, optional=True)
+    pad_2 = None if d.get("pad_token_id_2") is None else _int(d, "pad_token_id_2", path, 0, 2**31 - 1)
+    if (family.text_encoders == 2) != (tokenizer_2 is not None and pad_2 is not None):
+        raise _fail(path, f"a {family.family}-family export has {family.text_encoders} text encoder(s), and "
+                          "tokenizer_2 and pad_token_id_2 exactly when it has two")
+    return {"conditioning": conditioning, "tokenizer_2": tokenizer_2, "pad_token_id_2": pad_2}
 
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
