@@ -211,7 +211,7 @@ class OrtEngine:
         Returns, and keeps in ``self.warmed``, the seconds each graph took."""
         warmed: dict[str, float] = {}
         t0 = time.perf_counter()
-        batch = self.batch([["a photo"] * candidates], [None], 7.5)
+        batch = self.batch([["a photo"] * candidates], [None], 7.5, [""])
         warmed["text_encoder"] = time.perf_counter() - t0
         if self._cross_kv is not None:
             t0 = time.perf_counter()
