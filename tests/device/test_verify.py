@@ -32,7 +32,7 @@ class FakeEngines:
 
     def __init__(self):
         self.manifest = SimpleNamespace(scheduler_config=SD14_SOLVER_CONFIG.to_dict(), model_id="fake", verification={},
-                                        schema=None, default_image_size=SIZE)
+                                        schema=None, default_image_size=SIZE, vae_scale_factor=8)
         self.tokenizer = FakeTokenizer()
         self.unet_calls = 0
 
@@ -41,6 +41,9 @@ class FakeEngines:
 
     def encode_text(self, prompts):
         return np.zeros((len(prompts), 77, 8), np.float32)
+
+    def condition(self, prompts, height, width, guidance_scale):
+        return self.encode_text(prompts), {}
 
     def unet(self, x, t, text):
         self.unet_calls += 1
