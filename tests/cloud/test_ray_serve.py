@@ -69,10 +69,10 @@ def fetch(url: str, method: str, path: str, body: bytes | None = None, headers: 
         conn.close()
 
 
-def request_bytes(n: int = 2) -> bytes:
+def request_bytes(n: int = 2, negative_prompt: str = "") -> bytes:
     people = ("a photo of a man", "a photo of a woman", "a photo of a child", "a photo of an old man",
               "a photo of an old woman")
-    return StepsRequest(people[:n], 1, 4, 2, 7.5, 64, 64).to_bytes()
+    return StepsRequest(people[:n], 1, 4, 2, 7.5, 64, 64, negative_prompt=negative_prompt).to_bytes()
 
 
 def test_replica_is_healthy_and_ready(ray_url):
@@ -94,6 +94,20 @@ def test_steps_through_ray_is_a_valid_handoff(ray_url):
     handoff = client(body)  # the client validates the handoff
     assert handoff.latents.shape == (2, 4, 16, 16) and handoff.step_index == 2
     assert client.last_call.server_run_s is not None  # Server-Timing came through the proxy
+
+
+def test_negative_prompt_through_ray_conditions_the_unconditional_row(ray_url, cloud_runner):
+    """The replica runs the request's negative prompt exactly as the in-process runner does, and it
+    changes the answer (it is not dropped on the way through Serve's proxy)."""
+    import numpy as np
+
+    client = ServiceClient(ClientConfig(ray_url, timeout_s=60, retries=0))
+    with_negative = request_bytes(negative_prompt="blurry, low quality")
+    through_ray = client(with_negative).latents
+    expected = StepsRequest.from_bytes(with_negative)
+    in_process = cloud_runner.run(expected).latents
+    assert np.abs(through_ray - in_process).max() <= 1e-4  # another process, other thread count
+    assert np.abs(through_ray - client(request_bytes()).latents).max() > 1e-3
 
 
 def test_limit_violation_is_the_service_json_error(ray_url):

@@ -343,6 +343,9 @@ def test_log_prompts_flag_is_the_only_way_to_log_candidates():
     req = StepsRequest.from_bytes(request_bytes())
     assert "a photo of a man" not in describe_request(req)
     assert "a photo of a man" in describe_request(req, log_prompts=True)
+    negative = StepsRequest.from_bytes(request_bytes(negative_prompt="blurry, a bearded man"))
+    assert "bearded" not in describe_request(negative)
+    assert "blurry, a bearded man" in describe_request(negative, log_prompts=True)
     assert ServiceConfig().log_prompts is False
 
 

@@ -54,7 +54,8 @@ def test_the_main_job_runs_another_size(tmp_path, model_dirs, engines_dir, capsy
 def test_the_main_job_refuses_the_size_before_starting_a_service(model_dirs, engines_dir, capsys):
     from obclip.app.demo import main
 
-    code = main(["a photo of an old man", "--cloud-model", str(model_dirs[0]), "--engines", str(engines_dir), "--size", "144", "--seed", "0"])
+    code = main(["a photo of an old man", "--cloud-model", str(model_dirs[0]), "--engines", str(engines_dir),
+                 "--size", "144", "--seed", "0"])
     assert code == 2
     assert "from 32 to 128 pixels" in capsys.readouterr().err
 

@@ -73,7 +73,8 @@ def test_demo_writes_a_png(tmp_path, model_dirs, engines_dir, capsys):
 def test_demo_refuses_bad_input_cleanly(tmp_path, model_dirs, engines_dir, capsys):
     from obclip.app.demo import main
 
-    assert main(["", "--cloud-model", str(model_dirs[0]), "--engines", str(engines_dir), "--out", str(tmp_path / "x.png")]) == 2
+    argv = ["", "--cloud-model", str(model_dirs[0]), "--engines", str(engines_dir), "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 

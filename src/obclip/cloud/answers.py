@@ -54,11 +54,13 @@ class ErrorAnswer(Exception):
 
 
 def describe_request(request: StepsRequest, log_prompts: bool = False) -> str:
-    """The request as it may be logged: shape and options; the candidates only with log_prompts."""
+    """The request as it may be logged: shape and options; the candidates and the negative prompt (user
+    text, protected like the prompt) only with log_prompts."""
     acc = request.acceleration
     text = (f"N={request.n} T={request.num_inference_steps} k={request.switch_step} "
             f"size={request.height}x{request.width} dtype={request.wire_dtype} "
-            f"accel={'none' if acc is None else f'r={acc.cache_step},s={acc.skip_step}'}")
+            f"accel={'none' if acc is None else f'r={acc.cache_step},s={acc.skip_step}'} "
+            f"solver={request.solver} dt={request.device_timestep_shift}")
     if log_prompts:
-        text += f" candidates={list(request.candidates)!r}"
+        text += f" candidates={list(request.candidates)!r} negative_prompt={request.negative_prompt!r}"
     return text
