@@ -58,6 +58,13 @@ PROMPTS = [
     "a portrait photo of an old woman wearing glasses",
     "a middle-aged man in hat Fashion portrait photo",
 ]
+# The embedded ObCLIP-Mini is trained on shapes (schema "shapes"): its own check prompts.
+SHAPE_PROMPTS = [
+    "a large red circle on a white background",
+    "a small blue square on a black background",
+    "a red triangle",
+    "a large green square",
+]
 SEED = 1234
 MODE_LETTERS = {StepMode.FULL: "F", StepMode.REUSE: "R", StepMode.CACHE: "C", StepMode.SKIP: "S",
                 StepMode.CACHE_SKIP: "X", StepMode.PIVOT: "P"}
@@ -116,34 +123,44 @@ def psnr_of_mse(m: float) -> float:
 
 
 def _split_run(runner, pipeline, prompt: str, steps: int, acc: AccelerationConfig, seed: int,
-               guidance: float, size: int | None, decode: bool):
-    """One request through the server, then every candidate finished on the device as if it were real."""
+               guidance: float, size: int | None, decode: bool, solver: str = "dpmsolver++"):
+    """One request through the server, then every candidate finished on the device as if it were real.
+    A candidate whose finish the device refuses (its verification of the answer) gets None."""
     from obclip.device.pipeline import GenerationConfig, Method
+    from obclip.runtime.errors import UntrustedAnswerError
     from obclip.runtime.protocol import decode_handoff
     from obclip.runtime.solver import make_schedule
 
     config = GenerationConfig(method=Method.OBCLIP, num_inference_steps=steps, switch_step=acc.switch_step,
-                              guidance_scale=guidance, seed=seed, height=size, width=size, acceleration=acc)
+                              guidance_scale=guidance, seed=seed, height=size, width=size, acceleration=acc,
+                              solver=solver)
     prepared = pipeline.prepare(prompt, config)
+    if prepared.request is None:
+        raise SystemExit(f"error: the privacy policy keeps {prompt!r} on the device (nothing would be sent), so "
+                         "it has no cloud steps to measure; pass --prompts the model's schema protects")
     handoff_bytes = runner.handle(prepared.request_bytes)
     latent_shape = pipeline.engines.latent_shape(prepared.height, prepared.width)
     handoff = decode_handoff(handoff_bytes, prepared.request, latent_shape,
-                             make_schedule(pipeline.solver_config, steps).timesteps)
+                             make_schedule(pipeline.solver(solver), steps).timesteps)
     candidates = prepared.request.candidates
     finals, images = [], []
     for i, text in enumerate(candidates):
         # The device's own steps, with candidate i as the real one (conditioned on its text).
         as_real = dataclasses.replace(prepared, prompt=text, real_index=i)
-        final = pipeline.finish(as_real, handoff_bytes, config)
+        try:
+            final = pipeline.finish(as_real, handoff_bytes, config)
+        except UntrustedAnswerError:
+            finals.append(None)
+            images.append(None)
+            continue
         finals.append(final)
-        if decode:
-            images.append(pipeline.engines.decode(final)[0])
+        images.append(pipeline.engines.decode(final)[0] if decode else None)
     return candidates, handoff, finals, images
 
 
 def measure(runner, pipeline, prompts=PROMPTS, steps: int = 25, presets=("paper-k5", "paper-k10"),
             seed: int = SEED, guidance: float = 7.5, size: int | None = None, decode: bool = True,
-            progress=None, new_options: bool = False) -> dict:
+            progress=None, new_options: bool = False, solver: str = "dpmsolver++") -> dict:
     """Every setting of every preset on every prompt; one record per (setting, prompt, candidate).
 
     ``presets``: names (runtime.plan.preset) or {name: AccelerationConfig}.
@@ -166,19 +183,21 @@ def measure(runner, pipeline, prompts=PROMPTS, steps: int = 25, presets=("paper-
             s = seed + p_i
             t0 = time.perf_counter()
             cands, ref, ref_finals, ref_images = _split_run(runner, pipeline, prompt, steps, exact, s, guidance,
-                                                            size, decode)
+                                                            size, decode, solver)
             for label, cfg in settings_for(acc, new_options):
                 _, got, finals, images = _split_run(runner, pipeline, prompt, steps, cfg, s, guidance, size,
-                                                    decode)
+                                                    decode, solver)
                 for i, cand in enumerate(cands):
                     rec = {
                         "preset": pname, "setting": label, "prompt": prompt, "seed": s, "n": len(cands),
                         "candidate": i, "pivot": i == 0, "candidate_text": cand,
                         "latent_rel_l2": rel_l2(got.latents[i], ref.latents[i]),
                         "x0_rel_l2": rel_l2(got.prev_x0[i], ref.prev_x0[i]),
-                        "final_latent_rel_l2": rel_l2(finals[i], ref_finals[i]),
+                        "device_refused": finals[i] is None,
                     }
-                    if decode:
+                    if finals[i] is not None and ref_finals[i] is not None:
+                        rec["final_latent_rel_l2"] = rel_l2(finals[i], ref_finals[i])
+                    if decode and images[i] is not None and ref_images[i] is not None:
                         rec["image_mse"] = mse(images[i], ref_images[i])
                         rec["psnr_db"] = psnr_of_mse(rec["image_mse"])
                     records.append(rec)
@@ -197,15 +216,18 @@ def summarize(result: dict) -> list[dict]:
         for n in sorted({r["n"] for r in mine}):
             group = [r for r in mine if r["n"] == n]
             prompts = sorted({r["prompt"] for r in group}, key=[r["prompt"] for r in group].index)
-            row = {**{k: st[k] for k in ("preset", "setting", "modes", "note")}, "n": n, "prompts": len(prompts)}
+            row = {**{k: st[k] for k in ("preset", "setting", "modes", "note")}, "n": n, "prompts": len(prompts),
+                   "device_refused": sum(r["device_refused"] for r in group), "candidates": len(group)}
             for key in ("latent_rel_l2", "x0_rel_l2", "final_latent_rel_l2", "image_mse"):
-                if key not in group[0]:
+                have = [r for r in group if key in r]  # a refused candidate has no final latent or image
+                if not have:
                     continue
-                piv = [r[key] for r in group if r["pivot"]]
-                others = [float(np.mean([r[key] for r in group if r["prompt"] == p and not r["pivot"]]))
-                          for p in prompts if any(r["prompt"] == p and not r["pivot"] for r in group)]
-                worst = max(group, key=lambda r: r[key])
-                row[key] = {"pivot": float(np.mean(piv)), "others": float(np.mean(others)) if others else None,
+                piv = [r[key] for r in have if r["pivot"]]
+                others = [float(np.mean([r[key] for r in have if r["prompt"] == p and not r["pivot"]]))
+                          for p in prompts if any(r["prompt"] == p and not r["pivot"] for r in have)]
+                worst = max(have, key=lambda r: r[key])
+                row[key] = {"pivot": float(np.mean(piv)) if piv else None,
+                            "others": float(np.mean(others)) if others else None,
                             "worst": worst[key], "worst_candidate": worst["candidate"],
                             "worst_prompt": worst["prompt"]}
             rows.append(row)
@@ -243,8 +265,10 @@ def print_table(rows: list[dict], result: dict, per_candidate: bool) -> None:
             v = r[key]
             line += f"{_fmt_rel(v['pivot'])} {_fmt_rel(v['others'])} {_fmt_rel(v['worst'])} | "
         if has_img:
-            v = r["image_mse"]
+            v = r.get("image_mse") or {"pivot": None, "others": None, "worst": None}
             line += f"{_fmt_db(v['pivot'])} {_fmt_db(v['others'])} {_fmt_db(v['worst'])}"
+        if r["device_refused"]:
+            line += f"  (device refused {r['device_refused']} of {r['candidates']} answers)"
         if r["note"]:
             line += f"  ({r['note']})"
         print(line.rstrip(" |"))
@@ -258,8 +282,9 @@ def print_table(rows: list[dict], result: dict, per_candidate: bool) -> None:
                 for i in range(n):
                     c = [r for r in mine if r["n"] == n and r["candidate"] == i]
                     cell = f"{np.mean([r['latent_rel_l2'] for r in c]):.1e}/{np.mean([r['x0_rel_l2'] for r in c]):.1e}"
-                    if "image_mse" in c[0]:
-                        cell += f"/{_fmt_db(float(np.mean([r['image_mse'] for r in c]))).strip()}"
+                    shown = [r["image_mse"] for r in c if "image_mse" in r]
+                    if shown:
+                        cell += f"/{_fmt_db(float(np.mean(shown))).strip()}"
                     cells.append(cell)
                 print(f"{st['preset']:<10} {st['setting']:<17} N={n}: " + "  ".join(cells))
 
@@ -281,11 +306,15 @@ def main(argv=None) -> int:
     p.add_argument("--cloud-model", default=None, help="cloud model dir (default: the embedded mini model)")
     p.add_argument("--device-model", default=None, help="device model dir, exported to engines in a temp dir")
     p.add_argument("--engines", default=None, help="device engines dir (default: the embedded default's)")
-    p.add_argument("--prompts", nargs="+", default=PROMPTS, help="prompts whose candidate sets are run")
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="prompts whose candidate sets are run (default: shape prompts for a model trained on "
+                        "the shapes schema, such as the embedded one; person prompts otherwise)")
     p.add_argument("--presets", nargs="+", default=["paper-k5", "paper-k10"], choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=25, help="T")
     p.add_argument("--seed", type=int, default=SEED, help="seed of the first prompt (+1 per prompt)")
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--solver", default="dpmsolver++", choices=["dpmsolver++", "lcm"],
+                   help="the sampler of every run (lcm: the paper's distilled setting, with --steps 8)")
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and onnxruntime threads (1: on a small shared CPU more threads only contend)")
@@ -314,14 +343,18 @@ def main(argv=None) -> int:
     pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=engines_dir, threads=args.threads)))
     runner = CloudStepRunner(load_text_to_latent(cloud_dir))
     weights = "trained weights (embedded ObCLIP-Mini)" if args.cloud_model is None else "as loaded"
+    if args.prompts is None:
+        args.prompts = SHAPE_PROMPTS if pipeline.engines.manifest.schema == "shapes" else PROMPTS
     log = (lambda m: print(m, file=sys.stderr)) if args.json else None
 
     t0 = time.perf_counter()
     result = measure(runner, pipeline, args.prompts, args.steps, args.presets, args.seed, args.guidance,
-                     args.size, decode=not args.no_decode, progress=log, new_options=args.new_options)
+                     args.size, decode=not args.no_decode, progress=log, new_options=args.new_options,
+                     solver=args.solver)
     elapsed = time.perf_counter() - t0
     rows = summarize(result)
-    meta = {"cloud_model": cloud_dir, "engines": engines_dir, "T": args.steps, "guidance": args.guidance,
+    meta = {"cloud_model": cloud_dir, "engines": engines_dir, "T": args.steps, "solver": args.solver,
+            "guidance": args.guidance,
             "presets": {n: preset(n).to_dict() for n in args.presets}, "prompts": args.prompts,
             "seed": args.seed, "threads": args.threads, "elapsed_s": elapsed}
     if args.json:
@@ -329,11 +362,8 @@ def main(argv=None) -> int:
         print(json.dumps(strict_json({"meta": meta, "summary": rows, **result}), indent=1, allow_nan=False))
         return 0
     print(f"# fidelity of the server-side accelerations vs exact ObCLIP (no acceleration), T={args.steps}, "
-          f"guidance {args.guidance}, seeds {args.seed}..{args.seed + len(args.prompts) - 1}")
+          f"solver {args.solver}, guidance {args.guidance}, seeds {args.seed}..{args.seed + len(args.prompts) - 1}")
     print(f"# cloud model {cloud_dir} ({weights}); device engines {engines_dir}")
-    if args.cloud_model is None:
-        print("# the embedded models have RANDOM weights: these numbers measure that network's numerical "
-              "sensitivity, not image quality")
     print("# pivot = candidate 0 (canonical order); others = mean over non-pivot candidates; means are over "
           "prompts; worst = over all prompts and candidates")
     print("# PSNR: of the mean / largest per-candidate MSE vs the exact run's image (inf = identical); "

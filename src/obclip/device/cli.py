@@ -8,13 +8,14 @@ Used by ``obclip-generate`` (device/generate.py) and the main job ``obclip-demo`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from obclip.runtime.errors import InputError, ObclipError, UntrustedAnswerError, kind_of
-from obclip.runtime.plan import LCM_PAPER_STEPS, preset
+from obclip.runtime.plan import LCM_PAPER_STEPS, SkipVariant, preset
 from obclip.runtime.solver import DPM_SOLVER, LCM, SOLVER_KINDS
 
 from .client import ServiceClient
@@ -52,6 +53,10 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                         "lean-k10 (fewer server MACs than paper-k10; docs/benchmarks.md 'Server cost'), "
                         "paper-lcm-k4 (k=4,r=2,s=2; with --solver lcm --steps 8) "
                         "or none-k<k>; default: every cloud step a full pass")
+    p.add_argument("--skip-variant", default=None, choices=[v.value for v in SkipVariant],
+                   help="what the preset's block-skip steps recompute (default: the preset's own; deepcache "
+                        "drifts less, and under --solver lcm on the embedded model faster-diffusion breaks: "
+                        "docs/method.md 7.9)")
     p.add_argument("--negative-prompt", default=_G.negative_prompt, metavar="TEXT",
                    help="what the image should not show (the unconditional text on cloud and device); sent only "
                         "if the device vouches for every word of it, else --unprotected decides (docs/privacy.md)")
@@ -78,6 +83,11 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         acceleration = preset(args.acceleration) if args.acceleration else None
     except ValueError as e:   # an unknown preset name: the flag's value
         raise InputError(f"--acceleration: {e}") from None
+    if args.skip_variant is not None:
+        if acceleration is None:
+            raise InputError("--skip-variant changes an acceleration preset's skip steps; name the preset with "
+                             "--acceleration (e.g. --acceleration paper-lcm-k4 --skip-variant deepcache)")
+        acceleration = dataclasses.replace(acceleration, skip_variant=SkipVariant(args.skip_variant))
     steps = args.steps
     if steps is None:
         steps = LCM_PAPER_STEPS if args.solver == LCM else _G.num_inference_steps
