@@ -313,7 +313,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25, help="T")
     p.add_argument("--seed", type=int, default=SEED, help="seed of the first prompt (+1 per prompt)")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--solver", default="dpmsolver++", choices=["dpmsolver++", "lcm"],
+    from obclip.runtime.solver import DPM_SOLVER, SOLVER_KINDS
+
+    p.add_argument("--solver", default=DPM_SOLVER, choices=list(SOLVER_KINDS),
                    help="the sampler of every run (lcm: the paper's distilled setting, with --steps 8)")
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--threads", type=int, default=1,
