@@ -49,15 +49,16 @@ from .service_config import MEMORY_MODES
 # held, so a server's memory grows with every step mode it has run; "shared", one arena for all
 # sessions of the process (onnxruntime's environment allocator), memory that follows the largest
 # single run; "shared+prepack", that, with each session's prepacked copy of the weights it packs
-# (memory per mode session, not shared).
+# (memory per mode session, not shared); "+shrink", the arena (per session or shared) returns its
+# free memory to the system at the end of every run, so it holds only the run in flight.
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
                    memory: str = "none") -> SessionConfig:
     """How the cloud's sessions are opened (``memory``: one of MEMORY_MODES)."""
     if memory not in MEMORY_MODES:
         raise InputError(f"memory={memory!r} must be one of {list(MEMORY_MODES)}")
-    shared = memory.startswith("shared")
     return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
-                         memory_arena=memory != "none", shared_arena=shared, prepacking=memory == "shared+prepack")
+                         memory_arena=memory != "none", shared_arena=memory.startswith("shared"),
+                         prepacking=memory == "shared+prepack", arena_shrinkage=memory.endswith("+shrink"))
 
 
 class OrtBatch:
@@ -123,7 +124,7 @@ class OrtBatch:
                     raise ArtifactError(f"step mode {name} reads {read}, but no earlier step of this request "
                                         "computed it: the engines' mode table does not match the plan; re-export")
                 feeds[read] = value
-            outs = graph.session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+            outs = graph.session.run(None, {k: v for k, v in feeds.items() if k in wanted}, engine.run_options)
             names = [o_.name for o_ in graph.session.get_outputs()]
             eps[o:o + n] = outs[names.index("eps")]
             for out_name, value in zip(names, outs):
@@ -166,6 +167,7 @@ class OrtEngine:
         self.latent_multiple = int(src.get("latent_multiple", 1))
         config = session_config(providers, threads, optimization, memory)
         self.providers, self.memory, self.optimization = config.providers, memory, optimization
+        self.run_options = config.run_options()   # every mode and cross_kv run passes these
         self.tokenizer_json = (folder / manifest.tokenizer).read_text()
         self.tokenizer = ClipTokenizer(folder / manifest.tokenizer, manifest.text_max_length, manifest.pad_token_id,
                                        json=self.tokenizer_json)
@@ -248,7 +250,7 @@ class OrtEngine:
         if self._cross_kv is None:
             raise ManifestError(f"the cloud engines in {self.manifest.root} have no cross_kv graph; re-export")
         names = [o.name for o in self._cross_kv.get_outputs()]
-        return dict(zip(names, self._cross_kv.run(names, {"text": text})))
+        return dict(zip(names, self._cross_kv.run(names, {"text": text}, self.run_options)))
 
     def inputs_of(self, session: ort.InferenceSession) -> set[str]:
         key = id(session)
