@@ -80,8 +80,8 @@ class ServiceConfig:
     providers: str = option("cpu", "onnxruntime execution providers (cuda/tensorrt need onnxruntime-gpu)",
                             choices=("cpu", "cuda", "tensorrt"))
     engine_memory: str = option("none", "onnxruntime backend: how the step-mode sessions allocate: none (no "
-                                "arena), arena (one per session), shared (one for all), shared+prepack; +shrink: the arena "
-                                "returns its free memory at the end of every run",
+                                "arena), arena (one per session), shared (one for all), shared+prepack; "
+                                "+shrink: the arena returns its free memory at the end of every run",
                                 choices=MEMORY_MODES)
     # onnxruntime backend: one call of every graph at start, on dummy inputs of warm_candidates
     # candidates at the warm-up size, so no request pays a session's first run.
