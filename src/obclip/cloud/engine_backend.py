@@ -50,7 +50,10 @@ from .service_config import MEMORY_MODES
 # sessions of the process (onnxruntime's environment allocator), memory that follows the largest
 # single run; "shared+prepack", that, with each session's prepacked copy of the weights it packs
 # (memory per mode session, not shared); "+shrink", the arena (per session or shared) returns its
-# free memory to the system at the end of every run, so it holds only the run in flight.
+# free memory to the system at the end of every run, so it holds only the run in flight;
+# "shared+no-pattern", the shared arena without onnxruntime's memory patterns (each session's one
+# planned block per run, sized differently per mode, which fragment a shared arena): every tensor
+# allocated on its own from the one arena.
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
                    memory: str = "none") -> SessionConfig:
     """How the cloud's sessions are opened (``memory``: one of MEMORY_MODES)."""
@@ -58,7 +61,8 @@ def session_config(providers: str = "cpu", threads: int | None = None, optimizat
         raise InputError(f"memory={memory!r} must be one of {list(MEMORY_MODES)}")
     return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
                          memory_arena=memory != "none", shared_arena=memory.startswith("shared"),
-                         prepacking=memory == "shared+prepack", arena_shrinkage=memory.endswith("+shrink"))
+                         prepacking=memory == "shared+prepack", arena_shrinkage=memory.endswith("+shrink"),
+                         memory_pattern=False if memory == "shared+no-pattern" else None)
 
 
 class OrtBatch:

@@ -14,7 +14,7 @@ from obclip.runtime.protocol import RequestLimits
 
 # How the onnxruntime backend's mode sessions allocate (cloud/engine_backend.py says what each is;
 # benchmarks/engine_memory.py --compare measures them side by side, docs/engines.md has the numbers).
-MEMORY_MODES = ("none", "arena", "arena+shrink", "shared", "shared+shrink", "shared+prepack")
+MEMORY_MODES = ("none", "arena", "arena+shrink", "shared", "shared+shrink", "shared+prepack", "shared+no-pattern")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class ServiceConfig:
                             choices=("cpu", "cuda", "tensorrt"))
     engine_memory: str = option("none", "onnxruntime backend: how the step-mode sessions allocate: none (no "
                                 "arena), arena (one per session), shared (one for all), shared+prepack; "
-                                "+shrink: the arena returns its free memory at the end of every run",
+                                "+shrink: the arena returns its free memory at the end of every run; "
+                                "+no-pattern: without onnxruntime's per-session memory patterns",
                                 choices=MEMORY_MODES)
     # onnxruntime backend: one call of every graph at start, on dummy inputs of warm_candidates
     # candidates at the warm-up size, so no request pays a session's first run.

@@ -121,6 +121,11 @@ class SessionConfig:
     # memory.enable_memory_arena_shrinkage): within a run freed blocks are reused, between runs the
     # arena keeps nothing, so memory follows the run in flight, not the largest run ever made.
     arena_shrinkage: bool = False
+    # onnxruntime's memory pattern: after a run of given shapes, the next such run takes all its
+    # activations as one planned block. None: onnxruntime's default (on). False: each tensor is
+    # allocated on its own, so in a shared arena freed blocks serve any session's tensors, where
+    # every session's differently sized planned blocks fragment it.
+    memory_pattern: bool | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -142,6 +147,8 @@ class SessionConfig:
             options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
         if self.memory_arena is not None:
             options.enable_cpu_mem_arena = self.memory_arena
+        if self.memory_pattern is not None:
+            options.enable_mem_pattern = self.memory_pattern
         if not self.prepacking:
             options.add_session_config_entry("session.disable_prepacking", "1")
         if self.shared_arena:
