@@ -40,7 +40,7 @@ from obclip.runtime.weights import SharedWeights
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
 from .numpy_solver import NumpySolver
-from .service_config import MEMORY_MODES
+from .service_config import DEFAULT_MEMORY, MEMORY_MODES
 
 
 # How the mode sessions allocate (service_config.MEMORY_MODES; benchmarks/engine_memory.py
@@ -55,7 +55,7 @@ from .service_config import MEMORY_MODES
 # planned block per run, sized differently per mode, which fragment a shared arena): every tensor
 # allocated on its own from the one arena.
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
-                   memory: str = "none") -> SessionConfig:
+                   memory: str = DEFAULT_MEMORY) -> SessionConfig:
     """How the cloud's sessions are opened (``memory``: one of MEMORY_MODES)."""
     if memory not in MEMORY_MODES:
         raise InputError(f"memory={memory!r} must be one of {list(MEMORY_MODES)}")
@@ -147,7 +147,7 @@ class OrtEngine:
     """An exported cloud engines folder as a step engine (torch-free)."""
 
     def __init__(self, engines: str | Path, providers: str = "cpu", threads: int | None = None,
-                 model_id: str | None = None, optimization: str = "extended", memory: str = "none"):
+                 model_id: str | None = None, optimization: str = "extended", memory: str = DEFAULT_MEMORY):
         folder = Path(engines)
         manifest = Manifest.load(folder)   # fields, paths and every file's hash
         src = manifest.source or {}
