@@ -1,6 +1,7 @@
 """Device engine variants side by side: size, memory, speed and image agreement with fp32.
 
     python benchmarks/device.py [--out DIR] [--repeats 7] [--threads 1] [--steps 20] [--json]
+                                [--precisions fp32,fp16,int8] [--torch] [--rounds 1]
 
 Builds (or reuses, with --reuse) fp32, fp16 and int8 device engines of the embedded, trained
 ObCLIP-Mini device model (``export/build_engines.py --device-precision fp16,int8``, each variant
@@ -14,7 +15,14 @@ that variant's alone; the process imports no torch, like an app):
     (min and median of --repeats timed calls after one warm-up; the ratio column is fp32 / variant
      median, all variants measured in the same run)
 
-and compares each variant's images with fp32's over a prompt set (every colour x shape of the
+``--torch`` adds a torch eager row: the same device model's UNet and VAE decoder through diffusers on
+the same weights and inputs (its own process too, ``torch.inference_mode``, ``torch.set_num_threads``
+of ``--threads``), with max|a-b| / max(1, max|b|) of its step and decode outputs against fp32's;
+its image columns are not measured. ``--rounds R`` runs the processes R times in turn (fp32 torch
+fp16 ... fp32 torch ...), each round's repeats pooled, so a busier phase of a shared machine touches
+every row alike.
+
+It also compares each variant's images with fp32's over a prompt set (every colour x shape of the
 shapes vocabulary, device-only runs of --steps steps, the same seed per prompt in every variant):
 image PSNR (mean and worst), and colour/shape agreement with fp32's image and with the prompt
 (mini/analyser.py, from the checkout). Threads default to 1: the ratios then measure the graphs,
@@ -39,6 +47,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # mini/ (the demo model's data and analyser) runs from the checkout only
 PRECISIONS = ("fp32", "fp16", "int8")
+TORCH = "torch"   # the torch eager row's name
 
 
 def prompt_set() -> list[tuple[str, str, str]]:
@@ -68,6 +77,29 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def timed(fn, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_inputs(engines) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The timed step's guided batch of 2 (latents, hidden states of "" and a prompt) and one latent
+    to decode, at the trained size: the same arrays in every row's process (seeded)."""
+    m = engines.manifest
+    c, h, w = engines.latent_shape(m.default_image_size, m.default_image_size)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, c, h, w)).astype(np.float32)
+    text = engines.encode_text(["", "a red circle"])
+    latent = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    return x, text, latent
+
+
 def measure(folder: str, repeats: int, threads: int, steps: int, images_out: str, prompts: int) -> dict:
     from obclip.device.engines import DeviceEngines, EngineConfig
     from obclip.device.pipeline import DevicePipeline, GenerationConfig, Method
@@ -78,23 +110,12 @@ def measure(folder: str, repeats: int, threads: int, steps: int, images_out: str
     engines = DeviceEngines(EngineConfig(engines_dir=folder, threads=threads))
     load = time.perf_counter() - t0
     m = engines.manifest
-    c, h, w = engines.latent_shape(m.default_image_size, m.default_image_size)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, c, h, w)).astype(np.float32)
-    text = engines.encode_text(["", "a red circle"])
-    latent = rng.standard_normal((1, c, h, w)).astype(np.float32)
-
-    def timed(fn) -> list[float]:
-        fn()  # warm-up
-        out = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
-
-    step = timed(lambda: engines.unet(x, 500.0, text))
-    decode = timed(lambda: engines.decode(latent))
+    x, text, latent = bench_inputs(engines)
+    step = timed(lambda: engines.unet(x, 500.0, text), repeats)
+    decode = timed(lambda: engines.decode(latent), repeats)
+    np.savez(images_out + ".outputs.npz", step=engines.unet(x, 500.0, text),
+             decode=engines.vae_decoder.session.run(None, {engines.vae_decoder.component.inputs[0]:
+                                                           (latent / m.vae_scaling_factor).astype(np.float32)})[0])
     pipe = DevicePipeline(engines)
     images = []
     for n, (prompt, _, _) in enumerate(prompt_set()[:prompts]):
@@ -107,6 +128,48 @@ def measure(folder: str, repeats: int, threads: int, steps: int, images_out: str
             "torch_loaded": "torch" in sys.modules}
 
 
+def measure_torch(folder: str, model: str, repeats: int, threads: int, outputs_out: str) -> dict:
+    """The torch eager row: the device model's UNet and VAE decoder through diffusers, on the inputs
+    ``measure`` times (built from the fp32 engines' text encoder, as there), same calls: the UNet on
+    the guided batch at timestep 500, the decoder on one latent scaled as the runtime scales it, then
+    the same uint8 conversion."""
+    from obclip.device.engines import DeviceEngines, EngineConfig
+    from obclip.runtime.graphs import to_uint8_images
+
+    engines = DeviceEngines(EngineConfig(engines_dir=folder, threads=threads))
+    x, text, latent = bench_inputs(engines)
+    scaling = engines.manifest.vae_scaling_factor
+    del engines
+    rss0 = peak_rss_kb()
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from obclip.cloud.models import from_pretrained, load_text_to_latent
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    unet = load_text_to_latent(model).unet.eval()
+    vae = from_pretrained(AutoencoderKL, model, "vae").eval()
+    load = time.perf_counter() - t0
+    xt, textt, latentt = torch.from_numpy(x), torch.from_numpy(text), torch.from_numpy(latent)
+    t = torch.full((2,), 500.0)
+
+    def step() -> np.ndarray:
+        return unet(xt, t, encoder_hidden_states=textt, return_dict=False)[0].numpy()
+
+    def decoded() -> np.ndarray:
+        return vae.decode(latentt / scaling, return_dict=False)[0].numpy()
+
+    with torch.inference_mode():
+        step_s = timed(step, repeats)
+        decode_s = timed(lambda: to_uint8_images(decoded()), repeats)
+        np.savez(outputs_out, step=step(), decode=decoded())
+    return {"folder": model, "precision": TORCH, "load_s": load, "step_s": step_s, "decode_s": decode_s,
+            "rss_start_kb": rss0, "peak_rss_kb": peak_rss_kb(), "torch_loaded": True,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 # --- the table ---------------------------------------------------------------------------
 
 
@@ -114,9 +177,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def build(out: Path, reuse: bool, model: str | None, check_steps: int, check_prompts: int) -> None:
+def variant_folder(out: Path, precision: str) -> Path:
+    return out / ("device" if precision == "fp32" else f"device-{precision}")
+
+
+def build(out: Path, reuse: bool, model: str | None, check_steps: int, check_prompts: int,
+          precisions: tuple[str, ...] = PRECISIONS) -> None:
     """What ``export/build_engines.py --device-precision fp16,int8`` builds (device side only)."""
-    if reuse and all((out / d / "manifest.json").is_file() for d in ("device", "device-fp16", "device-int8")):
+    if reuse and all((variant_folder(out, p) / "manifest.json").is_file() for p in ("fp32", *precisions)):
         return
     from obclip.cloud.models import resolve_model_dir
     from obclip.export.device_engines import build_device_engines
@@ -126,7 +194,14 @@ def build(out: Path, reuse: bool, model: str | None, check_steps: int, check_pro
     build_device_engines(resolve_model_dir(model, "device"), out)
     check = VariantCheck(steps=check_steps, prompts=CHECK_PROMPTS[:check_prompts],
                          calibration_prompts=CHECK_PROMPTS[2:2 + check_prompts])
-    build_device_variants(out / "device", ["fp16", "int8"], out, check)
+    variants = [p for p in precisions if p != "fp32"]
+    if variants:
+        build_device_variants(out / "device", variants, out, check)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a-b| / max(1, max|b|)."""
+    return float(np.abs(a.astype(np.float64) - b).max() / max(1.0, float(np.abs(b).max())))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -148,38 +223,74 @@ def main(argv: list[str] | None = None) -> int:
                         "(random weights: the image columns then mean nothing); default: the embedded one")
     p.add_argument("--check-steps", type=int, default=20, help="export check: steps per trajectory")
     p.add_argument("--check-prompts", type=int, default=4, help="export check: prompts (and calibration prompts)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help="comma-separated engine variants to build and measure; fp32 always (default %(default)s)")
+    p.add_argument("--torch", action="store_true",
+                   help="also a torch eager row: the same device model's UNet and VAE decoder through diffusers")
+    p.add_argument("--rounds", type=int, default=1, help="times each row's process runs, in turn (default 1)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", help=argparse.SUPPRESS)       # internal: one variant, in a child process
+    p.add_argument("--measure-torch", help=argparse.SUPPRESS)  # internal: the torch row, given the model
     p.add_argument("--images-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.measure_torch:
+        print(json.dumps(measure_torch(args.measure, args.measure_torch, args.repeats, args.threads,
+                                       args.images_out + ".outputs.npz")))
+        return 0
     if args.measure:
         print(json.dumps(measure(args.measure, args.repeats, args.threads, args.steps, args.images_out,
                                  args.prompts)))
         return 0
+    precisions = tuple(dict.fromkeys(("fp32", *(q.strip() for q in args.precisions.split(",") if q.strip()))))
+    unknown = [q for q in precisions if q not in PRECISIONS]
+    if unknown:
+        p.error(f"--precisions {unknown}: each must be one of {list(PRECISIONS)}")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
 
     from mini.analyser import analyse
+    from obclip.cloud.models import resolve_model_dir
     from obclip.runtime.manifest import Manifest
 
-    build(args.out, args.reuse, args.device_model, args.check_steps, args.check_prompts)
-    rows, images = {}, {}
+    build(args.out, args.reuse, args.device_model, args.check_steps, args.check_prompts, precisions)
+    names = (*precisions, TORCH) if args.torch else precisions
+    rows: dict[str, dict] = {}
+    images, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in PRECISIONS:
-            folder = args.out / ("device" if precision == "fp32" else f"device-{precision}")
-            npy = Path(tmp) / f"{precision}.npy"
-            cmd = [sys.executable, __file__, "--measure", str(folder), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads), "--steps", str(args.steps), "--images-out", str(npy),
-                   "--prompts", str(args.prompts)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=False)
-            if done.returncode:
-                raise SystemExit(f"measuring {precision} failed:\n{done.stderr}")
-            rows[precision] = json.loads(done.stdout.strip().splitlines()[-1])
-            rows[precision]["bytes"] = folder_bytes(folder)
-            rows[precision]["unet_bytes"] = folder_bytes(folder / "unet")
-            rows[precision]["variant_check"] = Manifest.load(folder).variant_check
-            images[precision] = np.load(npy)
+        for round_ in range(args.rounds):
+            for name in names:
+                folder = variant_folder(args.out, "fp32" if name == TORCH else name)
+                npy = Path(tmp) / f"{name}-{round_}.npy"
+                cmd = [sys.executable, __file__, "--measure", str(folder), "--repeats", str(args.repeats),
+                       "--threads", str(args.threads), "--steps", str(args.steps), "--images-out", str(npy),
+                       "--prompts", str(args.prompts)]
+                if name == TORCH:
+                    cmd += ["--measure-torch", resolve_model_dir(args.device_model, "device")]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=False)
+                if done.returncode:
+                    raise SystemExit(f"measuring {name} failed:\n{done.stderr}")
+                got = json.loads(done.stdout.strip().splitlines()[-1])
+                if name in rows:   # a later round: pool the timings, keep the largest peak
+                    rows[name]["step_s"] += got["step_s"]
+                    rows[name]["decode_s"] += got["decode_s"]
+                    rows[name]["peak_rss_kb"] = max(rows[name]["peak_rss_kb"], got["peak_rss_kb"])
+                    continue
+                rows[name] = got
+                source = Path(got["folder"])   # the torch row: the diffusers model folder it loaded
+                rows[name]["bytes"] = folder_bytes(source) if source.is_dir() else None
+                rows[name]["unet_bytes"] = folder_bytes(source / "unet") if source.is_dir() else None
+                rows[name]["variant_check"] = Manifest.load(folder).variant_check if name != TORCH else {}
+                outputs[name] = dict(np.load(str(npy) + ".outputs.npz"))
+                if name != TORCH:
+                    images[name] = np.load(npy)
+    for name, row in rows.items():   # each row's outputs against fp32 onnxruntime's, on the same inputs
+        row["step_vs_fp32"] = rel(outputs[name]["step"], outputs["fp32"]["step"])
+        row["decode_vs_fp32"] = rel(outputs[name]["decode"], outputs["fp32"]["decode"])
     prompts = prompt_set()[:args.prompts]
     ref = [analyse(im) for im in images["fp32"]]
     for precision, row in rows.items():
+        if precision == TORCH:
+            continue
         found = [analyse(im) for im in images[precision]]
         psnrs = [psnr(a, b) for a, b in zip(images["fp32"], images[precision])]
         row["image_psnr_mean_db"] = float(np.mean(psnrs))
@@ -199,16 +310,23 @@ def main(argv: list[str] | None = None) -> int:
           f"CPUExecutionProvider, {args.threads} thread(s), {args.repeats} repeats; "
           f"images: {len(prompts)} prompts x {args.steps} device-only steps")
     head = (f"{'variant':8s} {'folder MB':>9s} {'UNet MB':>8s} {'peak RSS MB':>11s} {'step ms min/med':>16s} "
-            f"{'x fp32':>6s} {'decode ms min/med':>18s} {'x fp32':>6s} {'PSNR dB mean/min':>17s} "
-            f"{'=fp32':>6s} {'=prompt':>7s}")
+            f"{'x fp32':>6s} {'decode ms min/med':>18s} {'x fp32':>6s} {'step/decode vs fp32':>19s} "
+            f"{'PSNR dB mean/min':>17s} {'=fp32':>6s} {'=prompt':>7s}")
+    print(f"{args.rounds} round(s) of the processes in turn, {args.repeats} repeats each, pooled; x fp32 = "
+          "median(fp32) / median(row); the torch row's folder columns are the diffusers model folder's")
     print(head)
     for precision, r in rows.items():
         st, dc = r["step_s"], r["decode_s"]
-        print(f"{precision:8s} {r['bytes'] / 1e6:9.2f} {r['unet_bytes'] / 1e6:8.2f} {r['peak_rss_kb'] / 1024:11.1f} "
+        size = "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}"
+        unet_size = "-" if r["unet_bytes"] is None else f"{r['unet_bytes'] / 1e6:.2f}"
+        images_ = ("-", "-", "-") if precision == TORCH else (
+            f"{r['image_psnr_mean_db']:.1f}/{r['image_psnr_min_db']:.1f}", f"{r['agree_with_fp32']:.0%}",
+            f"{r['match_prompt']:.0%}")
+        print(f"{precision:8s} {size:>9s} {unet_size:>8s} {r['peak_rss_kb'] / 1024:11.1f} "
               f"{min(st) * 1e3:7.2f}/{statistics.median(st) * 1e3:7.2f} {base_step / statistics.median(st):6.2f} "
               f"{min(dc) * 1e3:8.2f}/{statistics.median(dc) * 1e3:8.2f} {base_dec / statistics.median(dc):6.2f} "
-              f"{r['image_psnr_mean_db']:8.1f}/{r['image_psnr_min_db']:7.1f} {r['agree_with_fp32']:6.0%} "
-              f"{r['match_prompt']:7.0%}")
+              f"{r['step_vs_fp32']:9.1e}/{r['decode_vs_fp32']:9.1e} {images_[0]:>17s} {images_[1]:>6s} "
+              f"{images_[2]:>7s}")
     for precision, r in rows.items():
         check = r["variant_check"]
         if check:
@@ -216,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{check['image_psnr_min_db']} dB, final-latent max diff "
                   f"{check['final_latent_max_abs_diff']:.3g} "
                   f"(floor {check['psnr_floor_db']} dB, enforced={check['enforced']})")
-    print("torch loaded in a measuring process:", any(r["torch_loaded"] for r in rows.values()))
+    print("torch loaded in an onnxruntime measuring process:",
+          any(r["torch_loaded"] for name, r in rows.items() if name != TORCH))
     return 0
 
 

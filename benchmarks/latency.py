@@ -2,7 +2,8 @@
 
     python benchmarks/latency.py [--device cpu|cuda] [--dtype float32|float16] [--model mini|sd-v1.4]
                                  [--repeats R] [--n 2 4 6] [--presets paper-k5 paper-k10] [--json]
-                                 [--backend torch onnxruntime --engines OUT/cloud] [--no-baselines]
+                                 [--backend torch onnxruntime --engines OUT/cloud] [--engine-memory MODE]
+                                 [--no-baselines]
 
 Rows (one request each, timed around ``CloudStepRunner.run``, the server's
 whole request: prompt encoding, shared noise, the plan's cloud steps
@@ -64,6 +65,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from obclip.cloud.service_config import MEMORY_MODES
 from obclip.runtime.plan import PRESETS, AccelerationConfig, preset
 
 SEED = 1234
@@ -357,6 +359,9 @@ def main(argv=None) -> int:
                    help="with --backend onnxruntime: the cloud engines folder exported from the same model "
                         "(python export/build_engines.py --cloud-model DIR)")
     p.add_argument("--providers", default="cpu", help="onnxruntime execution providers (default: cpu)")
+    p.add_argument("--engine-memory", default=None, choices=MEMORY_MODES,
+                   help="with --backend onnxruntime: how the mode sessions allocate (default: OrtEngine's, the "
+                        "service's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", default=None, help="also write the JSON object to this file")
     p.add_argument("--no-baselines", action="store_true",
@@ -417,7 +422,8 @@ def main(argv=None) -> int:
         else:
             from obclip.cloud.engine_backend import OrtEngine
 
-            engine = OrtEngine(args.engines, providers=args.providers, threads=args.threads)
+            memory = {} if args.engine_memory is None else {"memory": args.engine_memory}
+            engine = OrtEngine(args.engines, providers=args.providers, threads=args.threads, **memory)
             if model_name == "mini" and "torch" in args.backend:  # side by side only on the same weights
                 from obclip.export.staging import model_fingerprint
 
@@ -451,6 +457,7 @@ def main(argv=None) -> int:
             "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "load_s": load_s, "elapsed_s": elapsed, "backends": list(runners),
             "engines": None if args.engines is None else str(args.engines), "flops_config": counted,
+            "engine_memory": runners["onnxruntime"].engine.memory if "onnxruntime" in runners else None,
             "presets": {n: preset(n).to_dict() for n in args.presets}}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
@@ -462,7 +469,8 @@ def main(argv=None) -> int:
     if "onnxruntime" in runners:
         import onnxruntime
 
-        print(f"# onnxruntime {onnxruntime.__version__} ({args.providers}) on the cloud engines in {args.engines}; "
+        print(f"# onnxruntime {onnxruntime.__version__} ({args.providers}, memory {meta['engine_memory']}) on the "
+              f"cloud engines in {args.engines}; "
               "vs torch = median(torch, same request) / median(row)")
     print(f"# text: {text}; torch {torch.__version__}, {args.threads} CPU thread(s) of {os.cpu_count()}; "
           f"{'CUDA events' if cuda else 'perf_counter'}; {args.warmup} warm-up round(s), median of {repeats} "

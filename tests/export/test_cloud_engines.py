@@ -228,7 +228,8 @@ def test_warm_up_calls_every_graph_once_and_changes_no_output(cloud_engines):
     np.testing.assert_array_equal(after.prev_x0, cold.prev_x0)
 
 
-@pytest.mark.parametrize("memory", ["shared", "shared+prepack", "arena"])
+@pytest.mark.parametrize("memory", ["shared", "shared+prepack", "arena", "arena+shrink", "shared+shrink",
+                                    "shared+no-pattern"])
 def test_every_memory_mode_computes_what_no_arena_computes(cloud_engines, ort_runner, memory):
     from obclip.cloud.engine_backend import OrtEngine
     from obclip.cloud.steps import CloudStepRunner
@@ -237,7 +238,7 @@ def test_every_memory_mode_computes_what_no_arena_computes(cloud_engines, ort_ru
     sessions = [g.session for g in engine._graphs.values()]
     assert all(s.get_session_options().enable_cpu_mem_arena for s in sessions)
     request = _request(EXTRAS)
-    want = ort_runner.run(request)
+    want = CloudStepRunner(engine=OrtEngine(cloud_engines, memory="none")).run(request)
     got = CloudStepRunner(engine=engine).run(request)
     assert _rel(got.latents, want.latents) <= 1e-6 and _rel(got.prev_x0, want.prev_x0) <= 1e-6
     with pytest.raises(InputError, match="memory='pooled' must be one of"):
@@ -456,7 +457,10 @@ def test_mode_sessions_keep_no_arena_of_their_own(cloud_engines):
 
     engine = OrtEngine(cloud_engines)
     sessions = [g.session for g in engine._graphs.values()] + [engine.text_encoder.session, engine._cross_kv]
-    assert not any(s.get_session_options().enable_cpu_mem_arena for s in sessions if s is not None)
+    # the default: no arena of their own (none, or the process's one shared arena)
+    assert all(not s.get_session_options().enable_cpu_mem_arena
+               or s.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+               for s in sessions if s is not None)
     assert OrtEngine(cloud_engines, memory="arena").text_encoder.session.get_session_options().enable_cpu_mem_arena
 
 

@@ -40,7 +40,7 @@ from obclip.runtime.weights import SharedWeights
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
 from .numpy_solver import NumpySolver
-from .service_config import MEMORY_MODES
+from .service_config import DEFAULT_MEMORY, MEMORY_MODES
 
 
 # How the mode sessions allocate (service_config.MEMORY_MODES; benchmarks/engine_memory.py
@@ -49,15 +49,20 @@ from .service_config import MEMORY_MODES
 # held, so a server's memory grows with every step mode it has run; "shared", one arena for all
 # sessions of the process (onnxruntime's environment allocator), memory that follows the largest
 # single run; "shared+prepack", that, with each session's prepacked copy of the weights it packs
-# (memory per mode session, not shared).
+# (memory per mode session, not shared); "+shrink", the arena (per session or shared) returns its
+# free memory to the system at the end of every run, so it holds only the run in flight;
+# "shared+no-pattern", the shared arena without onnxruntime's memory patterns (each session's one
+# planned block per run, sized differently per mode, which fragment a shared arena): every tensor
+# allocated on its own from the one arena.
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
-                   memory: str = "none") -> SessionConfig:
+                   memory: str = DEFAULT_MEMORY) -> SessionConfig:
     """How the cloud's sessions are opened (``memory``: one of MEMORY_MODES)."""
     if memory not in MEMORY_MODES:
         raise InputError(f"memory={memory!r} must be one of {list(MEMORY_MODES)}")
-    shared = memory.startswith("shared")
     return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
-                         memory_arena=memory != "none", shared_arena=shared, prepacking=memory == "shared+prepack")
+                         memory_arena=memory != "none", shared_arena=memory.startswith("shared"),
+                         prepacking=memory == "shared+prepack", arena_shrinkage=memory.endswith("+shrink"),
+                         memory_pattern=False if memory == "shared+no-pattern" else None)
 
 
 class OrtBatch:
@@ -123,7 +128,7 @@ class OrtBatch:
                     raise ArtifactError(f"step mode {name} reads {read}, but no earlier step of this request "
                                         "computed it: the engines' mode table does not match the plan; re-export")
                 feeds[read] = value
-            outs = graph.session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+            outs = graph.session.run(None, {k: v for k, v in feeds.items() if k in wanted}, engine.run_options)
             names = [o_.name for o_ in graph.session.get_outputs()]
             eps[o:o + n] = outs[names.index("eps")]
             for out_name, value in zip(names, outs):
@@ -142,7 +147,7 @@ class OrtEngine:
     """An exported cloud engines folder as a step engine (torch-free)."""
 
     def __init__(self, engines: str | Path, providers: str = "cpu", threads: int | None = None,
-                 model_id: str | None = None, optimization: str = "extended", memory: str = "none"):
+                 model_id: str | None = None, optimization: str = "extended", memory: str = DEFAULT_MEMORY):
         folder = Path(engines)
         manifest = Manifest.load(folder)   # fields, paths and every file's hash
         src = manifest.source or {}
@@ -166,6 +171,7 @@ class OrtEngine:
         self.latent_multiple = int(src.get("latent_multiple", 1))
         config = session_config(providers, threads, optimization, memory)
         self.providers, self.memory, self.optimization = config.providers, memory, optimization
+        self.run_options = config.run_options()   # every mode and cross_kv run passes these
         self.tokenizer_json = (folder / manifest.tokenizer).read_text()
         self.tokenizer = ClipTokenizer(folder / manifest.tokenizer, manifest.text_max_length, manifest.pad_token_id,
                                        json=self.tokenizer_json)
@@ -248,7 +254,7 @@ class OrtEngine:
         if self._cross_kv is None:
             raise ManifestError(f"the cloud engines in {self.manifest.root} have no cross_kv graph; re-export")
         names = [o.name for o in self._cross_kv.get_outputs()]
-        return dict(zip(names, self._cross_kv.run(names, {"text": text})))
+        return dict(zip(names, self._cross_kv.run(names, {"text": text}, self.run_options)))
 
     def inputs_of(self, session: ort.InferenceSession) -> set[str]:
         key = id(session)

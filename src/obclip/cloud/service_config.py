@@ -14,7 +14,9 @@ from obclip.runtime.protocol import RequestLimits
 
 # How the onnxruntime backend's mode sessions allocate (cloud/engine_backend.py says what each is;
 # benchmarks/engine_memory.py --compare measures them side by side, docs/engines.md has the numbers).
-MEMORY_MODES = ("none", "arena", "shared", "shared+prepack")
+MEMORY_MODES = ("none", "arena", "arena+shrink", "shared", "shared+shrink", "shared+prepack", "shared+no-pattern")
+# The default: faster than "none" on the narrow SD-shaped model with a lower peak (docs/engines.md).
+DEFAULT_MEMORY = "shared+no-pattern"
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,10 @@ class ServiceConfig:
                                  "export/build_engines.py --cloud-model ...")
     providers: str = option("cpu", "onnxruntime execution providers (cuda/tensorrt need onnxruntime-gpu)",
                             choices=("cpu", "cuda", "tensorrt"))
-    engine_memory: str = option("none", "onnxruntime backend: how the step-mode sessions allocate: none (no "
-                                "arena), arena (one per session), shared (one for all), shared+prepack",
+    engine_memory: str = option(DEFAULT_MEMORY, "onnxruntime backend: how the step-mode sessions allocate: none (no "
+                                "arena), arena (one per session), shared (one for all), shared+prepack; "
+                                "+shrink: the arena returns its free memory at the end of every run; "
+                                "+no-pattern: without onnxruntime's per-session memory patterns",
                                 choices=MEMORY_MODES)
     # onnxruntime backend: one call of every graph at start, on dummy inputs of warm_candidates
     # candidates at the warm-up size, so no request pays a session's first run.

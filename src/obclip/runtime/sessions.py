@@ -117,6 +117,15 @@ class SessionConfig:
     # allocator): sessions run one at a time reuse each other's freed blocks, so memory follows the
     # largest single run instead of growing by one arena per session (per step mode in the cloud).
     shared_arena: bool = False
+    # Return the CPU arena's free memory to the system at the end of every run (the run option
+    # memory.enable_memory_arena_shrinkage): within a run freed blocks are reused, between runs the
+    # arena keeps nothing, so memory follows the run in flight, not the largest run ever made.
+    arena_shrinkage: bool = False
+    # onnxruntime's memory pattern: after a run of given shapes, the next such run takes all its
+    # activations as one planned block. None: onnxruntime's default (on). False: each tensor is
+    # allocated on its own, so in a shared arena freed blocks serve any session's tensors, where
+    # every session's differently sized planned blocks fragment it.
+    memory_pattern: bool | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -124,6 +133,8 @@ class SessionConfig:
             raise InputError(f"threads={self.threads!r} must be a positive integer or None (onnxruntime's default)")
         if self.shared_arena and self.memory_arena is False:
             raise InputError("shared_arena=True is an arena: leave memory_arena at None or True")
+        if self.arena_shrinkage and self.memory_arena is False:
+            raise InputError("arena_shrinkage=True shrinks an arena: leave memory_arena at None or True")
         if self.optimization is not None and self.optimization not in OPTIMIZATION_LEVELS:
             raise InputError(f"optimization={self.optimization!r} must be one of {sorted(OPTIMIZATION_LEVELS)} "
                              "or None (onnxruntime's default)")
@@ -136,11 +147,21 @@ class SessionConfig:
             options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
         if self.memory_arena is not None:
             options.enable_cpu_mem_arena = self.memory_arena
+        if self.memory_pattern is not None:
+            options.enable_mem_pattern = self.memory_pattern
         if not self.prepacking:
             options.add_session_config_entry("session.disable_prepacking", "1")
         if self.shared_arena:
             register_shared_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
+        return options
+
+    def run_options(self) -> ort.RunOptions | None:
+        """What every run of a session opened with this config passes (None: onnxruntime's defaults)."""
+        if not self.arena_shrinkage:
+            return None
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return options
 
 
