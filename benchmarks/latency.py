@@ -3,19 +3,20 @@
     python benchmarks/latency.py [--device cpu|cuda] [--dtype float32|float16] [--model mini|sd-v1.4]
                                  [--repeats R] [--n 2 4 6] [--presets paper-k5 paper-k10] [--json]
                                  [--backend torch onnxruntime --engines OUT/cloud] [--engine-memory MODE]
-                                 [--no-baselines]
+                                 [--no-baselines] [--cloud-model DIR] [--solver dpmsolver++|lcm]
 
 Rows (one request each, timed around ``CloudStepRunner.run``, the server's
 whole request: prompt encoding, shared noise, the plan's cloud steps
 through ``step_modes.run_mode`` on the engine, the solver, the copy of the result to host):
 
-    SD cloud only     N = 1, all T steps, the prompt as typed (not private)
-    Hybrid SD         N = 1, k steps, the prompt as typed (not private)
+    SD cloud only     N = 1, all T steps, the prompt as typed (not private)   (SDXL family: "SDXL cloud only")
+    Hybrid SD         N = 1, k steps, the prompt as typed (not private)   ("Hybrid SDXL")
     vanilla OG        N candidates, all T steps, no acceleration (the N runs batched in one request)
     ObCLIP            N candidates, k steps, every step a full pass
     + cache           attention cache from r + block skip from s (the paper's "+cache" row)
     + cache + reuse   the preset: batch reuse before r, cache from r, skip from s
     + exact extras    the preset + cross-attention K/V once per request + merged step-0 unconditional rows
+                      (a guidance-embedding UNet, LCM-SDXL, has no unconditional rows: K/V once only)
 
 All rows are measured in one run, interleaved: after a warm-up round of
 every request, each repeat runs every request once (round-robin, the
@@ -47,6 +48,13 @@ median(torch, same request) / median(row). For a mid-size SD-v1.4-shaped UNet
 on CPU: ``python benchmarks/cloud_engines.py --write-narrow-sd DIR``, export
 DIR, then ``--cloud-model DIR --engines OUT/cloud``.
 
+SDXL family on the tiny models (the full topologies at 32-64 channels, random weights):
+``python benchmarks/cloud_engines.py --write-tiny-sdxl DIR`` writes DIR/sdxl, DIR/koala-700m and
+DIR/lcm-sdxl; export the cloud one (``python export/build_engines.py --cloud-model DIR/sdxl --out
+OUT``) and time ``--cloud-model DIR/sdxl --backend torch onnxruntime --engines OUT/cloud``; LCM-SDXL with
+``--solver lcm --steps 8 --presets paper-lcm-k4``. Their FLOPs column is counted on the named config the
+folder's obclip_model.json gives (sdxl-tiny, lcm-sdxl-tiny), at the timed latent size.
+
 The paper's V100 seconds (docs/method.md) are printed in their own column as a
 reference only: a different GPU, real weights and the paper's own code.
 """
@@ -67,6 +75,7 @@ from pathlib import Path
 
 from obclip.cloud.service_config import MEMORY_MODES
 from obclip.runtime.plan import PRESETS, AccelerationConfig, preset
+from obclip.runtime.solver import DPM_SOLVER, SOLVER_KINDS
 
 SEED = 1234
 GUIDANCE = 7.5
@@ -118,32 +127,38 @@ class Row:
         return (self.n, self.k, self.acceleration)
 
 
-def build_rows(presets, ns, steps: int, baselines: bool = True) -> list[Row]:
-    """Display order; vanilla OG / cloud-only rows repeat per preset but share one measurement."""
+def build_rows(presets, ns, steps: int, baselines: bool = True, family: str = "sd",
+               guided: bool = True) -> list[Row]:
+    """Display order; vanilla OG / cloud-only rows repeat per preset but share one measurement.
+    ``family``: the cloud model's ("sd", "sdxl"), for the baselines' labels; ``guided=False`` (a
+    guidance-embedding UNet, LCM): its extras row projects K/V once only (no unconditional rows to merge)."""
     rows = []
+    cloud = family.upper()
     if not isinstance(presets, dict):
         presets = {name: preset(name) for name in presets}
     for name, acc in presets.items():
         k = acc.switch_step
         if baselines:
-            rows.append(Row("SD cloud only", "cloud-only", 1, steps, None, name))
-            rows.append(Row("Hybrid SD", "hybrid-sd", 1, k, None, name))
+            rows.append(Row(f"{cloud} cloud only", "cloud-only", 1, steps, None, name))
+            rows.append(Row(f"Hybrid {cloud}", "hybrid-sd", 1, k, None, name))
         for n in ns:
             if baselines:
                 rows.append(Row("vanilla OG", "vanilla-og", n, steps, None, name))
             rows.append(Row("ObCLIP", "obclip", n, k, AccelerationConfig.none(k), name))
             rows.append(Row("+ cache", "obclip", n, k, acc.replace(batch_reuse=False), name))
             rows.append(Row("+ cache + reuse", "obclip", n, k, acc, name))
-            rows.append(Row("+ exact extras", "obclip", n, k,
-                            acc.replace(cross_kv_once=True, merge_step0_uncond=True), name))
+            extras = acc.replace(cross_kv_once=True, merge_step0_uncond=guided)
+            rows.append(Row("+ exact extras" if guided else "+ K/V once", "obclip", n, k, extras, name))
     return rows
 
 
-def make_request(row: Row, steps: int, size: int, seed: int = SEED, guidance: float = GUIDANCE):
+def make_request(row: Row, steps: int, size: int, seed: int = SEED, guidance: float = GUIDANCE,
+                 solver: str = "dpmsolver++"):
     from obclip.runtime.protocol import StepsRequest
 
     return StepsRequest(candidates=candidates(row.n), seed=seed, num_inference_steps=steps, switch_step=row.k,
-                        guidance_scale=guidance, height=size, width=size, acceleration=row.acceleration)
+                        guidance_scale=guidance, height=size, width=size, acceleration=row.acceleration,
+                        solver=solver)
 
 
 def _timer(cuda: bool):
@@ -205,7 +220,7 @@ def counted_config(model_name: str, cloud_model: str | None) -> str | None:
 
 def measure(runners, rows: list[Row], *, steps: int, size: int, repeats: int, warmup: int = 1,
             cuda: bool = False, seed: int = SEED, guidance: float = GUIDANCE, progress=None,
-            flops: dict | None = None) -> list[dict]:
+            flops: dict | None = None, solver: str = "dpmsolver++") -> list[dict]:
     """Time every distinct request of ``rows`` on every runner, interleaved; one result per (runner, row)
     with medians and speed-ups. ``runners``: a CloudStepRunner, or {backend name: runner}."""
     if repeats < 1:
@@ -215,7 +230,7 @@ def measure(runners, rows: list[Row], *, steps: int, size: int, repeats: int, wa
     requests: dict[tuple, object] = {}
     for row in rows:
         if row.key not in requests:
-            requests[row.key] = make_request(row, steps, size, seed, guidance)
+            requests[row.key] = make_request(row, steps, size, seed, guidance, solver)
     jobs = [(backend, key) for key in requests for backend in runners]   # a request's backends side by side
     timed = _timer(cuda)
 
@@ -364,6 +379,8 @@ def main(argv=None) -> int:
                         "service's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", default=None, help="also write the JSON object to this file")
+    p.add_argument("--solver", default=DPM_SOLVER, choices=list(SOLVER_KINDS),
+                   help="the requests' solver (lcm: for LCM-SDXL, with --steps 8 --presets paper-lcm-k4)")
     p.add_argument("--no-baselines", action="store_true",
                    help="time only the ObCLIP rows (no SD cloud only, Hybrid SD or vanilla OG): for comparing "
                         "backends, where the T-step baselines would take most of the time")
@@ -435,7 +452,9 @@ def main(argv=None) -> int:
     size = args.size or model.default_image_size
     load_s = time.perf_counter() - t_load
 
-    rows = build_rows(args.presets, args.n, args.steps, baselines=not args.no_baselines)
+    family = model.conditioning.family
+    rows = build_rows(args.presets, args.n, args.steps, baselines=not args.no_baselines, family=family,
+                      guided=model.conditioning.guided)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     # FLOPs of the named config at the timed size (a --cloud-model that names no config has none to count).
     flops = None
@@ -447,12 +466,13 @@ def main(argv=None) -> int:
         log(f"no FLOPs column: {args.cloud_model} names no known model config in obclip_model.json")
     t0 = time.perf_counter()
     results = measure(runners, rows, steps=args.steps, size=size, repeats=repeats, warmup=args.warmup,
-                      cuda=cuda, progress=log, flops=flops)
+                      cuda=cuda, progress=log, flops=flops, solver=args.solver)
     elapsed = time.perf_counter() - t0
 
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     meta = {"device": args.device, "device_name": device_name, "dtype": dtype_name, "model": model_name,
-            "model_dir": str(model_dir), "weights": weights, "text": text, "image_size": size, "T": args.steps,
+            "model_dir": str(model_dir), "family": family, "solver": args.solver,
+            "weights": weights, "text": text, "image_size": size, "T": args.steps,
             "guidance": GUIDANCE, "seed": SEED, "repeats": repeats, "warmup": args.warmup,
             "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "load_s": load_s, "elapsed_s": elapsed, "backends": list(runners),
@@ -464,8 +484,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"meta": meta, "rows": results}, indent=1))
         return 0
-    print(f"# server wall time per request, ours: {model_name} ({weights}) on {args.device} ({device_name}), "
-          f"{dtype_name}, {size} px, T={args.steps}, guidance {GUIDANCE}")
+    shown = model_name if args.cloud_model is None else f"{Path(args.cloud_model).name} ({family} family)"
+    print(f"# server wall time per request, ours: {shown} ({weights}) on {args.device} ({device_name}), "
+          f"{dtype_name}, {size} px, T={args.steps}, guidance {GUIDANCE}, solver {args.solver}")
     if "onnxruntime" in runners:
         import onnxruntime
 

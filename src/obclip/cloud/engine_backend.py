@@ -4,7 +4,7 @@
     obclip-serve --backend onnxruntime --engines OUT/cloud-fp16 --providers cuda   # float16 graphs
 
 Everything comes from the engines folder (``export/cloud_engines.py``): the
-text encoder graph, the tokenizer, one graph per step mode, and the shared
+text encoder graph(s) and tokenizer(s), one graph per step mode, and the shared
 UNet weights, which are read once (memory-mapped) and handed to every mode
 session (``SessionOptions.add_initializer``), so N mode graphs cost one copy
 of the weights. The solver is ``runtime/solver.py`` (numpy DPM-Solver++ or LCM) and
@@ -14,6 +14,11 @@ export version) and a folder that does not match is refused, never rebuilt.
 An fp16 folder (``export/cloud_fp16.py``) is served the same way: same layout,
 float32 inputs and outputs, its one weights file holding float16 tensors (on
 the CPU provider, which has few float16 kernels, onnxruntime inserts casts).
+
+An SDXL-family folder (the manifest's ``conditioning``) has both text encoders; their hidden states and
+pooled ``text_embeds`` come from ``runtime.graphs.TextConditioning`` and the size conditioning
+(``time_ids``; LCM-SDXL's ``timestep_cond``) from ``runtime.conditioning``, the code the device runs,
+fed to every mode graph one row per text like the hidden states.
 
 A batch of several requests runs each request's rows through the graphs in
 turn (the graphs are traced for one request with a dynamic N); its caches are
@@ -31,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from obclip.runtime.errors import ArtifactError, InputError
-from obclip.runtime.graphs import TextEncoder
+from obclip.runtime.graphs import open_text_conditioning
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, ManifestMismatchError
-from obclip.runtime.sessions import SessionConfig, open_session, ort, resolve_providers
+from obclip.runtime.sessions import SessionConfig, ort, resolve_providers
 from obclip.runtime.solver import DPM_SOLVER
 from obclip.runtime.tokenizer import ClipTokenizer
 from obclip.runtime.weights import SharedWeights
@@ -71,13 +76,19 @@ class OrtBatch:
                  negative_prompts: Sequence[str]):
         self.engine = engine
         self.sizes = [len(c) for c in candidates]
+        self.guidance_scale = float(guidance_scale)
         # Each request's text rows: [its negative prompt ("" when none), its candidates].
         texts = [[negative, *c] for negative, c in zip(negative_prompts, candidates)]
-        emb = engine.encode([t for group in texts for t in group])
-        self.texts, o = [], 0
+        emb, from_text = engine.text([t for group in texts for t in group])
+        self.texts: list[np.ndarray] = []
+        self.from_text: list[dict[str, np.ndarray]] = []   # SDXL family: text_embeds, one row per text
+        o = 0
         for n in self.sizes:
             self.texts.append(emb[o:o + n + 1])
+            self.from_text.append({k: v[o:o + n + 1] for k, v in from_text.items()})
             o += n + 1
+        # Every added input per request (``latents`` adds those of the image size); SD: none.
+        self.added: list[dict[str, np.ndarray]] = [dict(t) for t in self.from_text]
         self.alignments: list[dict[str, np.ndarray]] = []
         for al, n in zip(alignments, self.sizes):
             if al is None:  # every candidate reads the pivot's map as it is
@@ -96,6 +107,12 @@ class OrtBatch:
         pass
 
     def latents(self, z: np.ndarray) -> np.ndarray:
+        # The size conditioning (SDXL's time_ids) is the image size's, which the latents give exactly
+        # (runtime.conditioning, the function the device and the torch backend call).
+        f = self.engine.vae_scale_factor
+        cond = self.engine.conditioning
+        self.added = [{**t, **cond.request_added(n + 1, z.shape[-2] * f, z.shape[-1] * f, self.guidance_scale)}
+                      for t, n in zip(self.from_text, self.sizes)]
         return np.ascontiguousarray(z, dtype=np.float32)
 
     def numpy(self, x: np.ndarray) -> np.ndarray:
@@ -117,7 +134,7 @@ class OrtBatch:
             prefix = f"r{r}/"
             feeds: dict[str, np.ndarray] = {
                 "sample": x[o:o + n], "timestep": np.array([t], np.float32), "text": self.texts[r],
-                "guidance_scale": self.guidance, **self.alignments[r]}
+                "guidance_scale": self.guidance, **self.alignments[r], **self.added[r]}
             if any(read.startswith("kv/") and prefix + read not in caches for read in graph.reads):
                 # cross_kv_once: the texts' K/V once per request, kept with the other caches.
                 kv = engine.cross_kv(self.texts[r])
@@ -175,10 +192,12 @@ class OrtEngine:
         self.tokenizer_json = (folder / manifest.tokenizer).read_text()
         self.tokenizer = ClipTokenizer(folder / manifest.tokenizer, manifest.text_max_length, manifest.pad_token_id,
                                        json=self.tokenizer_json)
-        # The text encoder runs once per request: onnxruntime's default graph optimisations.
+        # The UNet's family (SDXL: two text encoders, pooled text and size conditioning as added inputs).
+        self.conditioning = manifest.unet_conditioning()
+        # The text encoder(s) run once per request: onnxruntime's default graph optimisations.
         text_config = replace(config, optimization=None, prepacking=True)
-        self.text_encoder = TextEncoder(open_session(manifest.path_of("text_encoder"), text_config),
-                                        manifest.components["text_encoder"], self.tokenizer)
+        self.text = open_text_conditioning(manifest, text_config, self.tokenizer)
+        self.text_encoder = self.text.encoders[0]
         self._weights = SharedWeights.from_index(folder / "unet" / "weights.bin", folder / "unet" / "weights.json")
         self._graphs: dict[str, _Graph] = {}
         for name, info in manifest.modes.items():
@@ -199,10 +218,14 @@ class OrtEngine:
         return text_tokens(self.tokenizer.backend, texts, self.text_max_length, self.manifest.pad_token_id)
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        return self.text_encoder.encode(prompts)
+        """[B, L, D] hidden states of the prompts, the UNet's text conditioning."""
+        return self.text(prompts)[0]
 
     def batch(self, candidates: Sequence[Sequence[str]], alignments: Sequence[TokenAlignment | None],
               guidance_scale: float, negative_prompts: Sequence[str]) -> OrtBatch:
+        if any(negative_prompts) and not self.conditioning.guided:
+            raise InputError(f"{self.model_id} takes the guidance scale as an embedding (LCM) and runs no "
+                             "unconditional rows, so a negative prompt would change nothing; leave it out")
         return OrtBatch(self, candidates, alignments, guidance_scale, negative_prompts)
 
     def solver(self, num_inference_steps: int, kind: str = DPM_SOLVER) -> NumpySolver:
@@ -219,13 +242,13 @@ class OrtEngine:
         t0 = time.perf_counter()
         batch = self.batch([["a photo"] * candidates], [None], 7.5, [""])
         warmed["text_encoder"] = time.perf_counter() - t0
+        x = batch.latents(np.zeros((candidates, *self.latent_shape(height, width)), np.float32))
         if self._cross_kv is not None:
             t0 = time.perf_counter()
             caches = {f"r0/{k}": v for k, v in self.cross_kv(batch.texts[0]).items()}
             warmed["unet/cross_kv"] = time.perf_counter() - t0
         else:
             caches = {}
-        x = np.zeros((candidates, *self.latent_shape(height, width)), np.float32)
         pending = dict(self._graphs)
         while pending:
             ready = [name for name, g in pending.items()

@@ -8,7 +8,9 @@ Every mode graph is ``cloud.step_modes.run_mode`` traced for one spec
 there is no second implementation to drift. Layout of ``OUT/cloud``::
 
     manifest.json            side "cloud": components (every file hashed), the mode table
-    text_encoder/model.onnx  input_ids -> last_hidden_state, pooler_output
+    text_encoder/model.onnx  input_ids -> last_hidden_state, pooler_output (SDXL family: also the
+                             penultimate hidden state; text_encoder_2/ and tokenizer_2/ beside it,
+                             the device export's definitions, ``onnx_export.text_encoder_exports``)
     unet/<mode>.onnx         one graph per mode; every weight is external data in ...
     unet/weights.bin         ... one file all mode graphs share (each tensor once, 4 KiB aligned)
     unet/weights.json        canonical weight name -> offset, dtype, shape (so the runtime can
@@ -17,7 +19,9 @@ there is no second implementation to drift. Layout of ``OUT/cloud``::
     tokenizer/tokenizer.json
 
 Mode graph inputs: ``sample`` [N, C, h, w], ``timestep`` [1] (float32),
-``text`` [N + 1, L, D] (the empty prompt, then the candidates),
+``text`` [N + 1, L, D] (the empty prompt, then the candidates), for an SDXL-family UNet its added
+inputs one row per text like ``text`` (``text_embeds`` [N + 1, P], ``time_ids`` [N + 1, 6], LCM-SDXL's
+``timestep_cond`` [N + 1, E]; ``runtime.conditioning``, the manifest's ``conditioning`` names the family),
 ``guidance_scale`` [1], for batch reuse ``align_starts``, ``align_stops`` [N, L]
 (int64) and ``align_weights`` [N, L] (``modes.TokenAlignment``), then the cache tensors it reads; outputs ``eps``
 [N, C, h, w] then the cache tensors it writes (names in ``cloud/modes.py``).
@@ -53,17 +57,25 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from obclip.cloud.layouts import rows_for
 from obclip.cloud.models import TextToLatentModel, load_text_to_latent, model_schema
 from obclip.cloud.modes import ALIGN_INPUTS, ModeSpec, plan_specs, spec_to_dict
-from obclip.cloud.step_modes import AlignmentTensors, ModeInputs, cross_kv, processors_installed, run_mode
+from obclip.cloud.step_modes import (
+    AlignmentTensors,
+    ModeInputs,
+    cross_kv,
+    processors_installed,
+    run_mode,
+    unet_conditioning,
+)
 from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.manifest import EXPORT_VERSION, Component, Manifest, ManifestError, sha256_file
 from obclip.runtime.plan import AccelerationConfig, SkipVariant, StepMode, preset
 from obclip.runtime.weights import SharedWeights
 
-from .onnx_export import TextEncoderModule, export_component, max_rel_diff, to_torch, trace
-from .specs import ModeGraphSpec, cross_kv_spec, request_spec, text_encoder_spec
-from .staging import model_fingerprint, model_label, staged_folder
+from .onnx_export import export_component, max_rel_diff, text_encoder_exports, to_torch, trace
+from .specs import ModeGraphSpec, cross_kv_spec, request_spec
+from .staging import TOKENIZER_2, family_fields, model_fingerprint, model_label, staged_folder
 
 WEIGHTS = "unet/weights.bin"
 WEIGHTS_INDEX = "unet/weights.json"
@@ -71,7 +83,7 @@ _ALIGN = 4096          # weight offsets, so onnxruntime can map them
 _MIN_SHARED = 1024     # bytes: smaller initializers (shapes, scalars) stay inside each graph
 
 
-def export_configs(which: str) -> list[AccelerationConfig]:
+def export_configs(which: str, guided: bool = True) -> list[AccelerationConfig]:
     """The acceleration settings whose step modes are exported.
 
     ``presets``: none-k<k>, paper-k5 and paper-k10, each with and without the exact
@@ -79,7 +91,9 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     "+ cache" ablation row, which ``benchmarks/latency.py`` times). ``all`` adds DeepCache, block skip without the
     attention cache, the attention cache without block skip, no batch reuse, and the
     further options of docs/method.md 7.7 (refresh in reuse mode, frozen guidance, DeepCache's
-    shallowest branch, a pivot-only step 0)."""
+    shallowest branch, a pivot-only step 0). ``guided=False`` (a guidance-embedding UNet, LCM-SDXL, which
+    has no unconditional rows): without the options that change those rows (merged step-0 unconditional
+    rows, frozen guidance, pivot-only steps), which ``layouts.rows_for`` refuses for such a model."""
     base = [AccelerationConfig.none(5), preset("paper-k5"), preset("paper-k10")]
     if which == "all":
         p = preset("paper-k10")
@@ -98,13 +112,23 @@ def export_configs(which: str) -> list[AccelerationConfig]:
     for c in base:
         for kv, merge in ((False, False), (True, False), (False, True), (True, True)):
             out.append(c.replace(cross_kv_once=kv, merge_step0_uncond=merge))
-    return out + [preset("lean-k10"), preset("paper-lcm-k4"), preset("paper-k5").replace(batch_reuse=False),
-                  preset("paper-k10").replace(batch_reuse=False)]
+    out += [preset("lean-k10"), preset("paper-lcm-k4"), preset("paper-k5").replace(batch_reuse=False),
+            preset("paper-k10").replace(batch_reuse=False)]
+    return out if guided else [c for c in out if all(runs_unguided(s) for s in plan_specs(c, c.switch_step))]
 
 
-def export_specs(which: str) -> list[ModeSpec]:
+def runs_unguided(spec: ModeSpec) -> bool:
+    """Whether a guidance-embedding UNet (no unconditional rows) can run the spec (``layouts.rows_for``)."""
+    try:
+        rows_for(spec, None, torch.zeros(1), guided=False)
+    except InputError:
+        return False
+    return True
+
+
+def export_specs(which: str, guided: bool = True) -> list[ModeSpec]:
     specs: list[ModeSpec] = []
-    for c in export_configs(which):
+    for c in export_configs(which, guided):
         for s in plan_specs(c, c.switch_step):
             if s not in specs:
                 specs.append(s)
@@ -120,18 +144,19 @@ class ModeGraph(torch.nn.Module):
     def __init__(self, unet: Any, spec: ModeGraphSpec):
         super().__init__()
         self.unet, self.spec = unet, spec
+        self.added = unet_conditioning(unet).added_inputs
         self.reads = [n for n in spec.input_names if n in spec.traced]
         self.writes = [n for n in spec.output_names if n in spec.traced]
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                guidance_scale: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        given = dict(zip(self.spec.input_names, tensors))   # the spec's inputs, in its order
         alignment = None
         if self.spec.mode.aligned:
-            alignment = (AlignmentTensors(*rest[:len(ALIGN_INPUTS)]),)
-            rest = rest[len(ALIGN_INPUTS):]
-        inputs = ModeInputs(x=sample, timestep=timestep, text=text, guidance_scale=guidance_scale,
-                            sizes=None, alignment=alignment)
-        eps, writes = run_mode(self.unet, self.spec.mode, inputs, dict(zip(self.reads, rest)))
+            alignment = (AlignmentTensors(*(given[n] for n in ALIGN_INPUTS)),)
+        inputs = ModeInputs(x=given["sample"], timestep=given["timestep"], text=given["text"],
+                            guidance_scale=given["guidance_scale"], sizes=None, alignment=alignment,
+                            added={n: given[n] for n in self.added})
+        eps, writes = run_mode(self.unet, self.spec.mode, inputs, {n: given[n] for n in self.reads})
         return (eps, *(writes[n] for n in self.writes))
 
 
@@ -164,31 +189,47 @@ class _Example:
 
     n: int
     side: int
-    feeds: dict[str, torch.Tensor]       # sample, timestep, text, guidance_scale, alignment tables
+    feeds: dict[str, torch.Tensor]       # sample, timestep, text, added inputs, guidance_scale, alignment tables
     caches: dict[SkipVariant, dict[str, torch.Tensor]]   # per skip variant: a full step that writes everything
     kv: dict[str, torch.Tensor]
+    added: tuple[str, ...] = ()          # the UNet's added inputs (``Conditioning.added_inputs``)
 
     @property
     def inputs(self) -> ModeInputs:
         f = self.feeds
         return ModeInputs(x=f["sample"], timestep=f["timestep"], text=f["text"], guidance_scale=f["guidance_scale"],
-                          sizes=None, alignment=(AlignmentTensors(*(f[n] for n in ALIGN_INPUTS)),))
+                          sizes=None, alignment=(AlignmentTensors(*(f[n] for n in ALIGN_INPUTS)),),
+                          added={n: f[n] for n in self.added})
+
+
+def _request_spec(lm: TextToLatentModel) -> ModeGraphSpec:
+    return request_spec(lm.latent_channels, int(lm.tokenizer.model_max_length), _text_dim(lm),
+                        lm.conditioning.added_widths(), lm.default_image_size)
+
+
+def _text_dim(lm: TextToLatentModel) -> int:
+    """The UNet's text width (SDXL family: both encoders' hidden states side by side)."""
+    return int(lm.unet.config.cross_attention_dim)
 
 
 def _example(lm: TextToLatentModel, n: int, side: int, seed: int) -> _Example:
     unet = lm.unet
-    spec = request_spec(lm.latent_channels, int(lm.tokenizer.model_max_length), int(lm.text_encoder.config.hidden_size))
+    spec = _request_spec(lm)
     feeds = to_torch(spec.sample(spec.dims(n, side), np.random.default_rng(seed)))
     x, text = feeds["sample"], feeds["text"]
+    added = lm.conditioning.added_inputs
+    guided = lm.conditioning.guided
     with torch.no_grad():
         caches = {}
         for variant in SkipVariant:
-            writer = ModeSpec(StepMode.FULL, variant, write_attention=True, write_skip=True, write_residual=True)
+            # the guidance residual exists for guided UNets only (frozen guidance)
+            writer = ModeSpec(StepMode.FULL, variant, write_attention=True, write_skip=True, write_residual=guided)
             _, w = run_mode(unet, writer, ModeInputs(x=x * 0.9, timestep=torch.tensor([801.0]), text=text,
-                                                     guidance_scale=feeds["guidance_scale"]), {})
+                                                     guidance_scale=feeds["guidance_scale"],
+                                                     added={a: feeds[a] for a in added}), {})
             caches[variant] = w
         kv = cross_kv(unet, text)
-    return _Example(n, side, feeds, caches, kv)
+    return _Example(n, side, feeds, caches, kv, added)
 
 
 def _cache_pool(ex: _Example, spec: ModeSpec) -> dict[str, torch.Tensor]:
@@ -315,7 +356,14 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
     target = out / "cloud"
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = model_fingerprint(Path(model)) if Path(model).is_dir() else model
-    specs = export_specs(modes) if isinstance(modes, str) else list(modes)
+    guided = lm.conditioning.guided
+    specs = export_specs(modes, guided) if isinstance(modes, str) else list(modes)
+    if not guided:
+        refused = [s.name for s in specs if not runs_unguided(s)]
+        if refused:
+            raise InputError(f"{model} is a guidance-embedding UNet (LCM) with no unconditional rows; the step modes "
+                             f"{refused} change those rows (merge_step0_uncond, frozen_guidance, pivot_only_steps) "
+                             "and cannot be exported for it; leave those options off")
     previous = _reusable(target, fingerprint, precision)
     with_kv = any(s.cross_kv_once for s in specs)   # cross_kv_once modes read the K/V graph's outputs
     needed = {s.name for s in specs} | ({"cross_kv"} if with_kv else set())
@@ -326,13 +374,16 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
     with staged_folder(target) as work:
         print(f"exporting cloud model {model} -> {target} ({len(specs)} step modes)")
         rng = np.random.default_rng(0)
-        length, text_dim = int(lm.tokenizer.model_max_length), int(lm.text_encoder.config.hidden_size)
-        text_spec = text_encoder_spec(length, text_dim, lm.text_encoder.config.vocab_size)
-        comps = {"text_encoder": export_component(TextEncoderModule(lm.text_encoder), text_spec, work,
-                                                  text_spec.sample({"batch": 1}, rng),
-                                                  text_spec.sample({"batch": 3}, rng), tolerance)}
+        length, text_dim = int(lm.tokenizer.model_max_length), _text_dim(lm)
+        # The text encoder(s) as the device exports them (SDXL family: both, penultimate states, pooled).
+        comps = {spec.name: export_component(module, spec, work, spec.sample({"batch": 1}, rng),
+                                             spec.sample({"batch": 3}, rng), tolerance)
+                 for module, spec in text_encoder_exports(lm)}
         (work / "tokenizer").mkdir()
         lm.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
+        if lm.tokenizer_2 is not None:
+            (work / TOKENIZER_2).parent.mkdir()
+            lm.tokenizer_2.backend_tokenizer.save(str(work / TOKENIZER_2))
 
         m = _latent_multiple(lm.unet)
         modes_table: dict[str, dict] = {}
@@ -346,7 +397,8 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
                 # cache shapes at the traced N and size (the specs scale them: TensorRT profiles, checks)
                 shapes = _cache_shapes(lm.unet, spec, trace_ex, reads, writes)
                 graph_spec = ModeGraphSpec.build(spec, reads, writes, shapes, lm.latent_channels, length, text_dim,
-                                                 trace_ex.n, trace_ex.side)
+                                                 trace_ex.n, trace_ex.side, lm.conditioning.added_widths(),
+                                                 lm.default_image_size)
                 graphs[spec.name] = ModeGraph(lm.unet, graph_spec)
                 modes_table[spec.name] = {"component": f"unet/{spec.name}", "spec": spec_to_dict(spec),
                                           "reads": reads, "writes": writes, "shapes": shapes}
@@ -418,10 +470,12 @@ def build_cloud_engines(model: str, out: Path, *, modes: str | Sequence[ModeSpec
             latent_channels=c, vae_scale_factor=lm.vae_scale_factor, vae_scaling_factor=lm.vae_scaling_factor,
             default_image_size=lm.default_image_size, scheduler_config=dict(lm.scheduler_config),
             schema=model_schema(model), modes=modes_table,
-            files={WEIGHTS: sha256_file(work / WEIGHTS), WEIGHTS_INDEX: sha256_file(work / WEIGHTS_INDEX)},
+            files={rel: sha256_file(work / rel) for rel in (WEIGHTS, WEIGHTS_INDEX, "tokenizer/tokenizer.json",
+                                                            *([TOKENIZER_2] if lm.tokenizer_2 is not None else []))},
             source={"model": str(model), "fingerprint": fingerprint, "precision": precision,
                     "export_version": EXPORT_VERSION, "latent_multiple": m, "trace_n": trace_ex.n,
                     "trace_latent": trace_ex.side, "text_dim": text_dim},
+            **family_fields(lm),
         )
         manifest.save(work)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())

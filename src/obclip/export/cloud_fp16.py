@@ -62,7 +62,7 @@ import numpy as np
 
 from obclip.export.cloud_engines import WEIGHTS, WEIGHTS_INDEX, SharedWeightsWriter
 from obclip.export.device_variants import CHECK_PROMPTS, FP16_KEEP_FP32, fp16_model, save_onnx
-from obclip.export.specs import ModeGraphSpec, request_spec
+from obclip.export.specs import ModeGraphSpec, manifest_request_spec
 from obclip.export.staging import staged_folder
 from obclip.runtime.errors import ArtifactError, InputError
 from obclip.runtime.manifest import EXPORT_VERSION, Manifest, ManifestError, sha256_file
@@ -192,7 +192,7 @@ def compare_graphs(fp32_dir: Path, fp16: Path, n: int = 3, seed: int = 0) -> dic
     out["text_encoder"] = _rel(te[1], te[0])
 
     shared = [SharedWeights.from_index(m.root / WEIGHTS, m.root / WEIGHTS_INDEX) for m in (a, b)]
-    request = request_spec(a.latent_channels, a.text_max_length, int(src["text_dim"]))
+    request = manifest_request_spec(a)   # SDXL family: with the added inputs
     feeds = request.sample(request.dims(n, mult * 3), rng)
     pool: dict[str, np.ndarray] = {}
     if "unet/cross_kv" in a.components:

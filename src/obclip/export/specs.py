@@ -23,10 +23,9 @@ import numpy as np
 from obclip.cloud.modes import ALIGN_INPUTS, ATTN, KV, RESIDUAL, ModeSpec, spec_from_dict
 from obclip.runtime.conditioning import TIME_IDS
 from obclip.runtime.errors import ArtifactError, InputError
+from obclip.runtime.graphs import PENULTIMATE
 from obclip.runtime.manifest import Manifest
 from obclip.runtime.plan import StepMode
-
-PENULTIMATE = "penultimate_hidden_state"   # an SDXL-family text encoder's second-to-last layer output
 
 Dim = int | str
 Shape = tuple[int, ...]
@@ -155,7 +154,8 @@ def _cache_tensor(name: str, traced: Sequence[int]) -> TensorSpec:
 class ModeGraphSpec(GraphSpec):
     """``run_mode`` for one step-mode spec and one request (N candidates, dynamic N, h and w). Cache
     tensors scale from the shapes they had when traced at ``trace_n`` candidates and latent side
-    ``trace_side``."""
+    ``trace_side``. An SDXL-family UNet's added inputs (``added``: name -> row width,
+    ``Conditioning.added_widths``) follow ``text``, one row per text like it."""
 
     mode: ModeSpec
     traced: Mapping[str, Sequence[int]]     # cache tensor -> its shape when traced
@@ -164,10 +164,12 @@ class ModeGraphSpec(GraphSpec):
 
     @classmethod
     def build(cls, spec: ModeSpec, reads: Sequence[str], writes: Sequence[str], traced: Mapping[str, Sequence[int]],
-              channels: int, text_length: int, text_dim: int, trace_n: int, trace_side: int) -> ModeGraphSpec:
+              channels: int, text_length: int, text_dim: int, trace_n: int, trace_side: int,
+              added: Mapping[str, int] | None = None, image_size: int = 0) -> ModeGraphSpec:
         latent = ("n", channels, "h", "w")
         inputs = [TensorSpec("sample", latent), TensorSpec("timestep", (1,), fill="constant", value=601.0),
                   TensorSpec("text", ("n_text", text_length, text_dim)),
+                  *added_input_specs(added or {}, "n_text", image_size),
                   TensorSpec("guidance_scale", (1,), fill="constant", value=7.5)]
         if spec.aligned:
             inputs += [TensorSpec(ALIGN_INPUTS[0], ("n", text_length), "int64", "alignment"),
@@ -182,7 +184,8 @@ class ModeGraphSpec(GraphSpec):
         info, src = manifest.modes[mode], manifest.source or {}
         return cls.build(spec_from_dict(info["spec"]), info.get("reads", ()), info.get("writes", ()),
                          info.get("shapes", {}), manifest.latent_channels, manifest.text_max_length,
-                         int(src["text_dim"]), int(src["trace_n"]), int(src["trace_latent"]))
+                         int(src["text_dim"]), int(src["trace_n"]), int(src["trace_latent"]),
+                         manifest.unet_conditioning().added_widths(), manifest.default_image_size)
 
     @property
     def reads(self) -> list[str]:
@@ -208,10 +211,18 @@ class ModeGraphSpec(GraphSpec):
         return {t.name: feeds[t.name] for t in self.inputs}
 
 
-def request_spec(channels: int, text_length: int, text_dim: int) -> ModeGraphSpec:
+def request_spec(channels: int, text_length: int, text_dim: int, added: Mapping[str, int] | None = None,
+                 image_size: int = 0) -> ModeGraphSpec:
     """The inputs every mode graph of one request takes (a batch-reuse graph's: with the alignment
-    tables), without caches: for random requests."""
-    return ModeGraphSpec.build(ModeSpec(StepMode.REUSE), (), (), {}, channels, text_length, text_dim, 1, 1)
+    tables and, SDXL family, the added inputs), without caches: for random requests."""
+    return ModeGraphSpec.build(ModeSpec(StepMode.REUSE), (), (), {}, channels, text_length, text_dim, 1, 1,
+                               added, image_size)
+
+
+def manifest_request_spec(manifest: Manifest) -> ModeGraphSpec:
+    """``request_spec`` of an exported cloud engines folder."""
+    return request_spec(manifest.latent_channels, manifest.text_max_length, int((manifest.source or {})["text_dim"]),
+                        manifest.unet_conditioning().added_widths(), manifest.default_image_size)
 
 
 def sample_alignment(n: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
