@@ -12,7 +12,7 @@ import pytest
 
 # The shipped tiny decoder's PSNR against the full decoder on device-pipeline latents must not fall
 # below this (its PROVENANCE.json records what the distillation measured; docs/engines.md the table).
-SHIPPED_PSNR_FLOOR_DB = 24.0
+SHIPPED_PSNR_FLOOR_DB = 20.0
 
 
 def write_random_tiny(folder: Path, latent_channels: int = 4, blocks: tuple[int, ...] = (1, 1, 1)) -> Path:
