@@ -89,7 +89,7 @@ def test_engines_are_reexported_when_the_model_changes(tmp_path, model_dirs, eng
     shutil.copytree(model_dirs[1], model)
     exports = []
 
-    def fake_build(device_model, out):  # the real export is tested above; here only when it runs
+    def fake_build(device_model, out, tiny_decoder=None):  # the real export is tested above; here only when it runs
         exports.append(device_model)
         target = Path(out) / "device"
         shutil.rmtree(target, ignore_errors=True)

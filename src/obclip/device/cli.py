@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import TextIO
 
 from obclip.runtime.errors import InputError, ObclipError, UntrustedAnswerError, kind_of
+from obclip.runtime.graphs import DECODERS
 from obclip.runtime.plan import LCM_PAPER_STEPS, SkipVariant, preset
 from obclip.runtime.solver import DPM_SOLVER, LCM, SOLVER_KINDS
 
 from .client import ServiceClient
+from .engines import EngineConfig
 from .oblivious import UNPROTECTED_POLICIES, TransformConfig
 from .pipeline import GenerationConfig, GenerationResult, Method, describe_sent
 
 _G = GenerationConfig()
+_E = EngineConfig()
 
 
 def error_kind(error: BaseException) -> type[ObclipError] | None:
@@ -71,6 +74,10 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                         "(default: the one the model was trained for, else person)")
     p.add_argument("--max-candidates", type=int, default=_G.transform.max_candidates,
                    help="refuse sets larger than this (default %(default)s)")
+    p.add_argument("--decoder", default=_E.decoder, choices=list(DECODERS),
+                   help="full: the model's VAE decoder (default); tiny: the AutoencoderTiny (TAESD) exported "
+                        "beside it (python export/build_engines.py --tiny-decoder DIR; the embedded pair ships "
+                        "one), faster and less exact (docs/engines.md 'Tiny decoder')")
     p.add_argument("--unprotected", default=_G.transform.unprotected, choices=list(UNPROTECTED_POLICIES),
                    help="a word the device cannot vouch for (a name, 'latina', 'in her 40s', a typo; "
                         "docs/privacy.md): send nothing and generate on the device alone (device-only, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from obclip.runtime.graphs import DeviceGraphs
+from obclip.runtime.graphs import DeviceGraphs, check_decoder
 from obclip.runtime.sessions import SessionConfig
 
 __all__ = ["DeviceEngines", "EngineConfig"]
@@ -17,14 +17,17 @@ __all__ = ["DeviceEngines", "EngineConfig"]
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Which engines folder (one precision variant: device, device-fp16, device-int8) and how to run it."""
+    """Which engines folder (one precision variant: device, device-fp16, device-int8), which decoder, and how
+    to run it."""
 
     engines_dir: str = "engines/device"           # folder holding manifest.json
     providers: tuple[str, ...] | str = ("CPUExecutionProvider",)   # names, short names, or "auto"
     threads: int | None = None                    # onnxruntime intra-op threads (None = its default)
     allow_below_floor: bool = False               # open a variant whose export check failed (int8-qdq on request)
+    decoder: str = "full"                         # "full": the VAE decoder; "tiny": the AutoencoderTiny beside it
 
     def __post_init__(self) -> None:
+        check_decoder(self.decoder)
         self.session_config()   # checks threads and the rest now, not when the engines open
 
     def session_config(self) -> SessionConfig:
@@ -37,4 +40,4 @@ class DeviceEngines(DeviceGraphs):
 
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
-        super().__init__(config.engines_dir, config.session_config(), config.allow_below_floor)
+        super().__init__(config.engines_dir, config.session_config(), config.allow_below_floor, config.decoder)

@@ -6,6 +6,7 @@
     python export/build_engines.py --cloud-model DIR    # cloud engines only: <out>/cloud
     python export/build_engines.py --cloud-model DIR --cloud-precision fp16  # + <out>/cloud-fp16
     python export/build_engines.py --device-precision fp16,int8   # + <out>/device-fp16, <out>/device-int8
+    python export/build_engines.py --device-model PATH --tiny-decoder TAESD_DIR   # + a tiny decoder
 
 ``<out>`` defaults to ``$OBCLIP_HOME/engines``. This module is only the command line: the builders
 are a library (``device_engines``, ``device_variants``, ``cloud_engines``, ``cloud_fp16``,
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(<out>/device-fp16), int8 (<out>/device-int8: dynamic int8 MatMuls, CPU providers), "
                         "int8-qdq (<out>/device-int8-qdq: static QDQ only, for TensorRT and mobile NPUs); each "
                         "is checked against fp32 and refused below its floor")
+    p.add_argument("--tiny-decoder", default=None, type=Path, metavar="DIR",
+                   help="a local diffusers AutoencoderTiny folder (TAESD, e.g. a download of madebyollin/taesd), "
+                        "exported beside the VAE decoder as vae_decoder_tiny (run with --decoder tiny); it must "
+                        "match the device VAE's latent channels and downscale (default: the device model's own "
+                        "vae_tiny/ when it ships one, as the embedded model does)")
     p.add_argument("--allow-below-floor", action="store_true",
                    help="write a device variant that fails its check anyway, marked as failed in its manifest "
                         "(the device runtime then opens it only with allow_below_floor=True)")
@@ -81,7 +87,9 @@ def export_cloud(args: argparse.Namespace, out: Path) -> None:
 def export_device(args: argparse.Namespace, out: Path) -> None:
     """<out>/device, then the precision variants asked for."""
     precisions = device_variants.parse_precisions(args.device_precision)
-    device_engines.build_device_engines(resolve_model_dir(args.device_model, "device"), out, args.tolerance)
+    model = resolve_model_dir(args.device_model, "device")
+    tiny = args.tiny_decoder if args.tiny_decoder is not None else device_engines.shipped_tiny_decoder(model)
+    device_engines.build_device_engines(model, out, args.tolerance, tiny_decoder=tiny)
     check = device_variants.VariantCheck(allow_below_floor=args.allow_below_floor)
     device_variants.build_device_variants(out / "device", [p for p in precisions if p != "fp32"], out, check)
 

@@ -1,4 +1,5 @@
-"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer, VAE encoder).
+"""Export the device side to ONNX: text encoder, UNet, VAE decoder (+ tokenizer, VAE encoder, and a
+tiny decoder when given one: ``export/tiny_decoder.py``).
 
 Writes ``<out>/device/``: one ``model.onnx`` per component, ``tokenizer/tokenizer.json`` and
 ``manifest.json`` (what ``runtime/graphs.py`` opens), in diffusers' ONNX layout
@@ -12,7 +13,8 @@ leaves a half-written engine folder.
 Tensor names and types follow optimum's ONNX export, so tools that read those work:
 text encoder ``input_ids`` (int32) -> ``last_hidden_state``, ``pooler_output``;
 UNet ``sample``, ``timestep``, ``encoder_hidden_states`` -> ``out_sample``;
-VAE decoder ``latent_sample`` -> ``sample``.
+VAE decoder ``latent_sample`` -> ``sample``; the tiny decoder ``vae_decoder_tiny``: ``latents`` (the
+denoiser's, unscaled) -> ``sample``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .onnx_export import UNetModule, VaeDecoderModule, VaeEncoderModule, export_
 from .specs import unet_spec, vae_decoder_spec, vae_encoder_spec
 from .staging import family_fields, model_fingerprint, model_label, model_weights, staged_folder, verification_settings
 from .standard_folder import write_standard_files
+from .tiny_decoder import SHIPPED_SUBFOLDER, TINY_CONFIG, TinyDecoderModule, load_tiny_decoder, tiny_decoder_spec
 
 
 def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
@@ -44,16 +47,20 @@ def image_size_range(unet: Any, vae_scale: int, default: int) -> dict[str, int]:
     return {"min": lo, "max": hi, "multiple": multiple}
 
 
-def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Manifest:
-    """Export the device model at ``model`` into ``out``/device, atomically."""
+def build_device_engines(model: str, out: Path, tolerance: float = 1e-3,
+                         tiny_decoder: str | Path | None = None) -> Manifest:
+    """Export the device model at ``model`` into ``out``/device, atomically; ``tiny_decoder``: a local
+    diffusers AutoencoderTiny folder exported beside the VAE decoder as ``vae_decoder_tiny``."""
     lm = load_text_to_latent(model)
     vae = from_pretrained(AutoencoderKL, model, "vae").eval()
+    c = lm.latent_channels
+    tiny = None if tiny_decoder is None else load_tiny_decoder(tiny_decoder, c, lm.vae_scale_factor)
     target = out / "device"
     out.mkdir(parents=True, exist_ok=True)
     with staged_folder(target) as work:
         print(f"exporting device model {model} -> {target}")
         max_len = int(lm.tokenizer.model_max_length)
-        c, h, w = lm.latent_shape(lm.default_image_size, lm.default_image_size)
+        _, h, w = lm.latent_shape(lm.default_image_size, lm.default_image_size)
         rng = np.random.default_rng(0)
         # Dynamic height/width: the check runs another (non-square) size and batch than the trace.
         size_range = image_size_range(lm.unet, lm.vae_scale_factor, lm.default_image_size)
@@ -74,10 +81,15 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
             (VaeEncoderModule(vae), vae_encoder_spec(c), {"batch": 1, **pixels(traced)},
              {"batch": 2, **pixels(checked)}),
         )
+        if tiny is not None:
+            exports += ((TinyDecoderModule(tiny), tiny_decoder_spec(c), {"batch": 1, **traced},
+                         {"batch": 2, **checked}),)
         comps = {spec.name: export_component(module, spec, work, spec.sample(trace, rng), spec.sample(check, rng),
                                              tolerance, resave=True)
                  for module, spec, trace, check in exports}
         write_standard_files(work, lm, vae)  # diffusers' layout: model_index.json, configs, tokenizer
+        if tiny is not None:   # its config beside its graph (hashed with the other files below)
+            (work / TINY_CONFIG).write_text(json.dumps(dict(tiny.config), indent=2, sort_keys=True))
         # Every other file (external data of large graphs, the layout's files) is hashed too.
         files = {str(f.relative_to(work)): sha256_file(f) for f in sorted(work.rglob("*"))
                  if f.is_file() and f.name != "model.onnx"}
@@ -95,27 +107,36 @@ def build_device_engines(model: str, out: Path, tolerance: float = 1e-3) -> Mani
     return Manifest.load(target)
 
 
-def ensure_engines(device_model: str, out: Path) -> Path:
-    """``<out>/device`` exported from a local device model dir, reused while the model's files are
-    unchanged (their fingerprint in ``source.json`` beside the manifest; no path, so a moved model
-    with the same files reuses it)."""
+def ensure_engines(device_model: str, out: Path, tiny_decoder: str | Path | None = None) -> Path:
+    """``<out>/device`` exported from a local device model dir (and a tiny decoder folder, if given),
+    reused while their files are unchanged (fingerprints in ``source.json`` beside the manifest; no
+    path, so a moved model with the same files reuses it)."""
     target = out / "device"
     model = Path(device_model).resolve()
-    want = {"fingerprint": model_fingerprint(model)}
+    tiny = None if tiny_decoder is None else model_fingerprint(Path(tiny_decoder).resolve())
+    want = {"fingerprint": model_fingerprint(model), "tiny_decoder": tiny}
     try:
         Manifest.load(target)
         current = json.loads((target / "source.json").read_text()) == want
     except (ManifestError, OSError, ValueError):
         current = False
     if not current:  # missing, stale, or exported from another model or other weights
-        build_device_engines(str(model), out)
+        build_device_engines(str(model), out, tiny_decoder=tiny_decoder)
         (target / "source.json").write_text(json.dumps(want, indent=1))
     return target
 
 
+def shipped_tiny_decoder(device_model: str | Path) -> Path | None:
+    """The tiny decoder a device model folder ships beside its VAE (the embedded pair's), or None."""
+    folder = Path(device_model) / SHIPPED_SUBFOLDER
+    return folder if (folder / "config.json").is_file() else None
+
+
 def ensure_default_engines() -> Path:
-    """``$OBCLIP_HOME/engines/device`` for the embedded default model, exported on first use."""
-    return ensure_engines(resolve_model_dir(None, "device"), default_engines_root())
+    """``$OBCLIP_HOME/engines/device`` for the embedded default model with its tiny decoder, exported
+    on first use."""
+    model = resolve_model_dir(None, "device")
+    return ensure_engines(model, default_engines_root(), shipped_tiny_decoder(model))
 
 
 def ensure_model_engines(device_model: str) -> Path:

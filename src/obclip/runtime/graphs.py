@@ -28,6 +28,15 @@ from .tokenizer import ClipTokenizer
 # optimum's ONNX names for the roles every UNet graph has; further inputs (e.g. added conditioning)
 # are fed by the names the manifest lists.
 UNET_SAMPLE, UNET_TIMESTEP, UNET_TEXT = "sample", "timestep", "encoder_hidden_states"
+# The device's decoder choices -> their manifest components: the model's VAE decoder, or a tiny
+# decoder (diffusers' AutoencoderTiny, TAESD) exported beside it (export/tiny_decoder.py). The tiny
+# graph takes the denoiser's latents unscaled: its scaling_factor is divided inside the graph.
+DECODERS = {"full": "vae_decoder", "tiny": "vae_decoder_tiny"}
+
+
+def check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise InputError(f"decoder {decoder!r}: choose one of {list(DECODERS)}")
 
 
 def _names_match(component: Component, session: ort.InferenceSession, what: str) -> None:
@@ -184,6 +193,19 @@ class VaeDecoder:
         return to_uint8_images(decoded)
 
 
+def open_decoder(manifest: Manifest, config: SessionConfig, decoder: str = "full") -> VaeDecoder:
+    """The decoder graph of an engines folder: ``full`` (the VAE's, fed latents / its scaling factor)
+    or ``tiny`` (fed the latents as they are), or an ArtifactError naming the export that adds it."""
+    name = DECODERS[decoder]
+    if name not in manifest.components:
+        raise ArtifactError(f"the engines at {manifest.root} have no tiny decoder ({name}); export one with "
+                            "python export/build_engines.py --tiny-decoder DIR (a local diffusers AutoencoderTiny "
+                            "folder; the embedded pair ships its own), or use --decoder full")
+    scaling = manifest.vae_scaling_factor if decoder == "full" else 1.0
+    return VaeDecoder(open_session(manifest.path_of(name), config), manifest.components[name],
+                      manifest.latent_channels, scaling)
+
+
 def fixed_latent_size(*sessions: ort.InferenceSession) -> tuple[int, int] | None:
     """The latent (h, w) of graphs exported for one size (their first input's last two dims are
     numbers), or None for dynamic graphs."""
@@ -197,8 +219,10 @@ def fixed_latent_size(*sessions: ort.InferenceSession) -> tuple[int, int] | None
 class DeviceGraphs:
     """A device engines folder, opened: tokenizer, text encoder, UNet, VAE decoder and the sizes they run."""
 
-    def __init__(self, folder: str | Path, session: SessionConfig | None = None, allow_below_floor: bool = False):
+    def __init__(self, folder: str | Path, session: SessionConfig | None = None, allow_below_floor: bool = False,
+                 decoder: str = "full"):
         session = SessionConfig() if session is None else session
+        check_decoder(decoder)
         self.manifest = m = Manifest.load(folder)
         if m.side != "device":
             raise ManifestMismatchError(f"{folder} holds {m.side} engines; the device needs a device engines folder "
@@ -220,8 +244,8 @@ class DeviceGraphs:
         self.text_encoder = self.text.encoders[0]
         self.unet = UNet(open_session(m.path_of("unet"), config), m.components["unet"], m.latent_channels,
                          m.text_max_length)
-        self.vae_decoder = VaeDecoder(open_session(m.path_of("vae_decoder"), config), m.components["vae_decoder"],
-                                      m.latent_channels, m.vae_scaling_factor)
+        self.decoder = decoder
+        self.vae_decoder = open_decoder(m, config, decoder)
         fixed = fixed_latent_size(self.unet.session, self.vae_decoder.session)
         self.geometry = m.geometry(fixed=fixed, source=f"these device engines ({folder})")
 
