@@ -22,11 +22,11 @@ def test_an_unknown_mode_is_refused_naming_the_modes():
         EngineConfig(memory="pooled")
 
 
-def test_the_default_is_onnxruntimes_arena_per_session():
-    assert EngineConfig().memory == DEFAULT_DEVICE_MEMORY == "arena"
+def test_the_default_is_one_shared_arena_without_memory_patterns():
+    assert EngineConfig().memory == DEFAULT_DEVICE_MEMORY == "shared+no-pattern"
     config = EngineConfig().session_config()
-    assert (config.memory_arena, config.shared_arena, config.arena_shrinkage, config.prepacking) == (True, False,
-                                                                                                    False, True)
+    assert (config.memory_arena, config.shared_arena, config.arena_shrinkage, config.memory_pattern,
+            config.prepacking) == (True, True, False, False, True)
 
 
 @pytest.mark.parametrize("memory", ["arena+shrink", "shared+shrink"])
@@ -45,7 +45,7 @@ def test_the_default_passes_no_run_options(engines_dir):
     assert [g.run_options for g in (*engines.text.encoders, engines.unet, engines.vae_decoder)] == [None] * 3
 
 
-def _generate(engines_dir, memory: str):
+def _generate(engines_dir, memory: str) -> list:
     pipe = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir), memory=memory)))
     config = GenerationConfig(method=Method.DEVICE_ONLY, num_inference_steps=3, seed=7, height=48, width=64)
     results = [pipe.generate("a red circle", None, config) for _ in range(2)]   # the second run reuses the arena

@@ -16,9 +16,10 @@ from obclip.runtime.sessions import SessionConfig
 
 __all__ = ["DEFAULT_DEVICE_MEMORY", "DeviceEngines", "EngineConfig"]
 
-# How the device's sessions allocate (runtime/memory.MEMORY_MODES): onnxruntime's arena per session;
-# benchmarks/device.py --memory measures the modes side by side, docs/engines.md has the numbers.
-DEFAULT_DEVICE_MEMORY = "arena"
+# How the device's sessions allocate (runtime/memory.MEMORY_MODES): one arena for the text encoder,
+# UNet and decoder, without per-session memory patterns; no slower than a per-session arena and lower
+# in peak memory (benchmarks/device.py --memory, docs/engines.md 'Device memory').
+DEFAULT_DEVICE_MEMORY = "shared+no-pattern"
 
 
 @dataclass(frozen=True)
