@@ -2,6 +2,7 @@
 
     python benchmarks/device.py [--out DIR] [--repeats 7] [--threads 1] [--steps 20] [--json]
                                 [--precisions fp32,fp16,int8] [--torch] [--rounds 1]
+                                [--memory MODE [MODE ...]] [--size PX]
 
 Builds (or reuses, with --reuse) fp32, fp16 and int8 device engines of the embedded, trained
 ObCLIP-Mini device model (``export/build_engines.py --device-precision fp16,int8``, each variant
@@ -13,7 +14,8 @@ that variant's alone; the process imports no torch, like an app):
     step            one device step: the UNet on the guided batch of 2 at the trained size
     decode          the VAE decoder on one latent
     (min and median of --repeats timed calls after one warm-up; the ratio column is fp32 / variant
-     median, all variants measured in the same run)
+     median, all variants measured in the same run; the *_vs_fp32 and =fp32 columns compare with the
+     first row: fp32, or with --memory fp32 in the first mode)
 
 ``--torch`` adds a torch eager row: the same device model's UNet and VAE decoder through diffusers on
 the same weights and inputs (its own process too, ``torch.inference_mode``, ``torch.set_num_threads``
@@ -21,6 +23,12 @@ of ``--threads``), with max|a-b| / max(1, max|b|) of its step and decode outputs
 its image columns are not measured. ``--rounds R`` runs the processes R times in turn (fp32 torch
 fp16 ... fp32 torch ...), each round's repeats pooled, so a busier phase of a shared machine touches
 every row alike.
+
+``--memory MODE [MODE ...]`` measures the fp32 engines once per onnxruntime memory mode instead
+(runtime/memory.MEMORY_MODES, ``EngineConfig.memory``; each mode in its own process, so peak RSS is
+that mode's alone; the first mode is the baseline of the x columns and of the image comparison).
+``--size PX`` times the step and decode, and makes the images, at PX x PX instead of the trained size
+(any size the engines' manifest accepts).
 
 It also compares each variant's images with fp32's over a prompt set (every colour x shape of the
 shapes vocabulary, device-only runs of --steps steps, the same seed per prompt in every variant):
@@ -68,13 +76,18 @@ def prompt_set() -> list[tuple[str, str, str]]:
 def peak_rss_kb() -> int:
     """This process's peak resident set (VmHWM: fresh after exec, unlike ru_maxrss, which a child
     inherits from a parent that had torch loaded)."""
+    return status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def status_kb(field: str) -> int | None:
+    """A kB field of /proc/self/status (VmHWM: peak resident set, VmRSS: resident now); None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return None
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -88,11 +101,11 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def bench_inputs(engines) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bench_inputs(engines, size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The timed step's guided batch of 2 (latents, hidden states of "" and a prompt) and one latent
-    to decode, at the trained size: the same arrays in every row's process (seeded)."""
-    m = engines.manifest
-    c, h, w = engines.latent_shape(m.default_image_size, m.default_image_size)
+    to decode, at ``size`` px (None: the trained size): the same arrays in every row's process (seeded)."""
+    size = engines.manifest.default_image_size if size is None else size
+    c, h, w = engines.latent_shape(size, size)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, c, h, w)).astype(np.float32)
     text = engines.encode_text(["", "a red circle"])
@@ -100,32 +113,38 @@ def bench_inputs(engines) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, text, latent
 
 
-def measure(folder: str, repeats: int, threads: int, steps: int, images_out: str, prompts: int) -> dict:
-    from obclip.device.engines import DeviceEngines, EngineConfig
+def measure(folder: str, repeats: int, threads: int, steps: int, images_out: str, prompts: int,
+            memory: str | None = None, size: int | None = None) -> dict:
+    from obclip.device.engines import DEFAULT_DEVICE_MEMORY, DeviceEngines, EngineConfig
     from obclip.device.pipeline import DevicePipeline, GenerationConfig, Method
 
     assert "torch" not in sys.modules
+    memory = DEFAULT_DEVICE_MEMORY if memory is None else memory
     rss0 = peak_rss_kb()
     t0 = time.perf_counter()
-    engines = DeviceEngines(EngineConfig(engines_dir=folder, threads=threads))
+    engines = DeviceEngines(EngineConfig(engines_dir=folder, threads=threads, memory=memory))
     load = time.perf_counter() - t0
     m = engines.manifest
-    x, text, latent = bench_inputs(engines)
+    x, text, latent = bench_inputs(engines, size)
     step = timed(lambda: engines.unet(x, 500.0, text), repeats)
     decode = timed(lambda: engines.decode(latent), repeats)
+    decoder = engines.vae_decoder
     np.savez(images_out + ".outputs.npz", step=engines.unet(x, 500.0, text),
-             decode=engines.vae_decoder.session.run(None, {engines.vae_decoder.component.inputs[0]:
-                                                           (latent / m.vae_scaling_factor).astype(np.float32)})[0])
+             decode=decoder.session.run(None, {decoder.component.inputs[0]:
+                                               (latent / m.vae_scaling_factor).astype(np.float32)},
+                                        decoder.run_options)[0])
     pipe = DevicePipeline(engines)
     images = []
     for n, (prompt, _, _) in enumerate(prompt_set()[:prompts]):
-        config = GenerationConfig(method=Method.DEVICE_ONLY, num_inference_steps=steps, seed=1000 + n)
+        config = GenerationConfig(method=Method.DEVICE_ONLY, num_inference_steps=steps, seed=1000 + n,
+                                  height=size, width=size)
         images.append(pipe.generate(prompt, None, config).image)
     np.save(images_out, np.stack(images))
-    return {"folder": folder, "precision": m.precision, "load_s": load,
+    return {"folder": folder, "precision": m.precision, "memory": memory, "load_s": load,
+            "size": m.default_image_size if size is None else size,
             "step_s": step, "decode_s": decode, "rss_start_kb": rss0,
-            "peak_rss_kb": peak_rss_kb(),
-            "torch_loaded": "torch" in sys.modules}
+            "peak_rss_kb": peak_rss_kb(), "rss_end_kb": status_kb("VmRSS"),
+            "load_avg_1m": os.getloadavg()[0], "torch_loaded": "torch" in sys.modules}
 
 
 def measure_torch(folder: str, model: str, repeats: int, threads: int, outputs_out: str) -> dict:
@@ -210,6 +229,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from obclip.runtime.memory import MEMORY_MODES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "obclip-device-bench",
                    help="engines folder to build into (default: %(default)s)")
@@ -227,10 +248,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated engine variants to build and measure; fp32 always (default %(default)s)")
     p.add_argument("--torch", action="store_true",
                    help="also a torch eager row: the same device model's UNet and VAE decoder through diffusers")
+    p.add_argument("--memory", nargs="+", choices=MEMORY_MODES, default=None, metavar="MODE",
+                   help="instead of the precisions: the fp32 engines once per onnxruntime memory mode "
+                        f"({', '.join(MEMORY_MODES)}); the first is the baseline")
+    p.add_argument("--size", type=int, default=None,
+                   help="image size in px of the timed step, decode and images (default: the trained size)")
     p.add_argument("--rounds", type=int, default=1, help="times each row's process runs, in turn (default 1)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", help=argparse.SUPPRESS)       # internal: one variant, in a child process
     p.add_argument("--measure-torch", help=argparse.SUPPRESS)  # internal: the torch row, given the model
+    p.add_argument("--measure-memory", help=argparse.SUPPRESS)  # internal: the child's memory mode
     p.add_argument("--images-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure_torch:
@@ -239,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.measure:
         print(json.dumps(measure(args.measure, args.repeats, args.threads, args.steps, args.images_out,
-                                 args.prompts)))
+                                 args.prompts, args.measure_memory, args.size)))
         return 0
     precisions = tuple(dict.fromkeys(("fp32", *(q.strip() for q in args.precisions.split(",") if q.strip()))))
     unknown = [q for q in precisions if q not in PRECISIONS]
@@ -247,23 +274,44 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--precisions {unknown}: each must be one of {list(PRECISIONS)}")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.memory is not None and args.torch:
+        p.error("--memory measures the fp32 engines' memory modes; run --torch without it")
+    if args.memory is not None:
+        precisions = ("fp32",)
 
     from mini.analyser import analyse
     from obclip.cloud.models import resolve_model_dir
     from obclip.runtime.manifest import Manifest
 
     build(args.out, args.reuse, args.device_model, args.check_steps, args.check_prompts, precisions)
-    names = (*precisions, TORCH) if args.torch else precisions
+    if args.size is not None:   # refuse a size the engines do not run before starting any process
+        from obclip.runtime.errors import InputError
+
+        try:
+            Manifest.load(args.out / "device").geometry(source="these device engines").latent_shape(args.size,
+                                                                                                   args.size)
+        except InputError as e:
+            p.error(f"--size {args.size}: {e}")
+    # Each row: (name, precision, memory mode or None for the engines' default).
+    specs = [(q, q, None) for q in precisions] if args.memory is None else \
+        [(mode, "fp32", mode) for mode in dict.fromkeys(args.memory)]
+    if args.torch:
+        specs.append((TORCH, "fp32", None))
+    base = specs[0][0]   # the x columns and the output/image comparisons are against this row
     rows: dict[str, dict] = {}
     images, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            for name in names:
-                folder = variant_folder(args.out, "fp32" if name == TORCH else name)
-                npy = Path(tmp) / f"{name}-{round_}.npy"
+            for name, precision, memory in specs:
+                folder = variant_folder(args.out, precision)
+                npy = Path(tmp) / f"{name.replace('+', '-')}-{round_}.npy"
                 cmd = [sys.executable, __file__, "--measure", str(folder), "--repeats", str(args.repeats),
                        "--threads", str(args.threads), "--steps", str(args.steps), "--images-out", str(npy),
                        "--prompts", str(args.prompts)]
+                if memory is not None:
+                    cmd += ["--measure-memory", memory]
+                if args.size is not None:
+                    cmd += ["--size", str(args.size)]
                 if name == TORCH:
                     cmd += ["--measure-torch", resolve_model_dir(args.device_model, "device")]
                 done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=False)
@@ -274,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows[name]["step_s"] += got["step_s"]
                     rows[name]["decode_s"] += got["decode_s"]
                     rows[name]["peak_rss_kb"] = max(rows[name]["peak_rss_kb"], got["peak_rss_kb"])
+                    rows[name]["peak_rss_kb_per_round"].append(got["peak_rss_kb"])
                     continue
                 rows[name] = got
+                rows[name]["peak_rss_kb_per_round"] = [got["peak_rss_kb"]]
                 source = Path(got["folder"])   # the torch row: the diffusers model folder it loaded
                 rows[name]["bytes"] = folder_bytes(source) if source.is_dir() else None
                 rows[name]["unet_bytes"] = folder_bytes(source / "unet") if source.is_dir() else None
@@ -283,16 +333,16 @@ def main(argv: list[str] | None = None) -> int:
                 outputs[name] = dict(np.load(str(npy) + ".outputs.npz"))
                 if name != TORCH:
                     images[name] = np.load(npy)
-    for name, row in rows.items():   # each row's outputs against fp32 onnxruntime's, on the same inputs
-        row["step_vs_fp32"] = rel(outputs[name]["step"], outputs["fp32"]["step"])
-        row["decode_vs_fp32"] = rel(outputs[name]["decode"], outputs["fp32"]["decode"])
+    for name, row in rows.items():   # each row's outputs against the baseline row's, on the same inputs
+        row["step_vs_fp32"] = rel(outputs[name]["step"], outputs[base]["step"])
+        row["decode_vs_fp32"] = rel(outputs[name]["decode"], outputs[base]["decode"])
     prompts = prompt_set()[:args.prompts]
-    ref = [analyse(im) for im in images["fp32"]]
-    for precision, row in rows.items():
-        if precision == TORCH:
+    ref = [analyse(im) for im in images[base]]
+    for name, row in rows.items():
+        if name == TORCH:
             continue
-        found = [analyse(im) for im in images[precision]]
-        psnrs = [psnr(a, b) for a, b in zip(images["fp32"], images[precision])]
+        found = [analyse(im) for im in images[name]]
+        psnrs = [psnr(a, b) for a, b in zip(images[base], images[name])]
         row["image_psnr_mean_db"] = float(np.mean(psnrs))
         row["image_psnr_min_db"] = float(np.min(psnrs))
         row["agree_with_fp32"] = float(np.mean([(f.colour, f.shape) == (r.colour, r.shape)
@@ -302,35 +352,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    base_step = statistics.median(rows["fp32"]["step_s"])
-    base_dec = statistics.median(rows["fp32"]["decode_s"])
+    base_step = statistics.median(rows[base]["step_s"])
+    base_dec = statistics.median(rows[base]["decode_s"])
     m = Manifest.load(args.out / "device")
+    size = m.default_image_size if args.size is None else args.size
     print(f"device engines, {m.model_id} ({'embedded, trained' if args.device_model is None else 'as given'}), "
-          f"{m.default_image_size} px, "
+          f"{size} px, "
           f"CPUExecutionProvider, {args.threads} thread(s), {args.repeats} repeats; "
           f"images: {len(prompts)} prompts x {args.steps} device-only steps")
-    head = (f"{'variant':8s} {'folder MB':>9s} {'UNet MB':>8s} {'peak RSS MB':>11s} {'step ms min/med':>16s} "
-            f"{'x fp32':>6s} {'decode ms min/med':>18s} {'x fp32':>6s} {'step/decode vs fp32':>19s} "
-            f"{'PSNR dB mean/min':>17s} {'=fp32':>6s} {'=prompt':>7s}")
-    print(f"{args.rounds} round(s) of the processes in turn, {args.repeats} repeats each, pooled; x fp32 = "
-          "median(fp32) / median(row); the torch row's folder columns are the diffusers model folder's")
+    label = "memory" if args.memory is not None else "variant"
+    head = (f"{label:17s} {'folder MB':>9s} {'UNet MB':>8s} {'peak RSS MB':>11s} {'step ms min/med':>16s} "
+            f"{'x base':>6s} {'decode ms min/med':>18s} {'x base':>6s} {'step/decode vs base':>19s} "
+            f"{'PSNR dB mean/min':>17s} {'=base':>6s} {'=prompt':>7s}")
+    print(f"{args.rounds} round(s) of the processes in turn, {args.repeats} repeats each, pooled; base = {base}, "
+          "x base = median(base) / median(row); peak RSS: the largest round's; the torch row's folder columns "
+          "are the diffusers model folder's")
     print(head)
-    for precision, r in rows.items():
+    for name, r in rows.items():
         st, dc = r["step_s"], r["decode_s"]
-        size = "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}"
+        size_mb = "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}"
         unet_size = "-" if r["unet_bytes"] is None else f"{r['unet_bytes'] / 1e6:.2f}"
-        images_ = ("-", "-", "-") if precision == TORCH else (
+        images_ = ("-", "-", "-") if name == TORCH else (
             f"{r['image_psnr_mean_db']:.1f}/{r['image_psnr_min_db']:.1f}", f"{r['agree_with_fp32']:.0%}",
             f"{r['match_prompt']:.0%}")
-        print(f"{precision:8s} {size:>9s} {unet_size:>8s} {r['peak_rss_kb'] / 1024:11.1f} "
+        print(f"{name:17s} {size_mb:>9s} {unet_size:>8s} {r['peak_rss_kb'] / 1024:11.1f} "
               f"{min(st) * 1e3:7.2f}/{statistics.median(st) * 1e3:7.2f} {base_step / statistics.median(st):6.2f} "
               f"{min(dc) * 1e3:8.2f}/{statistics.median(dc) * 1e3:8.2f} {base_dec / statistics.median(dc):6.2f} "
               f"{r['step_vs_fp32']:9.1e}/{r['decode_vs_fp32']:9.1e} {images_[0]:>17s} {images_[1]:>6s} "
               f"{images_[2]:>7s}")
-    for precision, r in rows.items():
+    for name, r in rows.items():
         check = r["variant_check"]
-        if check:
-            print(f"export check {precision}: mean PSNR {check['image_psnr_mean_db']} dB, worst "
+        if check and name in PRECISIONS:
+            print(f"export check {name}: mean PSNR {check['image_psnr_mean_db']} dB, worst "
                   f"{check['image_psnr_min_db']} dB, final-latent max diff "
                   f"{check['final_latent_max_abs_diff']:.3g} "
                   f"(floor {check['psnr_floor_db']} dB, enforced={check['enforced']})")

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
             engines_dir = ensure_default_engines()
         config = generation_config(args)
-        pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir), decoder=args.decoder)))
+        pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir), decoder=args.decoder,
+                                                             memory=args.engine_memory)))
         cloud_dir = resolve_model_dir(args.cloud_model, "cloud")
         if Path(cloud_dir).is_dir():  # a hub id is read by the service; a local folder is checked here
             check_pair(cloud_dir, pipeline.engines.manifest, config.solver)

@@ -45,29 +45,16 @@ from obclip.runtime.weights import SharedWeights
 
 from .modes import ALIGN_INPUTS, ModeSpec, TextTokens, TokenAlignment, text_tokens
 from .numpy_solver import NumpySolver
-from .service_config import DEFAULT_MEMORY, MEMORY_MODES
+from .service_config import DEFAULT_MEMORY
 
 
-# How the mode sessions allocate (service_config.MEMORY_MODES; benchmarks/engine_memory.py
-# --compare measures each, docs/engines.md has the numbers): "none", no CPU arena (every activation
-# allocated and freed); "arena", one arena per session, which keeps the largest activations it ever
-# held, so a server's memory grows with every step mode it has run; "shared", one arena for all
-# sessions of the process (onnxruntime's environment allocator), memory that follows the largest
-# single run; "shared+prepack", that, with each session's prepacked copy of the weights it packs
-# (memory per mode session, not shared); "+shrink", the arena (per session or shared) returns its
-# free memory to the system at the end of every run, so it holds only the run in flight;
-# "shared+no-pattern", the shared arena without onnxruntime's memory patterns (each session's one
-# planned block per run, sized differently per mode, which fragment a shared arena): every tensor
-# allocated on its own from the one arena.
 def session_config(providers: str = "cpu", threads: int | None = None, optimization: str = "extended",
                    memory: str = DEFAULT_MEMORY) -> SessionConfig:
-    """How the cloud's sessions are opened (``memory``: one of MEMORY_MODES)."""
-    if memory not in MEMORY_MODES:
-        raise InputError(f"memory={memory!r} must be one of {list(MEMORY_MODES)}")
-    return SessionConfig(providers=resolve_providers(providers), threads=threads, optimization=optimization,
-                         memory_arena=memory != "none", shared_arena=memory.startswith("shared"),
-                         prepacking=memory == "shared+prepack", arena_shrinkage=memory.endswith("+shrink"),
-                         memory_pattern=False if memory == "shared+no-pattern" else None)
+    """How the cloud's sessions are opened (``memory``: one of runtime/memory.MEMORY_MODES, which says
+    what each is; benchmarks/engine_memory.py --compare measures each, docs/engines.md has the
+    numbers). The step modes share one mapped copy of the UNet weights."""
+    return SessionConfig.for_memory(memory, providers=resolve_providers(providers), threads=threads,
+                                    optimization=optimization, shared_weights=True)
 
 
 class OrtBatch:

@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from obclip.runtime.errors import InputError
+from obclip.runtime.memory import MEMORY_MODES
 from obclip.runtime.options import check_fields, option
 from obclip.runtime.plan import PRESETS
 from obclip.runtime.protocol import RequestLimits
 
-# How the onnxruntime backend's mode sessions allocate (cloud/engine_backend.py says what each is;
-# benchmarks/engine_memory.py --compare measures them side by side, docs/engines.md has the numbers).
-MEMORY_MODES = ("none", "arena", "arena+shrink", "shared", "shared+shrink", "shared+prepack", "shared+no-pattern")
+# How the onnxruntime backend's mode sessions allocate: runtime/memory.MEMORY_MODES says what each is;
+# benchmarks/engine_memory.py --compare measures them side by side, docs/engines.md has the numbers.
 # The default: faster than "none" on the narrow SD-shaped model with a lower peak (docs/engines.md).
 DEFAULT_MEMORY = "shared+no-pattern"
 

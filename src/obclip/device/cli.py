@@ -16,6 +16,7 @@ from typing import TextIO
 
 from obclip.runtime.errors import InputError, ObclipError, UntrustedAnswerError, kind_of
 from obclip.runtime.graphs import DECODERS
+from obclip.runtime.memory import MEMORY_MODES
 from obclip.runtime.plan import LCM_PAPER_STEPS, SkipVariant, preset
 from obclip.runtime.solver import DPM_SOLVER, LCM, SOLVER_KINDS
 
@@ -78,6 +79,11 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="full: the model's VAE decoder (default); tiny: the AutoencoderTiny (TAESD) exported "
                         "beside it (python export/build_engines.py --tiny-decoder DIR; the embedded pair ships "
                         "one), faster and less exact (docs/engines.md 'Tiny decoder')")
+    p.add_argument("--engine-memory", default=_E.memory, choices=list(MEMORY_MODES),
+                   help="how the device's onnxruntime sessions allocate: shared+no-pattern (one arena for the text "
+                        "encoder, UNet and decoder, default), arena (one per session, onnxruntime's own), "
+                        "+shrink (free memory returned at every run's end, slower), none (no arena); "
+                        "docs/engines.md 'Device memory'")
     p.add_argument("--unprotected", default=_G.transform.unprotected, choices=list(UNPROTECTED_POLICIES),
                    help="a word the device cannot vouch for (a name, 'latina', 'in her 40s', a typo; "
                         "docs/privacy.md): send nothing and generate on the device alone (device-only, "

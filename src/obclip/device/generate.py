@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "(python export/build_engines.py [--device-model PATH]) or pass --engines")
         providers = "auto" if args.providers == "auto" else tuple(args.providers.split(","))
         pipeline = DevicePipeline(DeviceEngines(EngineConfig(engines_dir=str(engines_dir), providers=providers,
-                                                             threads=args.threads, decoder=args.decoder)))
+                                                             threads=args.threads, decoder=args.decoder,
+                                                             memory=args.engine_memory)))
         result = generate_image(args.prompt, client, pipeline, config, on_step=ProgressBar())
         report_and_save(result, config, client, args.out)
         return 0

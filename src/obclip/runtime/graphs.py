@@ -56,12 +56,14 @@ def _check_shape(what: str, array: np.ndarray, want: Sequence[int | None]) -> No
 class TextEncoder:
     """An exported text encoder: token ids -> its outputs by name (``last_hidden_state`` first)."""
 
-    def __init__(self, session: ort.InferenceSession, component: Component, tokenizer: ClipTokenizer):
+    def __init__(self, session: ort.InferenceSession, component: Component, tokenizer: ClipTokenizer,
+                 run_options: ort.RunOptions | None = None):
         _names_match(component, session, "text encoder")
         if component.inputs != ("input_ids",) or "last_hidden_state" not in component.outputs:
             raise ArtifactError(f"a text encoder graph takes input_ids and returns last_hidden_state; this one has "
                                 f"{list(component.inputs)} -> {list(component.outputs)}; rerun export")
         self.session, self.component, self.tokenizer = session, component, tokenizer
+        self.run_options = run_options   # what every run passes (SessionConfig.run_options: arena shrinkage)
         # int32 (optimum's, what diffusers' ONNX pipeline feeds) in current exports, int64 in older ones
         self.ids_dtype = np.int64 if session.get_inputs()[0].type == "tensor(int64)" else np.int32
 
@@ -70,7 +72,8 @@ class TextEncoder:
         unknown = [o for o in outputs if o not in self.component.outputs]
         if unknown:
             raise InputError(f"the text encoder has no outputs {unknown}; it has {list(self.component.outputs)}")
-        values = self.session.run(list(outputs), {"input_ids": input_ids.astype(self.ids_dtype, copy=False)})
+        values = self.session.run(list(outputs), {"input_ids": input_ids.astype(self.ids_dtype, copy=False)},
+                                  self.run_options)
         return dict(zip(outputs, values))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -123,11 +126,13 @@ def open_text_conditioning(manifest: Manifest, config: SessionConfig,
     """The text encoder graph(s) of an engines folder (``tokenizer``: the first one's, if already opened)."""
     m = manifest
     tokenizer = tokenizer or ClipTokenizer(m.root / m.tokenizer, m.text_max_length, m.pad_token_id)
-    encoders = [TextEncoder(open_session(m.path_of("text_encoder"), config), m.components["text_encoder"], tokenizer)]
+    run_options = config.run_options()
+    encoders = [TextEncoder(open_session(m.path_of("text_encoder"), config), m.components["text_encoder"], tokenizer,
+                            run_options)]
     if m.tokenizer_2 is not None and m.pad_token_id_2 is not None:
         tokenizer_2 = ClipTokenizer(m.root / m.tokenizer_2, m.text_max_length, m.pad_token_id_2)
         encoders.append(TextEncoder(open_session(m.path_of("text_encoder_2"), config),
-                                    m.components["text_encoder_2"], tokenizer_2))
+                                    m.components["text_encoder_2"], tokenizer_2, run_options))
     return TextConditioning(m.unet_conditioning(), encoders)
 
 
@@ -136,7 +141,8 @@ class UNet:
     encoder_hidden_states, **added inputs) -> the noise prediction. The graph's inputs are those its
     manifest lists; every one must be given."""
 
-    def __init__(self, session: ort.InferenceSession, component: Component, latent_channels: int, text_length: int):
+    def __init__(self, session: ort.InferenceSession, component: Component, latent_channels: int, text_length: int,
+                 run_options: ort.RunOptions | None = None):
         _names_match(component, session, "UNet")
         missing = {UNET_SAMPLE, UNET_TIMESTEP, UNET_TEXT} - set(component.inputs)
         if missing or len(component.outputs) != 1:
@@ -145,6 +151,7 @@ class UNet:
                                 "rerun export")
         self.session, self.component = session, component
         self.latent_channels, self.text_length = latent_channels, text_length
+        self.run_options = run_options   # what every run passes (SessionConfig.run_options: arena shrinkage)
 
     def feeds(self, sample: np.ndarray, timestep: float | np.ndarray, encoder_hidden_states: np.ndarray,
               **added: np.ndarray) -> dict[str, np.ndarray]:
@@ -160,7 +167,7 @@ class UNet:
         return feeds
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        out: np.ndarray = self.session.run([self.component.outputs[0]], dict(feeds))[0]
+        out: np.ndarray = self.session.run([self.component.outputs[0]], dict(feeds), self.run_options)[0]
         return out
 
     def __call__(self, sample: np.ndarray, timestep: float | np.ndarray, encoder_hidden_states: np.ndarray,
@@ -178,18 +185,20 @@ class VaeDecoder:
     """An exported VAE decoder: latents [B, C, h, w] (as the denoiser leaves them) -> uint8 images."""
 
     def __init__(self, session: ort.InferenceSession, component: Component, latent_channels: int,
-                 scaling_factor: float):
+                 scaling_factor: float, run_options: ort.RunOptions | None = None):
         _names_match(component, session, "VAE decoder")
         if len(component.inputs) != 1 or len(component.outputs) != 1:
             raise ArtifactError(f"a VAE decoder graph takes and returns one tensor; this one has "
                                 f"{list(component.inputs)} -> {list(component.outputs)}; rerun export")
         self.session, self.component = session, component
         self.latent_channels, self.scaling_factor = latent_channels, scaling_factor
+        self.run_options = run_options   # what every run passes (SessionConfig.run_options: arena shrinkage)
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
         _check_shape("latents", latents, (None, self.latent_channels, None, None))
         scaled = (latents / self.scaling_factor).astype(np.float32)
-        decoded = self.session.run([self.component.outputs[0]], {self.component.inputs[0]: scaled})[0]
+        decoded = self.session.run([self.component.outputs[0]], {self.component.inputs[0]: scaled},
+                                   self.run_options)[0]
         return to_uint8_images(decoded)
 
 
@@ -203,7 +212,7 @@ def open_decoder(manifest: Manifest, config: SessionConfig, decoder: str = "full
                             "folder; the embedded pair ships its own), or use --decoder full")
     scaling = manifest.vae_scaling_factor if decoder == "full" else 1.0
     return VaeDecoder(open_session(manifest.path_of(name), config), manifest.components[name],
-                      manifest.latent_channels, scaling)
+                      manifest.latent_channels, scaling, config.run_options())
 
 
 def fixed_latent_size(*sessions: ort.InferenceSession) -> tuple[int, int] | None:
@@ -243,7 +252,7 @@ class DeviceGraphs:
         self.text = open_text_conditioning(m, config, self.tokenizer)
         self.text_encoder = self.text.encoders[0]
         self.unet = UNet(open_session(m.path_of("unet"), config), m.components["unet"], m.latent_channels,
-                         m.text_max_length)
+                         m.text_max_length, config.run_options())
         self.decoder = decoder
         self.vae_decoder = open_decoder(m, config, decoder)
         fixed = fixed_latent_size(self.unet.session, self.vae_decoder.session)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError, InputError
+from .memory import MEMORY_MODES, memory_mode
 
-__all__ = ["RUNTIME_MISSING", "SessionConfig", "available_providers", "doubled_runtime_message",
+__all__ = ["MEMORY_MODES", "RUNTIME_MISSING", "SessionConfig", "available_providers", "doubled_runtime_message",
            "installed_runtimes", "open_session", "ort", "resolve_providers", "run"]
 
 # Distributions that each install the ``onnxruntime`` module.
@@ -138,6 +139,18 @@ class SessionConfig:
         if self.optimization is not None and self.optimization not in OPTIMIZATION_LEVELS:
             raise InputError(f"optimization={self.optimization!r} must be one of {sorted(OPTIMIZATION_LEVELS)} "
                              "or None (onnxruntime's default)")
+
+    @classmethod
+    def for_memory(cls, memory: str, *, providers: tuple[str, ...] | str = ("CPUExecutionProvider",),
+                   threads: int | None = None, optimization: str | None = None,
+                   shared_weights: bool = False) -> SessionConfig:
+        """The config of a memory mode (runtime/memory.py: MEMORY_MODES, what each is;
+        ``shared_weights``: the sessions are handed one mapped copy of their weights)."""
+        mode = memory_mode(memory, shared_weights)
+        return cls(providers=providers, threads=threads, optimization=optimization,
+                   memory_arena=mode.memory_arena, shared_arena=mode.shared_arena,
+                   arena_shrinkage=mode.arena_shrinkage, memory_pattern=mode.memory_pattern,
+                   prepacking=mode.prepacking)
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
